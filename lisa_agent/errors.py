@@ -1,0 +1,51 @@
+"""Typed errors raised by lisa-agent.
+
+Every error a caller can cause has its own class and a message that names the problem and, where
+there is one, the fix. All derive from :class:`LisaError`; input errors also derive from
+``ValueError`` so generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class LisaError(Exception):
+    """Base class of every error lisa-agent raises on purpose."""
+
+    #: Short machine-readable code, used by the server's typed error replies.
+    code = "internal"
+
+
+class InvalidImageError(LisaError, ValueError):
+    """The image is not an HWC uint8 RGB array of a usable size."""
+
+    code = "invalid_image"
+
+
+class InvalidQueryError(LisaError, ValueError):
+    """The query (instruction) is empty or not a string."""
+
+    code = "invalid_query"
+
+
+class InvalidArgumentError(LisaError, ValueError):
+    """An option has an unknown or out-of-range value (mode, dtype, device, ...)."""
+
+    code = "invalid_argument"
+
+
+class CheckpointError(LisaError):
+    """A checkpoint is malformed: missing or unexpected keys, wrong shapes, bad config."""
+
+    code = "checkpoint_error"
+
+
+class ModelNotFoundError(CheckpointError, FileNotFoundError):
+    """Neither a local folder nor a reachable Hub repository carries the model."""
+
+    code = "model_not_found"
+
+
+class QuantizationError(LisaError):
+    """8-bit / 4-bit quantization was asked for where it cannot run (no CUDA, no bitsandbytes)."""
+
+    code = "quantization_unavailable"
