@@ -1,0 +1,135 @@
+"""Measure what the server + client add over the in-process engine, and throughput under load.
+
+``lisa-agent bench`` can call :func:`measure_overhead` and :func:`measure_load`; both start a
+:class:`~lisa_agent.serving.server.LisaServer` on a free 127.0.0.1 port and stop it afterwards.
+:class:`EchoBackend` is a model-free backend (one box mask, fixed answer) that isolates the
+transport cost; tests also use it where the model's speed would only slow them down.
+"""
+
+from __future__ import annotations
+
+import statistics
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from ..frames import check_image, check_query
+from ..result import SegmentationResult
+
+
+class EchoBackend:
+    """A backend without a model: answers ``"Sure, [SEG]."`` with one mask, the centre quarter box.
+
+    Args:
+        delay_s: seconds each ``segment`` call sleeps (a stand-in for model time).
+        gate: if given, each call waits for this event first (tests use it to hold the worker).
+    """
+
+    def __init__(self, delay_s: float = 0.0, gate: threading.Event | None = None) -> None:
+        self.delay_s = delay_s
+        self.gate = gate
+        self.calls: list[tuple[str, str | None]] = []  # (query, frame_id) per segment call
+        self._lock = threading.Lock()
+
+    def info(self) -> dict[str, Any]:
+        return {"model": "echo", "dtype": "none", "device": "cpu", "quantization": None}
+
+    def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", frame_id: str | None = None,
+                **_: Any) -> SegmentationResult:
+        image = check_image(image)
+        query = check_query(query)
+        if self.gate is not None:
+            self.gate.wait(30.0)
+        if self.delay_s:
+            time.sleep(self.delay_s)
+        with self._lock:
+            self.calls.append((query, frame_id))
+        h, w = image.shape[:2]
+        mask = np.zeros((1, h, w), dtype=bool)
+        mask[0, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = True
+        return SegmentationResult.from_masks(mask, [0.9], text="Sure, [SEG].", query=query, mode=mode,
+                                             image_size=(h, w), frame_id=frame_id, timings_ms={"total": 0.0})
+
+
+def synthetic_frame(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
+    """A smooth synthetic HxWx3 uint8 RGB frame (compresses like a camera image, unlike noise)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    img = np.stack([xx / width * 255, yy / height * 255, (xx + yy) / (width + height) * 255], axis=-1)
+    for _ in range(6):
+        cy, cx, r = rng.uniform(0, height), rng.uniform(0, width), rng.uniform(20, 90)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = rng.uniform(0, 255, size=3)
+    return img.clip(0, 255).astype(np.uint8)
+
+
+def _median_ms(fn: Any, n: int) -> float:
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def measure_overhead(backend: Any, *, n: int = 30, height: int = 480, width: int = 640,
+                     query: str = "the red object", encodings: tuple[str, ...] = ("raw", "jpeg")) -> dict[str, Any]:
+    """Median milliseconds of ``backend.segment`` in-process vs through server + client, per encoding.
+
+    Features are cached on both sides (same ``frame_id`` every call), so the difference is the
+    transport: encoding, two socket hops, decoding, queueing and the result's RLE round trip. For
+    JPEG the in-process baseline runs on the decoded JPEG frame.
+    """
+    from .client import LisaClient
+    from .protocol import decode_image, encode_image
+    from .server import LisaServer
+
+    frame = synthetic_frame(height, width)
+    out: dict[str, Any] = {"frame": [height, width], "n": n}
+    with LisaServer(backend, "tcp://127.0.0.1:*", max_queue=4) as server, \
+            LisaClient(server.endpoint, timeout=60.0, retries=0) as client:
+        for enc in encodings:
+            spec, data = encode_image(frame, enc)
+            image = decode_image(spec, data)
+            fid = f"bench-{enc}"
+            backend.segment(image, query, frame_id=fid)  # warm the feature cache
+            client.segment(frame, query, frame_id=fid, encoding=enc)
+            local = _median_ms(lambda image=image, fid=fid: backend.segment(image, query, frame_id=fid), n)
+            remote = _median_ms(lambda enc=enc, fid=fid: client.segment(frame, query, frame_id=fid, encoding=enc), n)
+            out[enc] = {"engine_ms": round(local, 3), "served_ms": round(remote, 3),
+                        "overhead_ms": round(remote - local, 3), "frame_bytes": len(data)}
+    return out
+
+
+def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: int = 480, width: int = 640,
+                 encoding: str = "raw", query: str = "the red object") -> dict[str, Any]:
+    """Requests/s with ``clients`` threads each sending ``requests`` segment requests (one frame each
+    thread, so features are shared within a thread's stream). Every request must be answered."""
+    from .client import LisaClient
+    from .server import LisaServer
+
+    answered = [0] * clients
+    errors: list[BaseException] = []
+
+    def run(k: int, endpoint: str) -> None:
+        frame = synthetic_frame(height, width, seed=k)
+        try:
+            with LisaClient(endpoint, timeout=120.0, retries=0) as client:
+                for _ in range(requests):
+                    client.segment(frame, query, frame_id=f"load-{k}", encoding=encoding)
+                    answered[k] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with LisaServer(backend, "tcp://127.0.0.1:*", max_queue=max(clients * 2, 16)) as server:
+        threads = [threading.Thread(target=run, args=(k, server.endpoint)) for k in range(clients)]
+        t0 = time.perf_counter()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - t0
+    total = sum(answered)
+    return {"clients": clients, "requests": clients * requests, "answered": total, "errors": [repr(e) for e in errors],
+            "seconds": round(elapsed, 3), "requests_per_s": round(total / elapsed, 2)}

@@ -1,0 +1,342 @@
+"""Clients of the model server: :class:`LisaClient` (blocking) and :class:`AsyncLisaClient` (asyncio).
+
+Both follow the ZeroMQ guide's "Lazy Pirate" pattern on a DEALER socket: send, poll for the reply
+up to ``timeout`` seconds, and when nothing comes close the socket (linger 0), open a fresh one
+and resend, ``retries`` times; then raise :class:`~lisa_agent.serving.protocol.ServerUnavailableError`.
+Every call waits at most ``timeout * (retries + 1)`` seconds. Replies are matched by request id,
+so a late reply to an earlier call can never be mistaken for the current one.
+
+Server errors are raised as the same classes the engine raises in-process (``invalid_image`` ->
+:class:`~lisa_agent.errors.InvalidImageError`, ...) or as
+:class:`~lisa_agent.serving.protocol.RemoteError` subclasses (``queue_full`` ->
+``ServerBusyError``, ``deadline_exceeded`` -> ``DeadlineExceededError``, ``superseded`` ->
+``SupersededError``), so local and remote models are handled alike.
+
+A client object holds one socket: use one client per thread (or per asyncio task that awaits in
+sequence).
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from ..frames import check_query
+from ..result import SegmentationResult
+from . import security
+from .protocol import (
+    ServerUnavailableError,
+    build_header,
+    encode_depth,
+    encode_image,
+    error_from_reply,
+    logits_from_frames,
+    parse_reply,
+)
+
+DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+
+_Keys = tuple[bytes, bytes] | str | os.PathLike[str] | None
+
+
+class _ClientCore:
+    """Request building, reply decoding and socket setup shared by the two clients."""
+
+    def __init__(self, endpoint: str, timeout: float, retries: int, curve_server_key: Any,
+                 curve_client_keys: _Keys) -> None:
+        if not timeout > 0:
+            raise InvalidArgumentError(f"timeout must be > 0 seconds; got {timeout!r}")
+        if retries < 0:
+            raise InvalidArgumentError(f"retries must be >= 0; got {retries!r}")
+        if (curve_server_key is None) != (curve_client_keys is None):
+            raise InvalidArgumentError("CurveZMQ needs both curve_server_key (the server's public key or .key "
+                                       "file) and curve_client_keys (this client's .key_secret file or "
+                                       "(public, secret) pair)")
+        self.endpoint = endpoint
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self._server_key = security.load_public_key(curve_server_key) if curve_server_key is not None else None
+        self._client_keys = security.client_keypair(curve_client_keys) if curve_client_keys is not None else None
+        #: stream name sent with every request: names this client's frames on the server (frame
+        #: ids, latest_only) and survives socket resets.
+        self.stream = uuid.uuid4().hex
+        self._ids = itertools.count(1)
+        self._sock: Any = None
+
+    def _new_id(self) -> str:
+        return f"{self.stream[:8]}-{next(self._ids)}"
+
+    def _configure(self, sock: Any) -> None:
+        import zmq
+
+        sock.setsockopt(zmq.LINGER, 0)
+        if self._server_key is not None and self._client_keys is not None:
+            sock.curve_serverkey = self._server_key
+            sock.curve_publickey, sock.curve_secretkey = self._client_keys
+        sock.connect(self.endpoint)
+
+    def _segment_message(self, image: np.ndarray, query: str, *, mode: str, max_new_tokens: int,
+                         answer: str | None, frame_id: str | int | None, depth: np.ndarray | None,
+                         depth_scale: float | None, intrinsics: Any, encoding: str, quality: int,
+                         deadline_s: float | None, return_logits: bool, latest_only: bool) -> tuple[str, list[bytes]]:
+        check_query(query)
+        spec, data = encode_image(image, encoding, quality)
+        frames = [data]
+        depth_spec = None
+        if depth is not None:
+            depth_spec, ddata = encode_depth(depth, depth_scale)
+            frames.append(ddata)
+        options: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens, "stream": self.stream}
+        if answer is not None:
+            options["answer"] = answer
+        if frame_id is not None:
+            options["frame_id"] = frame_id
+        if return_logits:
+            options["return_logits"] = True
+        if latest_only:
+            options["latest_only"] = True
+        if intrinsics is not None:
+            options["intrinsics"] = [float(v) for v in intrinsics]
+        budget = self.timeout if deadline_s is None else float(deadline_s)
+        rid = self._new_id()
+        header = build_header(rid, "segment", query=query, image=spec, depth=depth_spec, options=options,
+                              timeout_ms=round(budget * 1000.0, 3))
+        return rid, [header, *frames]
+
+    @staticmethod
+    def _result(reply: dict[str, Any], frames: list[bytes], frame_id: Any, t0: float) -> SegmentationResult:
+        payload = reply.get("result") or {}
+        result = SegmentationResult.from_dict(payload)
+        result.frame_id = None if frame_id is None else str(frame_id)
+        result.timings_ms["client_roundtrip"] = round((time.perf_counter() - t0) * 1e3, 3)
+        if "logits" in payload:
+            result.logits = logits_from_frames(payload["logits"], frames)
+        if any("depth_m" in m for m in payload.get("masks", [])):
+            #: per mask {"depth_m": metres | None, "point": [x, y, z] | None} (only when depth was sent)
+            result.mask_depths = [{"depth_m": m.get("depth_m"), "point": m.get("point")}  # type: ignore[attr-defined]
+                                  for m in payload["masks"]]
+        return result
+
+    def _match(self, rid: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]] | None:
+        """The reply if ``frames`` answer ``rid`` (else None: a stale reply, dropped); raises the
+        server's error as a local exception."""
+        if frames and frames[0] == b"":
+            frames = frames[1:]
+        reply = parse_reply(frames)
+        if reply.get("id") != rid:
+            return None
+        if not reply.get("ok"):
+            raise error_from_reply(reply.get("error"))
+        return reply, frames
+
+    def _unavailable(self, op: str) -> ServerUnavailableError:
+        return ServerUnavailableError(
+            f"no reply from the LISA server at {self.endpoint} to {op!r} after {self.retries + 1} attempt(s) of "
+            f"{self.timeout:g} s: is `lisa-agent serve` running there (and, with CurveZMQ, is this client's key "
+            "allow-listed)?")
+
+
+class LisaClient(_ClientCore):
+    """Blocking client of ``lisa-agent serve``.
+
+    Args:
+        endpoint: the server's endpoint, e.g. ``tcp://127.0.0.1:5557``.
+        timeout: seconds to wait for each reply before resetting the socket and retrying.
+        retries: extra attempts after the first; then :class:`ServerUnavailableError`.
+        curve_server_key: the server's public key (40-char Z85) or its ``.key`` file (CurveZMQ).
+        curve_client_keys: this client's ``.key_secret`` file or a (public, secret) pair.
+
+    Example::
+
+        with LisaClient("tcp://127.0.0.1:5557") as client:
+            result = client.segment(frame, "something to cut with")   # a SegmentationResult
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, retries: int = 2,
+                 curve_server_key: str | bytes | os.PathLike[str] | None = None,
+                 curve_client_keys: _Keys = None) -> None:
+        super().__init__(endpoint, timeout, retries, curve_server_key, curve_client_keys)
+        import zmq
+
+        self._ctx = zmq.Context.instance()
+
+    def _open(self) -> Any:
+        import zmq
+
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._configure(self._sock)
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        import zmq
+
+        for _attempt in range(self.retries + 1):
+            sock = self._open()
+            try:
+                sock.send_multipart([b"", *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass  # nothing to send to: wait out the timeout like a lost reply
+            end = time.monotonic() + self.timeout
+            while (remaining := end - time.monotonic()) > 0:
+                if not sock.poll(remaining * 1000.0, zmq.POLLIN):
+                    break
+                matched = self._match(rid, sock.recv_multipart())
+                if matched is not None:
+                    return matched
+            self._reset()  # Lazy Pirate: the socket may be stuck; a fresh one reconnects cleanly
+        raise self._unavailable(op)
+
+    def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                answer: str | None = None, frame_id: str | int | None = None, depth: np.ndarray | None = None,
+                depth_scale: float | None = None, intrinsics: Any = None, encoding: str = "raw",
+                quality: int = 90, deadline_s: float | None = None, return_logits: bool = False,
+                latest_only: bool = False) -> SegmentationResult:
+        """Segment ``image`` (HxWx3 uint8 RGB) for ``query`` on the server.
+
+        Args mirror :meth:`LisaSegmenter.segment`, plus:
+            frame_id: names the frame so several queries on it reuse its features on the server
+                (default: the server hashes the image bytes, which shares features as well).
+            depth: optional HxW depth aligned with the image (uint16 mm or float32 m; ``depth_scale``
+                overrides the unit, in metres per unit). The result then carries ``mask_depths``:
+                per mask ``{"depth_m", "point"}``, the point deprojected with ``intrinsics``
+                ``[fx, fy, cx, cy]`` when given.
+            encoding: ``raw`` (no loss, most bytes), ``jpeg`` (``quality``) or ``png``.
+            deadline_s: the server drops the request unrun (``DeadlineExceededError``) if it is still
+                queued after this many seconds; default: ``timeout``.
+            latest_only: a newer ``latest_only`` frame from this client supersedes this one while it
+                is still queued (``SupersededError``): for camera streams.
+
+        Returns the same :class:`SegmentationResult` type as the engine (masks decoded from RLE;
+        ``timings_ms`` adds ``server_queue``, ``server_decode`` and ``client_roundtrip``).
+        """
+        t0 = time.perf_counter()
+        rid, frames = self._segment_message(
+            image, query, mode=mode, max_new_tokens=max_new_tokens, answer=answer, frame_id=frame_id, depth=depth,
+            depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
+            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only)
+        reply, rframes = self._request(rid, "segment", frames)
+        return self._result(reply, rframes, frame_id, t0)
+
+    def info(self) -> dict[str, Any]:
+        """The server's model info: model, dtype, device, ..., ``protocol_version``, limits."""
+        rid = self._new_id()
+        return self._request(rid, "info", [build_header(rid, "info")])[0]["result"]
+
+    def health(self) -> dict[str, Any]:
+        """Liveness: ``{"status": "ok", "queue_depth", "max_queue", "busy", "uptime_s", "replies"}``."""
+        rid = self._new_id()
+        return self._request(rid, "health", [build_header(rid, "health")])[0]["result"]
+
+    def close(self) -> None:
+        """Close the socket (idempotent)."""
+        self._reset()
+
+    def __enter__(self) -> LisaClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:  # pragma: no cover - best effort
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001
+            pass
+
+
+class AsyncLisaClient(_ClientCore):
+    """The asyncio twin of :class:`LisaClient` (same arguments; methods are coroutines).
+
+    Example::
+
+        async with AsyncLisaClient("tcp://127.0.0.1:5557") as client:
+            result = await client.segment(frame, "the red mug")
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, retries: int = 2,
+                 curve_server_key: str | bytes | os.PathLike[str] | None = None,
+                 curve_client_keys: _Keys = None) -> None:
+        super().__init__(endpoint, timeout, retries, curve_server_key, curve_client_keys)
+        import zmq.asyncio
+
+        self._ctx = zmq.asyncio.Context()
+
+    def _open(self) -> Any:
+        import zmq
+
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._configure(self._sock)
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    async def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        import zmq
+
+        for _attempt in range(self.retries + 1):
+            sock = self._open()
+            try:
+                await sock.send_multipart([b"", *frames], flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                pass
+            end = time.monotonic() + self.timeout
+            while (remaining := end - time.monotonic()) > 0:
+                if not await sock.poll(remaining * 1000.0, zmq.POLLIN):
+                    break
+                matched = self._match(rid, await sock.recv_multipart())
+                if matched is not None:
+                    return matched
+            self._reset()
+        raise self._unavailable(op)
+
+    async def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                      answer: str | None = None, frame_id: str | int | None = None,
+                      depth: np.ndarray | None = None, depth_scale: float | None = None, intrinsics: Any = None,
+                      encoding: str = "raw", quality: int = 90, deadline_s: float | None = None,
+                      return_logits: bool = False, latest_only: bool = False) -> SegmentationResult:
+        """See :meth:`LisaClient.segment`."""
+        t0 = time.perf_counter()
+        rid, frames = self._segment_message(
+            image, query, mode=mode, max_new_tokens=max_new_tokens, answer=answer, frame_id=frame_id, depth=depth,
+            depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
+            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only)
+        reply, rframes = await self._request(rid, "segment", frames)
+        return self._result(reply, rframes, frame_id, t0)
+
+    async def info(self) -> dict[str, Any]:
+        """See :meth:`LisaClient.info`."""
+        rid = self._new_id()
+        return (await self._request(rid, "info", [build_header(rid, "info")]))[0]["result"]
+
+    async def health(self) -> dict[str, Any]:
+        """See :meth:`LisaClient.health`."""
+        rid = self._new_id()
+        return (await self._request(rid, "health", [build_header(rid, "health")]))[0]["result"]
+
+    def close(self) -> None:
+        """Close the socket and the client's context (idempotent)."""
+        self._reset()
+        if not self._ctx.closed:
+            self._ctx.term()
+
+    async def __aenter__(self) -> AsyncLisaClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,559 @@
+"""The LISA wire protocol, version 1: message layout, validation, image coding and typed error codes.
+
+A request is a ZeroMQ multipart message (after the REQ-style empty delimiter frame)::
+
+    frame 0   header: UTF-8 JSON object (see docs/protocol.md)
+    frame 1   image bytes (``segment`` only): raw HxWx3 uint8 RGB pixels, or a JPEG / PNG file
+    frame 2   optional depth aligned with the image: raw HxW uint16 or float32, little-endian
+
+A reply is a JSON header frame, optionally followed by raw frames (mask logits)::
+
+    {"v": 1, "id": <request id>, "ok": true, "result": {...}}
+    {"v": 1, "id": <request id>, "ok": false, "error": {"code": "...", "message": "..."}}
+
+This module is pure Python + numpy (zmq is not imported here): the server and both clients use it,
+and it is what ``docs/protocol.md`` describes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import (
+    CheckpointError,
+    InvalidArgumentError,
+    InvalidImageError,
+    InvalidQueryError,
+    LisaError,
+    ModelNotFoundError,
+    QuantizationError,
+)
+
+#: Version of this wire format; a header with another ``v`` gets ``unsupported_version``.
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+OPS = ("segment", "info", "health")
+MODES = ("fast", "chat", "reference")
+IMAGE_FORMATS = ("raw", "jpeg", "png")
+DEPTH_DTYPES = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+#: metres per depth unit when the header gives no ``scale``: uint16 depth is millimetres, float32 metres.
+DEFAULT_DEPTH_SCALE = {"uint16": 0.001, "float32": 1.0}
+
+HEADER_KEYS = frozenset({"v", "id", "op", "query", "image", "depth", "options", "timeout_ms"})
+OPTION_KEYS = frozenset(
+    {"mode", "max_new_tokens", "answer", "return_logits", "frame_id", "latest_only", "stream", "intrinsics"}
+)
+MAX_ID_CHARS = 128
+MAX_NEW_TOKENS = 1024
+
+
+class Code:
+    """Error codes a reply may carry (``error.code``). Engine codes come from :mod:`lisa_agent.errors`."""
+
+    BAD_REQUEST = "bad_request"  # malformed message: frames missing or extra, header not a JSON object, bad field
+    UNSUPPORTED_VERSION = "unsupported_version"  # header ``v`` is not a version this server speaks
+    UNKNOWN_OP = "unknown_op"  # ``op`` is not segment / info / health
+    TOO_LARGE = "too_large"  # a frame or the image side exceeds the server's limits
+    INVALID_IMAGE = InvalidImageError.code  # undecodable JPEG/PNG, wrong shape, dtype or byte count
+    INVALID_QUERY = InvalidQueryError.code  # empty or non-string query
+    INVALID_ARGUMENT = InvalidArgumentError.code  # unknown option or option out of range
+    QUEUE_FULL = "queue_full"  # the bounded queue is full; retry later (nothing was run)
+    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request waited past its ``timeout_ms``; not run
+    SUPERSEDED = "superseded"  # a newer ``latest_only`` frame of the same stream replaced it; not run
+    SHUTTING_DOWN = "shutting_down"  # the server stopped before running the request
+    INTERNAL = "internal"  # an unexpected server-side failure (logged on the server)
+    UNAVAILABLE = "unavailable"  # client side only: no reply from the server within the timeout
+
+
+#: Every code a server may put in a reply (engine codes included).
+ERROR_CODES = frozenset(
+    v for k, v in vars(Code).items() if k.isupper() and v != Code.UNAVAILABLE
+) | {CheckpointError.code, ModelNotFoundError.code, QuantizationError.code, LisaError.code}
+
+
+class ProtocolError(LisaError):
+    """A request the server refuses before running it; ``code`` is one of :data:`ERROR_CODES`.
+
+    Raised by :func:`parse_request` / :func:`decode_image` on the server; ``request_id`` is the id
+    read from the header when one could be read (so the reply can carry it), else ``None``.
+    """
+
+    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.request_id = request_id
+
+
+class ServerUnavailableError(LisaError):
+    """No reply from the server within ``timeout`` after every retry (server down, unreachable,
+    or the connection was refused by CurveZMQ authentication)."""
+
+    code = Code.UNAVAILABLE
+
+
+class RemoteError(LisaError):
+    """The server answered with an error; ``code`` and the message are the server's."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ServerBusyError(RemoteError):
+    """``queue_full``: the server's queue is full; nothing was run, retry later."""
+
+
+class DeadlineExceededError(RemoteError):
+    """``deadline_exceeded``: the request waited in the queue past its timeout and was not run."""
+
+
+class SupersededError(RemoteError):
+    """``superseded``: a newer ``latest_only`` frame of the same stream replaced this request."""
+
+
+_LOCAL_CLASSES: dict[str, type[LisaError]] = {
+    cls.code: cls
+    for cls in (InvalidImageError, InvalidQueryError, InvalidArgumentError, CheckpointError, ModelNotFoundError,
+                QuantizationError)
+}
+_REMOTE_CLASSES: dict[str, type[RemoteError]] = {
+    Code.QUEUE_FULL: ServerBusyError,
+    Code.DEADLINE_EXCEEDED: DeadlineExceededError,
+    Code.SUPERSEDED: SupersededError,
+}
+
+
+def error_from_reply(error: Any) -> LisaError:
+    """The exception a client raises for a reply's ``error`` object.
+
+    Codes the engine also raises locally map to the same class (``invalid_image`` ->
+    :class:`~lisa_agent.errors.InvalidImageError`, ...), so callers handle local and remote alike;
+    ``queue_full`` / ``deadline_exceeded`` / ``superseded`` map to their own :class:`RemoteError`
+    subclasses; anything else is a plain :class:`RemoteError` carrying the server's code.
+    """
+    if not isinstance(error, dict):
+        return RemoteError(Code.INTERNAL, f"server sent a malformed error: {error!r}")
+    code = str(error.get("code", Code.INTERNAL))
+    message = str(error.get("message", ""))
+    if code in _LOCAL_CLASSES:
+        exc = _LOCAL_CLASSES[code](f"{message} (server)")
+        exc.remote = True  # type: ignore[attr-defined]
+        return exc
+    return _REMOTE_CLASSES.get(code, RemoteError)(code, message)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a server accepts. Each violation is answered with ``too_large`` (or ``bad_request``)."""
+
+    max_frame_bytes: int = 64 * 1024 * 1024  # any single frame (header, image or depth)
+    max_side: int = 4096  # image height / width after decoding
+    max_header_bytes: int = 64 * 1024
+    max_query_chars: int = 4000
+
+    def to_dict(self) -> dict[str, int]:
+        return {"max_frame_bytes": self.max_frame_bytes, "max_side": self.max_side,
+                "max_header_bytes": self.max_header_bytes, "max_query_chars": self.max_query_chars}
+
+
+@dataclass
+class Request:
+    """A validated request. For ``segment`` the image is still encoded (decode with :meth:`image`)."""
+
+    id: Any
+    op: str
+    query: str = ""
+    image_spec: dict[str, Any] = field(default_factory=dict)
+    image_data: bytes = b""
+    depth_spec: dict[str, Any] | None = None
+    depth_data: bytes | None = None
+    options: dict[str, Any] = field(default_factory=dict)
+    timeout_ms: float | None = None
+
+    @property
+    def stream(self) -> str | None:
+        return self.options.get("stream")
+
+    def frame_key(self) -> str:
+        """Feature-cache key: ``<stream>/<frame_id>`` when the client names the frame, else a hash
+        of the image bytes (so different clients sending the same frame share its features)."""
+        fid = self.options.get("frame_id")
+        if fid is not None:
+            return f"{self.stream or ''}/{fid}"
+        return "sha1:" + hashlib.sha1(self.image_data).hexdigest()
+
+    def image(self, limits: Limits) -> np.ndarray:
+        return decode_image(self.image_spec, self.image_data, limits)
+
+    def depth(self, shape: tuple[int, int]) -> np.ndarray | None:
+        """The depth frame as HxW float32 metres (0 or NaN where unknown), or None without depth."""
+        if self.depth_spec is None or self.depth_data is None:
+            return None
+        return decode_depth(self.depth_spec, self.depth_data, shape)
+
+
+# ----------------------------------------------------------------------------------------- requests
+
+
+def _bad(message: str, rid: Any = None, code: str = Code.BAD_REQUEST) -> ProtocolError:
+    return ProtocolError(code, message, rid)
+
+
+def _shape(value: Any, ndim: int, what: str, rid: Any) -> tuple[int, ...]:
+    if (not isinstance(value, list) or len(value) != ndim
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)):
+        raise _bad(f"{what}.shape must be a list of {ndim} positive integers; got {value!r}", rid,
+                   Code.INVALID_IMAGE)
+    return tuple(value)
+
+
+def parse_header(data: bytes, limits: Limits) -> dict[str, Any]:
+    """Decode frame 0 into a dict, checking size, JSON syntax, version and id type."""
+    if len(data) > limits.max_header_bytes:
+        raise _bad(f"header is {len(data)} bytes; the limit is {limits.max_header_bytes}", None, Code.TOO_LARGE)
+    try:
+        header = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad(f"header frame is not UTF-8 JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise _bad(f"header must be a JSON object; got {type(header).__name__}")
+    rid = header.get("id")
+    if isinstance(rid, bool) or not (isinstance(rid, int) or (isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS)):
+        raise _bad(f"header.id must be a non-empty string (at most {MAX_ID_CHARS} chars) or an integer; "
+                   f"got {rid!r}")
+    version = header.get("v")
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        raise _bad(f"protocol version {version!r} is not supported; this server speaks "
+                   f"{list(SUPPORTED_VERSIONS)}", rid, Code.UNSUPPORTED_VERSION)
+    unknown = sorted(set(header) - HEADER_KEYS)
+    if unknown:
+        raise _bad(f"unknown header fields {unknown}; known: {sorted(HEADER_KEYS)}", rid)
+    op = header.get("op")
+    if op not in OPS:
+        raise _bad(f"unknown op {op!r}; expected one of {list(OPS)}", rid, Code.UNKNOWN_OP)
+    return header
+
+
+def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise _bad(f"options must be a JSON object; got {type(options).__name__}", rid)
+    unknown = sorted(set(options) - OPTION_KEYS)
+    if unknown:
+        raise _bad(f"unknown options {unknown}; known: {sorted(OPTION_KEYS)}", rid, Code.INVALID_ARGUMENT)
+    out = dict(options)
+
+    def fail(message: str) -> ProtocolError:
+        return _bad(message, rid, Code.INVALID_ARGUMENT)
+
+    mode = out.setdefault("mode", "fast")
+    if mode not in MODES:
+        raise fail(f"options.mode must be one of {list(MODES)}; got {mode!r}")
+    mnt = out.setdefault("max_new_tokens", 32)
+    if isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= MAX_NEW_TOKENS:
+        raise fail(f"options.max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}]; got {mnt!r}")
+    answer = out.get("answer")
+    if answer is not None and (not isinstance(answer, str) or len(answer) > limits.max_query_chars):
+        raise fail(f"options.answer must be a string of at most {limits.max_query_chars} chars or null")
+    for flag in ("return_logits", "latest_only"):
+        value = out.setdefault(flag, False)
+        if not isinstance(value, bool):
+            raise fail(f"options.{flag} must be true or false; got {value!r}")
+    fid = out.get("frame_id")
+    if fid is not None:
+        if isinstance(fid, bool) or not isinstance(fid, (str, int)) or len(str(fid)) > MAX_ID_CHARS:
+            raise fail(f"options.frame_id must be a string (at most {MAX_ID_CHARS} chars), an integer or null")
+        out["frame_id"] = str(fid)
+    stream = out.get("stream")
+    if stream is not None and (not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS):
+        raise fail(f"options.stream must be a non-empty string of at most {MAX_ID_CHARS} chars")
+    intr = out.get("intrinsics")
+    if intr is not None:
+        if (not isinstance(intr, list) or len(intr) != 4
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in intr)
+                or intr[0] <= 0 or intr[1] <= 0):
+            raise fail(f"options.intrinsics must be [fx, fy, cx, cy] (pixels, fx, fy > 0); got {intr!r}")
+        out["intrinsics"] = [float(v) for v in intr]
+    return out
+
+
+def _check_image_spec(spec: Any, rid: Any, limits: Limits) -> dict[str, Any]:
+    if not isinstance(spec, dict):
+        raise _bad(f"header.image must be an object {{format, shape, dtype}}; got {spec!r}", rid, Code.INVALID_IMAGE)
+    fmt = spec.get("format", "raw")
+    if fmt not in IMAGE_FORMATS:
+        raise _bad(f"image.format must be one of {list(IMAGE_FORMATS)}; got {fmt!r}", rid, Code.INVALID_IMAGE)
+    out: dict[str, Any] = {"format": fmt}
+    if fmt == "raw" or spec.get("shape") is not None:
+        shape = _shape(spec.get("shape"), 3, "image", rid)
+        if shape[2] != 3:
+            raise _bad(f"image.shape must be [H, W, 3] (RGB); got {list(shape)}", rid, Code.INVALID_IMAGE)
+        if max(shape[:2]) > limits.max_side:
+            raise _bad(f"image is {shape[0]}x{shape[1]}; each side must be at most {limits.max_side} pixels",
+                       rid, Code.TOO_LARGE)
+        out["shape"] = list(shape)
+    dtype = spec.get("dtype", "uint8")
+    if dtype != "uint8":
+        raise _bad(f"image.dtype must be 'uint8'; got {dtype!r} (scale float images to 0..255 first)", rid,
+                   Code.INVALID_IMAGE)
+    out["dtype"] = "uint8"
+    return out
+
+
+def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
+    """Validate a request's frames (delimiter already removed) without decoding the image.
+
+    Checks everything cheap: frame count, sizes, header fields, options, query, and for raw images
+    the byte count. Raises :class:`ProtocolError` with the typed code and the request id.
+    """
+    limits = limits or Limits()
+    if not frames:
+        raise _bad("empty message: expected a JSON header frame")
+    header = parse_header(bytes(frames[0]), limits)
+    rid, op = header["id"], header["op"]
+    for k, f in enumerate(frames):
+        if len(f) > limits.max_frame_bytes:
+            raise _bad(f"frame {k} is {len(f)} bytes; the limit is {limits.max_frame_bytes}", rid, Code.TOO_LARGE)
+    timeout_ms = header.get("timeout_ms")
+    if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
+                                   or not math.isfinite(timeout_ms) or timeout_ms <= 0):
+        raise _bad(f"timeout_ms must be a positive number of milliseconds or null; got {timeout_ms!r}", rid,
+                   Code.INVALID_ARGUMENT)
+    if op != "segment":
+        if len(frames) != 1:
+            raise _bad(f"op {op!r} takes only the header frame; got {len(frames)} frames", rid)
+        return Request(id=rid, op=op, timeout_ms=timeout_ms)
+
+    query = header.get("query")
+    if not isinstance(query, str) or not query.strip():
+        raise _bad("query must be a non-empty string: say what to segment, e.g. 'something to cut with'", rid,
+                   Code.INVALID_QUERY)
+    if len(query) > limits.max_query_chars:
+        raise _bad(f"query is {len(query)} chars; the limit is {limits.max_query_chars}", rid, Code.INVALID_QUERY)
+    spec = _check_image_spec(header.get("image"), rid, limits)
+    options = _check_options(header.get("options"), rid, limits)
+    dspec = header.get("depth")
+    expected = 3 if dspec is not None else 2
+    if len(frames) != expected:
+        what = "header, image, depth" if dspec is not None else "header, image"
+        raise _bad(f"segment expects {expected} frames ({what}); got {len(frames)}", rid)
+    data = bytes(frames[1])
+    if spec["format"] == "raw":
+        h, w, c = spec["shape"]
+        if len(data) != h * w * c:
+            raise _bad(f"raw image of shape {[h, w, c]} uint8 needs {h * w * c} bytes; the frame has {len(data)}",
+                       rid, Code.INVALID_IMAGE)
+    depth_spec = depth_data = None
+    if dspec is not None:
+        if not isinstance(dspec, dict):
+            raise _bad(f"header.depth must be an object {{shape, dtype[, scale]}}; got {dspec!r}", rid,
+                       Code.INVALID_IMAGE)
+        dshape = _shape(dspec.get("shape"), 2, "depth", rid)
+        dtype = dspec.get("dtype")
+        if dtype not in DEPTH_DTYPES:
+            raise _bad(f"depth.dtype must be one of {sorted(DEPTH_DTYPES)}; got {dtype!r}", rid, Code.INVALID_IMAGE)
+        scale = dspec.get("scale", DEFAULT_DEPTH_SCALE[dtype])
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+            raise _bad(f"depth.scale must be a positive number (metres per unit); got {scale!r}", rid,
+                       Code.INVALID_IMAGE)
+        if "shape" in spec and list(dshape) != spec["shape"][:2]:
+            raise _bad(f"depth shape {list(dshape)} does not match the image's {spec['shape'][:2]}", rid,
+                       Code.INVALID_IMAGE)
+        depth_data = bytes(frames[2])
+        need = dshape[0] * dshape[1] * DEPTH_DTYPES[dtype].itemsize
+        if len(depth_data) != need:
+            raise _bad(f"depth of shape {list(dshape)} {dtype} needs {need} bytes; the frame has {len(depth_data)}",
+                       rid, Code.INVALID_IMAGE)
+        depth_spec = {"shape": list(dshape), "dtype": dtype, "scale": float(scale)}
+    return Request(id=rid, op=op, query=query, image_spec=spec, image_data=data, depth_spec=depth_spec,
+                   depth_data=depth_data, options=options, timeout_ms=timeout_ms)
+
+
+# ------------------------------------------------------------------------------------------ images
+
+_MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
+
+
+def _encoded_size(fmt: str, data: bytes) -> tuple[int, int] | None:
+    """(H, W) read from a JPEG / PNG header without decoding pixels, or None when unreadable."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+        return h, w
+    except Exception:  # noqa: BLE001 - any parse failure means "not a readable image"
+        return None
+
+
+def decode_image(spec: dict[str, Any], data: bytes, limits: Limits | None = None) -> np.ndarray:
+    """Decode an image frame into an HxWx3 uint8 RGB array (raw: zero-copy, read-only view).
+
+    JPEG / PNG: the size is read from the file header and checked against ``limits.max_side``
+    before any pixel is decoded (a decompression bomb costs nothing); EXIF orientation is ignored
+    so pixels arrive exactly as the client encoded them.
+    """
+    limits = limits or Limits()
+    fmt = spec["format"]
+    if fmt == "raw":
+        h, w, c = spec["shape"]
+        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, c)
+    if not data.startswith(_MAGIC[fmt]):
+        raise ProtocolError(Code.INVALID_IMAGE, f"image.format is {fmt!r} but the frame is not {fmt.upper()} data "
+                                                f"(starts with {data[:8]!r})")
+    size = _encoded_size(fmt, data)
+    if size is None:
+        raise ProtocolError(Code.INVALID_IMAGE, f"cannot read the {fmt.upper()} header: corrupt or truncated file")
+    if max(size) > limits.max_side:
+        raise ProtocolError(Code.TOO_LARGE, f"{fmt.upper()} image is {size[0]}x{size[1]}; each side must be at most "
+                                            f"{limits.max_side} pixels")
+    import cv2
+
+    flags = getattr(cv2, "IMREAD_COLOR_RGB", None)
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if flags is not None:
+        image = cv2.imdecode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION)
+    else:  # OpenCV < 4.11: decode BGR, then swap
+        image = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        if image is not None:
+            image = np.ascontiguousarray(image[..., ::-1])
+    if image is None or image.ndim != 3 or image.shape[2] != 3:
+        raise ProtocolError(Code.INVALID_IMAGE, f"cannot decode the {fmt.upper()} image: corrupt or truncated file")
+    if "shape" in spec and list(image.shape) != spec["shape"]:
+        raise ProtocolError(Code.INVALID_IMAGE, f"decoded {fmt.upper()} image has shape {list(image.shape)}; the "
+                                                f"header says {spec['shape']}")
+    return image
+
+
+def decode_depth(spec: dict[str, Any], data: bytes, shape: tuple[int, int]) -> np.ndarray:
+    """Depth frame -> HxW float32 metres. Raises ``invalid_image`` when it does not match ``shape``."""
+    dshape = tuple(spec["shape"])
+    if dshape != tuple(shape):
+        raise ProtocolError(Code.INVALID_IMAGE, f"depth shape {list(dshape)} does not match the image's {list(shape)}")
+    raw = np.frombuffer(data, dtype=DEPTH_DTYPES[spec["dtype"]]).reshape(dshape)
+    return raw.astype(np.float32) * np.float32(spec["scale"])
+
+
+def encode_image(image: np.ndarray, encoding: str = "raw", quality: int = 90) -> tuple[dict[str, Any], bytes]:
+    """Client side: (image spec for the header, image frame bytes) for an HxWx3 uint8 RGB array."""
+    from ..frames import check_image
+
+    image = check_image(image)
+    shape = [int(v) for v in image.shape]
+    if encoding == "raw":
+        return {"format": "raw", "shape": shape, "dtype": "uint8"}, image.tobytes()
+    if encoding not in ("jpeg", "png"):
+        raise InvalidArgumentError(f"encoding must be one of {list(IMAGE_FORMATS)}; got {encoding!r}")
+    import cv2
+
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if encoding == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, buf = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", bgr, params)
+    if not ok:  # pragma: no cover - OpenCV encodes any valid uint8 RGB image
+        raise InvalidImageError(f"OpenCV could not encode the image as {encoding}")
+    return {"format": encoding, "shape": shape, "dtype": "uint8"}, buf.tobytes()
+
+
+def encode_depth(depth: np.ndarray, scale: float | None = None) -> tuple[dict[str, Any], bytes]:
+    """Client side: (depth spec, bytes) for an HxW uint16 (default mm) or float32 (default m) array."""
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise InvalidImageError(f"depth must be HxW; got shape {depth.shape}")
+    if depth.dtype == np.uint16:
+        dtype = "uint16"
+    elif depth.dtype in (np.float32, np.float64):
+        dtype = "float32"
+    else:
+        raise InvalidImageError(f"depth must be uint16 (mm) or float32 (m); got {depth.dtype}")
+    arr = np.ascontiguousarray(depth, dtype=DEPTH_DTYPES[dtype])
+    spec = {"shape": [int(v) for v in depth.shape], "dtype": dtype,
+            "scale": float(DEFAULT_DEPTH_SCALE[dtype] if scale is None else scale)}
+    return spec, arr.tobytes()
+
+
+def depth_stats(masks: np.ndarray, depth: np.ndarray, intrinsics: list[float] | None) -> list[dict[str, Any]]:
+    """Per mask: median valid depth inside it (metres) and, with intrinsics ``[fx, fy, cx, cy]``,
+    that depth deprojected at the mask centroid: ``{"depth_m": z|None, "point": [x, y, z]|None}``
+    in the camera's optical frame (x right, y down, z forward)."""
+    out = []
+    valid = np.isfinite(depth) & (depth > 0)
+    for m in masks:
+        sel = depth[m & valid]
+        if sel.size == 0:
+            out.append({"depth_m": None, "point": None})
+            continue
+        z = float(np.median(sel))
+        point = None
+        if intrinsics is not None:
+            fx, fy, cx, cy = intrinsics
+            ys, xs = np.nonzero(m)
+            u, v = float(xs.mean()), float(ys.mean())
+            point = [round((u - cx) * z / fx, 4), round((v - cy) * z / fy, 4), round(z, 4)]
+        out.append({"depth_m": round(z, 4), "point": point})
+    return out
+
+
+# ------------------------------------------------------------------------------------------ headers
+
+
+def build_header(request_id: Any, op: str, **fields: Any) -> bytes:
+    """Client side: frame 0 of a request (``v`` filled in; ``None`` fields left out)."""
+    header = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
+    header.update({k: v for k, v in fields.items() if v is not None})
+    return json.dumps(header, separators=(",", ":")).encode("utf-8")
+
+
+def encode_reply(request_id: Any, result: Any = None, error: LisaError | None = None,
+                 extra_frames: list[bytes] | None = None) -> list[bytes]:
+    """Server side: the reply frames (header JSON first). ``error`` wins over ``result``."""
+    if error is not None:
+        code = getattr(error, "code", Code.INTERNAL)
+        body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
+                "error": {"code": str(code), "message": str(error)}}
+        extra_frames = None
+    else:
+        body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
+    frames = [json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")]
+    return frames + list(extra_frames or [])
+
+
+def parse_reply(frames: list[bytes]) -> dict[str, Any]:
+    """Client side: the reply header as a dict (``frames`` after the delimiter); raises RemoteError
+    when the server sent something that is not a protocol reply."""
+    if not frames:
+        raise RemoteError(Code.INTERNAL, "empty reply from server")
+    try:
+        reply = json.loads(bytes(frames[0]).decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise RemoteError(Code.INTERNAL, f"server reply is not JSON: {exc}") from None
+    if not isinstance(reply, dict) or "ok" not in reply:
+        raise RemoteError(Code.INTERNAL, f"server reply is not a protocol reply: {reply!r:.200}")
+    return reply
+
+
+def logits_frames(result: Any) -> tuple[dict[str, Any] | None, list[bytes]]:
+    """Server side: (descriptor, frames) carrying ``result.logits`` (N x H x W float32) if present."""
+    logits = getattr(result, "logits", None)
+    if logits is None:
+        return None, []
+    arr = np.ascontiguousarray(np.asarray(logits, dtype="<f4"))
+    return {"shape": [int(v) for v in arr.shape], "dtype": "float32", "frame": 1}, [arr.tobytes()]
+
+
+def logits_from_frames(desc: dict[str, Any], frames: list[bytes]) -> np.ndarray:
+    """Client side: inverse of :func:`logits_frames` (``frames`` = the reply frames, header first)."""
+    k = int(desc.get("frame", 1))
+    if k >= len(frames):
+        raise RemoteError(Code.INTERNAL, "reply announces logits but the frame is missing")
+    shape = tuple(int(v) for v in desc["shape"])
+    return np.frombuffer(frames[k], dtype="<f4").reshape(shape).copy()
