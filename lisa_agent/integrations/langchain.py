@@ -209,6 +209,17 @@ class LisaSegmentTool(BaseTool):
             ``answer`` to set the teacher-forced answer of fast mode).
         allow_files / allow_urls: whether the model may name local files / http(s) URLs.
         url_timeout: seconds to wait for an image URL.
+
+    Output (``invoke`` with a ToolCall returns a ``ToolMessage``): ``content`` is the text above;
+    ``artifact`` is a dict with ``query``, ``mode``, ``answer`` (LISA's text), ``image_size``
+    [H, W], ``image`` (where the frame came from), ``frame`` (the HxWx3 uint8 RGB frame used),
+    ``stamp`` (the image source's stamp or None), ``masks`` (N x H x W bool), ``boxes`` (N XYXY
+    inclusive pixel boxes), ``objects`` (per mask: ``bbox``, ``area``, ``share`` of the image in
+    [0, 1], ``centroid`` [x, y], ``score``, ``empty``, ``point_3d`` [x, y, z] metres or None,
+    ``rle`` COCO RLE), ``timings_ms`` (the engine's stages plus ``tool_image_ms`` and
+    ``tool_total_ms``) and ``result`` (the :class:`~lisa_agent.SegmentationResult`).
+    Errors come back as a ToolMessage with ``status="error"``, an actionable ``content`` and no
+    artifact.
     """
 
     name: str = "segment_objects"
@@ -390,6 +401,7 @@ class LisaSegmentTool(BaseTool):
             "answer": result.text,
             "image_size": [h, w],
             "image": frame.source,
+            "frame": frame.image,
             "stamp": frame.stamp,
             "masks": result.masks,
             "boxes": [o["bbox"] for o in objects],
