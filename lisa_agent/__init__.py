@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .segmenter import Conversation, LisaSegmenter
     from .serving.client import AsyncLisaClient, LisaClient
 
-__all__ = sorted(_LAZY)
+__all__ = ["AsyncLisaClient", "Conversation", "LisaClient", "LisaSegmenter", "MaskInstance", "SegmentationResult"]
 
 
 def __getattr__(name: str) -> Any:

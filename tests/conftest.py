@@ -15,3 +15,26 @@ os.environ["ROS_AUTOMATIC_DISCOVERY_RANGE"] = "LOCALHOST"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny RANDOM-WEIGHT LISA checkpoint in the published layout (2-shard .bin, own CLIP folder)."""
+    from lisa_agent.tiny import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "lisa-tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_segmenter(tiny_checkpoint: Path):
+    """The tiny checkpoint loaded through the public loader, fp32 on the CPU."""
+    import torch
+
+    from lisa_agent import LisaSegmenter
+
+    torch.manual_seed(0)
+    return LisaSegmenter.from_pretrained(tiny_checkpoint, dtype="fp32", device="cpu")

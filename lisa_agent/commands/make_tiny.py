@@ -1,0 +1,21 @@
+"""``lisa-agent make-tiny OUT_DIR``: a tiny random-weight LISA checkpoint in the published layout."""
+
+from __future__ import annotations
+
+import argparse
+
+HELP = "write a tiny random-weight LISA checkpoint in the published layout"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("out_dir", help="folder to write (created if missing)")
+    parser.add_argument("--seed", type=int, default=0, help="weight seed (default 0)")
+    parser.add_argument("--safetensors", action="store_true", help="one model.safetensors instead of 2 .bin shards")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..tiny import make_tiny_checkpoint
+
+    path = make_tiny_checkpoint(args.out_dir, seed=args.seed, safetensors=args.safetensors)
+    print(f"wrote a tiny RANDOM-WEIGHT LISA checkpoint to {path} (for plumbing tests; it segments nothing useful)")
+    return 0

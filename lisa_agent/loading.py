@@ -1,0 +1,378 @@
+"""Loading LISA checkpoints in the published layout (Hub id or folder) and saving in it.
+
+Layout (as ``xinlai/LISA-7B-v1``): ``config.json`` (LLaMA fields + LISA's ``mm_*``/``out_dim``
+fields), ``added_tokens.json``, a tokenizer (``tokenizer.model`` sentencepiece, or ``tokenizer.json``),
+weights as sharded ``pytorch_model-0000N-of-0000M.bin`` + ``pytorch_model.bin.index.json`` (read with
+``weights_only=True``) or safetensors (single or sharded). The CLIP tower is not in the checkpoint:
+it loads from ``vision_tower`` (a Hub id, a folder, or a folder relative to the checkpoint).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, QuantizationError
+from .modeling.lisa import IGNORABLE_SUFFIXES, LisaModel, to_internal_key, to_published_key
+from .modeling.sam import SamSpec, infer_sam_spec
+
+#: Short names for models shipped inside the package.
+BUNDLED_MODELS = {"tabletop-tiny": Path(__file__).resolve().parent / "assets" / "tabletop-tiny"}
+
+#: config.json fields LISA adds on top of LLaMA's (not passed to ``LlamaConfig``).
+LISA_FIELDS = (
+    "mm_vision_tower", "vision_tower", "mm_hidden_size", "mm_vision_select_layer", "mm_vision_select_feature",
+    "mm_use_im_start_end", "mm_use_im_patch_token", "out_dim", "train_mask_decoder", "tune_mm_mlp_adapter",
+    "freeze_mm_mlp_adapter", "image_aspect_ratio", "image_grid_pinpoints", "sam_image_size", "conv_template",
+    "sam_decoder_num_heads", "architectures", "model_type", "_name_or_path", "transformers_version",
+    "torch_dtype", "dtype", "use_mm_proj", "mm_projector_type", "lisa_agent",
+)
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+QUANTIZATIONS = (None, "8bit", "4bit")
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class LisaConfig:
+    """LISA's fields of ``config.json`` plus the LLaMA config (validated at construction)."""
+
+    llama: dict[str, Any]
+    vision_tower: str
+    mm_hidden_size: int
+    mm_vision_select_layer: int = -2
+    mm_vision_select_feature: str = "patch"
+    mm_use_im_start_end: bool = True
+    out_dim: int = 256
+    sam_image_size: int | None = None
+    conv_template: str = "llava_v1"
+    sam_decoder_num_heads: int = 8
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> LisaConfig:
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size") if k not in d]
+        if missing:
+            raise CheckpointError(f"{source} lacks LLaMA fields {missing}")
+        tower = d.get("vision_tower") or d.get("mm_vision_tower")
+        if not tower:
+            raise CheckpointError(f"{source} names no vision tower (vision_tower / mm_vision_tower)")
+        cfg = cls(
+            llama={k: v for k, v in d.items() if k not in LISA_FIELDS},
+            vision_tower=str(tower),
+            mm_hidden_size=int(d.get("mm_hidden_size", 1024)),
+            mm_vision_select_layer=int(d.get("mm_vision_select_layer", -2)),
+            mm_vision_select_feature=str(d.get("mm_vision_select_feature", "patch")),
+            mm_use_im_start_end=bool(d.get("mm_use_im_start_end", True)),
+            out_dim=int(d.get("out_dim", 256)),
+            sam_image_size=int(d["sam_image_size"]) if d.get("sam_image_size") else None,
+            conv_template=str(d.get("conv_template") or default_template(d)),
+            sam_decoder_num_heads=int(d.get("sam_decoder_num_heads", 8)),
+            raw=dict(d),
+        )
+        if cfg.mm_vision_select_feature not in ("patch", "cls_patch"):
+            raise CheckpointError(f"{source}: unknown mm_vision_select_feature {cfg.mm_vision_select_feature!r}")
+        return cfg
+
+    def llama_config(self):  # noqa: ANN201
+        from transformers import LlamaConfig
+
+        cfg = LlamaConfig(**self.llama)
+        cfg.use_cache = True
+        cfg._attn_implementation = "sdpa"
+        return cfg
+
+
+def default_template(d: dict[str, Any]) -> str:
+    """``llava_llama_2`` for LLaMA-2 based checkpoints (13B-llama2), else ``llava_v1`` (LISA's default)."""
+    name = str(d.get("_name_or_path", "")).lower()
+    return "llava_llama_2" if "llama2" in name or "llama-2" in name else "llava_v1"
+
+
+# ------------------------------------------------------------------------- locating
+def resolve_checkpoint(model: str | os.PathLike[str]) -> Path:
+    """Folder holding ``model``: a bundled short name, a local folder, or a Hub id (downloaded).
+
+    Raises :class:`ModelNotFoundError` naming the model and what was tried.
+    """
+    text = str(model)
+    if text in BUNDLED_MODELS:
+        path = BUNDLED_MODELS[text]
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"bundled model {text!r} is not in this installation (expected {path})")
+        return path
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} is a folder but holds no config.json: not a LISA checkpoint")
+        return path
+    if path.exists():
+        raise ModelNotFoundError(f"{path} is a file; pass the checkpoint folder that holds config.json")
+    if not _HUB_ID.match(text):
+        raise ModelNotFoundError(
+            f"model {text!r} is neither a local folder nor a Hub id (owner/name); "
+            f"bundled models: {sorted(BUNDLED_MODELS)}")
+    return _download(text, ["*.json", "*.bin", "*.safetensors", "tokenizer.model", "*.txt"])
+
+
+def _download(repo_id: str, patterns: list[str]) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:  # the Hub client raises many types: name the model and the cause
+        raise ModelNotFoundError(
+            f"model {repo_id!r} is not a local folder and could not be fetched from the Hugging Face Hub "
+            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Check the id, your network, or pass a local folder.") from exc
+
+
+# ------------------------------------------------------------------------- weights
+def read_state_dict(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder (sharded or single ``.bin`` / safetensors), on the CPU."""
+    for index_name, loader in (("model.safetensors.index.json", _load_safetensors),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        index_path = folder / index_name
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as exc:
+                raise CheckpointError(f"{index_path} is not a valid shard index: {exc}") from exc
+            state: dict[str, torch.Tensor] = {}
+            for shard in sorted(set(weight_map.values())):
+                if not (folder / shard).is_file():
+                    raise CheckpointError(f"shard {shard} listed in {index_name} is missing from {folder}")
+                state.update(loader(folder / shard))
+            listed = set(weight_map)
+            if listed != set(state):
+                raise CheckpointError(
+                    f"{index_name} and its shards disagree: listed but absent {sorted(listed - set(state))[:5]}, "
+                    f"present but unlisted {sorted(set(state) - listed)[:5]}")
+            return state
+    if (folder / "model.safetensors").is_file():
+        return _load_safetensors(folder / "model.safetensors")
+    if (folder / "pytorch_model.bin").is_file():
+        return _load_bin(folder / "pytorch_model.bin")
+    raise CheckpointError(
+        f"no weights in {folder}: expected pytorch_model.bin(.index.json) or model.safetensors(.index.json)")
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path} as a weights-only PyTorch file: {exc}") from exc
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:
+        raise CheckpointError(f"cannot read {path} as safetensors: {exc}") from exc
+
+
+def map_published_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """Rename published keys to ours. Returns ``(mapped, ignored, unknown)`` key lists."""
+    mapped: dict[str, torch.Tensor] = {}
+    ignored: list[str] = []
+    unknown: list[str] = []
+    for key, value in state.items():
+        if key.endswith(IGNORABLE_SUFFIXES):
+            ignored.append(key)
+            continue
+        ours = to_internal_key(key)
+        if ours is None:
+            unknown.append(key)
+        else:
+            mapped[ours] = value
+    return mapped, ignored, unknown
+
+
+def published_state_dict(model: LisaModel) -> dict[str, torch.Tensor]:
+    """Our model's weights under the published key names (CLIP tower and recomputed buffers excluded)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("vision.") or key.endswith(IGNORABLE_SUFFIXES):
+            continue
+        pub = to_published_key(key)
+        if pub is not None:
+            out[pub] = value
+    return out
+
+
+def load_weights(model: LisaModel, mapped: dict[str, torch.Tensor], unknown: Iterable[str] = ()) -> None:
+    """Load ``mapped`` into a (meta-initialised) model; every parameter must be accounted for.
+
+    Raises :class:`CheckpointError` naming missing keys (published names), unexpected keys and
+    shape mismatches.
+    """
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
+    expected_keys = {k for k in expected if not k.endswith(IGNORABLE_SUFFIXES)}
+    missing = sorted(to_published_key(k) or k for k in expected_keys - set(mapped))
+    unexpected = sorted([to_published_key(k) or k for k in set(mapped) - expected_keys] + list(unknown))
+    bad_shapes = [f"{to_published_key(k)}: checkpoint {tuple(mapped[k].shape)} vs model {tuple(expected[k].shape)}"
+                  for k in expected_keys & set(mapped) if tuple(mapped[k].shape) != tuple(expected[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}"
+                        f"{' ...' if len(unexpected) > 12 else ''}")
+    if bad_shapes:
+        problems.append("shape mismatches: " + "; ".join(bad_shapes[:8]))
+    if problems:
+        raise CheckpointError("checkpoint does not match the LISA model: " + " | ".join(problems))
+    model.load_state_dict(mapped, strict=False, assign=True)
+
+
+def rebuild_buffers(model: LisaModel, llama_config: Any) -> None:
+    """Recreate buffers that checkpoints do not carry (rotary frequencies, SAM pixel mean/std)."""
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    model.llm.model.rotary_emb = LlamaRotaryEmbedding(config=llama_config)
+    from .modeling.sam import PIXEL_MEAN, PIXEL_STD
+
+    model.sam.register_buffer("pixel_mean", torch.tensor(PIXEL_MEAN).view(-1, 1, 1), False)
+    model.sam.register_buffer("pixel_std", torch.tensor(PIXEL_STD).view(-1, 1, 1), False)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise CheckpointError(f"weights never loaded for: {still_meta[:10]}")
+
+
+# ------------------------------------------------------------------------- vision tower
+def load_vision_tower(name: str, checkpoint_dir: Path | None, dtype: torch.dtype) -> torch.nn.Module:
+    """A transformers ``CLIPVisionModel`` from a folder (absolute or relative to the checkpoint) or Hub id."""
+    from transformers import CLIPVisionModel
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    candidates = [Path(name).expanduser()]
+    if checkpoint_dir is not None:
+        candidates.insert(0, checkpoint_dir / name)
+    for cand in candidates:
+        if cand.is_dir():
+            return CLIPVisionModel.from_pretrained(str(cand), dtype=dtype).eval()
+    if not _HUB_ID.match(name):
+        raise ModelNotFoundError(f"vision tower {name!r} is neither a folder nor a Hub id")
+    try:
+        return CLIPVisionModel.from_pretrained(name, dtype=dtype).eval()
+    except Exception as exc:
+        raise ModelNotFoundError(
+            f"vision tower {name!r} could not be loaded ({type(exc).__name__}); it is not part of LISA "
+            "checkpoints: pass vision_tower=<local folder of openai/clip-vit-large-patch14> when offline") from exc
+
+
+# ------------------------------------------------------------------------- precision
+def check_precision(dtype: str | torch.dtype, device: str | torch.device, quantization: str | None) -> tuple[torch.dtype, torch.device]:
+    """Validate dtype/device/quantization names; returns the torch dtype and device."""
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of bf16, fp16, fp32")
+        tdtype = DTYPES[dtype]
+    else:
+        tdtype = dtype
+    try:
+        tdevice = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise InvalidArgumentError(f"unknown device {device!r}: {exc}") from exc
+    if tdevice.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidArgumentError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
+    if quantization not in QUANTIZATIONS:
+        raise InvalidArgumentError(f"unknown quantization {quantization!r}; choose None, '8bit' or '4bit'")
+    if quantization is not None:
+        if tdevice.type != "cuda":
+            raise QuantizationError(f"{quantization} quantization needs a CUDA device (bitsandbytes); got {tdevice}")
+        if tdtype == torch.float32:
+            tdtype = torch.float16
+    return tdtype, tdevice
+
+
+def quantize_llm(model: LisaModel, quantization: str, compute_dtype: torch.dtype, device: torch.device) -> None:
+    """Replace the LLaMA decoder layers' linear layers with bitsandbytes 8-bit / 4-bit (nf4, double quant).
+
+    SAM, the projector, ``text_hidden_fcs``, embeddings and ``lm_head`` stay in 16-bit.
+    """
+    try:
+        import bitsandbytes as bnb
+    except Exception as exc:  # ImportError or a CUDA setup error
+        raise QuantizationError(f"bitsandbytes is not usable here ({exc}); install lisa-agent[quant]") from exc
+    for layer in model.llm.model.layers:
+        for parent in layer.modules():
+            for name, child in list(parent.named_children()):
+                if not isinstance(child, torch.nn.Linear):
+                    continue
+                w = child.weight.data.to(torch.float16).cpu()
+                bias = child.bias is not None
+                if quantization == "8bit":
+                    q = bnb.nn.Linear8bitLt(child.in_features, child.out_features, bias=bias,
+                                            has_fp16_weights=False, threshold=6.0)
+                    q.weight = bnb.nn.Int8Params(w, requires_grad=False, has_fp16_weights=False)
+                else:
+                    q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=bias,
+                                          compute_dtype=compute_dtype, compress_statistics=True, quant_type="nf4")
+                    q.weight = bnb.nn.Params4bit(w, requires_grad=False, compress_statistics=True, quant_type="nf4")
+                if bias:
+                    q.bias = torch.nn.Parameter(child.bias.data.to(compute_dtype), requires_grad=False)
+                setattr(parent, name, q.to(device))
+
+
+# ------------------------------------------------------------------------- whole model
+@dataclass
+class LoadedLisa:
+    model: LisaModel
+    config: LisaConfig
+    folder: Path
+
+
+def build_model(config: LisaConfig, sam_spec: SamSpec, meta: bool = True) -> LisaModel:
+    """An (uninitialised when ``meta``) :class:`LisaModel` of the given configuration."""
+    llama_cfg = config.llama_config()
+    if meta:
+        with torch.device("meta"):
+            return LisaModel(llama_cfg, sam_spec, config.mm_hidden_size, config.out_dim)
+    return LisaModel(llama_cfg, sam_spec, config.mm_hidden_size, config.out_dim)
+
+
+def load_lisa(folder: Path, *, vision_tower: str | None, dtype: torch.dtype, device: torch.device,
+              quantization: str | None = None) -> LoadedLisa:
+    """Read config and weights from ``folder``, build the model, load the CLIP tower; ready for inference."""
+    from .modeling.clip import ClipPatchFeatures
+
+    try:
+        raw = json.loads((folder / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{folder / 'config.json'} is not valid JSON: {exc}") from exc
+    config = LisaConfig.from_dict(raw, str(folder / "config.json"))
+    state = read_state_dict(folder)
+    mapped, _ignored, unknown = map_published_keys(state)
+    del state
+    sam_spec = infer_sam_spec(mapped, prefix="sam.", decoder_num_heads=config.sam_decoder_num_heads)
+    if config.sam_image_size and config.sam_image_size != sam_spec.img_size:
+        raise CheckpointError(f"config sam_image_size {config.sam_image_size} disagrees with the SAM weights "
+                              f"({sam_spec.img_size} px)")
+    model = build_model(config, sam_spec, meta=True)
+    load_weights(model, mapped, unknown)
+    model.to(dtype)
+    rebuild_buffers(model, model.llm.config)  # after the cast: rotary frequencies stay float32
+    if quantization:
+        quantize_llm(model, quantization, dtype, device)
+    model.to(device)
+    tower = load_vision_tower(vision_tower or config.vision_tower, folder, dtype)
+    vision = ClipPatchFeatures(tower, config.mm_vision_select_layer, config.mm_vision_select_feature)
+    if vision.hidden_size != config.mm_hidden_size:
+        raise CheckpointError(f"vision tower width {vision.hidden_size} differs from mm_hidden_size "
+                              f"{config.mm_hidden_size} in config.json")
+    model.attach_vision(vision.to(device))
+    model.eval().requires_grad_(False)
+    return LoadedLisa(model=model, config=config, folder=folder)

@@ -1,0 +1,1 @@
+"""LISA's modules: LLaMA (transformers) + CLIP tower + projector + SAM (segment_anything) + text_hidden_fcs."""

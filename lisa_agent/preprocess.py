@@ -1,0 +1,68 @@
+"""Exact image preprocessing of LISA: the SAM letterbox and the CLIP crop.
+
+SAM: resize the longest side to S (new size ``int(h * S / max(h, w) + 0.5)`` per side, PIL bicubic as
+``ResizeLongestSide``), normalize on the 0-255 scale with (123.675, 116.28, 103.53) /
+(58.395, 57.12, 57.375), zero-pad right/bottom to S x S.
+
+CLIP: resize the shortest side to s (PIL bicubic; long side ``int(s * long / short)``), center crop
+s x s, scale to [0, 1], normalize with OpenAI's CLIP mean/std. Non-square frames are cropped for CLIP,
+not for SAM. This matches transformers' ``CLIPImageProcessor`` (PIL backend) with the
+``openai/clip-vit-large-patch14`` settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .modeling.sam import PIXEL_MEAN, PIXEL_STD
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def sam_resized_size(h: int, w: int, target: int) -> tuple[int, int]:
+    """(new_h, new_w) of the longest-side resize to ``target`` (segment_anything's rounding)."""
+    scale = target / max(h, w)
+    return int(h * scale + 0.5), int(w * scale + 0.5)
+
+
+@dataclass(frozen=True)
+class SamInput:
+    """``pixels`` (1, 3, S, S) float32 normalized and padded; ``resized_hw`` size before padding."""
+
+    pixels: torch.Tensor
+    resized_hw: tuple[int, int]
+    original_hw: tuple[int, int]
+
+
+def sam_preprocess(image: np.ndarray, size: int) -> SamInput:
+    """HxWx3 uint8 RGB -> :class:`SamInput` for a SAM with input side ``size``."""
+    h, w = image.shape[:2]
+    nh, nw = sam_resized_size(h, w, size)
+    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
+    x = torch.from_numpy(resized).permute(2, 0, 1).float()
+    mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(3, 1, 1)
+    x = (x - mean) / std
+    padded = torch.zeros(3, size, size)
+    padded[:, :nh, :nw] = x
+    return SamInput(pixels=padded[None], resized_hw=(nh, nw), original_hw=(h, w))
+
+
+def clip_preprocess(image: np.ndarray, size: int) -> torch.Tensor:
+    """HxWx3 uint8 RGB -> (1, 3, size, size) float32 CLIP input (shortest-side resize, center crop)."""
+    h, w = image.shape[:2]
+    if h <= w:
+        nh, nw = size, int(size * w / h)
+    else:
+        nh, nw = int(size * h / w), size
+    resized = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC)
+    top = (nh - size) // 2
+    left = (nw - size) // 2
+    crop = np.asarray(resized, dtype=np.float32)[top: top + size, left: left + size] / 255.0
+    crop = (crop - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
+    return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]

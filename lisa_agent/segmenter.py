@@ -1,0 +1,401 @@
+"""``LisaSegmenter``: numpy frames and instructions in, masks and answers out.
+
+Three modes share one pipeline (frame features -> prompt -> LLM -> [SEG] states -> SAM decoder):
+
+- ``fast``: the answer is teacher-forced (default ``"Sure, [SEG]."``) and the LLM runs once over
+  prompt + answer; the hidden state before each ``[SEG]`` is read directly. LISA's own evaluation
+  works this way; a robot wants it at frame rate.
+- ``chat``: greedy generation with a KV cache; the post-norm hidden state of each step that emits
+  ``[SEG]`` is kept. Stops at EOS or ``max_new_tokens``.
+- ``reference``: what the public LISA code does (no KV cache: CLIP and the whole sequence re-run for
+  every new token, then one more full pass for the hidden states). For parity tests and speed
+  comparison only.
+
+Per-frame SAM and CLIP features are cached (LRU, keyed by ``frame_id`` or a hash of the pixels), so
+several queries on one frame run the image encoders once; :meth:`LisaSegmenter.segment_batch` runs
+several ``fast`` queries in one LLM pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import InvalidArgumentError, InvalidQueryError
+from .frames import check_image, check_query
+from .loading import check_precision, load_lisa, resolve_checkpoint
+from .modeling.lisa import LisaModel
+from .preprocess import clip_preprocess, sam_preprocess
+from .prompts import DEFAULT_ANSWER, SEG_TOKEN, build_prompt, get_template
+from .result import SegmentationResult
+from .tokenization import LisaTokenizer
+
+MODES = ("fast", "chat", "reference")
+
+
+@dataclass
+class FrameFeatures:
+    """Image-encoder outputs of one frame, reusable by any number of queries.
+
+    Attributes:
+        frame_id: cache key.
+        original_hw: (H, W) of the frame.
+        resized_hw: size of the SAM letterbox content before padding.
+        sam_embedding: (1, C, S/16, S/16) SAM image embedding.
+        image_tokens: (1, N, H) projected CLIP patch features (LLM input).
+        clip_pixels: (1, 3, s, s) CLIP input (kept for ``reference`` mode, which re-encodes per token).
+        timings_ms: encoder stage timings.
+    """
+
+    frame_id: str
+    original_hw: tuple[int, int]
+    resized_hw: tuple[int, int]
+    sam_embedding: torch.Tensor
+    image_tokens: torch.Tensor
+    clip_pixels: torch.Tensor
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Conversation:
+    """A multi-turn chat about one image (LISA takes one image per conversation).
+
+    ``history`` holds (question, answer) pairs; :meth:`LisaSegmenter.chat` appends to it.
+    """
+
+    image: np.ndarray
+    frame_id: str
+    history: list[tuple[str, str]] = field(default_factory=list)
+
+
+class _Timer:
+    def __init__(self, device: torch.device):
+        self.sync = device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self) -> float:
+        if self.sync:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        ms = (now - self.t) * 1000.0
+        self.t = now
+        return ms
+
+
+class LisaSegmenter:
+    """LISA inference engine. Build with :meth:`from_pretrained`; thread-safe (one call at a time).
+
+    Example::
+
+        seg = LisaSegmenter.from_pretrained("xinlai/LISA-7B-v1", dtype="bf16", device="cuda")
+        result = seg.segment(frame, "grab something to cut with")   # frame: HxWx3 uint8 RGB
+        result.masks[0]        # HxW bool, the knife
+    """
+
+    def __init__(self, model: LisaModel, tokenizer: LisaTokenizer, *, template: str = "llava_v1",
+                 use_im_start_end: bool = True, name: str = "", quantization: str | None = None,
+                 cache_frames: int = 4):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.template = get_template(template)
+        self.use_im_start_end = use_im_start_end
+        self.name = name
+        self.quantization = quantization
+        try:
+            self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
+        except KeyError:
+            raise InvalidArgumentError("the tokenizer has no [SEG] token: not a LISA checkpoint") from None
+        self.eos_token_id = tokenizer.eos_token_id
+        if model.vision is None:
+            raise InvalidArgumentError("the model has no vision tower attached")
+        self.sam_size = model.sam_spec.img_size
+        self.clip_size = int(model.vision.image_size)
+        self._cache: OrderedDict[str, FrameFeatures] = OrderedDict()
+        self._cache_frames = max(1, int(cache_frames))
+        self._lock = threading.RLock()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_pretrained(cls, model: str | os.PathLike[str], *, vision_tower: str | None = None,
+                        dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
+                        quantization: str | None = None, template: str | None = None,
+                        cache_frames: int = 4) -> LisaSegmenter:
+        """Load a LISA checkpoint in the published layout.
+
+        Args:
+            model: Hub id (``xinlai/LISA-7B-v1``), local folder, or a bundled short name
+                (``tabletop-tiny``).
+            vision_tower: CLIP tower id or folder; default: the checkpoint config's ``vision_tower``.
+            dtype: ``bf16``, ``fp16`` or ``fp32`` (or a torch dtype).
+            device: ``cpu``, ``cuda``, ``cuda:1``, ...
+            quantization: None, ``8bit`` or ``4bit`` (bitsandbytes, CUDA only): LLaMA's decoder
+                layers only; SAM, projector and ``text_hidden_fcs`` stay in 16-bit.
+            template: conversation template (``llava_v1`` / ``llava_llama_2``); default from the checkpoint.
+            cache_frames: how many frames' image features to keep.
+        """
+        tdtype, tdevice = check_precision(dtype, device, quantization)
+        folder = resolve_checkpoint(model)
+        loaded = load_lisa(folder, vision_tower=vision_tower, dtype=tdtype, device=tdevice, quantization=quantization)
+        tokenizer = LisaTokenizer.from_pretrained(folder)
+        return cls(loaded.model, tokenizer, template=template or loaded.config.conv_template,
+                   use_im_start_end=loaded.config.mm_use_im_start_end, name=str(model),
+                   quantization=quantization, cache_frames=cache_frames)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.mm_projector.weight.dtype
+
+    def info(self) -> dict[str, Any]:
+        """Model, precision and input sizes, as reported by the server's ``info`` op."""
+        return {
+            "model": self.name,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "device": str(self.device),
+            "quantization": self.quantization,
+            "template": self.template.name,
+            "seg_token_id": self.seg_token_id,
+            "sam_image_size": self.sam_size,
+            "clip_image_size": self.clip_size,
+            "modes": list(MODES),
+        }
+
+    # ------------------------------------------------------------------ frames
+    @staticmethod
+    def frame_key(image: np.ndarray) -> str:
+        """Content hash of a frame (used when the caller gives no ``frame_id``)."""
+        h = hashlib.blake2b(image.tobytes(), digest_size=12)
+        h.update(repr(image.shape).encode())
+        return "sha:" + h.hexdigest()
+
+    @torch.inference_mode()
+    def encode_image(self, image: np.ndarray, frame_id: str | None = None) -> FrameFeatures:
+        """SAM and CLIP features of ``image`` (HxWx3 uint8 RGB), from the cache when present."""
+        image = check_image(image)
+        key = str(frame_id) if frame_id is not None else self.frame_key(image)
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None and cached.original_hw == image.shape[:2]:
+                self._cache.move_to_end(key)
+                return cached
+            timer = _Timer(self.device)
+            sam_in = sam_preprocess(image, self.sam_size)
+            clip_px = clip_preprocess(image, self.clip_size).to(self.device)
+            t_pre = timer.lap()
+            sam_emb = self.model.encode_sam(sam_in.pixels.to(self.device))
+            t_sam = timer.lap()
+            tokens = self.model.encode_clip(clip_px)
+            t_clip = timer.lap()
+            feats = FrameFeatures(key, sam_in.original_hw, sam_in.resized_hw, sam_emb, tokens, clip_px,
+                                  {"preprocess": t_pre, "sam_encoder": t_sam, "clip": t_clip})
+            self._cache[key] = feats
+            while len(self._cache) > self._cache_frames:
+                self._cache.popitem(last=False)
+            return feats
+
+    def clear_cache(self) -> None:
+        """Forget all cached frame features."""
+        with self._lock:
+            self._cache.clear()
+
+    # ------------------------------------------------------------------ public queries
+    def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                answer: str | None = None, frame_id: str | None = None,
+                return_logits: bool = False) -> SegmentationResult:
+        """Answer ``query`` about ``image`` and segment what the answer's ``[SEG]`` tokens point at.
+
+        Args:
+            image: HxWx3 uint8 RGB frame.
+            query: the instruction, e.g. "grab something to cut with".
+            mode: ``fast`` (teacher-forced ``answer``), ``chat`` (greedy, KV cache) or ``reference``.
+            max_new_tokens: generation limit for ``chat`` / ``reference``.
+            answer: forced answer for ``fast`` (default ``"Sure, [SEG]."``; ``"[SEG]."`` as LISA's eval).
+            frame_id: cache key of the frame's features (default: a hash of the pixels).
+            return_logits: also return float32 mask logits (N x H x W) and the decoder prompts (N x D).
+        """
+        if mode not in MODES:
+            raise InvalidArgumentError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
+        if mode == "fast":
+            return self.segment_batch(image, [query], answers=None if answer is None else [answer],
+                                      frame_id=frame_id, return_logits=return_logits)[0]
+        query = check_query(query)
+        _check_max_new_tokens(max_new_tokens)
+        feats = self.encode_image(image, frame_id)
+        return self._generate(feats, query, (), mode, max_new_tokens, return_logits)
+
+    def segment_batch(self, image: np.ndarray, queries: Sequence[str], *, answers: Sequence[str] | None = None,
+                      frame_id: str | None = None, return_logits: bool = False) -> list[SegmentationResult]:
+        """Several ``fast`` queries on one frame: image encoders once, one LLM pass for all queries."""
+        if isinstance(queries, str) or not len(queries):
+            raise InvalidQueryError("queries must be a non-empty list of strings")
+        texts = [check_query(q) for q in queries]
+        answers = [DEFAULT_ANSWER] * len(texts) if answers is None else list(answers)
+        if len(answers) != len(texts):
+            raise InvalidArgumentError(f"{len(answers)} answers for {len(texts)} queries")
+        for a in answers:
+            if not isinstance(a, str) or not a.strip():
+                raise InvalidArgumentError("a forced answer must be a non-empty string, e.g. 'Sure, [SEG].'")
+        feats = self.encode_image(image, frame_id)
+        with self._lock, torch.inference_mode():
+            return self._forced(feats, texts, answers, return_logits)
+
+    def start_conversation(self, image: np.ndarray, frame_id: str | None = None) -> Conversation:
+        """A new multi-turn conversation about ``image`` (features computed now, cached)."""
+        feats = self.encode_image(image, frame_id)
+        return Conversation(image=check_image(image), frame_id=feats.frame_id)
+
+    def chat(self, conversation: Conversation, query: str, *, max_new_tokens: int = 64,
+             return_logits: bool = False) -> SegmentationResult:
+        """One more turn of ``conversation`` (greedy, KV cache); the answer is appended to its history."""
+        query = check_query(query)
+        _check_max_new_tokens(max_new_tokens)
+        feats = self.encode_image(conversation.image, conversation.frame_id)
+        result = self._generate(feats, query, tuple(conversation.history), "chat", max_new_tokens, return_logits)
+        conversation.history.append((query, result.text))
+        return result
+
+    # ------------------------------------------------------------------ internals
+    def _prompt(self, query: str, history: Sequence[tuple[str, str]] = (), answer: str = "") -> str:
+        return build_prompt(self.template, query, history, self.use_im_start_end, answer)
+
+    def _forced(self, feats: FrameFeatures, queries: list[str], answers: list[str],
+                return_logits: bool) -> list[SegmentationResult]:
+        timer = _Timer(self.device)
+        prompts = [self._prompt(q) for q in queries]
+        prompt_ids = [self.tokenizer.encode_prompt(p) for p in prompts]
+        full_ids = [self.tokenizer.encode_prompt(self._prompt(q, answer=a)) for q, a in zip(queries, answers, strict=True)]
+        longest = max(len(x) for x in full_ids)
+        # Right padding needs no attention mask: causal attention never looks at later (pad) positions.
+        batch = torch.zeros(len(full_ids), longest, dtype=torch.long)
+        for b, ids in enumerate(full_ids):
+            batch[b, : len(ids)] = torch.tensor(ids)
+        batch = batch.to(self.device)
+        embeds, merged = self.model.embed_with_image(batch, feats.image_tokens)
+        t_tok = timer.lap()
+        hidden = self.model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        t_llm = timer.lap()
+        seg_rows, seg_cols, owners = [], [], []
+        for b, ids in enumerate(full_ids):
+            for j in range(len(prompt_ids[b]), len(ids)):  # [SEG] in the answer only, never in the query
+                if ids[j] == self.seg_token_id:
+                    seg_rows.append(b)
+                    seg_cols.append(int(merged[b, j]) - 1)  # the position whose prediction is [SEG]
+                    owners.append(b)
+        seg_states = hidden[seg_rows, seg_cols] if seg_rows else hidden.new_zeros(0, hidden.shape[-1])
+        logits, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states)
+        results = []
+        share = 1.0 / len(queries)
+        for b, q in enumerate(queries):
+            idx = [k for k, o in enumerate(owners) if o == b]
+            timings = {**{k: v for k, v in feats.timings_ms.items()}, "tokenize": t_tok * share,
+                       "llm": t_llm * share, "decoder": t_dec * share, "postprocess": t_post * share}
+            results.append(self._result(feats, q, "fast", prompts[b], prompt_ids[b], full_ids[b][len(prompt_ids[b]):],
+                                        answers[b], logits[idx], scores[idx], prompts_out[idx], timings, return_logits))
+        return results
+
+    def _masks(self, feats: FrameFeatures, seg_states: torch.Tensor):  # noqa: ANN202
+        timer = _Timer(self.device)
+        if len(seg_states) == 0:
+            h, w = feats.original_hw
+            empty = torch.zeros(0, h, w)
+            return empty, torch.zeros(0), torch.zeros(0, self.model.sam_spec.prompt_embed_dim), 0.0, 0.0
+        low_res, iou, prompts = self.model.decode_masks(seg_states, feats.sam_embedding)
+        t_dec = timer.lap()
+        logits = self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw).cpu()
+        t_post = timer.lap()
+        return logits, iou[:, 0].float().cpu(), prompts.float().cpu(), t_dec, t_post
+
+    def _result(self, feats: FrameFeatures, query: str, mode: str, prompt: str, prompt_ids: list[int],
+                output_ids: list[int], text: str, logits: torch.Tensor, scores: torch.Tensor,
+                prompts: torch.Tensor, timings: dict[str, float], return_logits: bool) -> SegmentationResult:
+        masks = (logits > 0).numpy()
+        timings["total"] = sum(v for k, v in timings.items() if k != "total")
+        return SegmentationResult.from_masks(
+            masks, scores.tolist(), text=text, query=query, mode=mode, prompt=prompt, input_ids=list(prompt_ids),
+            image_size=feats.original_hw, timings_ms=timings,
+            logits=logits.numpy().astype(np.float32) if return_logits else None,
+            seg_embeddings=prompts.numpy().astype(np.float32) if return_logits else None,
+            output_ids=[int(t) for t in output_ids], frame_id=feats.frame_id)
+
+    @torch.inference_mode()
+    def _generate(self, feats: FrameFeatures, query: str, history: Sequence[tuple[str, str]], mode: str,
+                  max_new_tokens: int, return_logits: bool) -> SegmentationResult:
+        with self._lock:
+            timer = _Timer(self.device)
+            prompt = self._prompt(query, history)
+            prompt_ids = self.tokenizer.encode_prompt(prompt)
+            ids = torch.tensor([prompt_ids], device=self.device)
+            t_tok = timer.lap()
+            if mode == "chat":
+                generated, seg_states = self._greedy_cached(ids, feats, max_new_tokens)
+            else:
+                generated, seg_states = self._greedy_reference(ids, feats, max_new_tokens)
+            t_llm = timer.lap()
+            logits, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states)
+            text = self.tokenizer.decode(generated).replace("\n", "").replace("  ", " ").strip()
+            timings = {**feats.timings_ms, "tokenize": t_tok, "llm": t_llm, "decoder": t_dec, "postprocess": t_post}
+            return self._result(feats, query, mode, prompt, prompt_ids, generated, text, logits, scores,
+                                prompts_out, timings, return_logits)
+
+    def _greedy_cached(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+        llm = self.model.llm
+        embeds, _ = self.model.embed_with_image(ids, feats.image_tokens)
+        out = llm.model(inputs_embeds=embeds, use_cache=True)
+        cache = out.cache
+        last = out.last_hidden_state[:, -1]
+        generated: list[int] = []
+        seg_states: list[torch.Tensor] = []
+        embed = llm.get_input_embeddings()
+        for _ in range(max_new_tokens):
+            token = int(llm.lm_head(last).argmax(dim=-1).item())
+            if token == self.eos_token_id:
+                break
+            if token == self.seg_token_id:
+                seg_states.append(last[0])
+            generated.append(token)
+            if len(generated) == max_new_tokens:
+                break
+            step = embed(torch.tensor([[token]], device=self.device))
+            out = llm.model(inputs_embeds=step, cache=cache, use_cache=True)
+            cache = out.cache
+            last = out.last_hidden_state[:, -1]
+        states = torch.stack(seg_states) if seg_states else last.new_zeros(0, last.shape[-1])
+        return generated, states
+
+    def _greedy_reference(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+        """No KV cache, CLIP and the full sequence re-run every step (the public LISA code's cost)."""
+        llm = self.model.llm
+        generated: list[int] = []
+        for _ in range(max_new_tokens):
+            seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=self.device)], dim=1)
+            tokens = self.model.encode_clip(feats.clip_pixels)
+            embeds, _ = self.model.embed_with_image(seq, tokens)
+            hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            token = int(llm.lm_head(hidden[:, -1]).argmax(dim=-1).item())
+            if token == self.eos_token_id:
+                break
+            generated.append(token)
+        # One full pass over prompt + answer; the state before each [SEG] is its embedding.
+        seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=self.device)], dim=1)
+        embeds, merged = self.model.embed_with_image(seq, self.model.encode_clip(feats.clip_pixels))
+        hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+        positions = [int(merged[0, j]) - 1 for j in range(ids.shape[1], seq.shape[1])
+                     if int(seq[0, j]) == self.seg_token_id]
+        return generated, hidden[positions] if positions else hidden.new_zeros(0, hidden.shape[-1])
+
+
+def _check_max_new_tokens(n: int) -> None:
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > 4096:
+        raise InvalidArgumentError(f"max_new_tokens must be an integer in [1, 4096]; got {n!r}")
