@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from .encoders import label_image, mask_bbox, mask_centroid, mask_to_png, mask_to_rle, render_overlay, rle_to_mask
+from .encoders import (
+    label_image,
+    mask_bbox,
+    mask_centroid,
+    mask_to_png,
+    mask_to_rle,
+    render_overlay,
+    rle_to_mask,
+)
 
 
 @dataclass(frozen=True)
