@@ -1,0 +1,372 @@
+"""LisaSegmentTool / LisaExplainTool on the tiny LISA checkpoint: content, artifact, images, depth, errors.
+
+The backend is the real engine (``tiny_segmenter``, random weights): these tests check that what
+the tool reports (text for the model, masks in the artifact) is exactly what the engine returned
+for the same frame and query, that every image form the model may name reaches the engine as the
+same pixels, and that every failure becomes an actionable message instead of an exception.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from langchain_core.messages import ToolMessage
+
+from lisa_agent.encoders import image_to_png, rle_to_mask
+from lisa_agent.geometry import Intrinsics, depth_to_meters, mask_target_point
+from lisa_agent.integrations.images import load_image
+from lisa_agent.integrations.langchain import LisaExplainTool, LisaSegmentTool, lisa_tools
+
+QUERY = "something to cut with"
+
+
+def _frame() -> np.ndarray:
+    """A fixed 96x128 RGB frame with some structure (a dark handle, a bright blade)."""
+    img = np.full((96, 128, 3), 150, dtype=np.uint8)
+    img[40:52, 20:60] = (60, 40, 30)
+    img[42:50, 60:110] = (220, 220, 230)
+    img[70:90, 5:30] = (30, 120, 200)
+    return img
+
+
+def _call(tool: Any, args: dict[str, Any]) -> ToolMessage:
+    """Invoke as an agent would: with a ToolCall, so the reply is a ToolMessage with the artifact."""
+    msg = tool.invoke({"name": tool.name, "args": args, "id": "call-1", "type": "tool_call"})
+    assert isinstance(msg, ToolMessage)
+    return msg
+
+
+async def _acall(tool: Any, args: dict[str, Any]) -> ToolMessage:
+    msg = await tool.ainvoke({"name": tool.name, "args": args, "id": "call-1", "type": "tool_call"})
+    assert isinstance(msg, ToolMessage)
+    return msg
+
+
+@pytest.fixture
+def frame() -> np.ndarray:
+    return _frame()
+
+
+@pytest.fixture
+def tool(tiny_segmenter: Any, frame: np.ndarray) -> LisaSegmentTool:
+    return LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: (frame, 1732650000.25))
+
+
+def _assert_matches_engine(msg: ToolMessage, expected: Any) -> None:
+    """The tool's content and artifact report exactly the engine's result for the same input."""
+    assert msg.status == "success", msg.content
+    art = msg.artifact
+    assert art["answer"] == expected.text
+    assert art["image_size"] == list(expected.image_size)
+    np.testing.assert_array_equal(art["masks"], expected.masks)
+    assert len(art["objects"]) == len(expected.instances)
+    for k, (obj, inst) in enumerate(zip(art["objects"], expected.instances, strict=True)):
+        assert obj["bbox"] == list(inst.bbox)
+        assert obj["area"] == inst.area
+        np.testing.assert_array_equal(rle_to_mask(obj["rle"]), expected.masks[k])
+    assert art["boxes"] == [list(i.bbox) for i in expected.instances]
+    assert art["result"].text == expected.text
+    found = [i for i in expected.instances if i.area > 0]
+    if found:
+        assert msg.content.startswith(f"Found {len(found)} object")
+        for inst in found:
+            assert f"[{', '.join(str(v) for v in inst.bbox)}]" in msg.content
+            assert f"{100.0 * inst.area / (expected.image_size[0] * expected.image_size[1]):.1f}" in msg.content
+    else:
+        assert msg.content.startswith("No object matched")
+
+
+def test_camera_frame_result_matches_engine(tool: LisaSegmentTool, tiny_segmenter: Any, frame: np.ndarray) -> None:
+    msg = _call(tool, {"query": QUERY})
+    expected = tiny_segmenter.segment(frame, QUERY, mode="fast")
+    _assert_matches_engine(msg, expected)
+    assert len(expected.instances) == 1  # fast mode forces exactly one [SEG]
+    assert f'"{QUERY}" in the newest camera frame (128x96 px, stamp 1732650000.250)' in msg.content
+    assert expected.text in msg.content
+    art = msg.artifact
+    assert art["stamp"] == 1732650000.25 and art["mode"] == "fast" and art["query"] == QUERY
+    assert art["masks"].dtype == bool and art["masks"].shape == (1, 96, 128)
+    assert "tool_total_ms" in art["timings_ms"] and "total" in art["timings_ms"]
+
+
+def test_invoke_without_tool_call_returns_the_text(tool: LisaSegmentTool) -> None:
+    text = tool.invoke({"query": QUERY})  # no ToolCall: LangChain returns the content only
+    assert isinstance(text, str)
+    assert text.startswith(("Found 1 object", "No object matched"))
+
+
+@pytest.mark.parametrize("form", ["path", "file_url", "data_uri", "http_url"])
+def test_named_image_reaches_the_engine_unchanged(
+    form: str, tiny_segmenter: Any, frame: np.ndarray, tmp_path: Path, http_image: str
+) -> None:
+    png = tmp_path / "frame.png"
+    png.write_bytes(image_to_png(frame))
+    ref = {
+        "path": str(png),
+        "file_url": png.as_uri(),
+        "data_uri": "data:image/png;base64," + base64.b64encode(image_to_png(frame)).decode(),
+        "http_url": http_image,
+    }[form]
+    # A camera with another frame is configured: the named image must win.
+    other = np.zeros_like(frame)
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: other)
+    msg = _call(tool, {"query": QUERY, "image": ref})
+    _assert_matches_engine(msg, tiny_segmenter.segment(frame, QUERY, mode="fast"))
+    assert "camera" not in msg.content
+
+
+def test_load_image_converts_gray_and_rgba_to_rgb(tmp_path: Path) -> None:
+    from PIL import Image
+
+    gray = np.arange(20 * 30, dtype=np.uint8).reshape(20, 30)
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    rgba = np.zeros((20, 30, 4), dtype=np.uint8)
+    rgba[..., 0] = 200
+    rgba[..., 3] = 255
+    Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
+    g = load_image(str(tmp_path / "g.png"))
+    a = load_image(str(tmp_path / "a.png"))
+    assert g.shape == (20, 30, 3) and g.dtype == np.uint8
+    np.testing.assert_array_equal(g[..., 1], gray)
+    assert a.shape == (20, 30, 3) and (a[..., 0] == 200).all() and (a[..., 1:] == 0).all()
+
+
+def test_depth_and_intrinsics_give_a_3d_point(tiny_segmenter: Any, frame: np.ndarray) -> None:
+    depth = np.full(frame.shape[:2], 750, dtype=np.uint16)  # millimetres
+    depth[:, 64:] = 0  # no reading on the right half
+    intr = (100.0, 110.0, 64.0, 48.0)
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: frame, depth_source=lambda: depth,
+                           intrinsics=intr)
+    msg = _call(tool, {"query": QUERY})
+    mask = tiny_segmenter.segment(frame, QUERY).masks[0]
+    target = mask_target_point(depth_to_meters(depth), mask, Intrinsics(*intr))
+    point = msg.artifact["objects"][0]["point_3d"]
+    if target is None:  # the random mask fell entirely on the right half
+        assert point is None and "no valid depth" in msg.content
+    else:
+        assert point == pytest.approx(list(target.point))
+        assert point[2] == pytest.approx(0.75)
+        assert f"3D point (x={point[0]:.3f}, y={point[1]:.3f}, z=0.750) m in the camera frame" in msg.content
+
+
+def test_depth_of_another_size_is_reported_not_used(tiny_segmenter: Any, frame: np.ndarray) -> None:
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: frame,
+                           depth_source=lambda: np.ones((48, 64), np.float32), intrinsics=(100, 100, 64, 48))
+    msg = _call(tool, {"query": QUERY})
+    assert msg.status == "success"
+    assert "3D points unavailable: the depth image is 48x64" in msg.content
+    assert all(o["point_3d"] is None for o in msg.artifact["objects"])
+
+
+def test_no_match_says_so_plainly(tiny_segmenter: Any, frame: np.ndarray) -> None:
+    # The engine's fast mode with a forced answer without [SEG]: the real engine, no test double.
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: frame,
+                           segment_options={"answer": "Sorry, nothing matches."})
+    msg = _call(tool, {"query": "a unicorn"})
+    assert msg.status == "success"
+    assert msg.content.startswith('No object matched "a unicorn" in the newest camera frame (128x96 px)')
+    assert "Sorry, nothing matches." in msg.content
+    assert msg.artifact["masks"].shape == (0, 96, 128) and msg.artifact["objects"] == []
+
+
+def test_explain_tool_runs_chat_mode(tiny_segmenter: Any, frame: np.ndarray) -> None:
+    seg_tool, explain = lisa_tools(tiny_segmenter, image_source=lambda: frame,
+                                   segment_options={"max_new_tokens": 8})
+    assert isinstance(explain, LisaExplainTool) and explain.name == "explain_objects"
+    assert seg_tool.name == "segment_objects"
+    assert "mode" not in explain.tool_call_schema.model_json_schema()["properties"]
+    msg = _call(explain, {"query": "What here could cut a rope, and why?"})
+    expected = tiny_segmenter.segment(frame, "What here could cut a rope, and why?", mode="chat", max_new_tokens=8)
+    assert msg.artifact["mode"] == "chat"
+    _assert_matches_engine(msg, expected)
+
+
+def test_schema_tells_the_model_what_to_pass(tool: LisaSegmentTool) -> None:
+    schema = tool.tool_call_schema.model_json_schema()
+    assert schema["required"] == ["query"]
+    props = schema["properties"]
+    assert "something to cut with" in props["query"]["description"]
+    assert "data URI" in props["image"]["description"] and "camera frame" in props["image"]["description"]
+    assert {"enum": ["fast", "chat"], "type": "string"} in props["mode"]["anyOf"]
+    assert tool.response_format == "content_and_artifact" and tool.handle_tool_error is True
+
+
+@pytest.mark.anyio
+async def test_async_path_gives_the_same_answer(tool: LisaSegmentTool, tiny_segmenter: Any,
+                                                frame: np.ndarray) -> None:
+    sync_msg = _call(tool, {"query": QUERY})
+    async_msg = await _acall(tool, {"query": QUERY})
+    assert async_msg.content == sync_msg.content
+    np.testing.assert_array_equal(async_msg.artifact["masks"], sync_msg.artifact["masks"])
+    _assert_matches_engine(async_msg, tiny_segmenter.segment(frame, QUERY))
+
+
+@pytest.mark.anyio
+async def test_async_backend_is_awaited(tiny_segmenter: Any, frame: np.ndarray) -> None:
+    class AsyncEngine:  # the shape of AsyncLisaClient: an awaitable segment() with the same signature
+        def __init__(self) -> None:
+            self.calls = 0
+
+        async def segment(self, image: np.ndarray, query: str, **kw: Any) -> Any:
+            self.calls += 1
+            return tiny_segmenter.segment(image, query, **kw)
+
+    backend = AsyncEngine()
+    tool = LisaSegmentTool(backend=tiny_segmenter, async_backend=backend, image_source=lambda: frame)
+    msg = await _acall(tool, {"query": QUERY})
+    assert backend.calls == 1
+    _assert_matches_engine(msg, tiny_segmenter.segment(frame, QUERY))
+    # An async-only backend still serves sync invoke (the coroutine runs to completion).
+    only_async = LisaSegmentTool(backend=backend, image_source=lambda: frame)
+    _assert_matches_engine(_call(only_async, {"query": QUERY}), tiny_segmenter.segment(frame, QUERY))
+    assert backend.calls == 2
+
+
+# ---- errors: always a ToolMessage with status "error" and advice, never an exception ----
+
+
+@pytest.mark.parametrize(
+    ("args", "source", "needle"),
+    [
+        ({"query": QUERY, "image": "missing.png"}, True, "does not exist"),
+        ({"query": QUERY, "image": "UNREADABLE"}, True, "is not a readable image"),
+        ({"query": QUERY, "image": "data:image/png;base64,%%%"}, True, "not valid base64"),
+        ({"query": QUERY, "image": "ftp://example.org/a.png"}, True, "unsupported image scheme"),
+        ({"query": QUERY}, False, "no camera configured: pass `image`"),
+        ({"query": "   "}, True, "Invalid query: query is empty"),
+        ({}, True, 'Call the tool with {"query":'),
+        ({"query": QUERY, "mode": "slow"}, True, "Invalid arguments (mode"),
+    ],
+    ids=["missing-file", "not-an-image", "bad-data-uri", "bad-scheme", "no-image-no-camera", "empty-query",
+         "missing-query", "bad-mode"],
+)
+def test_errors_become_actionable_messages(
+    args: dict[str, Any], source: bool, needle: str, tiny_segmenter: Any, frame: np.ndarray, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "UNREADABLE").write_text("this is not a PNG")
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=(lambda: frame) if source else None)
+    msg = _call(tool, args)
+    assert msg.status == "error"
+    assert needle in msg.content
+    assert "Traceback" not in msg.content and msg.artifact is None
+
+
+def test_camera_without_a_frame_yet(tiny_segmenter: Any) -> None:
+    msg = _call(LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: None), {"query": QUERY})
+    assert msg.status == "error" and "has not delivered a frame yet" in msg.content
+
+
+def test_camera_failure_is_reported(tiny_segmenter: Any) -> None:
+    def broken() -> np.ndarray:
+        raise RuntimeError("USB camera disconnected")
+
+    msg = _call(LisaSegmentTool(backend=tiny_segmenter, image_source=broken), {"query": QUERY})
+    assert msg.status == "error" and "USB camera disconnected" in msg.content
+
+
+def test_server_down_is_reported(frame: np.ndarray) -> None:
+    from lisa_agent.serving.client import LisaClient
+
+    port = _closed_port()
+    client = LisaClient(f"tcp://127.0.0.1:{port}", timeout=0.3, retries=1)
+    try:
+        msg = _call(LisaSegmentTool(backend=client, image_source=lambda: frame), {"query": QUERY})
+    finally:
+        client.close()
+    assert msg.status == "error"
+    assert msg.content.startswith("The LISA vision model failed (unavailable)")
+    assert "retrying now will not help" in msg.content and "Traceback" not in msg.content
+
+
+def test_construction_rejects_a_backend_without_segment() -> None:
+    with pytest.raises(ValueError, match="backend must have a segment"):
+        LisaSegmentTool(backend=object())
+    with pytest.raises(ValueError, match="intrinsics"):
+        LisaSegmentTool(backend=_NullBackend(), intrinsics=(0.0, 1.0, 2.0, 3.0))
+
+
+def test_backend_returning_garbage_is_reported(frame: np.ndarray) -> None:
+    msg = _call(LisaSegmentTool(backend=_NullBackend(), image_source=lambda: frame), {"query": QUERY})
+    assert msg.status == "error" and "returned NoneType, not a SegmentationResult" in msg.content
+
+
+class _NullBackend:
+    """A misconfigured backend (returns nothing): checks the tool's guard, not the engine."""
+
+    def segment(self, image: np.ndarray, query: str, **kw: Any) -> None:
+        return None
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture
+def http_image(frame: np.ndarray) -> Iterator[str]:
+    """An http:// URL on 127.0.0.1 serving the frame as PNG (stops after the test)."""
+    body = image_to_png(frame)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/frame.png"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def lisa_server(tiny_segmenter: Any) -> Iterator[str]:
+    """A real `lisa-agent serve` server (ZeroMQ, 127.0.0.1, free port) around the tiny engine."""
+    from lisa_agent.serving.server import LisaServer
+
+    with LisaServer(tiny_segmenter, bind="tcp://127.0.0.1:*") as server:
+        yield server.endpoint
+
+
+@pytest.mark.anyio
+async def test_remote_backends_through_the_model_server(lisa_server: str, tiny_segmenter: Any,
+                                                        frame: np.ndarray) -> None:
+    from lisa_agent.serving.client import AsyncLisaClient, LisaClient
+
+    sync_client = LisaClient(lisa_server, timeout=30.0)
+    async_client = AsyncLisaClient(lisa_server, timeout=30.0)
+    try:
+        tool = LisaSegmentTool(backend=sync_client, async_backend=async_client, image_source=lambda: frame)
+        expected = tiny_segmenter.segment(frame, QUERY, mode="fast")
+        sync_msg = _call(tool, {"query": QUERY})
+        async_msg = await _acall(tool, {"query": QUERY})
+        _assert_matches_engine(sync_msg, expected)
+        _assert_matches_engine(async_msg, expected)
+        assert "client_roundtrip" in async_msg.artifact["timings_ms"]
+        # The async client alone serves both paths.
+        only_async = LisaSegmentTool(backend=async_client, image_source=lambda: frame)
+        _assert_matches_engine(await _acall(only_async, {"query": QUERY}), expected)
+    finally:
+        sync_client.close()
+        async_client.close()
