@@ -1,0 +1,143 @@
+"""Camera geometry for masks: median depth inside a mask and pinhole deprojection (pure numpy).
+
+Conventions: pixel coordinates ``(u, v)`` = (column, row), pixel centres at integer coordinates
+(the ROS ``CameraInfo`` convention); camera frame ``x`` right, ``y`` down, ``z`` forward (the ROS
+optical frame), in metres.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+#: Depths outside this range (metres) are treated as invalid (sensor zeros, saturation, noise).
+MIN_DEPTH_M = 0.05
+MAX_DEPTH_M = 50.0
+
+
+@dataclass(frozen=True)
+class Intrinsics:
+    """Pinhole intrinsics in pixels: focal lengths ``fx``, ``fy`` and principal point ``cx``, ``cy``."""
+
+    fx: float
+    fy: float
+    cx: float
+    cy: float
+
+    def __post_init__(self) -> None:
+        for name in ("fx", "fy"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"intrinsics: {name} must be a positive focal length in pixels; got {value}")
+        for name in ("cx", "cy"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"intrinsics: {name} must be finite; got {getattr(self, name)}")
+
+    @classmethod
+    def from_k(cls, k: Sequence[float]) -> Intrinsics:
+        """From a row-major 3x3 camera matrix ``K`` (9 numbers, as in ``sensor_msgs/CameraInfo.k``)."""
+        values = [float(v) for v in np.asarray(k, dtype=np.float64).reshape(-1)]
+        if len(values) != 9:
+            raise ValueError(f"K must have 9 entries (row-major 3x3); got {len(values)}")
+        return cls(fx=values[0], fy=values[4], cx=values[2], cy=values[5])
+
+    def scaled(self, sx: float, sy: float) -> Intrinsics:
+        """Intrinsics for the same camera resized by ``sx`` horizontally and ``sy`` vertically."""
+        return Intrinsics(fx=self.fx * sx, fy=self.fy * sy, cx=(self.cx + 0.5) * sx - 0.5,
+                          cy=(self.cy + 0.5) * sy - 0.5)
+
+
+def depth_to_meters(depth: np.ndarray) -> np.ndarray:
+    """Convert a depth image to float32 metres with invalid pixels as NaN.
+
+    Args:
+        depth: HxW ``uint16`` in millimetres (ROS ``16UC1``; 0 = no reading) or HxW ``float32`` /
+            ``float64`` in metres (ROS ``32FC1``; 0, NaN or inf = no reading).
+
+    Returns:
+        HxW float32 metres; NaN where the sensor has no reading.
+    """
+    depth = np.asarray(depth)
+    if depth.ndim != 2:
+        raise ValueError(f"depth must be an HxW array; got shape {depth.shape}")
+    if depth.dtype == np.uint16:
+        out = depth.astype(np.float32) / 1000.0
+    elif depth.dtype in (np.float32, np.float64):
+        out = depth.astype(np.float32, copy=True)
+    else:
+        raise ValueError(f"depth must be uint16 millimetres or float32 metres; got dtype {depth.dtype}")
+    out[~np.isfinite(out) | (out <= 0)] = np.nan
+    return out
+
+
+def median_depth(depth_m: np.ndarray, mask: np.ndarray, *, min_depth: float = MIN_DEPTH_M,
+                 max_depth: float = MAX_DEPTH_M) -> float | None:
+    """Median of the valid depths (metres) under ``mask``; None when no pixel has a valid depth.
+
+    Args:
+        depth_m: HxW float depth in metres, NaN where invalid (see :func:`depth_to_meters`).
+        mask: HxW bool, same size as ``depth_m``.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != depth_m.shape:
+        raise ValueError(f"mask {mask.shape} and depth {depth_m.shape} must have the same HxW size")
+    values = depth_m[mask]
+    values = values[np.isfinite(values) & (values >= min_depth) & (values <= max_depth)]
+    if values.size == 0:
+        return None
+    return float(np.median(values))
+
+
+def deproject(u: float, v: float, z: float, intrinsics: Intrinsics) -> tuple[float, float, float]:
+    """The 3D point (x, y, z) in metres, camera optical frame, seen at pixel (u, v) at depth ``z``."""
+    return ((u - intrinsics.cx) * z / intrinsics.fx, (v - intrinsics.cy) * z / intrinsics.fy, z)
+
+
+def project(point: Sequence[float], intrinsics: Intrinsics) -> tuple[float, float]:
+    """The pixel (u, v) where the camera-frame point (x, y, z), z > 0, is seen."""
+    x, y, z = (float(c) for c in point)
+    if z <= 0:
+        raise ValueError(f"point must be in front of the camera (z > 0); got z={z}")
+    return (intrinsics.fx * x / z + intrinsics.cx, intrinsics.fy * y / z + intrinsics.cy)
+
+
+@dataclass(frozen=True)
+class TargetPoint:
+    """A mask's 3D target: ``point`` (x, y, z) metres in the camera optical frame.
+
+    ``pixel`` is the (u, v) it was deprojected from (the centroid of the mask pixels with a valid
+    depth), ``depth`` the median depth used, ``valid_pixels`` how many mask pixels had a reading.
+    """
+
+    point: tuple[float, float, float]
+    pixel: tuple[float, float]
+    depth: float
+    valid_pixels: int
+
+
+def mask_target_point(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics, *,
+                      min_depth: float = MIN_DEPTH_M, max_depth: float = MAX_DEPTH_M) -> TargetPoint | None:
+    """3D target of a mask: its median valid depth, deprojected at the centroid of its valid pixels.
+
+    Args:
+        depth_m: HxW float32 metres, NaN where invalid, aligned with the mask (same camera and size).
+        mask: HxW bool.
+        intrinsics: of the camera the depth and mask are in.
+
+    Returns:
+        The target, or None when the mask is empty or no mask pixel has a valid depth.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != depth_m.shape:
+        raise ValueError(f"mask {mask.shape} and depth {depth_m.shape} must have the same HxW size")
+    valid = mask & np.isfinite(depth_m) & (depth_m >= min_depth) & (depth_m <= max_depth)
+    count = int(valid.sum())
+    if count == 0:
+        return None
+    z = float(np.median(depth_m[valid]))
+    vs, us = np.nonzero(valid)
+    u, v = float(us.mean()), float(vs.mean())
+    return TargetPoint(point=deproject(u, v, z, intrinsics), pixel=(u, v), depth=z, valid_pixels=count)
