@@ -22,7 +22,8 @@ from langchain_core.messages import ToolMessage
 from lisa_agent.encoders import image_to_png, rle_to_mask
 from lisa_agent.geometry import Intrinsics, depth_to_meters, mask_target_point
 from lisa_agent.integrations.images import load_image
-from lisa_agent.integrations.langchain import LisaExplainTool, LisaSegmentTool, lisa_tools
+from lisa_agent.integrations.langchain import LisaExplainTool, LisaSegmentTool, describe_result, lisa_tools
+from lisa_agent.result import SegmentationResult
 
 QUERY = "something to cut with"
 
@@ -74,13 +75,15 @@ def _assert_matches_engine(msg: ToolMessage, expected: Any) -> None:
     assert art["boxes"] == [list(i.bbox) for i in expected.instances]
     assert art["result"].text == expected.text
     found = [i for i in expected.instances if i.area > 0]
-    if found:
+    if msg.name == "explain_objects":
+        assert msg.content.startswith(f"LISA answered: {expected.text.strip()!r}.\nIt points at {len(found)} object")
+    elif found:
         assert msg.content.startswith(f"Found {len(found)} object")
-        for inst in found:
-            assert f"[{', '.join(str(v) for v in inst.bbox)}]" in msg.content
-            assert f"{100.0 * inst.area / (expected.image_size[0] * expected.image_size[1]):.1f}" in msg.content
     else:
         assert msg.content.startswith("No object matched")
+    for inst in found:
+        assert f"[{', '.join(str(v) for v in inst.bbox)}]" in msg.content
+        assert f"{100.0 * inst.area / (expected.image_size[0] * expected.image_size[1]):.1f}" in msg.content
 
 
 def test_camera_frame_result_matches_engine(tool: LisaSegmentTool, tiny_segmenter: Any, frame: np.ndarray) -> None:
@@ -186,6 +189,25 @@ def test_explain_tool_runs_chat_mode(tiny_segmenter: Any, frame: np.ndarray) -> 
     expected = tiny_segmenter.segment(frame, "What here could cut a rope, and why?", mode="chat", max_new_tokens=8)
     assert msg.artifact["mode"] == "chat"
     _assert_matches_engine(msg, expected)
+
+
+def test_describe_result_numbers_objects_as_the_artifact_does() -> None:
+    masks = np.zeros((3, 20, 40), dtype=bool)
+    masks[0, 2:6, 3:13] = True  # 40 px = 5% of 800
+    masks[2, 10:20, 30:40] = True  # mask 1 stays empty
+    result = SegmentationResult.from_masks(masks, [0.9, 0.1, 0.8], text="[SEG] [SEG] [SEG]", query="tools",
+                                           mode="chat", image_size=(20, 40))
+    text = describe_result(result, source="the newest camera frame", points=[(0.1, 0.2, 0.5), None, None])
+    lines = text.splitlines()
+    assert lines[0] == "Found 2 objects for \"tools\" in the newest camera frame (40x20 px). LISA answered: " \
+                       "'[SEG] [SEG] [SEG]'."
+    assert lines[1] == "1 of LISA's 3 mask(s) came out empty."
+    assert lines[2] == ("Object 1: bbox [x1, y1, x2, y2] = [3, 2, 12, 5] px, 5.0% of the image, centroid "
+                        "(x=7.5, y=3.5) px, mask score 0.90, 3D point (x=0.100, y=0.200, z=0.500) m in the "
+                        "camera frame.")
+    assert lines[3].startswith("Object 3: bbox [x1, y1, x2, y2] = [30, 10, 39, 19] px, 12.5% of the image")
+    short = describe_result(result, source="x", max_listed=1)
+    assert "Object 3" not in short and short.endswith("1 more object(s) are in the artifact only.")
 
 
 def test_schema_tells_the_model_what_to_pass(tool: LisaSegmentTool) -> None:

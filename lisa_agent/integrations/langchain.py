@@ -126,36 +126,49 @@ def describe_result(
     stamp: str | None = None,
     points: Sequence[tuple[float, float, float] | None] | None = None,
     note: str = "",
+    explain: bool = False,
+    max_listed: int = 10,
 ) -> str:
     """The short text an LLM reads: how many objects and, for each, bbox, share, centroid, 3D point.
 
-    Masks with no pixels (LISA emitted ``[SEG]`` but nothing was segmented) do not count as found.
+    Objects are numbered as the masks (``Object k`` is ``artifact["objects"][k - 1]``). Masks with no
+    pixels (LISA emitted ``[SEG]`` but nothing was segmented) do not count as found. ``explain``
+    leads with LISA's answer (the ``explain_objects`` wording); at most ``max_listed`` objects are
+    described, the rest are only counted.
     """
     h, w = result.image_size
     found = [k for k, inst in enumerate(result.instances) if inst.area > 0]
     answer = result.text.strip()
-    head = f'"{result.query}" in {source} ({w}x{h} px' + (f", stamp {stamp})" if stamp else ")")
-    if not found:
-        lines = [f"No object matched {head}."]
+    where = f"{source} ({w}x{h} px" + (f", stamp {stamp})" if stamp else ")")
+    if explain:
+        lines = [f"LISA answered: {answer!r}."]
+        lines.append(f"It points at {len(found)} object{'s' if len(found) != 1 else ''} in {where}"
+                     + ("." if found else "; no mask to report."))
+    elif found:
+        lines = [f"Found {len(found)} object{'s' if len(found) != 1 else ''} for \"{result.query}\" in {where}. "
+                 f"LISA answered: {answer!r}."]
+    else:
+        lines = [f"No object matched \"{result.query}\" in {where}."]
         if answer:
             lines.append(f"LISA answered: {answer!r}.")
-        if result.instances:
-            lines.append(f"LISA produced {len(result.instances)} mask(s), all empty.")
-    else:
-        lines = [f"Found {len(found)} object{'s' if len(found) != 1 else ''} for {head}. LISA answered: {answer!r}."]
-        for n, k in enumerate(found, start=1):
-            inst = result.instances[k]
-            cx, cy = inst.centroid
-            parts = [
-                f"Object {n}: bbox [x1, y1, x2, y2] = [{', '.join(str(int(v)) for v in inst.bbox)}] px",
-                f"{_share(inst.area, h * w)} of the image",
-                f"centroid (x={cx:.1f}, y={cy:.1f}) px",
-                f"mask score {inst.score:.2f}",
-            ]
-            point = points[k] if points is not None and k < len(points) else None
-            if point is not None:
-                parts.append("3D point (x={:.3f}, y={:.3f}, z={:.3f}) m in the camera frame".format(*point))
-            lines.append(", ".join(parts) + ".")
+    empty = len(result.instances) - len(found)
+    if empty:
+        lines.append(f"{empty} of LISA's {len(result.instances)} mask(s) came out empty.")
+    for k in found[:max_listed]:
+        inst = result.instances[k]
+        cx, cy = inst.centroid
+        parts = [
+            f"Object {k + 1}: bbox [x1, y1, x2, y2] = [{', '.join(str(int(v)) for v in inst.bbox)}] px",
+            f"{_share(inst.area, h * w)} of the image",
+            f"centroid (x={cx:.1f}, y={cy:.1f}) px",
+            f"mask score {inst.score:.2f}",
+        ]
+        point = points[k] if points is not None and k < len(points) else None
+        if point is not None:
+            parts.append("3D point (x={:.3f}, y={:.3f}, z={:.3f}) m in the camera frame".format(*point))
+        lines.append(", ".join(parts) + ".")
+    if len(found) > max_listed:
+        lines.append(f"{len(found) - max_listed} more object(s) are in the artifact only.")
     if note:
         lines.append(note)
     return "\n".join(lines)
@@ -251,6 +264,8 @@ class LisaSegmentTool(BaseTool):
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    #: Word the text as an explanation (LISA's answer first) rather than a search result.
+    _explain: bool = False
 
     @field_validator("backend")
     @classmethod
@@ -378,7 +393,8 @@ class LisaSegmentTool(BaseTool):
             result.image_size = (h, w)
         points, note = self._points(frame, result)
         content = describe_result(result, source=frame.source, points=points, note=note,
-                                  stamp=None if frame.stamp is None else _fmt_stamp(frame.stamp))
+                                  stamp=None if frame.stamp is None else _fmt_stamp(frame.stamp),
+                                  explain=self._explain)
         objects = []
         for k, inst in enumerate(result.instances):
             cx, cy = inst.centroid
@@ -473,6 +489,7 @@ class LisaExplainTool(LisaSegmentTool):
     )
     args_schema: type[BaseModel] = ExplainObjectsInput
     default_mode: Literal["fast", "chat"] = "chat"
+    _explain: bool = True
 
     def _run(  # type: ignore[override]
         self, query: str, image: str | None = None, run_manager: CallbackManagerForToolRun | None = None,
