@@ -243,7 +243,7 @@ def parse_header(data: bytes, limits: Limits) -> dict[str, Any]:
 
 def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
     if options is None:
-        return {}
+        options = {}
     if not isinstance(options, dict):
         raise _bad(f"options must be a JSON object; got {type(options).__name__}", rid)
     unknown = sorted(set(options) - OPTION_KEYS)
@@ -397,7 +397,7 @@ def _encoded_size(fmt: str, data: bytes) -> tuple[int, int] | None:
 
 
 def decode_image(spec: dict[str, Any], data: bytes, limits: Limits | None = None) -> np.ndarray:
-    """Decode an image frame into an HxWx3 uint8 RGB array (raw: zero-copy, read-only view).
+    """Decode an image frame into a writable HxWx3 uint8 RGB array.
 
     JPEG / PNG: the size is read from the file header and checked against ``limits.max_side``
     before any pixel is decoded (a decompression bomb costs nothing); EXIF orientation is ignored
@@ -407,7 +407,7 @@ def decode_image(spec: dict[str, Any], data: bytes, limits: Limits | None = None
     fmt = spec["format"]
     if fmt == "raw":
         h, w, c = spec["shape"]
-        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, c)
+        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, c).copy()  # writable, owned by the caller
     if not data.startswith(_MAGIC[fmt]):
         raise ProtocolError(Code.INVALID_IMAGE, f"image.format is {fmt!r} but the frame is not {fmt.upper()} data "
                                                 f"(starts with {data[:8]!r})")
@@ -436,12 +436,14 @@ def decode_image(spec: dict[str, Any], data: bytes, limits: Limits | None = None
 
 
 def decode_depth(spec: dict[str, Any], data: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """Depth frame -> HxW float32 metres. Raises ``invalid_image`` when it does not match ``shape``."""
+    """Depth frame -> HxW float32 metres, NaN where invalid (0, NaN, inf). Raises ``invalid_image`` when it does not match ``shape``."""
     dshape = tuple(spec["shape"])
     if dshape != tuple(shape):
         raise ProtocolError(Code.INVALID_IMAGE, f"depth shape {list(dshape)} does not match the image's {list(shape)}")
     raw = np.frombuffer(data, dtype=DEPTH_DTYPES[spec["dtype"]]).reshape(dshape)
-    return raw.astype(np.float32) * np.float32(spec["scale"])
+    depth = raw.astype(np.float32) * np.float32(spec["scale"])
+    depth[~np.isfinite(depth) | (depth <= 0)] = np.nan
+    return depth
 
 
 def encode_image(image: np.ndarray, encoding: str = "raw", quality: int = 90) -> tuple[dict[str, Any], bytes]:
@@ -481,25 +483,26 @@ def encode_depth(depth: np.ndarray, scale: float | None = None) -> tuple[dict[st
     return spec, arr.tobytes()
 
 
-def depth_stats(masks: np.ndarray, depth: np.ndarray, intrinsics: list[float] | None) -> list[dict[str, Any]]:
-    """Per mask: median valid depth inside it (metres) and, with intrinsics ``[fx, fy, cx, cy]``,
-    that depth deprojected at the mask centroid: ``{"depth_m": z|None, "point": [x, y, z]|None}``
-    in the camera's optical frame (x right, y down, z forward)."""
-    out = []
-    valid = np.isfinite(depth) & (depth > 0)
+def depth_stats(masks: np.ndarray, depth_m: np.ndarray, intrinsics: list[float] | None) -> list[dict[str, Any]]:
+    """Per mask ``{"depth_m": z | None, "point": [x, y, z] | None}``.
+
+    ``depth_m`` is the median valid depth (metres) inside the mask; ``point`` is that depth
+    deprojected at the centroid of the mask's valid pixels with ``intrinsics`` ``[fx, fy, cx, cy]``,
+    in the camera optical frame (x right, y down, z forward), or None without intrinsics.
+    Same rules as :mod:`lisa_agent.geometry` (which computes them).
+    """
+    from ..geometry import Intrinsics, mask_target_point, median_depth
+
+    intr = Intrinsics(*intrinsics) if intrinsics is not None else None
+    out: list[dict[str, Any]] = []
     for m in masks:
-        sel = depth[m & valid]
-        if sel.size == 0:
-            out.append({"depth_m": None, "point": None})
-            continue
-        z = float(np.median(sel))
-        point = None
-        if intrinsics is not None:
-            fx, fy, cx, cy = intrinsics
-            ys, xs = np.nonzero(m)
-            u, v = float(xs.mean()), float(ys.mean())
-            point = [round((u - cx) * z / fx, 4), round((v - cy) * z / fy, 4), round(z, 4)]
-        out.append({"depth_m": round(z, 4), "point": point})
+        if intr is not None:
+            target = mask_target_point(depth_m, m, intr)
+            z = None if target is None else target.depth
+            point = None if target is None else [round(float(c), 4) for c in target.point]
+        else:
+            z, point = median_depth(depth_m, m), None
+        out.append({"depth_m": None if z is None else round(z, 4), "point": point})
     return out
 
 
