@@ -43,7 +43,7 @@ def sam_preprocess(image: np.ndarray, size: int) -> SamInput:
     """HxWx3 uint8 RGB -> :class:`SamInput` for a SAM with input side ``size``."""
     h, w = image.shape[:2]
     nh, nw = sam_resized_size(h, w, size)
-    resized = np.asarray(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
+    resized = np.array(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
     x = torch.from_numpy(resized).permute(2, 0, 1).float()
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)

@@ -152,12 +152,26 @@ class LisaModel(nn.Module):
         dense = pe.no_mask_embed.weight.to(dtype).reshape(1, -1, 1, 1).expand(n, -1, *pe.image_embedding_size)
         low_res, iou = dec(
             image_embeddings=image_embedding.to(dtype),
-            image_pe=pe.get_dense_pe().to(dtype),
+            image_pe=self.dense_pe(dtype),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
         return low_res, iou, prompts
+
+    def dense_pe(self, dtype: torch.dtype) -> torch.Tensor:
+        """SAM's (1, C, h, w) positional encoding of the embedding grid: a constant, computed once in
+        float32 (the random Fourier features lose too much in 16-bit) and cached per dtype/device."""
+        pe_layer = self.sam.prompt_encoder.pe_layer
+        key = (dtype, pe_layer.positional_encoding_gaussian_matrix.device)
+        cache = self.__dict__.setdefault("_dense_pe_cache", {})
+        if key not in cache:
+            gauss = pe_layer.positional_encoding_gaussian_matrix
+            if gauss.dtype != torch.float32:
+                pe_layer.positional_encoding_gaussian_matrix = gauss.float()
+            cache.clear()
+            cache[key] = self.sam.prompt_encoder.get_dense_pe().to(dtype)
+        return cache[key]
 
     def postprocess_masks(self, low_res: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:
         """LISA's postprocess: bilinear to S x S, crop to the pre-padding size, bilinear to the original.

@@ -1,0 +1,155 @@
+"""Per-stage timings of the inference modes, measured in one process (``lisa-agent bench``).
+
+Shapes: ``tiny`` (a tiny checkpoint written to a temporary folder and loaded through the public
+loader), ``7b`` / ``13b`` (the LISA-7B / 13B architecture with SAM ViT-H and CLIP ViT-L/14 at random
+weights, built directly on the device: for GPU speed measurements without a download), or a real
+checkpoint with ``--model``.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+LLAMA_SHAPES: dict[str, dict[str, Any]] = {
+    "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               num_key_value_heads=32, vocab_size=32004, rms_norm_eps=1e-6, max_position_embeddings=4096),
+    "13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                num_key_value_heads=40, vocab_size=32003, rms_norm_eps=1e-5, max_position_embeddings=4096),
+}
+
+
+def build_random_segmenter(shape: str, device: str, dtype: torch.dtype):  # noqa: ANN201
+    """A LISA-{7b,13b}-shaped segmenter with random weights, allocated directly on ``device``."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from .loading import LisaConfig, build_model
+    from .modeling.clip import ClipPatchFeatures
+    from .modeling.sam import SAM_PRESETS
+    from .segmenter import LisaSegmenter
+    from .tiny import ADDED_TOKENS, train_tokenizer
+    from .tokenization import LisaTokenizer
+
+    cfg = LisaConfig.from_dict({**LLAMA_SHAPES[shape], "vision_tower": "openai/clip-vit-large-patch14",
+                                "bos_token_id": 1, "eos_token_id": 2})
+    model = build_model(cfg, SAM_PRESETS["vit_h"], meta=True)
+    model.to_empty(device=device)
+    _random_init(model)
+    model.to(dtype)
+    from .loading import rebuild_buffers
+
+    rebuild_buffers(model, model.llm.config)
+    model.to(device)
+    with torch.device(device):
+        tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
+                                                 num_attention_heads=16, image_size=224, patch_size=14))
+    model.attach_vision(ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch"))
+    model.eval().requires_grad_(False)
+    tok = train_tokenizer()
+    from tokenizers import AddedToken
+
+    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ADDED_TOKENS])
+    added = {t: tok.token_to_id(t) for t in ADDED_TOKENS}
+    tokenizer = LisaTokenizer(tok, "tokenizers", added, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
+    return LisaSegmenter(model, tokenizer, name=f"random-{shape}")
+
+
+def _random_init(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, 0.02)
+
+
+def load_for_bench(model: str | None, shape: str, device: str, dtype: str) -> tuple[Any, str]:
+    from .loading import DTYPES
+    from .segmenter import LisaSegmenter
+
+    if model:
+        return LisaSegmenter.from_pretrained(model, device=device, dtype=dtype), model
+    if shape == "tiny":
+        from .tiny import make_tiny_checkpoint
+
+        folder = make_tiny_checkpoint(tempfile.mkdtemp(prefix="lisa-tiny-bench-"))
+        return LisaSegmenter.from_pretrained(folder, device=device, dtype=dtype), "tiny"
+    if shape not in LLAMA_SHAPES:
+        raise ValueError(f"unknown shape {shape!r}")
+    return build_random_segmenter(shape, device, DTYPES[dtype]), shape
+
+
+def _median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
+    keys = runs[0].keys()
+    return {k: round(statistics.median(r[k] for r in runs), 3) for k in keys}
+
+
+def time_mode(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, Any]:
+    for _ in range(warmup):
+        fn()
+    timings = [fn().timings_ms for _ in range(runs)]
+    stages = _median_stages(timings)
+    return {"median_ms": stages["total"], "stages_ms": stages, "runs": runs}
+
+
+def run_bench(seg, *, runs: int = 10, warmup: int = 2, new_tokens: int = 32, image_hw: tuple[int, int] = (480, 640),
+              modes: tuple[str, ...] = ("fast", "chat", "reference"), reference_runs: int | None = None,
+              query: str = "grab something to cut with") -> dict[str, Any]:
+    """Median per-stage timings; every run starts from an uncached frame (encoders included)."""
+    rng = np.random.default_rng(0)
+    frame = rng.integers(0, 255, size=(*image_hw, 3), dtype=np.uint8)
+    seg.eos_token_id = -1  # benchmark: always generate exactly `new_tokens` tokens
+    out: dict[str, Any] = {"device": _device_name(seg.device), "dtype": str(seg.dtype).replace("torch.", ""),
+                           "new_tokens": new_tokens, "image_hw": list(image_hw), "modes": {}}
+
+    def once(mode: str) -> Callable[[], Any]:
+        def call():  # noqa: ANN202
+            seg.clear_cache()
+            return seg.segment(frame, query, mode=mode, max_new_tokens=new_tokens)
+        return call
+
+    for mode in modes:
+        n = reference_runs if (mode == "reference" and reference_runs) else runs
+        out["modes"][mode] = time_mode(once(mode), n, warmup if mode != "reference" else 1)
+
+    def batch8():  # noqa: ANN202
+        seg.clear_cache()
+        results = seg.segment_batch(frame, [f"{query} {k}" for k in range(8)])
+        total = sum(r.timings_ms["total"] for r in results) - 7 * sum(
+            results[0].timings_ms[k] for k in ("preprocess", "sam_encoder", "clip"))
+        return type("R", (), {"timings_ms": {"total": total}})()
+
+    out["modes"]["fast_batch8"] = time_mode(batch8, runs, warmup)
+    m = out["modes"]
+    ratios = {}
+    if "reference" in m and "chat" in m:
+        ratios["reference_over_chat"] = round(m["reference"]["median_ms"] / m["chat"]["median_ms"], 2)
+    if "chat" in m and "fast" in m:
+        ratios["chat_over_fast"] = round(m["chat"]["median_ms"] / m["fast"]["median_ms"], 2)
+    out["ratios"] = ratios
+    return out
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    lines = [f"device {report['device']}  shape {report.get('shape')}  dtype {report['dtype']}  "
+             f"new tokens {report['new_tokens']}  frame {report['image_hw'][0]}x{report['image_hw'][1]}"]
+    stages = sorted({s for m in report["modes"].values() for s in m["stages_ms"]} - {"total"})
+    lines.append(f"{'mode':<12}{'median ms':>11}" + "".join(f"{s:>13}" for s in stages))
+    for name, m in report["modes"].items():
+        lines.append(f"{name:<12}{m['median_ms']:>11.2f}" +
+                     "".join(f"{m['stages_ms'].get(s, float('nan')):>13.2f}" for s in stages))
+    lines.append("ratios: " + ", ".join(f"{k} {v:.2f}x" for k, v in report["ratios"].items()))
+    return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""``lisa-agent segment``: one image, one instruction, masks out."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from .common import add_model_arguments, load_segmenter, read_image, write_image
+
+HELP = "segment one image with a LISA checkpoint"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser)
+    parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
+    parser.add_argument("--query", required=True, help='instruction, e.g. "grab something to cut with"')
+    parser.add_argument("--mode", default="fast", choices=["fast", "chat", "reference"])
+    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--answer", default=None, help='forced answer for fast mode (default "Sure, [SEG].")')
+    parser.add_argument("--out", default=None, help="write an overlay PNG here")
+    parser.add_argument("--mask-out", default=None, help="write the label mask PNG here (k+1 for mask k)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def run(args: argparse.Namespace) -> int:
+    image = read_image(args.image)
+    seg = load_segmenter(args)
+    result = seg.segment(image, args.query, mode=args.mode, max_new_tokens=args.max_new_tokens, answer=args.answer)
+    report(result, image, args)
+    return 0
+
+
+def report(result, image, args: argparse.Namespace, extra: dict | None = None) -> None:  # noqa: ANN001
+    """Write --out / --mask-out files and print the result (JSON or a short text)."""
+    from ..encoders import image_to_png
+
+    if getattr(args, "out", None):
+        write_image(args.out, result.overlay(image))
+    if getattr(args, "mask_out", None):
+        from pathlib import Path
+
+        Path(args.mask_out).write_bytes(image_to_png(result.label_mask()))
+    if args.json:
+        print(json.dumps({**(extra or {}), **result.to_dict()}))
+        return
+    print(f"answer: {result.text}")
+    if result.empty:
+        print("no mask (the answer has no [SEG])")
+    for k, inst in enumerate(result.instances):
+        cx, cy = inst.centroid
+        print(f"mask {k}: bbox {list(inst.bbox)}  area {inst.area} px  centroid ({cx:.1f}, {cy:.1f})  "
+              f"score {inst.score:.3f}")
+    print("timings ms: " + ", ".join(f"{k} {v:.1f}" for k, v in result.timings_ms.items()))
+    if getattr(args, "out", None):
+        print(f"overlay written to {args.out}")

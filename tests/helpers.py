@@ -1,0 +1,53 @@
+"""Shared test utilities (no fixtures here; see conftest.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def random_frame(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A deterministic HxWx3 uint8 RGB frame with some structure (blocks + noise)."""
+    rng = np.random.default_rng(seed)
+    img = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    img[h // 4: h // 2, w // 3: w // 2] = (200, 30, 30)
+    return img
+
+
+def iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else float(np.logical_and(a, b).sum() / union)
+
+
+def teach_answer(seg, image: np.ndarray, query: str, answer: str, steps: int = 80) -> None:  # noqa: ANN001
+    """Overfit the LLM of a tiny segmenter so that greedy decoding answers ``answer`` to ``query``.
+
+    Gives random-weight tiny models a deterministic answer containing [SEG], so the chat, reference
+    and fast paths can be compared on real [SEG] states.
+    """
+    from lisa_agent.preprocess import clip_preprocess
+
+    model = seg.model
+    tok = seg.tokenizer
+    prompt_ids = tok.encode_prompt(seg._prompt(query))
+    full_ids = tok.encode_prompt(seg._prompt(query, answer=answer))
+    assert full_ids[: len(prompt_ids)] == prompt_ids
+    with torch.no_grad():
+        image_tokens = model.encode_clip(clip_preprocess(image, seg.clip_size))
+    ids = torch.tensor([full_ids])
+    model.llm.requires_grad_(True)
+    opt = torch.optim.Adam(model.llm.parameters(), lr=1e-2)
+    n_img = image_tokens.shape[1]
+    start = len(prompt_ids) - 1 + n_img - 1  # merged position predicting the first answer token
+    targets = ids[0, len(prompt_ids):]
+    torch.manual_seed(0)
+    for _ in range(steps):
+        embeds, _ = model.embed_with_image(ids, image_tokens)
+        hidden = model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+        logits = model.llm.lm_head(hidden[start: start + len(targets)])
+        loss = torch.nn.functional.cross_entropy(logits, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.llm.requires_grad_(False)
+    seg.clear_cache()
