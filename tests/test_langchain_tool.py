@@ -168,6 +168,17 @@ def test_depth_of_another_size_is_reported_not_used(tiny_segmenter: Any, frame: 
     assert all(o["point_3d"] is None for o in msg.artifact["objects"])
 
 
+def test_failing_depth_source_still_gives_the_2d_answer(tiny_segmenter: Any, frame: np.ndarray) -> None:
+    def broken_depth() -> np.ndarray:
+        raise TimeoutError("no depth frame for 2 s")
+
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: frame, depth_source=broken_depth,
+                           intrinsics=(100, 100, 64, 48))
+    msg = _call(tool, {"query": QUERY})
+    _assert_matches_engine(msg, tiny_segmenter.segment(frame, QUERY))
+    assert "3D points unavailable: the depth source failed (TimeoutError: no depth frame for 2 s)." in msg.content
+
+
 def test_no_match_says_so_plainly(tiny_segmenter: Any, frame: np.ndarray) -> None:
     # The engine's fast mode with a forced answer without [SEG]: the real engine, no test double.
     tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: frame,

@@ -117,6 +117,7 @@ class _Frame:
     stamp: Any = None
     depth: np.ndarray | None = None
     load_ms: float = 0.0
+    depth_note: str = ""
 
 
 def describe_result(
@@ -355,11 +356,17 @@ class LisaSegmentTool(BaseTool):
         except InvalidImageError as exc:
             raise ToolException(f"The camera frame is unusable ({exc}); this is a setup problem of the robot, "
                                 "not of your request.") from exc
-        depth = None
+        depth, depth_note = None, ""
         if self.depth_source is not None:
-            depth, _ = _split_stamped(self._call_source(self.depth_source, "depth source"))
-            depth = None if depth is None else np.asarray(depth)
-        return _Frame(array, text, mode, "the newest camera frame", stamp=stamp, depth=depth, load_ms=_ms(t0))
+            try:  # without depth the 2D answer is still worth giving
+                depth, _ = _split_stamped(self.depth_source())
+                depth = None if depth is None else np.asarray(depth)
+                depth_note = "" if depth is not None else "3D points unavailable: no depth image has arrived yet."
+            except Exception as exc:
+                log.exception("depth source failed")
+                depth_note = f"3D points unavailable: the depth source failed ({type(exc).__name__}: {exc})."
+        return _Frame(array, text, mode, "the newest camera frame", stamp=stamp, depth=depth, load_ms=_ms(t0),
+                      depth_note=depth_note)
 
     @staticmethod
     def _call_source(source: Callable[[], Any], what: str) -> Any:
@@ -430,7 +437,7 @@ class LisaSegmentTool(BaseTool):
     def _points(self, frame: _Frame, result: SegmentationResult) -> tuple[list | None, str]:
         """3D points per mask when the frame came with depth and intrinsics, plus a note if not."""
         if frame.depth is None:
-            return None, ""
+            return None, frame.depth_note
         intrinsics = self.intrinsics() if callable(self.intrinsics) else self.intrinsics
         if intrinsics is None:
             return None, "3D points unavailable: the camera intrinsics are not known yet."
