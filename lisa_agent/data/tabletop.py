@@ -274,9 +274,15 @@ def _pen() -> list[Part]:
 
 
 def _hammer() -> list[Part]:
-    claw = np.array([(0.29, 0.06), (0.47, 0.06), (0.45, 0.2), (0.41, 0.33), (0.37, 0.34), (0.34, 0.2)])
-    return [(_rounded_rect(-0.5, 0.32, -0.045, 0.045, 0.03), "main"), (_rect(-0.5, -0.2, -0.05, 0.05), "dark"),
-            (claw, "metal"), (_rect(0.29, 0.47, -0.17, 0.07), "metal"), (_rect(0.27, 0.49, -0.32, -0.16), "metal_dark")]
+    # handle along x; head across it: a striking face on one side, a claw curving back on the other
+    a = np.radians(np.linspace(0.0, 62.0, 12))
+    w = np.linspace(0.12, 0.04, 12)
+    d = np.stack([np.cos(a), np.sin(a)], axis=1)
+    c, r = np.array([0.25, 0.1]), 0.15
+    claw = np.concatenate([c + d * (r + w / 2)[:, None], (c + d * (r - w / 2)[:, None])[::-1]])
+    return [(_rounded_rect(-0.5, 0.36, -0.045, 0.045, 0.03), "main"), (_rect(-0.5, -0.22, -0.052, 0.052), "dark"),
+            (claw, "metal_dark"), (_rect(0.34, 0.46, -0.2, 0.11), "metal_dark"),
+            (_rect(0.315, 0.485, -0.31, -0.19), "metal")]
 
 
 def _spoon() -> list[Part]:
