@@ -129,8 +129,9 @@ class _ClientCore:
         if frames and frames[0] == b"":
             frames = frames[1:]
         reply = parse_reply(frames)
-        if reply.get("id") != rid:
-            return None
+        if reply.get("id") != rid and not (reply.get("id") is None and not reply.get("ok")):
+            return None  # a late reply to an earlier request; an id-less error can only be ours (one
+            # request in flight per socket) and is raised below
         if not reply.get("ok"):
             raise error_from_reply(reply.get("error"))
         return reply, frames

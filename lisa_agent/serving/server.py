@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from .. import __version__
 from ..errors import InvalidArgumentError, LisaError
 from . import security
 from .protocol import (
@@ -187,6 +188,7 @@ class LisaServer:
         self._info = json.loads(json.dumps({
             **dict(backend_info),
             "protocol_version": PROTOCOL_VERSION,
+            "server_version": __version__,
             "supported_versions": list(SUPPORTED_VERSIONS),
             "ops": list(OPS),
             "limits": self.limits.to_dict(),
