@@ -424,6 +424,23 @@ def test_client_raises_typed_queue_errors(gated):
             h.close()
 
 
+def test_stopping_answers_queued_requests_and_finishes_the_running_one(gated):
+    server, backend, gate, peer = gated
+    hold_worker(server, peer)
+    for rid in ("a", "b"):
+        peer.send(segment_msg(rid, synthetic_frame(48, 64)))
+    wait_until(lambda: server.health()["queue_depth"] == 2)
+    stopper = threading.Thread(target=server.stop)
+    stopper.start()
+    first = {r["id"]: r for r in (peer.recv()[0] for _ in range(2))}  # while the model is still busy
+    assert {k: v["error"]["code"] for k, v in first.items()} == {"a": Code.SHUTTING_DOWN, "b": Code.SHUTTING_DOWN}
+    gate.set()
+    last, _ = peer.recv()
+    assert last["id"] == "hold" and last["ok"]
+    stopper.join(10)
+    assert not stopper.is_alive()
+
+
 def test_client_raises_superseded_when_its_stream_moves_on(gated):
     server, backend, gate, peer = gated
     hold_worker(server, peer)

@@ -133,3 +133,29 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
     total = sum(answered)
     return {"clients": clients, "requests": clients * requests, "answered": total, "errors": [repr(e) for e in errors],
             "seconds": round(elapsed, 3), "requests_per_s": round(total / elapsed, 2)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m lisa_agent.serving.bench [--model DIR] [--device cpu]``: print both measurements as JSON."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint to serve (default: the model-free EchoBackend)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--n", type=int, default=30, help="requests per median")
+    args = parser.parse_args(argv)
+    if args.model is None:
+        backend: Any = EchoBackend()
+    else:
+        from ..segmenter import LisaSegmenter
+
+        backend = LisaSegmenter.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    print(json.dumps({"overhead": measure_overhead(backend, n=args.n), "load_raw": measure_load(backend),
+                      "load_jpeg": measure_load(backend, encoding="jpeg")}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())
