@@ -3,6 +3,7 @@ input, queue behaviour (deadline, queue full, latest-only, same-frame batching) 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import threading
 import time
@@ -14,7 +15,7 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lisa_agent import LisaClient
+from lisa_agent import AsyncLisaClient, LisaClient
 from lisa_agent.errors import InvalidArgumentError, InvalidImageError, InvalidQueryError, LisaError
 from lisa_agent.geometry import Intrinsics, mask_target_point
 from lisa_agent.result import SegmentationResult
@@ -118,6 +119,21 @@ def test_round_trip_equals_in_process_engine(engine, engine_server, encoding):
     same_result(remote, local)
     assert remote.frame_id == f"rt-{encoding}" and remote.mode == "fast"
     assert {"server_queue", "server_decode", "client_roundtrip"} <= set(remote.timings_ms)
+
+
+def test_async_client_round_trip_equals_in_process_engine(engine, engine_server):
+    image = synthetic_frame(96, 128, seed=7)
+
+    async def ask() -> list[SegmentationResult]:
+        async with AsyncLisaClient(engine_server.endpoint, timeout=30, retries=0) as client:
+            info = await client.info()
+            assert info["protocol_version"] == PROTOCOL_VERSION
+            return [await client.segment(image, q, frame_id="async") for q in ("the cup", "the knife")]
+
+    remote = asyncio.run(asyncio.wait_for(ask(), 60))
+    for result, query in zip(remote, ("the cup", "the knife"), strict=True):
+        assert isinstance(result, SegmentationResult)
+        same_result(result, engine.segment(image, query))
 
 
 def test_chat_mode_logits_and_depth_round_trip(engine, engine_server):
@@ -356,6 +372,18 @@ def gated():
         peer.close()
 
 
+def open_gate_when(gate: threading.Event, predicate) -> threading.Thread:
+    """Open ``gate`` (release the worker) once ``predicate()`` holds, from a helper thread."""
+
+    def run() -> None:
+        wait_until(predicate, 30)
+        gate.set()
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
 def hold_worker(server, peer) -> None:
     peer.send(segment_msg("hold", synthetic_frame(48, 64, seed=9), options={"stream": "other"}))
     wait_until(lambda: server.health()["busy"])
@@ -406,9 +434,15 @@ def test_client_raises_typed_queue_errors(gated):
     server, backend, gate, peer = gated
     hold_worker(server, peer)
     with LisaClient(server.endpoint, timeout=5, retries=0) as client:
+        seen_queued: list[float] = []
+
+        def expired() -> bool:  # "late" has sat in the queue for 0.1 s, twice its deadline
+            if not seen_queued and server.health()["queue_depth"] == 1:
+                seen_queued.append(time.monotonic())
+            return bool(seen_queued) and time.monotonic() - seen_queued[0] > 0.1
+
+        open_gate_when(gate, expired)
         with pytest.raises(DeadlineExceededError):
-            t = threading.Timer(0.3, gate.set)
-            t.start()
             client.segment(synthetic_frame(48, 64), "late", deadline_s=0.05)
         gate.clear()
         hold_worker(server, peer)
@@ -458,7 +492,7 @@ def test_client_raises_superseded_when_its_stream_moves_on(gated):
     t = threading.Thread(target=old_frame)
     t.start()
     wait_until(lambda: server.health()["queue_depth"] == 1)
-    threading.Timer(0.2, gate.set).start()
+    open_gate_when(gate, lambda: server.health()["replies"].get(Code.SUPERSEDED) == 1)
     result = second.segment(synthetic_frame(48, 64, seed=2), "cup", frame_id=2, latest_only=True)
     t.join(10)
     first.close()

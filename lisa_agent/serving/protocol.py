@@ -187,7 +187,7 @@ class Request:
         fid = self.options.get("frame_id")
         if fid is not None:
             return f"{self.stream or ''}/{fid}"
-        return "sha1:" + hashlib.sha1(self.image_data).hexdigest()
+        return "b2:" + hashlib.blake2b(self.image_data, digest_size=16).hexdigest()
 
     def image(self, limits: Limits) -> np.ndarray:
         return decode_image(self.image_spec, self.image_data, limits)
