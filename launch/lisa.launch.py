@@ -1,0 +1,84 @@
+"""Launch ``lisa_node`` for one camera.
+
+::
+
+    ros2 launch lisa_agent lisa.launch.py camera:=/camera/color depth:=/camera/aligned_depth_to_color
+    ros2 launch lisa_agent lisa.launch.py camera:=/camera/color server:=tcp://gpu-box:5557 continuous:=true
+    ros2 topic pub --once /lisa/lisa_node/instruction std_msgs/String "{data: 'grab something to cut with'}"
+
+``camera`` is the camera namespace: the node reads ``<camera>/image_raw`` (or
+``<camera>/image_raw/compressed`` with ``compressed:=true``) and ``<camera>/camera_info``;
+``image_topic``/``camera_info_topic`` override them. ``depth`` is the depth namespace
+(``<depth>/image_raw``; empty: no 3D target).
+"""
+
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+from launch import LaunchDescription
+
+#: (name, default, description) of every launch argument.
+ARGUMENTS = (
+    ("camera", "/camera/color", "camera namespace: <camera>/image_raw and <camera>/camera_info"),
+    ("image_topic", "", "colour image topic (default: <camera>/image_raw)"),
+    ("compressed", "false", "read sensor_msgs/CompressedImage on <image_topic>/compressed"),
+    ("depth", "", "aligned depth namespace: <depth>/image_raw (empty: no 3D target)"),
+    ("camera_info_topic", "", "CameraInfo topic (default: <camera>/camera_info when depth is set)"),
+    ("instruction_topic", "~/instruction", "std_msgs/String instructions"),
+    ("camera_qos", "best_effort", "best_effort (cameras) or reliable"),
+    ("model", "tabletop-tiny", "Hub id, local checkpoint folder or tabletop-tiny"),
+    ("vision_tower", "", "CLIP vision tower (empty: the checkpoint's own)"),
+    ("device", "auto", "auto, cpu, cuda, cuda:1, ..."),
+    ("dtype", "auto", "auto, fp32, bf16, fp16"),
+    ("quantization", "", "empty, 8bit or 4bit"),
+    ("server", "", "model server endpoint; when set, no model is loaded in the node"),
+    ("mode", "fast", "fast or chat"),
+    ("continuous", "false", "keep segmenting new frames until 'stop'"),
+    ("max_rate", "5.0", "continuous mode: frames per second at most"),
+    ("publish_overlay", "true", "publish the overlay image for operators"),
+    ("namespace", "lisa", "namespace of the node"),
+    ("node_name", "lisa_node", "name of the node"),
+)
+
+_BOOL = {"compressed", "continuous", "publish_overlay"}
+_FLOAT = {"max_rate"}
+_PASSTHROUGH = ("instruction_topic", "camera_qos", "model", "vision_tower", "device", "dtype", "quantization",
+                "server", "mode")
+
+
+def _as_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "1", "yes", "on"):
+        return True
+    if value in ("false", "0", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true or false; got {text!r}")
+
+
+def node_parameters(values: dict) -> dict:
+    """lisa_node parameters from the launch arguments' string values (topics derived from ``camera``)."""
+    camera = values["camera"].rstrip("/")
+    params = {name: values[name] for name in _PASSTHROUGH}
+    params["image_topic"] = values["image_topic"] or f"{camera}/image_raw"
+    depth = values["depth"].rstrip("/")
+    params["depth_topic"] = f"{depth}/image_raw" if depth else ""
+    params["camera_info_topic"] = values["camera_info_topic"] or (f"{camera}/camera_info" if depth else "")
+    for name in _BOOL:
+        params[name] = _as_bool(values[name])
+    for name in _FLOAT:
+        params[name] = float(values[name])
+    return params
+
+
+def _make_node(context, *args, **kwargs):
+    values = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
+    return [Node(package="lisa_agent", executable="lisa_node", name=values["node_name"],
+                 namespace=values["namespace"], parameters=[node_parameters(values)], output="screen",
+                 emulate_tty=True)]
+
+
+def generate_launch_description() -> LaunchDescription:
+    declared = [DeclareLaunchArgument(name, default_value=default, description=description)
+                for name, default, description in ARGUMENTS]
+    return LaunchDescription([*declared, OpaqueFunction(function=_make_node)])

@@ -1,0 +1,236 @@
+"""The repository as a ROS 2 package: package.xml, the launch file, and a real ``colcon build``.
+
+``colcon build`` runs here (colcon-common-extensions and ros-ament-package from PyPI) into a
+temporary workspace; the installed ``lisa_node`` entry point is then started from the install
+tree, the way ``ros2 run lisa_agent lisa_node`` starts it, and must answer an instruction.
+``launch``/``launch_ros`` are not on PyPI: the launch file is always compiled and checked with
+stand-in launch classes; with the real packages it is also built by launch itself.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import os
+import shutil
+import subprocess
+import sys
+import time
+import types
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+from ros_helpers import REPO, NodeProcess, Probe, image_msg, stamp
+
+from ros_nodes.lisa_node import PARAMETERS
+
+LAUNCH = REPO / "launch" / "lisa.launch.py"
+DOMAIN = 89
+REQUIRED_ARGS = {"camera", "image_topic", "compressed", "depth", "camera_info_topic", "instruction_topic",
+                 "camera_qos", "model", "device", "dtype", "quantization", "server", "mode", "continuous",
+                 "max_rate", "publish_overlay"}
+
+
+def test_package_xml_is_format_3_ament_python_with_run_deps():
+    root = ET.parse(REPO / "package.xml").getroot()
+    assert root.tag == "package" and root.get("format") == "3"
+    assert root.findtext("name") == "lisa_agent"
+    assert root.find("export/build_type").text == "ament_python"
+    deps = {e.text for e in root.findall("exec_depend")}
+    assert {"rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "visualization_msgs", "diagnostic_msgs",
+            "launch_ros"} <= deps
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert f'version = "{root.findtext("version")}"' in pyproject  # one version for pip and ROS
+    assert (REPO / "resource" / "lisa_agent").is_file()
+
+
+# ----------------------------------------------------------------------------------------- launch file
+def launch_arguments() -> dict[str, str]:
+    """ARGUMENTS of the launch file, read statically (no import): name -> default."""
+    tree = ast.parse(LAUNCH.read_text(), filename=str(LAUNCH))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "ARGUMENTS" for t in node.targets):
+            return {name: default for name, default, _ in ast.literal_eval(node.value)}
+    raise AssertionError("launch file defines no ARGUMENTS")
+
+
+def test_launch_file_compiles_and_declares_the_main_arguments():
+    source = LAUNCH.read_text()
+    compile(source, str(LAUNCH), "exec")
+    tree = ast.parse(source)
+    assert any(isinstance(n, ast.FunctionDef) and n.name == "generate_launch_description" for n in tree.body)
+    args = launch_arguments()
+    assert REQUIRED_ARGS <= set(args), REQUIRED_ARGS - set(args)
+    assert args["camera_qos"] == "best_effort" and args["mode"] == "fast"
+
+
+class _Recorder:
+    """Stand-in for a launch class: records its constructor arguments."""
+
+    def __init__(self, *args, **kwargs):
+        self.args, self.kwargs = args, kwargs
+
+
+class _Config:
+    def __init__(self, name):
+        self.name = name
+
+    def perform(self, context):
+        return context[self.name]
+
+
+def _load_launch_with_stand_ins(monkeypatch):
+    fakes = {
+        "launch": types.SimpleNamespace(LaunchDescription=_Recorder),
+        "launch.actions": types.SimpleNamespace(DeclareLaunchArgument=_Recorder, OpaqueFunction=_Recorder),
+        "launch.substitutions": types.SimpleNamespace(LaunchConfiguration=_Config),
+        "launch_ros": types.SimpleNamespace(),
+        "launch_ros.actions": types.SimpleNamespace(Node=_Recorder),
+    }
+    for name, module in fakes.items():
+        monkeypatch.setitem(sys.modules, name, module)
+    spec = importlib.util.spec_from_file_location("lisa_launch_under_test", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("overrides,expect", [
+    ({}, {"image_topic": "/camera/color/image_raw", "depth_topic": "", "camera_info_topic": "",
+          "compressed": False, "continuous": False, "max_rate": 5.0}),
+    ({"camera": "/rs/color/", "depth": "/rs/aligned_depth_to_color", "continuous": "true", "max_rate": "2",
+      "compressed": "True", "server": "tcp://127.0.0.1:5557"},
+     {"image_topic": "/rs/color/image_raw", "depth_topic": "/rs/aligned_depth_to_color/image_raw",
+      "camera_info_topic": "/rs/color/camera_info", "compressed": True, "continuous": True, "max_rate": 2.0,
+      "server": "tcp://127.0.0.1:5557"}),
+    ({"image_topic": "/cam/raw", "camera_info_topic": "/cam/info", "depth": "/d"},
+     {"image_topic": "/cam/raw", "camera_info_topic": "/cam/info", "depth_topic": "/d/image_raw"}),
+])
+def test_launch_file_maps_arguments_to_node_parameters(monkeypatch, overrides, expect):
+    module = _load_launch_with_stand_ins(monkeypatch)
+    description = module.generate_launch_description()
+    entities = description.args[0]
+    declared = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
+    assert declared == launch_arguments()
+    opaque = next(e for e in entities if "function" in e.kwargs)
+    context = {**declared, **overrides}
+    (node,) = opaque.kwargs["function"](context)
+    assert (node.kwargs["package"], node.kwargs["executable"]) == ("lisa_agent", "lisa_node")
+    (params,) = node.kwargs["parameters"]
+    for key, value in expect.items():
+        assert params[key] == value, key
+    # every parameter exists on the node, with the declared type (rclpy refuses a mismatch)
+    for key, value in params.items():
+        assert key in PARAMETERS, key
+        assert type(value) is type(PARAMETERS[key][0]), (key, value)
+
+
+def test_launch_file_rejects_a_bad_boolean(monkeypatch):
+    module = _load_launch_with_stand_ins(monkeypatch)
+    context = {**launch_arguments(), "continuous": "maybe"}
+    with pytest.raises(ValueError, match="true or false"):
+        module.node_parameters(context)
+
+
+def test_launch_file_with_real_launch_ros():
+    try:
+        import launch  # noqa: I001 - `launch` is also a folder of this repository
+        import launch_ros  # noqa: F401
+    except ImportError:
+        pytest.skip("launch/launch_ros are not on PyPI and not installed here (they come with a ROS 2 distro); "
+                    "the launch file was checked with stand-in classes above")
+    spec = importlib.util.spec_from_file_location("lisa_launch_real", LAUNCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    description = module.generate_launch_description()
+    names = {a.name for a in description.get_launch_arguments()}
+    assert REQUIRED_ARGS <= names
+    context = launch.LaunchContext()
+    for action in description.entities:
+        if isinstance(action, launch.actions.DeclareLaunchArgument):
+            action.execute(context)
+    opaque = next(e for e in description.entities if isinstance(e, launch.actions.OpaqueFunction))
+    (node,) = opaque.execute(context)
+    assert node.node_package == "lisa_agent" and node.node_executable == "lisa_node"
+
+
+# ----------------------------------------------------------------------------------------- colcon build
+def _colcon() -> str:
+    path = Path(sys.executable).with_name("colcon")
+    found = str(path) if path.exists() else shutil.which("colcon")
+    assert found, "colcon is a test dependency: pip install colcon-common-extensions ros-ament-package"
+    return found
+
+
+@pytest.fixture(scope="module")
+def colcon_install(tmp_path_factory) -> Path:
+    """``colcon build`` of the repository into a temporary workspace; returns the install base."""
+    ws = tmp_path_factory.mktemp("colcon_ws")
+    cmd = [_colcon(), "--log-base", str(ws / "log"), "build", "--base-paths", str(REPO),
+           "--build-base", str(ws / "build"), "--install-base", str(ws / "install"),
+           "--packages-select", "lisa_agent", "--event-handlers", "console_direct+"]
+    done = subprocess.run(cmd, cwd=ws, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, f"colcon build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    assert "Finished <<< lisa_agent" in done.stdout + done.stderr
+    return ws / "install"
+
+
+def test_colcon_install_tree(colcon_install):
+    pkg = colcon_install / "lisa_agent"
+    node = pkg / "lib" / "lisa_agent" / "lisa_node"
+    assert node.is_file() and os.access(node, os.X_OK)
+    entry_points = "".join(p.read_text() for p in pkg.glob("lib/python3*/site-packages/*.egg-info/entry_points.txt"))
+    assert "lisa_node = ros_nodes.lisa_node:main" in entry_points
+    assert (pkg / "share" / "lisa_agent" / "package.xml").read_text() == (REPO / "package.xml").read_text()
+    assert (pkg / "share" / "lisa_agent" / "launch" / "lisa.launch.py").is_file()
+    assert (pkg / "share" / "ament_index" / "resource_index" / "packages" / "lisa_agent").is_file()
+    site = list(pkg.glob("lib/python3*/site-packages"))
+    assert site and (site[0] / "ros_nodes" / "lisa_node.py").is_file()
+    assert (site[0] / "lisa_agent" / "segmenter.py").is_file()
+    assert (colcon_install / "setup.bash").is_file()
+
+
+def _sourced(install: Path, script: str) -> list[str]:
+    """A bash command running ``script`` (with "$@") after sourcing the workspace, like a ROS user."""
+    return ["bash", "-c", f'source "{install}/setup.bash" && {script}']
+
+
+def test_ament_index_finds_the_installed_package(colcon_install, tmp_path):
+    probe = ("import ament_index_python.packages as p, ros_nodes.lisa_node as n; "
+             "print(p.get_package_share_directory('lisa_agent')); print(p.get_package_prefix('lisa_agent')); "
+             "print(n.__file__)")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AMENT_PREFIX_PATH")}
+    out = subprocess.run(_sourced(colcon_install, f'"{sys.executable}" -c "{probe}"'), cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    share, prefix, module = out.stdout.split()
+    assert Path(share) == colcon_install / "lisa_agent" / "share" / "lisa_agent"
+    assert Path(prefix) == colcon_install / "lisa_agent"
+    assert Path(module).is_relative_to(colcon_install)  # the installed copy, not the source tree
+
+
+def test_installed_lisa_node_starts_and_answers(colcon_install, tiny_checkpoint, tmp_path):
+    """What `ros2 run lisa_agent lisa_node` runs: <prefix>/lib/lisa_agent/lisa_node, from the install tree."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AMENT_PREFIX_PATH")}
+    env.update({"ROS_AUTOMATIC_DISCOVERY_RANGE": "LOCALHOST", "ROS_DOMAIN_ID": str(DOMAIN)})
+    executable = colcon_install / "lisa_agent" / "lib" / "lisa_agent" / "lisa_node"
+    node = NodeProcess({"model": str(tiny_checkpoint), "camera_qos": "reliable", "image_topic": "/camera/image"},
+                       DOMAIN, tmp_path / "node.log", command=_sourced(colcon_install, 'exec "$0" "$@"') +
+                       [str(executable)], env=env, cwd=tmp_path)
+    probe = Probe(DOMAIN, name="package_probe")
+    try:
+        probe.wait_ready(timeout=120, process=node)
+        header = stamp(int(time.time()), 123, "installed_cam")
+        rgb = np.zeros((40, 56, 3), np.uint8)
+        rgb[10:30, 20:40] = (200, 30, 30)
+        frame = image_msg(rgb, "rgb8", header)
+        mask = probe.wait_for("mask", lambda m: m.header.frame_id == "installed_cam", 30,
+                              poke=lambda: (probe.pub_image.publish(frame), probe.say("the red square")))
+        assert (mask.height, mask.width, mask.encoding) == (40, 56, "mono8")
+        assert (mask.header.stamp.sec, mask.header.stamp.nanosec) == (header.stamp.sec, 123)
+    finally:
+        probe.close()
+        code = node.stop()
+    assert code == 0, node.log()[-3000:]
