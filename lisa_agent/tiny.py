@@ -144,14 +144,15 @@ def save_state_dict(state: dict[str, torch.Tensor], out: Path, *, shards: int = 
 
 
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, *, shape: TinyShape | None = None,
-                         safetensors: bool = False, corpus: Iterable[str] | None = None) -> Path:
+                         safetensors: bool = False, corpus: Iterable[str] | None = None,
+                         vocab_size: int = 400) -> Path:
     """Write a random-weight tiny LISA checkpoint in the published layout to ``out_dir``; returns it."""
     from .loading import LisaConfig, build_model, published_state_dict
 
     shape = shape or TinyShape()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = train_tokenizer(BASE_CORPUS if corpus is None else corpus)
+    tok = train_tokenizer(BASE_CORPUS if corpus is None else corpus, vocab_size=vocab_size)
     added = save_tokenizer(tok, out)
     vocab = max(added.values()) + 1
     cfg_dict = lisa_config_dict(vocab, shape, bos=tok.token_to_id("<s>"), eos=tok.token_to_id("</s>"))

@@ -1,0 +1,77 @@
+"""``lisa-agent finetune``: LISA's training recipe (LoRA or full) on a ReasonSeg-layout folder or the
+synthetic tabletop world; checkpoints in the published layout, resumable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+HELP = "train or fine-tune a LISA checkpoint"
+
+
+def _sizes(text: str) -> tuple[tuple[int, int], ...]:
+    return tuple(tuple(int(v) for v in part.lower().split("x")) for part in text.split(","))  # type: ignore[misc]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="starting checkpoint: Hub id, folder or tabletop-tiny")
+    parser.add_argument("--vision-tower", default=None)
+    parser.add_argument("--data", required=True,
+                        help="ReasonSeg-layout folder, or 'synthetic' for endless tabletop scenes (train seeds)")
+    parser.add_argument("--out", required=True, help="output folder (published layout + trainer_state.pt)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--lora", dest="method", action="store_const", const="lora",
+                       help="LoRA r8/a16 on q_proj,v_proj; lm_head, embeddings, mask decoder, text_hidden_fcs "
+                            "trained (default)")
+    group.add_argument("--full", dest="method", action="store_const", const="full",
+                       help="train everything (small models from scratch)")
+    parser.set_defaults(method="lora")
+    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--lr", type=float, default=None, help="default 3e-4 (lora), 1e-3 (full)")
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--scenes-per-batch", type=int, default=2, help="images per batch (all their queries)")
+    parser.add_argument("--frame-sizes", default="192x256,256x192,224x224", help="synthetic frame sizes HxW,...")
+    parser.add_argument("--val-data", default=None, help="ReasonSeg-layout folder for periodic gIoU/cIoU")
+    parser.add_argument("--val-every", type=int, default=200)
+    parser.add_argument("--val-limit", type=int, default=40)
+    parser.add_argument("--save-every", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--resume", action="store_true", help="continue from OUT/trainer_state.pt")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loading import resolve_checkpoint
+    from ..segmenter import LisaSegmenter
+    from ..training.batches import folder_scenes, synthetic_scenes
+    from ..training.trainer import TrainConfig, Trainer
+
+    source = resolve_checkpoint(args.model)
+    seg = LisaSegmenter.from_pretrained(source, vision_tower=args.vision_tower, dtype="fp32", device="cpu")
+    lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-3)
+    cfg = TrainConfig(method=args.method, steps=args.steps, lr=lr, warmup=args.warmup,
+                      scenes_per_batch=args.scenes_per_batch, val_every=args.val_every, val_limit=args.val_limit,
+                      save_every=args.save_every, seed=args.seed, threads=args.threads)
+    trainer = Trainer(seg, source, Path(args.out), cfg, val_data=args.val_data)
+    start = 0
+    if args.resume:
+        state = Path(args.out) / "trainer_state.pt"
+        if not state.is_file():
+            from ..errors import InvalidArgumentError
+
+            raise InvalidArgumentError(f"--resume: {state} does not exist")
+        trainer.resume(state)
+        start = trainer.step * cfg.scenes_per_batch
+    if args.data == "synthetic":
+        scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start)
+    else:
+        scenes = folder_scenes(args.data, args.seed + start)
+    trainer.fit(scenes, progress=not args.no_progress)
+    out = trainer.save()
+    summary = {"out": str(out), "steps": trainer.step, "last": trainer.history[-1] if trainer.history else None}
+    if args.val_data:
+        summary["val"] = trainer.validate()
+    print(json.dumps(summary))
+    return 0

@@ -1,0 +1,133 @@
+"""Training examples and batches: scenes (image + several queries) -> model inputs.
+
+A batch holds a few scenes and *all* their queries (one per object, plus multi-target and no-target
+ones): seeing every object of a scene asked for in the same batch is what teaches a small model to
+read the query instead of segmenting everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ..preprocess import clip_preprocess, sam_preprocess
+from ..prompts import build_prompt
+
+#: LISA's training answer templates for single-target queries.
+ANSWER_TEMPLATES = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].",
+                    "[SEG].")
+
+
+@dataclass
+class Example:
+    """One query about one image. ``masks``: K x H x W bool, one per ``[SEG]`` of ``answer`` in order."""
+
+    image_index: int
+    prompt_text: str
+    answer: str
+    masks: np.ndarray
+    valid: np.ndarray | None = None  # H x W bool, False where ground truth says "ignore"
+
+
+@dataclass
+class Scene:
+    image: np.ndarray
+    examples: list[Example]
+
+
+@dataclass
+class Batch:
+    sam_pixels: torch.Tensor  # (S, 3, sam, sam)
+    clip_pixels: torch.Tensor  # (S, 3, clip, clip)
+    resized_hw: list[tuple[int, int]]
+    original_hw: list[tuple[int, int]]
+    ids: torch.Tensor  # (Q, L) right-padded
+    answer_start: list[int]  # per query: index of the first answer token in ids
+    lengths: list[int]
+    image_of: list[int]  # per query: which scene
+    masks: list[torch.Tensor]  # per query: (K, H, W) float
+    valid: list[torch.Tensor | None]
+
+
+def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
+                     raw_prob: float = 0.5, start: int = 0) -> Iterator[Scene]:
+    """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
+
+    Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
+    probability ``raw_prob``, the instruction as a user would type it; single-target answers cycle
+    through LISA's answer templates.
+    """
+    from ..data.reasonseg import lisa_eval_prompt
+    from ..data.tabletop import queries_for_scene, render_scene, split_seed
+
+    index = start
+    while True:
+        scene_seed = split_seed(split, index, seed)
+        rng = np.random.default_rng([scene_seed, 5])
+        size = sizes[int(rng.integers(0, len(sizes)))]
+        scene = render_scene(scene_seed, size=size)
+        examples = []
+        for q in queries_for_scene(scene, rng):
+            text = q.text if rng.random() < raw_prob else lisa_eval_prompt(q.text, q.is_sentence)
+            answer = q.answer
+            if q.subset in ("explicit", "implicit") and not q.explanatory and rng.random() < 0.5:
+                answer = ANSWER_TEMPLATES[int(rng.integers(0, len(ANSWER_TEMPLATES)))]
+            examples.append(Example(0, text, answer, q.masks.astype(bool)))
+        index += 1
+        yield Scene(scene.image, examples)
+
+
+def folder_scenes(folder: str, seed: int = 0) -> Iterator[Scene]:
+    """Scenes from a ReasonSeg-layout folder, shuffled, repeated forever. Queries without a stored
+    answer (real ReasonSeg files) train with a single ``[SEG]`` answer and the union mask."""
+    from ..data.reasonseg import iter_samples
+
+    samples = list(iter_samples(folder))
+    if not samples:
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"no samples (image + json) in {folder}")
+    rng = np.random.default_rng(seed)
+    while True:
+        for k in rng.permutation(len(samples)):
+            s = samples[int(k)]
+            examples = []
+            for q in s.queries:
+                answer = q.answer if q.answer is not None else ANSWER_TEMPLATES[int(rng.integers(0, 5))]
+                masks = q.target_masks if q.answer is not None else (q.gt == 1)[None]
+                valid = q.gt != 255
+                examples.append(Example(0, q.prompt if rng.random() < 0.5 else q.text, answer,
+                                        np.asarray(masks, bool), valid))
+            yield Scene(s.image, examples)
+
+
+def collate(scenes: Sequence[Scene], tokenizer, template: str, use_im_start_end: bool,  # noqa: ANN001
+            sam_size: int, clip_size: int, seg_token_id: int) -> Batch:
+    sam_px, clip_px, resized, original = [], [], [], []
+    ids_list, starts, image_of, masks, valid = [], [], [], [], []
+    for s_idx, scene in enumerate(scenes):
+        sam_in = sam_preprocess(scene.image, sam_size)
+        sam_px.append(sam_in.pixels[0])
+        clip_px.append(clip_preprocess(scene.image, clip_size)[0])
+        resized.append(sam_in.resized_hw)
+        original.append(sam_in.original_hw)
+        for ex in scene.examples:
+            prompt_ids = tokenizer.encode_prompt(build_prompt(template, ex.prompt_text, (), use_im_start_end))
+            full = tokenizer.encode_prompt(build_prompt(template, ex.prompt_text, (), use_im_start_end, ex.answer))
+            n_seg = sum(1 for t in full[len(prompt_ids):] if t == seg_token_id)
+            if n_seg != len(ex.masks):
+                raise ValueError(f"answer {ex.answer!r} has {n_seg} [SEG] but {len(ex.masks)} masks")
+            ids_list.append(full)
+            starts.append(len(prompt_ids))
+            image_of.append(s_idx)
+            masks.append(torch.from_numpy(np.asarray(ex.masks, np.float32)))
+            valid.append(None if ex.valid is None else torch.from_numpy(np.asarray(ex.valid, bool)))
+    longest = max(len(x) for x in ids_list)
+    ids = torch.zeros(len(ids_list), longest, dtype=torch.long)
+    for b, x in enumerate(ids_list):
+        ids[b, : len(x)] = torch.tensor(x)
+    return Batch(torch.stack(sam_px), torch.stack(clip_px), resized, original, ids, starts,
+                 [len(x) for x in ids_list], image_of, masks, valid)

@@ -1,0 +1,260 @@
+"""LISA's training recipe on our model: LoRA fine-tuning of published checkpoints, or full training of
+small models from scratch. Checkpoints are written in the published layout the loader reads."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.nn import functional as F
+
+from ..errors import InvalidArgumentError
+from ..loading import published_state_dict
+from ..segmenter import LisaSegmenter
+from ..tiny import save_state_dict
+from .batches import Batch, Scene, collate
+from .losses import BCE_WEIGHT, CE_WEIGHT, DICE_WEIGHT, dice, sigmoid_bce
+
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "added_tokens.json", "generation_config.json")
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters (defaults: LISA's LoRA recipe)."""
+
+    method: str = "lora"  # "lora" | "full"
+    steps: int = 500
+    lr: float = 3e-4
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    warmup: int = 100
+    scenes_per_batch: int = 2
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    grad_clip: float = 1.0
+    val_every: int = 200
+    val_limit: int = 40
+    save_every: int = 500
+    seed: int = 0
+    threads: int | None = None
+
+
+class Trainer:
+    """Train ``segmenter.model`` in place on an endless iterator of :class:`Scene`.
+
+    Args:
+        segmenter: the starting model, loaded with :meth:`LisaSegmenter.from_pretrained` (fp32).
+        source_dir: the folder it was loaded from (tokenizer files and config are copied from it).
+        out_dir: where checkpoints (published layout) and ``trainer_state.pt`` go.
+        val_data: optional ReasonSeg-layout folder for periodic gIoU / cIoU.
+    """
+
+    def __init__(self, segmenter: LisaSegmenter, source_dir: Path, out_dir: Path, config: TrainConfig,
+                 val_data: str | None = None, log: Any = print):
+        if config.method not in ("lora", "full"):
+            raise InvalidArgumentError(f"method must be 'lora' or 'full', got {config.method!r}")
+        if segmenter.dtype != torch.float32:
+            raise InvalidArgumentError("train in fp32 (load with dtype='fp32')")
+        self.seg = segmenter
+        self.model = segmenter.model
+        self.source_dir = Path(source_dir)
+        self.out_dir = Path(out_dir)
+        self.cfg = config
+        self.val_data = val_data
+        self.log = log
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        torch.manual_seed(config.seed)
+        self._setup_trainable()
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
+
+    # ------------------------------------------------------------------ setup
+    def _lr_factor(self, step: int) -> float:
+        warm = max(1, self.cfg.warmup)
+        if step < warm:
+            return (step + 1) / warm
+        rest = max(1, self.cfg.steps - warm)
+        return max(0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / rest))))
+
+    def _setup_trainable(self) -> None:
+        m = self.model
+        m.requires_grad_(False)
+        if self.cfg.method == "full":
+            m.requires_grad_(True)
+        else:
+            from peft import LoraConfig, inject_adapter_in_model
+
+            lora = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+                              target_modules=["q_proj", "v_proj"])
+            inject_adapter_in_model(lora, m.llm)
+            for name, p in m.llm.named_parameters():
+                if "lora_" in name:
+                    p.requires_grad_(True)
+            m.llm.lm_head.requires_grad_(True)
+            m.llm.get_input_embeddings().requires_grad_(True)
+            m.sam.mask_decoder.requires_grad_(True)
+            m.text_hidden_fcs.requires_grad_(True)
+        n = sum(p.numel() for p in m.parameters() if p.requires_grad)
+        self.log(f"trainable parameters: {n:,} ({self.cfg.method})")
+
+    # ------------------------------------------------------------------ one step
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        m = self.model
+        image_tokens = m.encode_clip(batch.clip_pixels)  # (S, N, H)
+        sam_emb = m.encode_sam(batch.sam_pixels)  # (S, C, h, w)
+        tokens = image_tokens[torch.tensor(batch.image_of)]
+        embeds, merged = m.embed_with_image(batch.ids, tokens)
+        hidden = m.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        rows, cols, targets, seg_rows, seg_cols = [], [], [], [], []
+        for b, (start, length) in enumerate(zip(batch.answer_start, batch.lengths, strict=True)):
+            for j in range(start, length):
+                p = int(merged[b, j]) - 1
+                rows.append(b)
+                cols.append(p)
+                targets.append(int(batch.ids[b, j]))
+                if targets[-1] == self.seg.seg_token_id:
+                    seg_rows.append(b)
+                    seg_cols.append(p)
+        states = hidden[rows, cols]
+        ce = F.cross_entropy(m.llm.lm_head(states), torch.tensor(targets))
+        bce_terms, dice_terms = [], []
+        seg_states = hidden[seg_rows, seg_cols] if seg_rows else None
+        k = 0
+        for b in range(len(batch.lengths)):
+            n = batch.masks[b].shape[0]
+            if n == 0:
+                continue
+            s = batch.image_of[b]
+            low, _, _ = m.decode_masks(seg_states[k:k + n], sam_emb[s: s + 1])
+            k += n
+            logits = m.postprocess_masks(low, batch.resized_hw[s], batch.original_hw[s])
+            valid = batch.valid[b]
+            bce_terms.append(sigmoid_bce(logits, batch.masks[b], valid))
+            dice_terms.append(dice(logits, batch.masks[b], valid))
+        bce = torch.stack(bce_terms).mean() if bce_terms else ce.new_zeros(())
+        dsc = torch.stack(dice_terms).mean() if dice_terms else ce.new_zeros(())
+        total = CE_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dsc
+        return total, {"loss": total.item(), "ce": ce.item(), "bce": bce.item(), "dice": dsc.item()}
+
+    def fit(self, scenes: Iterator[Scene], steps: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+        """Run until ``steps`` (default ``config.steps``) optimizer steps have been taken in total."""
+        from tqdm import tqdm
+
+        target = self.cfg.steps if steps is None else steps
+        self.model.train()
+        bar = tqdm(total=target, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        while self.step < target:
+            batch = collate([next(scenes) for _ in range(self.cfg.scenes_per_batch)], self.seg.tokenizer,
+                            self.seg.template.name, self.seg.use_im_start_end, self.seg.sam_size,
+                            self.seg.clip_size, self.seg.seg_token_id)
+            loss, parts = self.loss(batch)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                               self.cfg.grad_clip)
+            self.opt.step()
+            self.sched.step()
+            self.step += 1
+            parts.update(step=self.step, lr=self.sched.get_last_lr()[0], seconds=round(time.perf_counter() - t0, 1))
+            self.history.append(parts)
+            bar.update(1)
+            bar.set_postfix(loss=f"{parts['loss']:.3f}", ce=f"{parts['ce']:.3f}", dice=f"{parts['dice']:.3f}")
+            if self.val_data and self.cfg.val_every and self.step % self.cfg.val_every == 0:
+                parts["val"] = self.validate()
+                self.log(f"step {self.step}: val {json.dumps(parts['val'])}")
+            if self.cfg.save_every and self.step % self.cfg.save_every == 0 and self.step < target:
+                self.save()
+        bar.close()
+        self.model.eval()
+        return self.history
+
+    # ------------------------------------------------------------------ validation
+    def inference_segmenter(self) -> LisaSegmenter:
+        """A segmenter sharing the weights being trained (fresh feature cache)."""
+        return LisaSegmenter(self.model, self.seg.tokenizer, template=self.seg.template.name,
+                             use_im_start_end=self.seg.use_im_start_end, name=str(self.out_dir))
+
+    def validate(self) -> dict[str, Any]:
+        from ..data.reasonseg import iter_samples
+        from ..evaluation.evaluate import evaluate
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            report = evaluate(self.inference_segmenter(), iter_samples(self.val_data, limit=self.cfg.val_limit))
+        finally:
+            self.model.train(was_training)
+        keep = {k: report[k] for k in ("gIoU", "cIoU", "n") if k in report}
+        for name, sub in report.get("subsets", {}).items():
+            keep[name] = {k: v for k, v in sub.items() if k in ("gIoU", "n", "right_object_rate")}
+        return keep
+
+    # ------------------------------------------------------------------ saving
+    def merged_state(self) -> dict[str, torch.Tensor]:
+        """Published-name weights with LoRA merged into the base layers (the model is left unchanged)."""
+        state = published_state_dict(self.model)
+        if self.cfg.method != "lora":
+            return state
+        out = {}
+        scale = self.cfg.lora_alpha / self.cfg.lora_r
+        for key, value in state.items():
+            if "lora_" in key:
+                continue
+            base = key.replace(".base_layer.", ".")
+            if ".base_layer." in key and key.endswith("weight"):
+                stem = key[: -len("base_layer.weight")]
+                a = state[stem + "lora_A.default.weight"]
+                b = state[stem + "lora_B.default.weight"]
+                value = value + scale * (b @ a)
+            out[base] = value
+        return out
+
+    def save(self, out_dir: Path | None = None) -> Path:
+        """Write a loadable checkpoint (published layout, LoRA merged) and the resumable trainer state."""
+        out = Path(out_dir or self.out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for name in TOKENIZER_FILES:
+            if (self.source_dir / name).is_file() and self.source_dir.resolve() != out.resolve():
+                shutil.copy2(self.source_dir / name, out / name)
+        config = json.loads((self.source_dir / "config.json").read_text())
+        tower = self.model.vision.tower
+        if self.cfg.method == "full" or (self.source_dir / config.get("vision_tower", "")).is_dir():
+            tower.save_pretrained(str(out / "vision_tower"))
+            src_proc = self.source_dir / config.get("vision_tower", "") / "preprocessor_config.json"
+            if src_proc.is_file():
+                shutil.copy2(src_proc, out / "vision_tower" / "preprocessor_config.json")
+            config["vision_tower"] = config["mm_vision_tower"] = "vision_tower"
+        config["lisa_agent"] = {"trained_steps": self.step, "method": self.cfg.method}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        for old in list(out.glob("pytorch_model*.bin")) + list(out.glob("pytorch_model.bin.index.json")):
+            old.unlink()
+        save_state_dict(self.merged_state(), out, shards=2)
+        torch.save({"step": self.step, "config": asdict(self.cfg), "model": self.model.state_dict(),
+                    "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                    "history": self.history}, out / "trainer_state.pt")
+        return out
+
+    def resume(self, state_path: Path) -> None:
+        """Continue from a ``trainer_state.pt`` written by :meth:`save`."""
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        self.log(f"resumed at step {self.step}")
