@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Set up a fresh virtual environment with every test dependency and run the whole test suite.
+# Usage: scripts/test.sh [pytest args...]      (VENV=path to reuse another environment)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PY=${PYTHON:-python3}
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+"$VENV/bin/pip" install -q --upgrade pip
+# torch/torchvision first, pinned: segment-anything imports torchvision, which must match torch.
+"$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
+"$VENV/bin/pip" install -q -e ".[test]"
+# DDS discovery stays on this machine; the Hub is never contacted.
+export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
+export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-87}
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+exec "$VENV/bin/python" -m pytest -q "$@"
