@@ -50,6 +50,10 @@ def build_random_segmenter(shape: str, device: str, dtype: torch.dtype):  # noqa
                                                  num_attention_heads=16, image_size=224, patch_size=14))
     model.attach_vision(ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch"))
     model.eval().requires_grad_(False)
+    if torch.device(device).type == "cuda":
+        from .modeling.sam_attention import use_sdpa_attention
+
+        use_sdpa_attention(model.sam)
     tok = train_tokenizer()
     from tokenizers import AddedToken
 

@@ -128,7 +128,7 @@ class LisaSegmenter:
     def from_pretrained(cls, model: str | os.PathLike[str], *, vision_tower: str | None = None,
                         dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
                         quantization: str | None = None, template: str | None = None,
-                        cache_frames: int = 4) -> LisaSegmenter:
+                        cache_frames: int = 4, sam_attention: str = "auto") -> LisaSegmenter:
         """Load a LISA checkpoint in the published layout.
 
         Args:
@@ -141,11 +141,20 @@ class LisaSegmenter:
                 layers only; SAM, projector and ``text_hidden_fcs`` stay in 16-bit.
             template: conversation template (``llava_v1`` / ``llava_llama_2``); default from the checkpoint.
             cache_frames: how many frames' image features to keep.
+            sam_attention: SAM encoder attention: ``original`` (segment_anything's), ``sdpa``
+                (``scaled_dot_product_attention`` with the rel-pos bias; same numbers, faster on GPUs)
+                or ``auto`` (sdpa on CUDA, original elsewhere).
         """
+        if sam_attention not in ("auto", "sdpa", "original"):
+            raise InvalidArgumentError(f"sam_attention must be auto, sdpa or original; got {sam_attention!r}")
         tdtype, tdevice = check_precision(dtype, device, quantization)
         folder = resolve_checkpoint(model)
         loaded = load_lisa(folder, vision_tower=vision_tower, dtype=tdtype, device=tdevice, quantization=quantization)
         tokenizer = LisaTokenizer.from_pretrained(folder)
+        if sam_attention == "sdpa" or (sam_attention == "auto" and tdevice.type == "cuda"):
+            from .modeling.sam_attention import use_sdpa_attention
+
+            use_sdpa_attention(loaded.model.sam)
         return cls(loaded.model, tokenizer, template=template or loaded.config.conv_template,
                    use_im_start_end=loaded.config.mm_use_im_start_end, name=str(model),
                    quantization=quantization, cache_frames=cache_frames)

@@ -155,3 +155,15 @@ def test_conversation_keeps_history(taught):
     assert conv.history[1][0] == "and now?"
     assert f"{QUERY} ASSISTANT: {first.text}</s>USER: and now? ASSISTANT:" in second.prompt
     assert second.prompt.count("<image>") == 1
+
+
+def test_sdpa_sam_attention_gives_the_same_masks(tiny_checkpoint, tiny_segmenter):
+    seg = LisaSegmenter.from_pretrained(tiny_checkpoint, sam_attention="sdpa")
+    assert type(seg.model.sam.image_encoder.blocks[0].attn).__name__ == "SamSdpaAttention"
+    frame = random_frame(70, 50, seed=9)
+    a = seg.segment(frame, "the red mug", return_logits=True)
+    b = tiny_segmenter.segment(frame, "the red mug", return_logits=True)
+    feats_a = seg.encode_image(frame).sam_embedding
+    feats_b = tiny_segmenter.encode_image(frame).sam_embedding
+    torch.testing.assert_close(feats_a, feats_b, atol=1e-5, rtol=1e-5)
+    np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)
