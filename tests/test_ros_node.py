@@ -81,7 +81,10 @@ def nodes(tiny_checkpoint, tmp_path_factory):
               "camera_qos": "reliable", "image_topic": "/camera/image"}
     raw = NodeProcess({**common, "depth_topic": "/camera/depth", "camera_info_topic": "/camera/info"}, DOMAIN,
                       logs / "lisa_node.log")
-    jpeg = NodeProcess({**common, "compressed": True, "depth_topic": "", "camera_info_topic": ""}, DOMAIN,
+    # the JPEG node keeps the default best-effort camera QoS (compressed frames are small enough to
+    # arrive across processes; 640x480 raw frames mostly do not, see ENVIRONMENT.md)
+    jpeg = NodeProcess({**common, "compressed": True, "camera_qos": "best_effort", "depth_topic": "",
+                        "camera_info_topic": ""}, DOMAIN,
                        logs / "lisa_jpeg.log", name="lisa_jpeg")
     probe = Probe(DOMAIN, node_ns="/lisa_node")
     probe_jpeg = Probe(DOMAIN, node_ns="/lisa_jpeg", name="jpeg_probe")
