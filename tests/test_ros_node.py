@@ -86,17 +86,29 @@ def nodes(tiny_checkpoint, tmp_path_factory):
     jpeg = NodeProcess({**common, "compressed": True, "camera_qos": "best_effort", "depth_topic": "",
                         "camera_info_topic": ""}, DOMAIN,
                        logs / "lisa_jpeg.log", name="lisa_jpeg")
+    # a third node loads no model: it asks a model server (ZeroMQ, 127.0.0.1) run by this test
+    from lisa_agent import LisaSegmenter
+    from lisa_agent.serving.server import LisaServer
+
+    server = LisaServer(LisaSegmenter.from_pretrained(tiny_checkpoint, dtype="fp32", device="cpu"),
+                        "tcp://127.0.0.1:*").start()
+    remote = NodeProcess({"server": server.endpoint, "camera_qos": "reliable", "image_topic": "/camera/image"},
+                         DOMAIN, logs / "lisa_remote.log", name="lisa_remote")
     probe = Probe(DOMAIN, node_ns="/lisa_node")
     probe_jpeg = Probe(DOMAIN, node_ns="/lisa_jpeg", name="jpeg_probe")
+    probe_remote = Probe(DOMAIN, node_ns="/lisa_remote", name="remote_probe")
     try:
         probe.wait_ready(timeout=120, node_name="lisa_node", process=raw)
         probe_jpeg.wait_ready(timeout=120, node_name="lisa_jpeg", process=jpeg)
-        yield SimpleNamespace(raw=raw, jpeg=jpeg, probe=probe, probe_jpeg=probe_jpeg)
+        probe_remote.wait_ready(timeout=120, node_name="lisa_remote", process=remote)
+        yield SimpleNamespace(raw=raw, jpeg=jpeg, remote=remote, probe=probe, probe_jpeg=probe_jpeg,
+                              probe_remote=probe_remote)
     finally:
-        probe.close()
-        probe_jpeg.close()
-        raw.stop()
-        jpeg.stop()
+        for p in (probe, probe_jpeg, probe_remote):
+            p.close()
+        for proc in (raw, jpeg, remote):
+            proc.stop()
+        server.stop()
 
 
 def ask(probe: Probe, frame_msg, query: str, *, extra=(), timeout: float = 30.0):
@@ -156,6 +168,15 @@ def test_compressed_jpeg_frames(nodes, scene, tiny_segmenter):
     np.testing.assert_array_equal(labels_of(mask), engine_labels(tiny_segmenter, decoded, scene.query.text))
     jpeg_overlay = nodes.probe_jpeg.wait_for("overlay/compressed", same_stamp(header), 10)
     assert jpeg_overlay.format == "jpeg" and bytes(jpeg_overlay.data[:2]) == b"\xff\xd8"
+
+
+def test_remote_model_server_backend(nodes, scene, tiny_segmenter):
+    """server:=tcp://... : the node loads no model and gets the same mask from the model server."""
+    header = fresh_header()
+    mask, result = ask(nodes.probe_remote, image_msg(scene.image, "bgr8", header, pad=1), scene.query.text)
+    assert mask.header.frame_id == FRAME and (mask.height, mask.width) == SIZE
+    np.testing.assert_array_equal(labels_of(mask), engine_labels(tiny_segmenter, scene.image, scene.query.text))
+    assert result["text"] and "[SEG]" in result["text"]
 
 
 @pytest.mark.parametrize("encoding,depth_m", [("16UC1", 0.9), ("32FC1", 1.35)])
@@ -336,7 +357,8 @@ def test_30hz_stream_newest_frames_no_backlog_drops_counted(nodes, scene):
 
 def test_nodes_shut_down_cleanly(nodes):
     """Last: every bad input above was survived; SIGINT ends both nodes with exit code 0."""
-    assert nodes.raw.alive() and nodes.jpeg.alive()
+    assert nodes.raw.alive() and nodes.jpeg.alive() and nodes.remote.alive()
     assert nodes.raw.stop() == 0, nodes.raw.log()[-3000:]
     assert nodes.jpeg.stop() == 0, nodes.jpeg.log()[-3000:]
+    assert nodes.remote.stop() == 0, nodes.remote.log()[-3000:]
     assert "Traceback" not in nodes.raw.log()
