@@ -234,3 +234,17 @@ def test_installed_lisa_node_starts_and_answers(colcon_install, tiny_checkpoint,
         probe.close()
         code = node.stop()
     assert code == 0, node.log()[-3000:]
+
+
+def test_setup_py_leaves_pip_metadata_to_pyproject(tmp_path):
+    """pip (PEP 517) builds the lisa-agent distribution of pyproject.toml; setup.py adds nothing there."""
+    script = "import setuptools.build_meta as b, sys; print(b.prepare_metadata_for_build_wheel(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    dist_info = tmp_path / done.stdout.strip().splitlines()[-1]
+    metadata = (dist_info / "METADATA").read_text()
+    assert "Name: lisa-agent" in metadata and "Provides-Extra: ros" in metadata
+    entry_points = (dist_info / "entry_points.txt").read_text()
+    assert "lisa-agent = lisa_agent.cli:main" in entry_points
+    assert "lisa_node" not in entry_points  # the ROS entry point exists only in the colcon build
