@@ -25,6 +25,7 @@ a backlog (replaced frames are counted as dropped).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import sys
 import threading
 import time
@@ -47,7 +48,7 @@ from lisa_agent.errors import InvalidImageError, InvalidQueryError, LisaError
 from lisa_agent.geometry import mask_target_point
 
 from . import outputs
-from .backend import BackendConfig, load_backend
+from .backend import BackendConfig, load_backend, resolve_device
 from .conversions import (
     MalformedImageError,
     UnsupportedEncodingError,
@@ -184,6 +185,9 @@ class LisaNode(Node):
         if self._backend is not None:
             return
         config = self.backend_config()
+        if not config.server:
+            device, dtype = resolve_device(config.device, config.dtype)
+            config = dataclasses.replace(config, device=device, dtype=dtype)
         self.get_logger().info(f"loading {config.describe()} ...")
         t0 = time.perf_counter()
         self._backend = load_backend(config)
@@ -462,7 +466,7 @@ class LisaNode(Node):
     @staticmethod
     def _check(error: str | None) -> None:
         if error:
-            raise ValueError(f"lisa_node: {error}")
+            raise ValueError(error)
 
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
         error = self._validate({p.name: p.value for p in params})
@@ -500,6 +504,8 @@ def main(args: list[str] | None = None) -> int:
             node.stop()
             node.destroy_node()
         rclpy.try_shutdown()
+    if code:
+        sys.stderr.flush()
     return code
 
 

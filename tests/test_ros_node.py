@@ -362,3 +362,18 @@ def test_nodes_shut_down_cleanly(nodes):
     assert nodes.jpeg.stop() == 0, nodes.jpeg.log()[-3000:]
     assert nodes.remote.stop() == 0, nodes.remote.log()[-3000:]
     assert "Traceback" not in nodes.raw.log()
+
+
+@pytest.mark.parametrize("params,message", [
+    ({"model": "/nonexistent/checkpoint"}, "/nonexistent/checkpoint"),
+    ({"mode": "telepathy"}, "mode must be one of"),
+])
+def test_unusable_settings_exit_with_a_clear_message(tmp_path, params, message):
+    proc = NodeProcess(params, DOMAIN, tmp_path / "node.log")
+    try:
+        proc.proc.wait(120)
+    finally:
+        proc.stop()
+    assert proc.proc.returncode == 1
+    log = proc.log()
+    assert message in log and "Traceback" not in log
