@@ -1,10 +1,11 @@
 """lisa_node as its own process, driven over real DDS (rclpy wheels) from this test process.
 
-Two node processes run for the whole module (one raw-image node with depth, one CompressedImage
-node), both loading the model from a checkpoint folder. With the tiny RANDOM-weight checkpoint a
-mask proves plumbing (stamps, sizes, labels, the same mask as the in-process engine), not
-behaviour. To test behaviour with the bundled trained model, set ``TRAINED_MODEL`` to its name
-(``"tabletop-tiny"``): the IoU >= 0.6 assertion against the tabletop scene's target then runs too.
+Three node processes run for the whole module: a raw-image node with depth, a CompressedImage
+node on best-effort camera QoS, and a node without a model that asks a ZeroMQ model server.
+The model is the bundled trained ``tabletop-tiny`` when it is installed (then the masks must
+also hit the tabletop scene's target object, IoU >= 0.6), otherwise the tiny RANDOM-weight
+checkpoint, whose masks prove plumbing only: stamps, sizes, labels, and exactly the mask the
+in-process engine computes for the same pixels.
 """
 
 from __future__ import annotations
@@ -26,8 +27,17 @@ DOMAIN = 88
 SIZE = (240, 320)  # H, W of the test camera
 K = [300.0, 0.0, 159.5, 0.0, 300.0, 119.5, 0.0, 0.0, 1.0]
 FRAME = "camera_color_optical_frame"
-#: None: the tiny random checkpoint (plumbing only). "tabletop-tiny": the bundled trained model.
-TRAINED_MODEL: str | None = None
+
+
+def _bundled_trained_model() -> str | None:
+    from lisa_agent.loading import BUNDLED_MODELS
+
+    path = BUNDLED_MODELS.get("tabletop-tiny")
+    return "tabletop-tiny" if path is not None and path.exists() else None
+
+
+#: "tabletop-tiny" once the trained model ships (behaviour checked); None: tiny random weights (plumbing).
+TRAINED_MODEL: str | None = _bundled_trained_model()
 
 
 def fresh_header(frame_id: str = FRAME) -> Header:
@@ -75,6 +85,16 @@ def scene():
 
 
 @pytest.fixture(scope="module")
+def engine(request):
+    """The node's model, in this process, for reference masks."""
+    if TRAINED_MODEL is None:
+        return request.getfixturevalue("tiny_segmenter")
+    from lisa_agent import LisaSegmenter
+
+    return LisaSegmenter.from_pretrained(TRAINED_MODEL, dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="module")
 def nodes(tiny_checkpoint, tmp_path_factory):
     logs = tmp_path_factory.mktemp("ros_node")
     common = {"model": TRAINED_MODEL or str(tiny_checkpoint), "device": "cpu", "dtype": "fp32",
@@ -90,7 +110,7 @@ def nodes(tiny_checkpoint, tmp_path_factory):
     from lisa_agent import LisaSegmenter
     from lisa_agent.serving.server import LisaServer
 
-    server = LisaServer(LisaSegmenter.from_pretrained(tiny_checkpoint, dtype="fp32", device="cpu"),
+    server = LisaServer(LisaSegmenter.from_pretrained(TRAINED_MODEL or tiny_checkpoint, dtype="fp32", device="cpu"),
                         "tcp://127.0.0.1:*").start()
     remote = NodeProcess({"server": server.endpoint, "camera_qos": "reliable", "image_topic": "/camera/image"},
                          DOMAIN, logs / "lisa_remote.log", name="lisa_remote")
@@ -130,7 +150,7 @@ def ask(probe: Probe, frame_msg, query: str, *, extra=(), timeout: float = 30.0)
 
 
 @pytest.mark.parametrize("encoding,pad", [("rgb8", 0), ("bgr8", 13), ("mono8", 5)])
-def test_mask_has_source_header_size_and_engine_labels(nodes, scene, tiny_segmenter, encoding, pad):
+def test_mask_has_source_header_size_and_engine_labels(nodes, scene, engine, encoding, pad):
     header = fresh_header()
     msg = image_msg(scene.image, encoding, header, pad=pad)
     mask, result = ask(nodes.probe, msg, scene.query.text)
@@ -147,7 +167,7 @@ def test_mask_has_source_header_size_and_engine_labels(nodes, scene, tiny_segmen
             assert int((labels == 1).sum()) == entry["area"]
     # the node decoded the frame exactly: its mask is the in-process engine's mask for the same pixels
     seen = scene.image if encoding != "mono8" else np.repeat(scene.image.mean(axis=2).astype(np.uint8)[:, :, None], 3, 2)
-    np.testing.assert_array_equal(labels, engine_labels(tiny_segmenter, seen, scene.query.text))
+    np.testing.assert_array_equal(labels, engine_labels(engine, seen, scene.query.text))
     if TRAINED_MODEL and encoding != "mono8":
         assert iou(labels > 0, scene.query.gt_mask > 0) >= 0.6
 
@@ -158,25 +178,29 @@ def test_mask_has_source_header_size_and_engine_labels(nodes, scene, tiny_segmen
     assert result["latency_ms"] >= result["inference_ms"] >= 0
 
 
-def test_compressed_jpeg_frames(nodes, scene, tiny_segmenter):
+def test_compressed_jpeg_frames(nodes, scene, engine):
     header = fresh_header()
     msg = CompressedImage(header=header, format="jpeg")
     msg.data = encode_jpeg(scene.image, quality=90)
     mask, result = ask(nodes.probe_jpeg, msg, scene.query.text)
     assert mask.header.frame_id == FRAME and (mask.height, mask.width) == SIZE
     decoded = compressed_to_rgb(msg)  # what the node sees: the JPEG-decoded frame
-    np.testing.assert_array_equal(labels_of(mask), engine_labels(tiny_segmenter, decoded, scene.query.text))
+    np.testing.assert_array_equal(labels_of(mask), engine_labels(engine, decoded, scene.query.text))
+    if TRAINED_MODEL:
+        assert iou(labels_of(mask) > 0, scene.query.gt_mask > 0) >= 0.6
     jpeg_overlay = nodes.probe_jpeg.wait_for("overlay/compressed", same_stamp(header), 10)
     assert jpeg_overlay.format == "jpeg" and bytes(jpeg_overlay.data[:2]) == b"\xff\xd8"
 
 
-def test_remote_model_server_backend(nodes, scene, tiny_segmenter):
+def test_remote_model_server_backend(nodes, scene, engine):
     """server:=tcp://... : the node loads no model and gets the same mask from the model server."""
     header = fresh_header()
     mask, result = ask(nodes.probe_remote, image_msg(scene.image, "bgr8", header, pad=1), scene.query.text)
     assert mask.header.frame_id == FRAME and (mask.height, mask.width) == SIZE
-    np.testing.assert_array_equal(labels_of(mask), engine_labels(tiny_segmenter, scene.image, scene.query.text))
+    np.testing.assert_array_equal(labels_of(mask), engine_labels(engine, scene.image, scene.query.text))
     assert result["text"] and "[SEG]" in result["text"]
+    if TRAINED_MODEL:
+        assert iou(labels_of(mask) > 0, scene.query.gt_mask > 0) >= 0.6
 
 
 @pytest.mark.parametrize("encoding,depth_m", [("16UC1", 0.9), ("32FC1", 1.35)])
