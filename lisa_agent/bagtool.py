@@ -76,15 +76,14 @@ def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, 
     from rosbags.rosbag2 import Reader, Writer
     from rosbags.typesys import Stores, get_typestore
 
-    from ros_nodes.conversions import (
+    from .frames import check_query
+    from .imagemsg import (
         MalformedImageError,
         UnsupportedEncodingError,
         compressed_to_rgb,
         image_fields,
         image_to_rgb,
     )
-
-    from .frames import check_query
 
     query = check_query(query)
     if every < 1:
