@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, QuantizationError
-from .modeling.lisa import IGNORABLE_SUFFIXES, LisaModel, to_internal_key, to_published_key
+from .modeling.lisa import IGNORABLE_PREFIXES, IGNORABLE_SUFFIXES, LisaModel, to_internal_key, to_published_key
 from .modeling.sam import SamSpec, infer_sam_spec
 
 #: Short names for models shipped inside the package.
@@ -93,9 +93,10 @@ class LisaConfig:
 
 
 def default_template(d: dict[str, Any]) -> str:
-    """``llava_llama_2`` for LLaMA-2 based checkpoints (13B-llama2), else ``llava_v1`` (LISA's default)."""
-    name = str(d.get("_name_or_path", "")).lower()
-    return "llava_llama_2" if "llama2" in name or "llama-2" in name else "llava_v1"
+    """``llava_v1``: LISA's chat, demo and training scripts use it for every released model, the
+    13B-llama2 ones included; ``llava_llama_2`` only when asked for (``template=`` or ``conv_template``)."""
+    del d
+    return "llava_v1"
 
 
 # ------------------------------------------------------------------------- locating
@@ -188,7 +189,7 @@ def map_published_keys(state: dict[str, torch.Tensor]) -> tuple[dict[str, torch.
     ignored: list[str] = []
     unknown: list[str] = []
     for key, value in state.items():
-        if key.endswith(IGNORABLE_SUFFIXES):
+        if key.endswith(IGNORABLE_SUFFIXES) or key.startswith(IGNORABLE_PREFIXES):
             ignored.append(key)
             continue
         ours = to_internal_key(key)
@@ -294,7 +295,7 @@ def check_precision(dtype: str | torch.dtype, device: str | torch.device, quanti
         if tdevice.type != "cuda":
             raise QuantizationError(f"{quantization} quantization needs a CUDA device (bitsandbytes); got {tdevice}")
         if tdtype == torch.float32:
-            tdtype = torch.float16
+            tdtype = torch.bfloat16  # fp16 compute with 4-bit is reported to give blank masks
     return tdtype, tdevice
 
 
@@ -364,6 +365,8 @@ def load_lisa(folder: Path, *, vision_tower: str | None, dtype: torch.dtype, dev
     model = build_model(config, sam_spec, meta=True)
     load_weights(model, mapped, unknown)
     model.to(dtype)
+    if dtype == torch.float16:
+        model.sam.image_encoder.neck.float()  # as LISA: the neck's LayerNorm2d overflows in fp16
     rebuild_buffers(model, model.llm.config)  # after the cast: rotary frequencies stay float32
     if quantization:
         quantize_llm(model, quantization, dtype, device)

@@ -1,7 +1,7 @@
 """Exact image preprocessing of LISA: the SAM letterbox and the CLIP crop.
 
-SAM: resize the longest side to S (new size ``int(h * S / max(h, w) + 0.5)`` per side, PIL bicubic as
-``ResizeLongestSide``), normalize on the 0-255 scale with (123.675, 116.28, 103.53) /
+SAM: resize the longest side to S (new size ``int(h * S / max(h, w) + 0.5)`` per side, PIL bilinear as
+``ResizeLongestSide.apply_image``, i.e. torchvision's default on a PIL image), normalize on the 0-255 scale with (123.675, 116.28, 103.53) /
 (58.395, 57.12, 57.375), zero-pad right/bottom to S x S.
 
 CLIP: resize the shortest side to s (PIL bicubic; long side ``int(s * long / short)``), center crop
@@ -43,7 +43,7 @@ def sam_preprocess(image: np.ndarray, size: int) -> SamInput:
     """HxWx3 uint8 RGB -> :class:`SamInput` for a SAM with input side ``size``."""
     h, w = image.shape[:2]
     nh, nw = sam_resized_size(h, w, size)
-    resized = np.array(Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC))
+    resized = np.array(Image.fromarray(image).resize((nw, nh), Image.Resampling.BILINEAR))
     x = torch.from_numpy(resized).permute(2, 0, 1).float()
     mean = torch.tensor(PIXEL_MEAN).view(3, 1, 1)
     std = torch.tensor(PIXEL_STD).view(3, 1, 1)

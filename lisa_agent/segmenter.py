@@ -303,7 +303,7 @@ class LisaSegmenter:
                     seg_cols.append(int(merged[b, j]) - 1)  # the position whose prediction is [SEG]
                     owners.append(b)
         seg_states = hidden[seg_rows, seg_cols] if seg_rows else hidden.new_zeros(0, hidden.shape[-1])
-        logits, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states)
+        logits, masks, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states, return_logits)
         results = []
         share = 1.0 / len(queries)
         for b, q in enumerate(queries):
@@ -311,31 +311,37 @@ class LisaSegmenter:
             timings = {**{k: v for k, v in feats.timings_ms.items()}, "tokenize": t_tok * share,
                        "llm": t_llm * share, "decoder": t_dec * share, "postprocess": t_post * share}
             results.append(self._result(feats, q, "fast", prompts[b], prompt_ids[b], full_ids[b][len(prompt_ids[b]):],
-                                        answers[b], logits[idx], scores[idx], prompts_out[idx], timings, return_logits))
+                                        answers[b], None if logits is None else logits[idx], masks[idx], scores[idx],
+                                        prompts_out[idx], timings))
         return results
 
-    def _masks(self, feats: FrameFeatures, seg_states: torch.Tensor):  # noqa: ANN202
+    def _masks(self, feats: FrameFeatures, seg_states: torch.Tensor, keep_logits: bool):  # noqa: ANN202
+        """Decoder + postprocess. Returns (logits (n, H, W) float32 on the CPU or None, masks (n, H, W)
+        bool, scores (n,), decoder prompts (n, D), decoder ms, postprocess ms); thresholded on the device
+        so only booleans cross to the host unless logits are asked for."""
         timer = _Timer(self.device)
         if len(seg_states) == 0:
             h, w = feats.original_hw
             empty = torch.zeros(0, h, w)
-            return empty, torch.zeros(0), torch.zeros(0, self.model.sam_spec.prompt_embed_dim), 0.0, 0.0
+            return (empty if keep_logits else None, empty.bool(), torch.zeros(0),
+                    torch.zeros(0, self.model.sam_spec.prompt_embed_dim), 0.0, 0.0)
         low_res, iou, prompts = self.model.decode_masks(seg_states, feats.sam_embedding)
         t_dec = timer.lap()
-        logits = self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw).cpu()
+        logits = self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw)
+        masks = (logits > 0).cpu()
+        logits = logits.cpu() if keep_logits else None
         t_post = timer.lap()
-        return logits, iou[:, 0].float().cpu(), prompts.float().cpu(), t_dec, t_post
+        return logits, masks, iou[:, 0].float().cpu(), prompts.float().cpu(), t_dec, t_post
 
     def _result(self, feats: FrameFeatures, query: str, mode: str, prompt: str, prompt_ids: list[int],
-                output_ids: list[int], text: str, logits: torch.Tensor, scores: torch.Tensor,
-                prompts: torch.Tensor, timings: dict[str, float], return_logits: bool) -> SegmentationResult:
-        masks = (logits > 0).numpy()
+                output_ids: list[int], text: str, logits: torch.Tensor | None, masks: torch.Tensor,
+                scores: torch.Tensor, prompts: torch.Tensor, timings: dict[str, float]) -> SegmentationResult:
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
         return SegmentationResult.from_masks(
-            masks, scores.tolist(), text=text, query=query, mode=mode, prompt=prompt, input_ids=list(prompt_ids),
-            image_size=feats.original_hw, timings_ms=timings,
-            logits=logits.numpy().astype(np.float32) if return_logits else None,
-            seg_embeddings=prompts.numpy().astype(np.float32) if return_logits else None,
+            masks.numpy(), scores.tolist(), text=text, query=query, mode=mode, prompt=prompt,
+            input_ids=list(prompt_ids), image_size=feats.original_hw, timings_ms=timings,
+            logits=None if logits is None else logits.numpy().astype(np.float32),
+            seg_embeddings=None if logits is None else prompts.numpy().astype(np.float32),
             output_ids=[int(t) for t in output_ids], frame_id=feats.frame_id)
 
     @torch.inference_mode()
@@ -352,11 +358,11 @@ class LisaSegmenter:
             else:
                 generated, seg_states = self._greedy_reference(ids, feats, max_new_tokens)
             t_llm = timer.lap()
-            logits, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states)
+            logits, masks, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states, return_logits)
             text = self.tokenizer.decode(generated).replace("\n", "").replace("  ", " ").strip()
             timings = {**feats.timings_ms, "tokenize": t_tok, "llm": t_llm, "decoder": t_dec, "postprocess": t_post}
-            return self._result(feats, query, mode, prompt, prompt_ids, generated, text, logits, scores,
-                                prompts_out, timings, return_logits)
+            return self._result(feats, query, mode, prompt, prompt_ids, generated, text, logits, masks, scores,
+                                prompts_out, timings)
 
     def _greedy_cached(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
         llm = self.model.llm

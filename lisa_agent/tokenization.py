@@ -5,7 +5,7 @@ in legacy mode. Reproduced here, independent of the installed transformers versi
 
 - added tokens (``[SEG]``, ``<im_start>``, ``<im_end>``, ...) and special tokens (``<s>``, ``</s>``,
   ``<unk>``) are split out before sentencepiece runs (longest match first);
-- whitespace next to an added token is stripped on both sides (so the ``"\\n"`` after ``<im_end>``
+- whitespace next to an added token (not ``<s>``/``</s>``/``<unk>``) is stripped on both sides (so the ``"\\n"`` after ``<im_end>``
   vanishes and ``"Sure, [SEG]."`` becomes ``▁Sure , [SEG] ▁ .``);
 - every remaining chunk is encoded on its own (sentencepiece adds its dummy ``▁`` prefix per chunk);
 - one BOS in front.
@@ -110,8 +110,11 @@ class LisaTokenizer:
     def tokenize_ids(self, text: str) -> list[int]:
         """Ids of ``text`` without BOS, added tokens split out and their neighbours' whitespace stripped."""
         pieces = self._split_re.split(text) if self._split_re else [text]
-        # pieces alternate: plain, token, plain, token, ..., plain
+        # pieces alternate: plain, token, plain, token, ..., plain. Whitespace is stripped next to added
+        # tokens only: 4.31 wraps <s>, </s>, <unk> as AddedToken(lstrip=False, rstrip=False).
         for i in range(1, len(pieces), 2):
+            if pieces[i] not in self.added_tokens:
+                continue
             if i - 1 >= 0:
                 pieces[i - 1] = pieces[i - 1].rstrip()
             if i + 1 < len(pieces):

@@ -52,11 +52,18 @@ def test_bad_precision_arguments(tiny_checkpoint):
         LisaSegmenter.from_pretrained(tiny_checkpoint, quantization="4bit", device="cpu")
 
 
-def test_bf16_on_cpu_still_segments(tiny_checkpoint):
+@pytest.mark.parametrize("dtype,name", [("bf16", "bfloat16"), ("fp16", "float16")])
+def test_16bit_on_cpu_still_segments(tiny_checkpoint, tiny_segmenter, dtype, name):
+    import torch
+
     from lisa_agent import LisaSegmenter
 
-    seg = LisaSegmenter.from_pretrained(tiny_checkpoint, dtype="bf16")
-    res = seg.segment(random_frame(48, 64), "the mug")
-    assert res.masks.shape == (1, 48, 64) and seg.info()["dtype"] == "bfloat16"
-    # rotary frequencies are recomputed in float32 after the cast
-    assert seg.model.llm.model.rotary_emb.inv_freq.dtype.is_floating_point
+    seg = LisaSegmenter.from_pretrained(tiny_checkpoint, dtype=dtype)
+    frame = random_frame(48, 64)
+    res = seg.segment(frame, "the mug", return_logits=True)
+    ref = tiny_segmenter.segment(frame, "the mug", return_logits=True)
+    assert res.masks.shape == (1, 48, 64) and seg.info()["dtype"] == name
+    assert np.abs(res.logits - ref.logits).max() < 0.05 * max(1.0, np.abs(ref.logits).max())
+    # rotary frequencies are recomputed in float32 after the cast; the fp16 SAM neck runs in float32
+    assert seg.model.llm.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert seg.model.sam.image_encoder.neck[0].weight.dtype == (torch.float32 if dtype == "fp16" else torch.bfloat16)

@@ -165,3 +165,25 @@ def test_vit_h_spec_is_the_default_shape():
     assert spec == SAM_PRESETS["vit_h"]
     published = {to_published_key(k) for k in sd}
     assert "model.visual_model.mask_decoder.iou_token.weight" in published
+
+
+def test_clip_tower_keys_in_a_checkpoint_are_skipped(tiny_checkpoint, tiny_segmenter, tmp_path):
+    """Some LLaVA-style saves carry model.vision_tower.*; LISA loads CLIP from its own id and so do we."""
+    folder = _copy(tiny_checkpoint, tmp_path / "ck")
+
+    def add_tower(sd, index):
+        sd["model.vision_tower.vision_tower.vision_model.post_layernorm.weight"] = torch.ones(4)
+
+    _rewrite_shard(folder, add_tower)
+    seg = LisaSegmenter.from_pretrained(folder)
+    frame = random_frame(30, 30)
+    np.testing.assert_array_equal(seg.segment(frame, "x").masks, tiny_segmenter.segment(frame, "x").masks)
+
+
+def test_released_checkpoints_default_to_llava_v1():
+    from lisa_agent.loading import LisaConfig
+
+    for name in ("xinlai/LISA-7B-v1", "xinlai/LISA-13B-llama2-v1"):
+        cfg = LisaConfig.from_dict({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+                                    "vocab_size": 10, "vision_tower": "x/y", "_name_or_path": name})
+        assert cfg.conv_template == "llava_v1"

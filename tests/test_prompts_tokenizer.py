@@ -101,3 +101,12 @@ def test_fast_tokenizer_backend_matches_the_legacy_rules(tiny_segmenter):
     assert "".join(pieces[:k]) == "▁Sure," and "".join(pieces[k + 1:]) == "▁."  # dummy prefix per chunk
     ids = tok.encode_prompt(build_prompt("llava_v1", "the red mug"))
     assert ids.count(IMAGE_TOKEN_INDEX) == 1 and ids.count(tok.bos_token_id) == 1
+
+
+def test_whitespace_is_kept_next_to_special_tokens(sp_folder):
+    """transformers 4.31 strips around added tokens like [SEG], but not around <s>, </s>, <unk>."""
+    folder, added = sp_folder
+    tok = LisaTokenizer.from_pretrained(folder)
+    assert tok.encode("Sure, [SEG] .", add_bos=False) == tok.encode("Sure,[SEG].", add_bos=False)
+    assert tok.encode("it is </s>", add_bos=False) != tok.encode("it is</s>", add_bos=False)
+    assert tok.encode("it is</s>", add_bos=False)[-1] == tok.eos_token_id

@@ -20,7 +20,7 @@ def test_bce_and_dice_by_hand():
     target = torch.tensor([[[1.0, 1.0], [0.0, 0.0]]])
     p = torch.sigmoid(logits)
     expected_bce = -(target * p.log() + (1 - target) * (1 - p).log()).mean()
-    assert sigmoid_bce(logits, target).item() == pytest.approx(expected_bce.item(), rel=1e-6)
+    assert sigmoid_bce(logits, target).item() == pytest.approx(expected_bce.item(), rel=1e-6)  # one mask
     expected_dice = 1 - (2 * (p * target).sum() / 1000 + 1e-6) / ((p.sum() + target.sum()) / 1000 + 1e-6)
     assert dice(logits, target).item() == pytest.approx(expected_dice.item(), rel=1e-5)
     # ignored pixels do not count

@@ -35,6 +35,8 @@ KEY_MAP: tuple[tuple[str, str], ...] = (
 
 #: Keys a checkpoint may carry that hold nothing we need (recomputed buffers).
 IGNORABLE_SUFFIXES = ("rotary_emb.inv_freq", ".pixel_mean", ".pixel_std")
+#: LLaVA-style saves may include the CLIP tower; LISA loads it from its own id, so these are skipped.
+IGNORABLE_PREFIXES = ("model.vision_tower.",)
 
 
 def to_internal_key(key: str) -> str | None:
@@ -95,7 +97,13 @@ class LisaModel(nn.Module):
     def encode_sam(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, S, S) normalized, zero-padded frames -> (B, C, S/16, S/16) SAM image embeddings."""
         enc = self.sam.image_encoder
-        return enc(pixels.to(enc.patch_embed.proj.weight.dtype))
+        x = enc.patch_embed(pixels.to(enc.patch_embed.proj.weight.dtype))
+        if enc.pos_embed is not None:
+            x = x + enc.pos_embed
+        for block in enc.blocks:
+            x = block(x)
+        neck_dtype = enc.neck[0].weight.dtype  # float32 when the rest is fp16 (see loading)
+        return enc.neck(x.permute(0, 3, 1, 2).to(neck_dtype)).to(x.dtype)
 
     def encode_clip(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, 3, s, s) CLIP-normalized crops -> (B, N, H) projected image tokens for the LLM."""
@@ -160,17 +168,22 @@ class LisaModel(nn.Module):
         return low_res, iou, prompts
 
     def dense_pe(self, dtype: torch.dtype) -> torch.Tensor:
-        """SAM's (1, C, h, w) positional encoding of the embedding grid: a constant, computed once in
-        float32 (the random Fourier features lose too much in 16-bit) and cached per dtype/device."""
+        """SAM's (1, C, h, w) positional encoding of the embedding grid, computed in the dtype of its
+        Fourier matrix as LISA's prompt encoder does (so bf16 models match LISA's bf16 path), cached.
+
+        segment_anything builds the grid in float32 and cannot multiply it with a 16-bit matrix."""
         pe_layer = self.sam.prompt_encoder.pe_layer
-        key = (dtype, pe_layer.positional_encoding_gaussian_matrix.device)
+        gauss = pe_layer.positional_encoding_gaussian_matrix
+        key = (dtype, gauss.dtype, gauss.device)
         cache = self.__dict__.setdefault("_dense_pe_cache", {})
         if key not in cache:
-            gauss = pe_layer.positional_encoding_gaussian_matrix
-            if gauss.dtype != torch.float32:
-                pe_layer.positional_encoding_gaussian_matrix = gauss.float()
+            h, w = self.sam.prompt_encoder.image_embedding_size
+            grid = torch.ones((h, w), device=gauss.device, dtype=gauss.dtype)
+            ys = (grid.cumsum(dim=0) - 0.5) / h
+            xs = (grid.cumsum(dim=1) - 0.5) / w
+            pe = pe_layer._pe_encoding(torch.stack([xs, ys], dim=-1))  # (h, w, C)
             cache.clear()
-            cache[key] = self.sam.prompt_encoder.get_dense_pe().to(dtype)
+            cache[key] = pe.permute(2, 0, 1)[None].to(dtype)
         return cache[key]
 
     def postprocess_masks(self, low_res: torch.Tensor, resized_hw: tuple[int, int], original_hw: tuple[int, int]) -> torch.Tensor:

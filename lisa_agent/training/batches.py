@@ -98,9 +98,9 @@ def folder_scenes(folder: str, seed: int = 0) -> Iterator[Scene]:
             for q in s.queries:
                 answer = q.answer if q.answer is not None else ANSWER_TEMPLATES[int(rng.integers(0, 5))]
                 masks = q.target_masks if q.answer is not None else (q.gt == 1)[None]
-                valid = q.gt != 255
+                # As LISA trains: the target is gt == 1; "ignore" (255) pixels count as background.
                 examples.append(Example(0, q.prompt if rng.random() < 0.5 else q.text, answer,
-                                        np.asarray(masks, bool), valid))
+                                        np.asarray(masks, bool)))
             yield Scene(s.image, examples)
 
 

@@ -4,7 +4,6 @@ small models from scratch. Checkpoints are written in the published layout the l
 from __future__ import annotations
 
 import json
-import math
 import shutil
 import time
 from collections.abc import Iterator
@@ -86,8 +85,8 @@ class Trainer:
         warm = max(1, self.cfg.warmup)
         if step < warm:
             return (step + 1) / warm
-        rest = max(1, self.cfg.steps - warm)
-        return max(0.05, 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / rest))))
+        # LISA's DeepSpeed WarmupDecayLR: linear warm-up, then linear decay to 0 at the last step.
+        return max(0.0, (self.cfg.steps - step) / max(1, self.cfg.steps - warm))
 
     def _setup_trainable(self) -> None:
         m = self.model
@@ -113,10 +112,12 @@ class Trainer:
     # ------------------------------------------------------------------ one step
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         m = self.model
-        image_tokens = m.encode_clip(batch.clip_pixels)  # (S, N, H)
-        sam_emb = m.encode_sam(batch.sam_pixels)  # (S, C, h, w)
-        tokens = image_tokens[torch.tensor(batch.image_of)]
-        embeds, merged = m.embed_with_image(batch.ids, tokens)
+        dev = m.device
+        ids = batch.ids.to(dev)
+        image_tokens = m.encode_clip(batch.clip_pixels.to(dev))  # (S, N, H)
+        sam_emb = m.encode_sam(batch.sam_pixels.to(dev))  # (S, C, h, w)
+        tokens = image_tokens[torch.tensor(batch.image_of, device=dev)]
+        embeds, merged = m.embed_with_image(ids, tokens)
         hidden = m.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         rows, cols, targets, seg_rows, seg_cols = [], [], [], [], []
         for b, (start, length) in enumerate(zip(batch.answer_start, batch.lengths, strict=True)):
@@ -129,7 +130,7 @@ class Trainer:
                     seg_rows.append(b)
                     seg_cols.append(p)
         states = hidden[rows, cols]
-        ce = F.cross_entropy(m.llm.lm_head(states), torch.tensor(targets))
+        ce = F.cross_entropy(m.llm.lm_head(states), torch.tensor(targets, device=dev))
         bce_terms, dice_terms = [], []
         seg_states = hidden[seg_rows, seg_cols] if seg_rows else None
         k = 0
@@ -141,11 +142,12 @@ class Trainer:
             low, _, _ = m.decode_masks(seg_states[k:k + n], sam_emb[s: s + 1])
             k += n
             logits = m.postprocess_masks(low, batch.resized_hw[s], batch.original_hw[s])
-            valid = batch.valid[b]
-            bce_terms.append(sigmoid_bce(logits, batch.masks[b], valid))
-            dice_terms.append(dice(logits, batch.masks[b], valid))
-        bce = torch.stack(bce_terms).mean() if bce_terms else ce.new_zeros(())
-        dsc = torch.stack(dice_terms).mean() if dice_terms else ce.new_zeros(())
+            target = batch.masks[b].to(dev)
+            valid = None if batch.valid[b] is None else batch.valid[b].to(dev)
+            bce_terms.append(sigmoid_bce(logits, target, valid))
+            dice_terms.append(dice(logits, target, valid))
+        bce = torch.cat(bce_terms).mean() if bce_terms else ce.new_zeros(())
+        dsc = torch.cat(dice_terms).mean() if dice_terms else ce.new_zeros(())
         total = CE_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dsc
         return total, {"loss": total.item(), "ce": ce.item(), "bce": bce.item(), "dice": dsc.item()}
 
