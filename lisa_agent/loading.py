@@ -20,7 +20,13 @@ from typing import Any
 import torch
 
 from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, QuantizationError
-from .modeling.lisa import IGNORABLE_PREFIXES, IGNORABLE_SUFFIXES, LisaModel, to_internal_key, to_published_key
+from .modeling.lisa import (
+    IGNORABLE_PREFIXES,
+    IGNORABLE_SUFFIXES,
+    LisaModel,
+    to_internal_key,
+    to_published_key,
+)
 from .modeling.sam import SamSpec, infer_sam_spec
 
 #: Short names for models shipped inside the package.
