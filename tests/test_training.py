@@ -107,3 +107,19 @@ def test_finetune_command(tiny_checkpoint, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["steps"] == 2 and "gIoU" in summary["val"]
     assert LisaSegmenter.from_pretrained(tmp_path / "ft").info()["seg_token_id"] >= 0
+
+
+def test_named_answers_put_the_target_name_before_each_seg():
+    from lisa_agent.training.batches import named_answer
+
+    assert named_answer("Sure, [SEG].", ["red mug"]) == "Sure, the red mug [SEG]."
+    assert (named_answer("Sure, [SEG] and [SEG].", ["knife", "green apple"])
+            == "Sure, the knife [SEG] and the green apple [SEG].")
+    assert named_answer("Sure, [SEG]. It has a sharp blade.", ["knife"]) == "Sure, the knife [SEG]. It has a sharp blade."
+    with pytest.raises(ValueError):
+        named_answer("Sure, [SEG].", ["a", "b"])
+    scene = next(synthetic_scenes("train", 0, ((96, 128),), named_prob=1.0))
+    for ex in scene.examples:
+        assert ex.answer.count("[SEG]") == len(ex.masks)
+        if len(ex.masks):
+            assert "the " in ex.answer.split("[SEG]")[0]

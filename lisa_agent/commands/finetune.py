@@ -31,10 +31,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=None, help="default 3e-4 (lora), 1e-3 (full)")
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--scenes-per-batch", type=int, default=2, help="images per batch (all their queries)")
+    parser.add_argument("--named-answers", type=float, default=0.0,
+                        help="synthetic data: share of answers that name each target before its [SEG] "
+                             "('Sure, the red mug [SEG].'); helps models trained from scratch")
+    parser.add_argument("--reinit-seg-head", action="store_true",
+                        help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
     parser.add_argument("--frame-sizes", default="192x256,256x192,224x224", help="synthetic frame sizes HxW,...")
     parser.add_argument("--val-data", default=None, help="ReasonSeg-layout folder for periodic gIoU/cIoU")
     parser.add_argument("--val-every", type=int, default=200)
     parser.add_argument("--val-limit", type=int, default=40)
+    parser.add_argument("--val-answer", default="forced", choices=["forced", "generated"])
     parser.add_argument("--save-every", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None)
@@ -53,7 +59,15 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-3)
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=lr, warmup=args.warmup,
                       scenes_per_batch=args.scenes_per_batch, val_every=args.val_every, val_limit=args.val_limit,
-                      save_every=args.save_every, seed=args.seed, threads=args.threads)
+                      save_every=args.save_every, seed=args.seed, threads=args.threads, val_answer=args.val_answer)
+    if args.reinit_seg_head:
+        import torch
+
+        from ..modeling.lisa import make_text_hidden_fcs
+
+        torch.manual_seed(args.seed)
+        fcs = seg.model.text_hidden_fcs[0]
+        seg.model.text_hidden_fcs = make_text_hidden_fcs(fcs[0].in_features, fcs[2].out_features)
     trainer = Trainer(seg, source, Path(args.out), cfg, val_data=args.val_data)
     start = 0
     if args.resume:
@@ -65,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
         trainer.resume(state)
         start = trainer.step * cfg.scenes_per_batch
     if args.data == "synthetic":
-        scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start)
+        scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start,
+                                  named_prob=args.named_answers)
     else:
         scenes = folder_scenes(args.data, args.seed + start)
     trainer.fit(scenes, progress=not args.no_progress)

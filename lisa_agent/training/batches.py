@@ -52,13 +52,28 @@ class Batch:
     valid: list[torch.Tensor | None]
 
 
+def named_answer(answer: str, names: Sequence[str]) -> str:
+    """``"Sure, [SEG] and [SEG]."`` -> ``"Sure, the knife [SEG] and the red apple [SEG]."``: the k-th
+    ``[SEG]`` is preceded by its target's name; text after the last ``[SEG]`` (an explanation) is kept."""
+    parts = answer.split("[SEG]")
+    if len(parts) - 1 != len(names):
+        raise ValueError(f"{len(parts) - 1} [SEG] in {answer!r} for {len(names)} names")
+    out = parts[0]
+    for name, rest in zip(names, parts[1:], strict=True):
+        out += f"the {name} [SEG]" + rest
+    return out
+
+
 def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
-                     raw_prob: float = 0.5, start: int = 0) -> Iterator[Scene]:
+                     raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0) -> Iterator[Scene]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
-    probability ``raw_prob``, the instruction as a user would type it; single-target answers cycle
-    through LISA's answer templates.
+    probability ``raw_prob``, the instruction as a user would type it. With probability ``named_prob``
+    the answer names each target right before its ``[SEG]`` ("Sure, the red mug [SEG]."), so the hidden
+    state LISA reads for the mask is the target's name (a strong, CE-supervised signal a model trained
+    from scratch needs: with only "Sure, [SEG]." a tiny LLM collapses that state to a query-independent
+    vector). Otherwise single-target answers cycle through LISA's answer templates.
     """
     from ..data.reasonseg import lisa_eval_prompt
     from ..data.tabletop import queries_for_scene, render_scene, split_seed
@@ -73,7 +88,9 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
         for q in queries_for_scene(scene, rng):
             text = q.text if rng.random() < raw_prob else lisa_eval_prompt(q.text, q.is_sentence)
             answer = q.answer
-            if q.subset in ("explicit", "implicit") and not q.explanatory and rng.random() < 0.5:
+            if q.targets and rng.random() < named_prob:
+                answer = named_answer(answer, [scene.objects[t].name() for t in q.targets])
+            elif q.subset in ("explicit", "implicit") and not q.explanatory and rng.random() < 0.5:
                 answer = ANSWER_TEMPLATES[int(rng.integers(0, len(ANSWER_TEMPLATES)))]
             examples.append(Example(0, text, answer, q.masks.astype(bool)))
         index += 1

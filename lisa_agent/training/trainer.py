@@ -42,6 +42,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     val_every: int = 200
     val_limit: int = 40
+    val_answer: str = "forced"  # "forced" (LISA's "[SEG].") or "generated" (chat mode)
     save_every: int = 500
     seed: int = 0
     threads: int | None = None
@@ -198,7 +199,8 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            report = evaluate(self.inference_segmenter(), iter_samples(self.val_data, limit=self.cfg.val_limit))
+            report = evaluate(self.inference_segmenter(), iter_samples(self.val_data, limit=self.cfg.val_limit),
+                              answer=self.cfg.val_answer)
         finally:
             self.model.train(was_training)
         keep = {k: report[k] for k in ("gIoU", "cIoU", "n") if k in report}
