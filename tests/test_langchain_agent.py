@@ -5,11 +5,10 @@ The chat model is scripted, the rest is real: the agent binds the LISA tools, th
 checkpoint, the ToolMessage goes back to the model, and the model's final answer is built from
 the tool's text.
 
-Target check: the tiny checkpoint has random weights, so "the right object" cannot be asserted
-yet; :func:`_check_target_mask` asserts the mask the agent received is exactly the engine's mask
-for the same frame and query. Once the bundled trained model exists, point ``tiny_segmenter`` at
-``LisaSegmenter.from_pretrained("tabletop-tiny")``, use one of its scenes as ``_scene`` and make
-:func:`_check_target_mask` assert IoU >= 0.5 with that scene's ground-truth mask of the knife.
+Target check: with the tiny random checkpoint, :func:`_check_target_mask` asserts the mask the agent
+received is exactly the engine's mask for the same frame and query; with the bundled trained
+``tabletop-tiny`` model, :func:`test_agent_with_the_trained_model_gets_the_knife` asserts the mask in the
+artifact is the knife of a held-out tabletop scene (IoU with its ground truth).
 """
 
 from __future__ import annotations
@@ -210,3 +209,23 @@ def test_example_agent_script_runs_with_a_scripted_model(
     from PIL import Image
 
     assert Image.open(overlay).size == (frame.shape[1], frame.shape[0])
+
+
+def test_agent_with_the_trained_model_gets_the_knife() -> None:
+    """The bundled trained model, a held-out tabletop scene with a knife: the artifact's mask is the knife."""
+    from lisa_agent import LisaSegmenter
+    from lisa_agent.data.tabletop import render_scene, split_seed
+
+    scene = render_scene(split_seed("test", 2), size=(480, 640))
+    knife = next(o.mask for o in scene.objects if o.category == "knife")
+    segmenter = LisaSegmenter.from_pretrained("tabletop-tiny")
+    agent, model = _agent(lisa_tools(segmenter, image_source=lambda: scene.image))
+    state = agent.invoke({"messages": [HumanMessage(REQUEST)]})
+    (tool_msg,) = _tool_messages(state["messages"])
+    assert tool_msg.status == "success"
+    mask = tool_msg.artifact["masks"][0]
+    iou = float((mask & knife).sum() / (mask | knife).sum())
+    assert iou >= 0.6, f"the agent's mask is not the knife (IoU {iou:.2f})"
+    box = tool_msg.artifact["boxes"][0]
+    assert f"bbox [x1, y1, x2, y2] = [{box[0]}, {box[1]}, {box[2]}, {box[3]}]" in tool_msg.content
+    assert str(box) in state["messages"][-1].content
