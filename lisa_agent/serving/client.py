@@ -72,6 +72,20 @@ class _ClientCore:
     def _new_id(self) -> str:
         return f"{self.stream[:8]}-{next(self._ids)}"
 
+    def _open(self) -> Any:
+        """The DEALER socket, created on first use (and after a reset) from ``self._ctx``."""
+        import zmq
+
+        if self._sock is None:
+            self._sock = self._ctx.socket(zmq.DEALER)
+            self._configure(self._sock)
+        return self._sock
+
+    def _reset(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
     def _configure(self, sock: Any) -> None:
         import zmq
 
@@ -167,19 +181,6 @@ class LisaClient(_ClientCore):
 
         self._ctx = zmq.Context.instance()
 
-    def _open(self) -> Any:
-        import zmq
-
-        if self._sock is None:
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._configure(self._sock)
-        return self._sock
-
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
-
     def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
         import zmq
 
@@ -273,19 +274,6 @@ class AsyncLisaClient(_ClientCore):
         import zmq.asyncio
 
         self._ctx = zmq.asyncio.Context()
-
-    def _open(self) -> Any:
-        import zmq
-
-        if self._sock is None:
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._configure(self._sock)
-        return self._sock
-
-    def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
 
     async def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
         import zmq
