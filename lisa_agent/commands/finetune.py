@@ -34,6 +34,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--named-answers", type=float, default=0.0,
                         help="synthetic data: share of answers that name each target before its [SEG] "
                              "('Sure, the red mug [SEG].'); helps models trained from scratch")
+    parser.add_argument("--no-target-per-scene", type=int, default=1,
+                        help="synthetic data: queries per scene about something absent (default 1)")
     parser.add_argument("--reinit-seg-head", action="store_true",
                         help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
     parser.add_argument("--frame-sizes", default="192x256,256x192,224x224", help="synthetic frame sizes HxW,...")
@@ -80,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
         start = trainer.step * cfg.scenes_per_batch
     if args.data == "synthetic":
         scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start,
-                                  named_prob=args.named_answers)
+                                  named_prob=args.named_answers, no_target=args.no_target_per_scene)
     else:
         scenes = folder_scenes(args.data, args.seed + start)
     trainer.fit(scenes, progress=not args.no_progress)

@@ -65,7 +65,8 @@ def named_answer(answer: str, names: Sequence[str]) -> str:
 
 
 def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
-                     raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0) -> Iterator[Scene]:
+                     raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0,
+                     no_target: int = 1) -> Iterator[Scene]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
@@ -73,7 +74,8 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
     the answer names each target right before its ``[SEG]`` ("Sure, the red mug [SEG]."), so the hidden
     state LISA reads for the mask is the target's name (a strong, CE-supervised signal a model trained
     from scratch needs: with only "Sure, [SEG]." a tiny LLM collapses that state to a query-independent
-    vector). Otherwise single-target answers cycle through LISA's answer templates.
+    vector). Otherwise single-target answers cycle through LISA's answer templates. ``no_target``: queries
+    per scene about something absent (answered without ``[SEG]``).
     """
     from ..data.reasonseg import lisa_eval_prompt
     from ..data.tabletop import queries_for_scene, render_scene, split_seed
@@ -85,7 +87,7 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
         size = sizes[int(rng.integers(0, len(sizes)))]
         scene = render_scene(scene_seed, size=size)
         examples = []
-        for q in queries_for_scene(scene, rng):
+        for q in queries_for_scene(scene, rng, n_no_target=no_target):
             text = q.text if rng.random() < raw_prob else lisa_eval_prompt(q.text, q.is_sentence)
             answer = q.answer
             if q.targets and rng.random() < named_prob:
