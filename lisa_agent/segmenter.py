@@ -296,11 +296,12 @@ class LisaSegmenter:
         hidden = self.model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         t_llm = timer.lap()
         seg_rows, seg_cols, owners = [], [], []
+        merged_pos = merged.tolist()  # one device->host copy, not one per [SEG]
         for b, ids in enumerate(full_ids):
             for j in range(len(prompt_ids[b]), len(ids)):  # [SEG] in the answer only, never in the query
                 if ids[j] == self.seg_token_id:
                     seg_rows.append(b)
-                    seg_cols.append(int(merged[b, j]) - 1)  # the position whose prediction is [SEG]
+                    seg_cols.append(merged_pos[b][j] - 1)  # the position whose prediction is [SEG]
                     owners.append(b)
         seg_states = hidden[seg_rows, seg_cols] if seg_rows else hidden.new_zeros(0, hidden.shape[-1])
         logits, masks, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states, return_logits)

@@ -121,12 +121,13 @@ class Trainer:
         embeds, merged = m.embed_with_image(ids, tokens)
         hidden = m.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         rows, cols, targets, seg_rows, seg_cols = [], [], [], [], []
+        merged_pos, ids_list = merged.tolist(), batch.ids.tolist()  # one host copy per batch
         for b, (start, length) in enumerate(zip(batch.answer_start, batch.lengths, strict=True)):
             for j in range(start, length):
-                p = int(merged[b, j]) - 1
+                p = merged_pos[b][j] - 1
                 rows.append(b)
                 cols.append(p)
-                targets.append(int(batch.ids[b, j]))
+                targets.append(ids_list[b][j])
                 if targets[-1] == self.seg.seg_token_id:
                     seg_rows.append(b)
                     seg_cols.append(p)
