@@ -65,6 +65,9 @@ class SegmentationResult:
             published checkpoints; ``return_logits=True`` only).
         output_ids: generated / forced answer token ids.
         frame_id: the frame key used for the feature cache.
+        mask_depths: per mask ``{"depth_m": float | None, "point": [x, y, z] | None}`` in metres in the
+            camera frame, aligned with ``masks``; set by :class:`~lisa_agent.serving.client.LisaClient`
+            when a depth frame was sent, else None.
     """
 
     masks: np.ndarray
@@ -80,6 +83,7 @@ class SegmentationResult:
     seg_embeddings: np.ndarray | None = None
     output_ids: list[int] = field(default_factory=list)
     frame_id: str | None = None
+    mask_depths: list[dict[str, Any]] | None = None
 
     @classmethod
     def from_masks(cls, masks: np.ndarray, scores: Sequence[float], **kwargs: Any) -> SegmentationResult:
@@ -109,6 +113,8 @@ class SegmentationResult:
             d = inst.to_dict()
             if include_rle:
                 d["rle"] = mask_to_rle(self.masks[k])
+            if self.mask_depths is not None:
+                d.update(self.mask_depths[k])
             masks.append(d)
         return {
             "text": self.text,

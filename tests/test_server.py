@@ -152,6 +152,9 @@ def test_chat_mode_logits_and_depth_round_trip(engine, engine_server):
     target = mask_target_point(depth.astype(np.float32) / 1000, fast.masks[0], Intrinsics(*intr))
     assert fast.mask_depths[0]["depth_m"] == pytest.approx(target.depth, abs=1e-4)
     assert fast.mask_depths[0]["point"] == pytest.approx(list(target.point), abs=1e-3)
+    # the JSON form carries the depth next to each mask; without depth there is none
+    assert fast.to_dict()["masks"][0]["depth_m"] == pytest.approx(target.depth, abs=1e-4)
+    assert chat.mask_depths is None and all("depth_m" not in m for m in chat.to_dict()["masks"])
 
 
 def test_queued_queries_on_one_frame_run_as_one_batch_with_the_same_answers(engine):

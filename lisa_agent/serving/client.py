@@ -133,7 +133,7 @@ class _ClientCore:
             result.logits = logits_from_frames(payload["logits"], frames)
         if any("depth_m" in m for m in payload.get("masks", [])):
             #: per mask {"depth_m": metres | None, "point": [x, y, z] | None} (only when depth was sent)
-            result.mask_depths = [{"depth_m": m.get("depth_m"), "point": m.get("point")}  # type: ignore[attr-defined]
+            result.mask_depths = [{"depth_m": m.get("depth_m"), "point": m.get("point")}
                                   for m in payload["masks"]]
         return result
 
