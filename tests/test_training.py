@@ -123,3 +123,32 @@ def test_named_answers_put_the_target_name_before_each_seg():
         assert ex.answer.count("[SEG]") == len(ex.masks)
         if len(ex.masks):
             assert "the " in ex.answer.split("[SEG]")[0]
+
+
+def test_named_colour_needed_names_the_colour_only_when_the_category_repeats():
+    from lisa_agent.data.tabletop import render_scene, short_name, split_seed
+
+    # find a training scene with two objects of one category and check both naming modes on it
+    for index in range(200):
+        scene = render_scene(split_seed("train", index, 0), size=(96, 128))
+        cats = [o.category for o in scene.objects]
+        if len(set(cats)) < len(cats):
+            break
+    else:
+        pytest.fail("no scene with a repeated category in 200 seeds")
+    for i, obj in enumerate(scene.objects):
+        expected = obj.name() if cats.count(obj.category) > 1 else obj.category
+        assert short_name(scene, i) == expected
+    seen_plain = 0
+    for named_colour in ("needed", "always"):
+        first = next(synthetic_scenes("train", 3, ((96, 128),), named_prob=1.0, named_colour=named_colour))
+        for ex in first.examples:
+            for part in ex.answer.split("[SEG]")[:-1]:
+                name = part.rsplit("the ", 1)[-1].split()
+                if named_colour == "always":
+                    assert len(name) == 2, ex.answer
+                else:
+                    seen_plain += len(name) == 1
+    assert seen_plain > 0  # "needed" drops the colour of categories that appear once
+    with pytest.raises(ValueError, match="named_colour"):
+        next(synthetic_scenes("train", 0, named_colour="sometimes"))

@@ -34,6 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--named-answers", type=float, default=0.0,
                         help="synthetic data: share of answers that name each target before its [SEG] "
                              "('Sure, the red mug [SEG].'); helps models trained from scratch")
+    parser.add_argument("--named-colour", default="always", choices=["always", "needed"],
+                        help="synthetic named answers: colour always ('the red mug') or only when the scene "
+                             "has another object of the category ('the mug')")
     parser.add_argument("--no-target-per-scene", type=int, default=1,
                         help="synthetic data: queries per scene about something absent (default 1)")
     parser.add_argument("--reinit-seg-head", action="store_true",
@@ -82,7 +85,8 @@ def run(args: argparse.Namespace) -> int:
         start = trainer.step * cfg.scenes_per_batch
     if args.data == "synthetic":
         scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start,
-                                  named_prob=args.named_answers, no_target=args.no_target_per_scene)
+                                  named_prob=args.named_answers, no_target=args.no_target_per_scene,
+                                  named_colour=args.named_colour)
     else:
         scenes = folder_scenes(args.data, args.seed + start)
     trainer.fit(scenes, progress=not args.no_progress)

@@ -636,6 +636,14 @@ def _pick(rng: np.random.Generator, items: Sequence[str]) -> str:
     return str(items[int(rng.integers(0, len(items)))])
 
 
+def short_name(scene: Scene, i: int) -> str:
+    """Object ``i``'s shortest unambiguous name in ``scene``: ``"mug"``, or ``"red mug"`` when another
+    mug is in the scene."""
+    obj = scene.objects[i]
+    same = sum(o.category == obj.category for o in scene.objects)
+    return obj.name() if same > 1 else obj.category
+
+
 def _explicit_np(scene: Scene, i: int, rng: np.random.Generator, force_colour: bool = False) -> str:
     obj = scene.objects[i]
     same = [o for o in scene.objects if o.category == obj.category]

@@ -66,7 +66,7 @@ def named_answer(answer: str, names: Sequence[str]) -> str:
 
 def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
                      raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0,
-                     no_target: int = 1) -> Iterator[Scene]:
+                     no_target: int = 1, named_colour: str = "always") -> Iterator[Scene]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
@@ -75,10 +75,14 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
     state LISA reads for the mask is the target's name (a strong, CE-supervised signal a model trained
     from scratch needs: with only "Sure, [SEG]." a tiny LLM collapses that state to a query-independent
     vector). Otherwise single-target answers cycle through LISA's answer templates. ``no_target``: queries
-    per scene about something absent (answered without ``[SEG]``).
+    per scene about something absent (answered without ``[SEG]``). ``named_colour``: ``"always"`` names
+    targets with their colour ("the red mug"); ``"needed"`` only when the scene holds another object of
+    the category ("the mug"), so the language model need not read colours off the image.
     """
+    if named_colour not in ("always", "needed"):
+        raise ValueError(f"named_colour must be 'always' or 'needed', not {named_colour!r}")
     from ..data.reasonseg import lisa_eval_prompt
-    from ..data.tabletop import queries_for_scene, render_scene, split_seed
+    from ..data.tabletop import queries_for_scene, render_scene, short_name, split_seed
 
     index = start
     while True:
@@ -91,7 +95,9 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
             text = q.text if rng.random() < raw_prob else lisa_eval_prompt(q.text, q.is_sentence)
             answer = q.answer
             if q.targets and rng.random() < named_prob:
-                answer = named_answer(answer, [scene.objects[t].name() for t in q.targets])
+                names = [scene.objects[t].name() if named_colour == "always" else short_name(scene, t)
+                         for t in q.targets]
+                answer = named_answer(answer, names)
             elif q.subset in ("explicit", "implicit") and not q.explanatory and rng.random() < 0.5:
                 answer = ANSWER_TEMPLATES[int(rng.integers(0, len(ANSWER_TEMPLATES)))]
             examples.append(Example(0, text, answer, q.masks.astype(bool)))
