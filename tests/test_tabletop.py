@@ -18,6 +18,7 @@ from lisa_agent.data.tabletop import (
     SILHOUETTES,
     SPLIT_SPAN,
     _draw_parts,
+    describe_scene,
     fill_polygons,
     mask_polygons,
     queries_for_scene,
@@ -202,3 +203,20 @@ def test_multi_queries_have_two_targets_in_order(scenes):
             first, second = q.text.split(" and ", 1)
             assert _matches(s, first) == [i], q.text
             assert _matches(s, second) == [j], q.text
+
+
+def test_describe_lists_every_object_left_to_right_with_its_colour(scenes):
+    rng = np.random.default_rng(0)
+    for s in scenes:
+        question, answer = describe_scene(s, rng)
+        assert question.endswith("?") or question.endswith(".")
+        assert answer.startswith("There is ") and answer.endswith(".")
+        listed = re.split(r", | and ", answer.removeprefix("There is ").removesuffix("."))
+        assert len(listed) == len(s.objects), answer
+        by_x = sorted(s.objects, key=lambda o: (o.bbox[0] + o.bbox[2], o.index))
+        for item, obj in zip(listed, by_x, strict=True):
+            assert item.endswith(f"{obj.colour} {obj.category}"), (item, obj.name())
+            article = "an" if item.split()[1][0] in "aeiou" else "a"
+            assert item.split()[0] == article, item
+            assert ("pair of" in item) == CATEGORIES[obj.category].plural
+

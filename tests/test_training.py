@@ -152,3 +152,10 @@ def test_named_colour_needed_names_the_colour_only_when_the_category_repeats():
     assert seen_plain > 0  # "needed" drops the colour of categories that appear once
     with pytest.raises(ValueError, match="named_colour"):
         next(synthetic_scenes("train", 0, named_colour="sometimes"))
+
+
+def test_describe_questions_train_without_masks():
+    scene = next(synthetic_scenes("train", 1, ((96, 128),), describe=2))
+    described = [ex for ex in scene.examples if ex.answer.startswith("There is ")]
+    assert len(described) == 2
+    assert all(ex.masks.shape == (0, 96, 128) and "[SEG]" not in ex.answer for ex in described)

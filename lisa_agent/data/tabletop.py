@@ -765,6 +765,34 @@ def _no_category(scene: Scene, np_: str, cat: str, rng: np.random.Generator, emp
                        empty, concept=cat)
 
 
+_DESCRIBE_QUESTIONS = (
+    "What objects are on the table?",
+    "What do you see in this image?",
+    "List the objects in this image.",
+    "What is on the table?",
+)
+
+
+def describe_scene(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """A question about the whole scene and its answer listing every object, left to right, with its
+    colour: ("What is on the table?", "There is a red mug, a pair of scissors and an apple.").
+
+    Not an evaluation query: training data in the role of LISA's VQA mix, a dense language signal
+    about what is (and so what is not) in the frame."""
+    objs = sorted(scene.objects, key=lambda o: (o.bbox[0] + o.bbox[2], o.index))
+    items = []
+    for o in objs:
+        noun = f"pair of {o.colour} {o.category}" if CATEGORIES[o.category].plural else f"{o.colour} {o.category}"
+        items.append(("an " if noun[0] in "aeiou" else "a ") + noun)
+    if not items:
+        listing = "nothing"
+    elif len(items) == 1:
+        listing = items[0]
+    else:
+        listing = ", ".join(items[:-1]) + " and " + items[-1]
+    return _pick(rng, _DESCRIBE_QUESTIONS), f"There is {listing}."
+
+
 def _masks(scene: Scene, idx: Sequence[int]) -> np.ndarray:
     return np.stack([scene.objects[k].mask for k in idx])
 

@@ -66,7 +66,8 @@ def named_answer(answer: str, names: Sequence[str]) -> str:
 
 def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
                      raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0,
-                     no_target: int = 1, named_colour: str = "always") -> Iterator[Scene]:
+                     no_target: int = 1, named_colour: str = "always",
+                     describe: int = 0) -> Iterator[Scene]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
@@ -77,12 +78,14 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
     vector). Otherwise single-target answers cycle through LISA's answer templates. ``no_target``: queries
     per scene about something absent (answered without ``[SEG]``). ``named_colour``: ``"always"`` names
     targets with their colour ("the red mug"); ``"needed"`` only when the scene holds another object of
-    the category ("the mug"), so the language model need not read colours off the image.
+    the category ("the mug"), so the language model need not read colours off the image. ``describe``:
+    questions per scene answered by listing every object with its colour (no mask; the role of LISA's
+    VQA data: it teaches the language model what is in the frame).
     """
     if named_colour not in ("always", "needed"):
         raise ValueError(f"named_colour must be 'always' or 'needed', not {named_colour!r}")
     from ..data.reasonseg import lisa_eval_prompt
-    from ..data.tabletop import queries_for_scene, render_scene, short_name, split_seed
+    from ..data.tabletop import describe_scene, queries_for_scene, render_scene, short_name, split_seed
 
     index = start
     while True:
@@ -101,6 +104,9 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
             elif q.subset in ("explicit", "implicit") and not q.explanatory and rng.random() < 0.5:
                 answer = ANSWER_TEMPLATES[int(rng.integers(0, len(ANSWER_TEMPLATES)))]
             examples.append(Example(0, text, answer, q.masks.astype(bool)))
+        for _ in range(describe):
+            question, answer = describe_scene(scene, rng)
+            examples.append(Example(0, question, answer, np.zeros((0, *scene.image.shape[:2]), dtype=bool)))
         index += 1
         yield Scene(scene.image, examples)
 
