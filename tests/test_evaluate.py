@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from lisa_agent.cli import main
+from lisa_agent.data.queries import queries_for_scene
 from lisa_agent.data.reasonseg import iter_samples, lisa_eval_prompt, write_sample
-from lisa_agent.data.tabletop import queries_for_scene, render_scene, split_seed
+from lisa_agent.data.tabletop import render_scene, split_seed
 from lisa_agent.evaluation.evaluate import evaluate, forced_answer
 from lisa_agent.result import SegmentationResult
 

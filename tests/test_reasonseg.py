@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from lisa_agent.cli import main
+from lisa_agent.data.queries import queries_for_scene
 from lisa_agent.data.reasonseg import (
     DatasetError,
     iter_samples,
@@ -18,7 +19,7 @@ from lisa_agent.data.reasonseg import (
     read_sample,
     write_sample,
 )
-from lisa_agent.data.tabletop import queries_for_scene, render_scene
+from lisa_agent.data.tabletop import render_scene
 
 
 def _write_image(path, h=40, w=50):

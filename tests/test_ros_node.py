@@ -78,7 +78,8 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
 @pytest.fixture(scope="module")
 def scene():
     """A tabletop frame and an explicit query about one of its objects (with its ground-truth mask)."""
-    from lisa_agent.data.tabletop import explicit_query, render_scene, split_seed
+    from lisa_agent.data.queries import explicit_query
+    from lisa_agent.data.tabletop import render_scene, split_seed
 
     # a held-out scene (test-split seed) on which the bundled model finds the ball (IoU 0.77 in fast
     # mode); the model's overall accuracy is measured in test_tabletop_model.py and its model card

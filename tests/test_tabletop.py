@@ -8,20 +8,18 @@ import re
 import numpy as np
 import pytest
 
+from lisa_agent.data.queries import SEG, describe_scene, queries_for_scene
 from lisa_agent.data.tabletop import (
     AFFORDANCES,
     CATEGORIES,
     COLOURS,
     DEFAULT_SIZES,
     MIN_VISIBLE,
-    SEG,
     SILHOUETTES,
     SPLIT_SPAN,
     _draw_parts,
-    describe_scene,
     fill_polygons,
     mask_polygons,
-    queries_for_scene,
     render_scene,
     split_seed,
 )

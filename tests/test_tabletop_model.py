@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from lisa_agent import LisaSegmenter
-from lisa_agent.data.tabletop import queries_for_scene, render_scene, split_seed
+from lisa_agent.data.queries import queries_for_scene
+from lisa_agent.data.tabletop import render_scene, split_seed
 from lisa_agent.evaluation.metrics import IoUMeter, score_query
 
 N_SCENES = 10

@@ -126,7 +126,8 @@ def test_named_answers_put_the_target_name_before_each_seg():
 
 
 def test_named_colour_needed_names_the_colour_only_when_the_category_repeats():
-    from lisa_agent.data.tabletop import render_scene, short_name, split_seed
+    from lisa_agent.data.queries import short_name
+    from lisa_agent.data.tabletop import render_scene, split_seed
 
     # find a training scene with two objects of one category and check both naming modes on it
     for index in range(200):

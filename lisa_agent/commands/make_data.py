@@ -45,8 +45,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..data.queries import queries_for_scene
     from ..data.reasonseg import write_sample
-    from ..data.tabletop import queries_for_scene, render_scene, split_seed
+    from ..data.tabletop import render_scene, split_seed
 
     if args.n < 1:
         raise InvalidArgumentError(f"--n must be >= 1; got {args.n}")

@@ -42,7 +42,8 @@ import cv2
 import numpy as np
 
 from ..errors import LisaError
-from .tabletop import QuerySample, Scene, fill_polygons
+from .queries import QuerySample
+from .tabletop import Scene, fill_polygons
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXTRA_KEY = "lisa_agent"
@@ -132,7 +133,7 @@ class Query:
             K = 0 for no-target; ReasonSeg: ``gt == 1`` as one mask).
         targets: indices into the sample's objects (ours; empty for ReasonSeg files).
         answer: the answer to train on (ours; None for ReasonSeg files).
-        explanatory / concept: see :class:`~lisa_agent.data.tabletop.QuerySample`.
+        explanatory / concept: see :class:`~lisa_agent.data.queries.QuerySample`.
     """
 
     text: str

@@ -37,8 +37,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from ..data.queries import SUBSETS
 from ..data.reasonseg import Query, Sample, lisa_eval_prompt
-from ..data.tabletop import SUBSETS
 from .metrics import IoUMeter, QueryScore, score_query
 
 ANSWER_MODES = ("forced", "generated")

@@ -84,8 +84,9 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
     """
     if named_colour not in ("always", "needed"):
         raise ValueError(f"named_colour must be 'always' or 'needed', not {named_colour!r}")
+    from ..data.queries import describe_scene, queries_for_scene, short_name
     from ..data.reasonseg import lisa_eval_prompt
-    from ..data.tabletop import describe_scene, queries_for_scene, render_scene, short_name, split_seed
+    from ..data.tabletop import render_scene, split_seed
 
     index = start
     while True:

@@ -22,8 +22,9 @@ def tabletop_corpus(n_scenes: int = 400) -> list[str]:
     """Text to train the tokenizer on: LISA's templates plus the tabletop world's queries and answers."""
     import numpy as np
 
+    from ..data.queries import queries_for_scene
     from ..data.reasonseg import lisa_eval_prompt
-    from ..data.tabletop import queries_for_scene, render_scene, split_seed
+    from ..data.tabletop import render_scene, split_seed
 
     lines = list(BASE_CORPUS)
     for i in range(n_scenes):
