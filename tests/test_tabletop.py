@@ -8,7 +8,7 @@ import re
 import numpy as np
 import pytest
 
-from lisa_agent.data.queries import SEG, describe_scene, queries_for_scene
+from lisa_agent.data.queries import SEG, describe_scene, presence_question, queries_for_scene
 from lisa_agent.data.tabletop import (
     AFFORDANCES,
     CATEGORIES,
@@ -218,3 +218,17 @@ def test_describe_lists_every_object_left_to_right_with_its_colour(scenes):
             assert item.split()[0] == article, item
             assert ("pair of" in item) == CATEGORIES[obj.category].plural
 
+
+
+def test_presence_questions_are_true_and_balanced(scenes):
+    rng = np.random.default_rng(1)
+    answers = []
+    for s in scenes:
+        for _ in range(20):
+            question, answer = presence_question(s, rng)
+            assert question.startswith("Is there ") and question.endswith(" in this image?")
+            asked = question.removeprefix("Is there ").removesuffix(" in this image?")
+            matches = _matches(s, asked)
+            assert answer.startswith("Yes" if matches else "No"), (question, answer, [o.name() for o in s.objects])
+            answers.append(answer.startswith("Yes"))
+    assert 0.35 < np.mean(answers) < 0.65

@@ -155,8 +155,9 @@ def test_named_colour_needed_names_the_colour_only_when_the_category_repeats():
         next(synthetic_scenes("train", 0, named_colour="sometimes"))
 
 
-def test_describe_questions_train_without_masks():
-    scene = next(synthetic_scenes("train", 1, ((96, 128),), describe=2))
+def test_describe_and_presence_questions_train_without_masks():
+    scene = next(synthetic_scenes("train", 1, ((96, 128),), describe=2, presence=3))
     described = [ex for ex in scene.examples if ex.answer.startswith("There is ")]
-    assert len(described) == 2
-    assert all(ex.masks.shape == (0, 96, 128) and "[SEG]" not in ex.answer for ex in described)
+    asked = [ex for ex in scene.examples if ex.prompt_text.startswith("Is there ")]
+    assert len(described) == 2 and len(asked) == 3
+    assert all(ex.masks.shape == (0, 96, 128) and "[SEG]" not in ex.answer for ex in described + asked)

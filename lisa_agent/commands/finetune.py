@@ -41,6 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic data: queries per scene about something absent (default 1)")
     parser.add_argument("--describe-per-scene", type=int, default=0,
                         help="synthetic data: questions per scene answered by listing its objects (no mask)")
+    parser.add_argument("--presence-per-scene", type=int, default=0,
+                        help="synthetic data: yes/no questions per scene about what is present (no mask)")
     parser.add_argument("--reinit-seg-head", action="store_true",
                         help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
     parser.add_argument("--frame-sizes", default="192x256,256x192,224x224", help="synthetic frame sizes HxW,...")
@@ -88,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     if args.data == "synthetic":
         scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start,
                                   named_prob=args.named_answers, no_target=args.no_target_per_scene,
-                                  named_colour=args.named_colour, describe=args.describe_per_scene)
+                                  named_colour=args.named_colour, describe=args.describe_per_scene,
+                                  presence=args.presence_per_scene)
     else:
         scenes = folder_scenes(args.data, args.seed + start)
     trainer.fit(scenes, progress=not args.no_progress)

@@ -229,6 +229,31 @@ def describe_scene(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return _pick(rng, _DESCRIBE_QUESTIONS), f"There is {listing}."
 
 
+def presence_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+    """A yes/no question about whether something is in the scene, present or absent with equal
+    probability, by category ("Is there a knife in this image?" -> "Yes, there is a knife.") or by use
+    ("Is there something to cut with?" -> "No, there is nothing to cut with.").
+
+    Not an evaluation query: training data in the role of LISA's VQA mix; it asks for exactly the
+    judgement a no-target query needs."""
+    present = {o.category for o in scene.objects}
+    want_present = bool(rng.random() < 0.5)
+    if rng.random() < 0.5:
+        affs = [a for a in AFFORDANCES.values() if bool(a.categories & present) == want_present]
+        if affs:
+            aff = affs[int(rng.integers(0, len(affs)))]
+            phrase = _pick(rng, aff.phrases)
+            answer = f"Yes, there is {phrase}." if want_present else f"No, there is {aff.nothing}."
+            return f"Is there {phrase} in this image?", answer
+    cats = [c for c in CATEGORIES if (c in present) == want_present]
+    cat = cats[int(rng.integers(0, len(cats)))]
+    noun = f"any {cat}" if CATEGORIES[cat].plural else f"{'an' if cat[0] in 'aeiou' else 'a'} {cat}"
+    verb = "are" if CATEGORIES[cat].plural else "is"
+    if want_present:
+        return f"Is there {noun} in this image?", f"Yes, there {verb} {noun.replace('any ', '')}."
+    return f"Is there {noun} in this image?", f"No, there {verb} no {cat}."
+
+
 def _masks(scene: Scene, idx: Sequence[int]) -> np.ndarray:
     return np.stack([scene.objects[k].mask for k in idx])
 

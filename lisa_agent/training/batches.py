@@ -67,7 +67,7 @@ def named_answer(answer: str, names: Sequence[str]) -> str:
 def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
                      raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0,
                      no_target: int = 1, named_colour: str = "always",
-                     describe: int = 0) -> Iterator[Scene]:
+                     describe: int = 0, presence: int = 0) -> Iterator[Scene]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
@@ -80,11 +80,12 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
     targets with their colour ("the red mug"); ``"needed"`` only when the scene holds another object of
     the category ("the mug"), so the language model need not read colours off the image. ``describe``:
     questions per scene answered by listing every object with its colour (no mask; the role of LISA's
-    VQA data: it teaches the language model what is in the frame).
+    VQA data: it teaches the language model what is in the frame). ``presence``: yes/no questions per
+    scene about whether a category or a use is present (half present, half absent; no mask).
     """
     if named_colour not in ("always", "needed"):
         raise ValueError(f"named_colour must be 'always' or 'needed', not {named_colour!r}")
-    from ..data.queries import describe_scene, queries_for_scene, short_name
+    from ..data.queries import describe_scene, presence_question, queries_for_scene, short_name
     from ..data.reasonseg import lisa_eval_prompt
     from ..data.tabletop import render_scene, split_seed
 
@@ -105,9 +106,13 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
             elif q.subset in ("explicit", "implicit") and not q.explanatory and rng.random() < 0.5:
                 answer = ANSWER_TEMPLATES[int(rng.integers(0, len(ANSWER_TEMPLATES)))]
             examples.append(Example(0, text, answer, q.masks.astype(bool)))
+        no_masks = np.zeros((0, *scene.image.shape[:2]), dtype=bool)
         for _ in range(describe):
             question, answer = describe_scene(scene, rng)
-            examples.append(Example(0, question, answer, np.zeros((0, *scene.image.shape[:2]), dtype=bool)))
+            examples.append(Example(0, question, answer, no_masks))
+        for _ in range(presence):
+            question, answer = presence_question(scene, rng)
+            examples.append(Example(0, question, answer, no_masks))
         index += 1
         yield Scene(scene.image, examples)
 
