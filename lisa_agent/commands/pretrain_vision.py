@@ -1,0 +1,34 @@
+"""``lisa-agent pretrain-vision``: teach a small checkpoint's CLIP tower what each patch shows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+HELP = "pre-train a small checkpoint's vision tower on the tabletop world (what each patch shows)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder, Hub id or tabletop-tiny")
+    parser.add_argument("--out", required=True, help="output folder (published layout)")
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--scenes", type=int, default=3000, help="training scenes rendered once")
+    parser.add_argument("--seed", type=int, default=9_000_000, help="first train-split scene seed")
+    parser.add_argument("--threads", type=int, default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..errors import InvalidArgumentError
+    from ..training.vision_pretrain import VisionPretrainConfig, pretrain_vision
+
+    if args.steps < 1 or args.batch < 1 or args.scenes < 1:
+        raise InvalidArgumentError("--steps, --batch and --scenes must be positive")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = VisionPretrainConfig(steps=args.steps, batch=args.batch, lr=args.lr, scenes=args.scenes, seed=args.seed)
+    print(json.dumps(pretrain_vision(args.model, args.out, cfg)))
+    return 0
