@@ -53,16 +53,17 @@ def sam_preprocess(image: np.ndarray, size: int) -> SamInput:
     return SamInput(pixels=padded[None], resized_hw=(nh, nw), original_hw=(h, w))
 
 
+def clip_crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """Where CLIP's input comes from in an H x W frame: ``(nh, nw, top, left)``, the shortest-side resize
+    to ``size`` and the top-left corner of the centred ``size`` x ``size`` crop in it."""
+    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
+    return nh, nw, (nh - size) // 2, (nw - size) // 2
+
+
 def clip_preprocess(image: np.ndarray, size: int) -> torch.Tensor:
     """HxWx3 uint8 RGB -> (1, 3, size, size) float32 CLIP input (shortest-side resize, center crop)."""
-    h, w = image.shape[:2]
-    if h <= w:
-        nh, nw = size, int(size * w / h)
-    else:
-        nh, nw = int(size * h / w), size
+    nh, nw, top, left = clip_crop_geometry(*image.shape[:2], size)
     resized = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC)
-    top = (nh - size) // 2
-    left = (nw - size) // 2
     crop = np.asarray(resized, dtype=np.float32)[top: top + size, left: left + size] / 255.0
     crop = (crop - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]

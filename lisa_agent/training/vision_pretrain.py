@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.tabletop import CATEGORIES, COLOURS, Scene, render_scene, split_seed
-from ..preprocess import clip_preprocess
+from ..preprocess import clip_crop_geometry, clip_preprocess
 
 
 @dataclass
@@ -42,17 +42,11 @@ class VisionPretrainConfig:
 LABELS: tuple[str, ...] = tuple(CATEGORIES) + tuple(COLOURS)
 
 
-def clip_crop_box(h: int, w: int, size: int) -> tuple[int, int, int, int, int, int]:
-    """``clip_preprocess``'s geometry: resized (nh, nw) and the crop's (top, left, size, size)."""
-    nh, nw = (size, int(size * w / h)) if h <= w else (int(size * h / w), size)
-    return nh, nw, (nh - size) // 2, (nw - size) // 2, size, size
-
-
 def patch_targets(scene: Scene, size: int, grid: int) -> np.ndarray:
     """(grid * grid, len(LABELS)) float32: per CLIP patch (row-major), the share of it covered by
     each category and each colour, seen through the same resize and centre crop as the frame."""
     h, w = scene.image.shape[:2]
-    nh, nw, top, left, _, _ = clip_crop_box(h, w, size)
+    nh, nw, top, left = clip_crop_geometry(h, w, size)
     out = np.zeros((grid * grid, len(LABELS)), np.float32)
     cell = size // grid
     for obj in scene.objects:
