@@ -96,12 +96,18 @@ def write_vision_tower(out: Path, shape: TinyShape, seed: int = 0) -> None:
                            num_hidden_layers=shape.clip_layers, num_attention_heads=shape.clip_heads,
                            image_size=shape.clip_image, patch_size=shape.clip_patch, projection_dim=shape.clip_hidden)
     CLIPVisionModel(cfg).save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps({
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": shape.clip_image},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": shape.clip_image, "width": shape.clip_image},
+    (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(shape.clip_image), indent=2))
+
+
+def clip_preprocessor_config(image_size: int) -> dict:
+    """``preprocessor_config.json`` of a CLIP tower: resize the shortest side to ``image_size``,
+    centre-crop a square of it, CLIP's mean / std (as openai/clip-vit-large-patch14, at another size)."""
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
+        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True}, indent=2))
+        "do_convert_rgb": True}
 
 
 def lisa_config_dict(vocab_size: int, shape: TinyShape, bos: int, eos: int, vision_tower: str = "vision_tower") -> dict:

@@ -31,9 +31,10 @@ def test_bce_and_dice_by_hand():
     assert dice(perfect, target).item() == pytest.approx(0.0, abs=1e-4)
 
 
-def _trainer(checkpoint, out, method, steps=4, lr=1e-3):
+def _trainer(checkpoint, out, method, steps=4, lr=1e-3, freeze_vision=False):
     seg = LisaSegmenter.from_pretrained(checkpoint)
-    cfg = TrainConfig(method=method, steps=steps, lr=lr, warmup=1, scenes_per_batch=1, val_every=0, save_every=0)
+    cfg = TrainConfig(method=method, steps=steps, lr=lr, warmup=1, scenes_per_batch=1, val_every=0, save_every=0,
+                      freeze_vision=freeze_vision)
     return Trainer(seg, checkpoint, out, cfg, log=lambda *a: None)
 
 
@@ -79,6 +80,15 @@ def test_lora_trains_only_the_recipe_and_merges_exactly(tiny_checkpoint, tmp_pat
     theirs = merged.segment(frame, "the red mug", return_logits=True)
     np.testing.assert_allclose(theirs.seg_embeddings, mine.seg_embeddings, atol=1e-4)
     np.testing.assert_allclose(theirs.logits, mine.logits, atol=1e-3)
+
+
+def test_freeze_vision_keeps_the_clip_tower_and_trains_the_rest(tiny_checkpoint, tmp_path):
+    trainer = _trainer(tiny_checkpoint, tmp_path / "fz", "full", steps=2, lr=5e-2, freeze_vision=True)
+    tower = {k: v.clone() for k, v in trainer.model.vision.state_dict().items()}
+    projector = trainer.model.mm_projector.weight.detach().clone()
+    trainer.fit(_scenes(), progress=False)
+    assert all(torch.equal(tower[k], v) for k, v in trainer.model.vision.state_dict().items())
+    assert not torch.equal(projector, trainer.model.mm_projector.weight)
 
 
 def test_resume_continues_the_step_count(tiny_checkpoint, tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from lisa_agent import LisaSegmenter
 from lisa_agent.data.tabletop import render_scene, split_seed
-from lisa_agent.training.vision_pretrain import LABELS, VisionPretrainConfig, patch_targets
+from lisa_agent.training.vision_pretrain import LABELS, TowerShape, VisionPretrainConfig, patch_targets
 
 
 @pytest.mark.parametrize("size", [(240, 320), (320, 240), (224, 224)])
@@ -70,3 +70,40 @@ def test_pretrain_vision_rejects_bad_arguments(tiny_checkpoint, tmp_path, capsys
     assert main(["pretrain-vision", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"),
                  "--steps", "0"]) != 0
     assert "--steps" in capsys.readouterr().err
+
+
+def test_new_tower_replaces_clip_and_projector_and_keeps_the_rest(tiny_checkpoint, tmp_path, capsys):
+    from lisa_agent.cli import main
+
+    before = LisaSegmenter.from_pretrained(tiny_checkpoint, dtype="fp32", device="cpu")
+    rc = main(["pretrain-vision", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "nt"), "--steps", "4",
+               "--scenes", "8", "--batch", "4", "--new-tower", "84/28/48/3/2"])
+    assert rc == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["image_tokens"] == 9
+    config = json.loads((tmp_path / "nt" / "config.json").read_text())
+    assert config["mm_hidden_size"] == 48
+    proc = json.loads((tmp_path / "nt" / "vision_tower" / "preprocessor_config.json").read_text())
+    assert proc["crop_size"] == {"height": 84, "width": 84} and proc["size"] == {"shortest_edge": 84}
+    after = LisaSegmenter.from_pretrained(tmp_path / "nt", dtype="fp32", device="cpu")
+    assert after.clip_size == 84 and after.model.vision.hidden_size == 48
+    assert after.model.mm_projector.weight.shape == (before.model.mm_projector.out_features, 48)
+    sb, sa = before.model.state_dict(), after.model.state_dict()
+    kept = [k for k in sb if not k.startswith(("vision.", "mm_projector."))]
+    assert kept and all(torch.equal(sb[k], sa[k]) for k in kept)
+    frame = render_scene(split_seed("test", 3), size=(96, 128)).image
+    result = after.segment(frame, "the red mug", mode="fast")
+    assert result.masks.shape[1:] == (96, 128)
+
+
+@pytest.mark.parametrize("text", ["224/28/192", "224/30/192/4", "224/28/190/4/4", "224/28/192/1", "a/b/c/d", "0/1/2/3"])
+def test_tower_shape_rejects_bad_specs_with_the_reason(text):
+    with pytest.raises(ValueError, match="tower|patch|heads|layers"):
+        TowerShape.parse(text)
+
+
+def test_pretrain_vision_names_a_bad_new_tower(tiny_checkpoint, tmp_path, capsys):
+    from lisa_agent.cli import main
+
+    assert main(["pretrain-vision", "--model", str(tiny_checkpoint), "--out", str(tmp_path / "x"),
+                 "--new-tower", "100/28/48/3"]) != 0
+    assert "--new-tower" in capsys.readouterr().err

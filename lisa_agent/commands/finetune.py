@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic data: yes/no questions per scene about what is present (no mask)")
     parser.add_argument("--reinit-seg-head", action="store_true",
                         help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
+    parser.add_argument("--freeze-vision", action="store_true",
+                        help="--full: keep the CLIP tower fixed as LISA does (e.g. after pretrain-vision)")
     parser.add_argument("--frame-sizes", default="192x256,256x192,224x224", help="synthetic frame sizes HxW,...")
     parser.add_argument("--val-data", default=None, help="ReasonSeg-layout folder for periodic gIoU/cIoU")
     parser.add_argument("--val-every", type=int, default=200)
@@ -68,7 +70,8 @@ def run(args: argparse.Namespace) -> int:
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-3)
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=lr, warmup=args.warmup,
                       scenes_per_batch=args.scenes_per_batch, val_every=args.val_every, val_limit=args.val_limit,
-                      save_every=args.save_every, seed=args.seed, threads=args.threads, val_answer=args.val_answer)
+                      save_every=args.save_every, seed=args.seed, threads=args.threads, val_answer=args.val_answer,
+                      freeze_vision=args.freeze_vision)
     if args.reinit_seg_head:
         import torch
 

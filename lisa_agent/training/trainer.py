@@ -17,7 +17,7 @@ from torch.nn import functional as F
 from ..errors import InvalidArgumentError
 from ..loading import published_state_dict
 from ..segmenter import LisaSegmenter
-from ..tiny import save_state_dict
+from ..tiny import clip_preprocessor_config, save_state_dict
 from .batches import Batch, Scene, collate
 from .losses import BCE_WEIGHT, CE_WEIGHT, DICE_WEIGHT, dice, sigmoid_bce
 
@@ -46,6 +46,7 @@ class TrainConfig:
     save_every: int = 500
     seed: int = 0
     threads: int | None = None
+    freeze_vision: bool = False  # keep the CLIP tower fixed, as LISA does (the projector still trains)
 
 
 class Trainer:
@@ -107,6 +108,8 @@ class Trainer:
             m.llm.get_input_embeddings().requires_grad_(True)
             m.sam.mask_decoder.requires_grad_(True)
             m.text_hidden_fcs.requires_grad_(True)
+        if self.cfg.freeze_vision and m.vision is not None:
+            m.vision.requires_grad_(False)
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         self.log(f"trainable parameters: {n:,} ({self.cfg.method})")
 
@@ -237,13 +240,17 @@ class Trainer:
             if (self.source_dir / name).is_file() and self.source_dir.resolve() != out.resolve():
                 shutil.copy2(self.source_dir / name, out / name)
         config = json.loads((self.source_dir / "config.json").read_text())
-        tower = self.model.vision.tower
+        vision = self.model.vision
         if self.cfg.method == "full" or (self.source_dir / config.get("vision_tower", "")).is_dir():
-            tower.save_pretrained(str(out / "vision_tower"))
+            vision.tower.save_pretrained(str(out / "vision_tower"))
             src_proc = self.source_dir / config.get("vision_tower", "") / "preprocessor_config.json"
-            if src_proc.is_file():
-                shutil.copy2(src_proc, out / "vision_tower" / "preprocessor_config.json")
+            proc = json.loads(src_proc.read_text()) if src_proc.is_file() else clip_preprocessor_config(vision.image_size)
+            # the tower may have been replaced (pretrain-vision --new-tower): its size decides the crop
+            proc["size"] = {"shortest_edge": vision.image_size}
+            proc["crop_size"] = {"height": vision.image_size, "width": vision.image_size}
+            (out / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
             config["vision_tower"] = config["mm_vision_tower"] = "vision_tower"
+        config["mm_hidden_size"] = vision.hidden_size
         config["lisa_agent"] = {"trained_steps": self.step, "method": self.cfg.method}
         (out / "config.json").write_text(json.dumps(config, indent=2))
         for old in list(out.glob("pytorch_model*.bin")) + list(out.glob("pytorch_model.bin.index.json")):

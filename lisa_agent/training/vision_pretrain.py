@@ -37,6 +37,58 @@ class VisionPretrainConfig:
     scenes: int = 3000
     seed: int = 9_000_000
     sizes: tuple[tuple[int, int], ...] = ((192, 256), (256, 192), (224, 224), (240, 320), (320, 240))
+    new_tower: TowerShape | None = None  # replace the tower (and projector) with a fresh one first
+
+
+@dataclass(frozen=True)
+class TowerShape:
+    """A CLIP ViT's shape: ``image`` px square input cut in ``patch`` px patches, ``width`` wide,
+    ``layers`` deep, ``heads`` attention heads. ``(image // patch) ** 2`` image tokens reach the LLM."""
+
+    image: int
+    patch: int
+    width: int
+    layers: int
+    heads: int = 4
+
+    @classmethod
+    def parse(cls, text: str) -> TowerShape:
+        """``"IMAGE/PATCH/WIDTH/LAYERS[/HEADS]"``, e.g. ``"224/28/192/4"``; ValueError names what is wrong."""
+        parts = text.split("/")
+        try:
+            values = [int(v) for v in parts]
+        except ValueError:
+            values = []
+        if len(values) not in (4, 5) or min(values) < 1:
+            raise ValueError(f"tower shape must be IMAGE/PATCH/WIDTH/LAYERS[/HEADS] positive integers, got {text!r}")
+        shape = cls(*values)
+        if shape.image % shape.patch:
+            raise ValueError(f"image size {shape.image} is not a multiple of the patch size {shape.patch}")
+        if shape.width % shape.heads:
+            raise ValueError(f"width {shape.width} is not a multiple of {shape.heads} heads")
+        if shape.layers < 2:
+            raise ValueError("the tower needs at least 2 layers (LISA reads the features of layer -2)")
+        return shape
+
+
+def replace_vision_tower(model: Any, shape: TowerShape, seed: int) -> None:
+    """Give ``model`` (a :class:`~lisa_agent.modeling.lisa.LisaModel`) a freshly initialised CLIP tower of
+    ``shape`` and a new ``mm_projector`` from its width to the LLM's; the LLM, SAM and [SEG] head keep
+    their weights. Same feature choice (layer, CLS dropped or not) as the tower it replaces."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+
+    from ..modeling.clip import ClipPatchFeatures
+
+    old = model.vision
+    torch.manual_seed(seed)
+    cfg = CLIPVisionConfig(hidden_size=shape.width, intermediate_size=2 * shape.width,
+                           num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
+                           image_size=shape.image, patch_size=shape.patch, projection_dim=shape.width)
+    n_layers = len(old._vision().encoder.layers)
+    select_layer = old.n_run - n_layers - 1  # the same layer counted from the end (-2 for LISA)
+    vision = ClipPatchFeatures(CLIPVisionModel(cfg), select_layer, old.select_feature)
+    model.attach_vision(vision.to(model.device))
+    model.mm_projector = torch.nn.Linear(shape.width, model.mm_projector.out_features).to(model.device)
 
 
 LABELS: tuple[str, ...] = tuple(CATEGORIES) + tuple(COLOURS)
@@ -147,11 +199,14 @@ def pretrain_vision(model: str | Path, out_dir: str | Path, config: VisionPretra
 
     source = resolve_checkpoint(str(model))
     seg = LisaSegmenter.from_pretrained(source, dtype="fp32", device="cpu")
+    if config.new_tower is not None:
+        replace_vision_tower(seg.model, config.new_tower, config.seed)
+        seg.clip_size = seg.model.vision.image_size
     torch.manual_seed(config.seed)
     pre = VisionPretrainer(seg.model, config, log)
     history = pre.fit()
     probe = pre.probe()
     trainer = Trainer(seg, Path(source), Path(out_dir), TrainConfig(method="full", steps=0), log=log)
     trainer.save()
-    return {"out": str(out_dir), "steps": config.steps, "final_loss": round(float(np.mean(history[-50:])), 4),
+    return {"out": str(out_dir), "steps": config.steps, "image_tokens": pre.grid ** 2, "final_loss": round(float(np.mean(history[-50:])), 4),
             "probe": probe}
