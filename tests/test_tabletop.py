@@ -8,7 +8,14 @@ import re
 import numpy as np
 import pytest
 
-from lisa_agent.data.queries import SEG, describe_scene, presence_question, queries_for_scene
+from lisa_agent.data.queries import (
+    CURRICULUM_ORDER,
+    SEG,
+    describe_scene,
+    presence_categories,
+    presence_question,
+    queries_for_scene,
+)
 from lisa_agent.data.tabletop import (
     AFFORDANCES,
     CATEGORIES,
@@ -232,3 +239,22 @@ def test_presence_questions_are_true_and_balanced(scenes):
             assert answer.startswith("Yes" if matches else "No"), (question, answer, [o.name() for o in s.objects])
             answers.append(answer.startswith("Yes"))
     assert 0.35 < np.mean(answers) < 0.65
+
+
+def test_presence_curriculum_doubles_the_categories_then_asks_everything(scenes):
+    assert presence_categories(0, (300, 600)) == CURRICULUM_ORDER[:2]
+    assert presence_categories(299, (300, 600)) == CURRICULUM_ORDER[:2]
+    assert presence_categories(300, (300, 600)) == CURRICULUM_ORDER[:4]
+    assert presence_categories(600, (300, 600)) is None
+    assert presence_categories(0, ()) is None
+    assert sorted(CURRICULUM_ORDER) == sorted(CATEGORIES)
+    rng = np.random.default_rng(3)
+    for s in scenes:
+        present = {o.category for o in s.objects}
+        for _ in range(4):
+            question, answer = presence_question(s, rng, ("book", "ball"))
+            cat = "book" if "book" in question else "ball"
+            assert question in (f"Is there a {cat} in this image?",)
+            assert answer.startswith("Yes") == (cat in present), (question, answer, present)
+    with pytest.raises(ValueError, match="subset"):
+        presence_question(scenes[0], rng, ("unicorn",))

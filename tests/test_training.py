@@ -165,6 +165,28 @@ def test_named_colour_needed_names_the_colour_only_when_the_category_repeats():
         next(synthetic_scenes("train", 0, named_colour="sometimes"))
 
 
+def test_presence_curriculum_follows_the_step_of_each_scene():
+    it = synthetic_scenes("train", 1, ((96, 128),), no_target=0, presence=3, presence_curriculum=(2,),
+                          scenes_per_step=2)
+    early = [next(it) for _ in range(4)]  # steps 0-1: only book / ball
+    late = [next(it) for _ in range(40)]  # step 2 on: any category or use
+
+    def asked(scs):
+        return [e.prompt_text for s in scs for e in s.examples if e.prompt_text.startswith("Is there")]
+
+    assert asked(early) and all(q in ("Is there a book in this image?", "Is there a ball in this image?")
+                                for q in asked(early))
+    assert any("book" not in q and "ball" not in q for q in asked(late))
+
+
+def test_finetune_rejects_a_bad_presence_curriculum(tiny_checkpoint, tmp_path, capsys):
+    from lisa_agent.cli import main
+
+    assert main(["finetune", "--model", str(tiny_checkpoint), "--data", "synthetic", "--out", str(tmp_path / "x"),
+                 "--presence-curriculum", "600,300"]) != 0
+    assert "--presence-curriculum" in capsys.readouterr().err
+
+
 def test_describe_and_presence_questions_train_without_masks():
     scene = next(synthetic_scenes("train", 1, ((96, 128),), describe=2, presence=3))
     described = [ex for ex in scene.examples if ex.answer.startswith("There is ")]

@@ -14,6 +14,21 @@ def _sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(tuple(int(v) for v in part.lower().split("x")) for part in text.split(","))  # type: ignore[misc]
 
 
+def _steps(text: str) -> tuple[int, ...]:
+    """``"300,600"`` -> (300, 600): ascending positive step thresholds ("" -> none)."""
+    from ..errors import InvalidArgumentError
+
+    if not text.strip():
+        return ()
+    try:
+        steps = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        steps = ()
+    if not steps or min(steps) < 1 or list(steps) != sorted(set(steps)):
+        raise InvalidArgumentError(f"--presence-curriculum must be ascending positive steps like 300,600; got {text!r}")
+    return steps
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="starting checkpoint: Hub id, folder or tabletop-tiny")
     parser.add_argument("--vision-tower", default=None)
@@ -43,6 +58,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="synthetic data: questions per scene answered by listing its objects (no mask)")
     parser.add_argument("--presence-per-scene", type=int, default=0,
                         help="synthetic data: yes/no questions per scene about what is present (no mask)")
+    parser.add_argument("--presence-curriculum", default="", metavar="STEP,STEP,...",
+                        help="presence questions ask about only 2 categories before the first step, 4 before "
+                             "the second, doubling; all categories and uses after the last")
     parser.add_argument("--reinit-seg-head", action="store_true",
                         help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
     parser.add_argument("--freeze-vision", action="store_true",
@@ -94,7 +112,9 @@ def run(args: argparse.Namespace) -> int:
         scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start,
                                   named_prob=args.named_answers, no_target=args.no_target_per_scene,
                                   named_colour=args.named_colour, describe=args.describe_per_scene,
-                                  presence=args.presence_per_scene)
+                                  presence=args.presence_per_scene,
+                                  presence_curriculum=_steps(args.presence_curriculum),
+                                  scenes_per_step=cfg.scenes_per_batch)
     else:
         scenes = folder_scenes(args.data, args.seed + start)
     trainer.fit(scenes, progress=not args.no_progress)

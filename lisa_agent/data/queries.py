@@ -229,14 +229,29 @@ def describe_scene(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
     return _pick(rng, _DESCRIBE_QUESTIONS), f"There is {listing}."
 
 
-def presence_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]:
+#: Categories in the order a presence curriculum introduces them: distinct silhouettes first, thin ones last.
+CURRICULUM_ORDER: tuple[str, ...] = ("book", "ball", "bottle", "banana", "mug", "hammer", "apple", "knife",
+                                     "scissors", "spoon", "key", "pen")
+
+
+def presence_question(scene: Scene, rng: np.random.Generator,
+                      categories: Sequence[str] | None = None) -> tuple[str, str]:
     """A yes/no question about whether something is in the scene, present or absent with equal
     probability, by category ("Is there a knife in this image?" -> "Yes, there is a knife.") or by use
     ("Is there something to cut with?" -> "No, there is nothing to cut with.").
 
+    ``categories``: ask only about one of these (chosen uniformly, answered by what the scene holds), no
+    uses; the early, easier phase of a curriculum.
+
     Not an evaluation query: training data in the role of LISA's VQA mix; it asks for exactly the
     judgement a no-target query needs."""
     present = {o.category for o in scene.objects}
+    if categories is not None:
+        unknown = set(categories) - set(CATEGORIES)
+        if unknown or not categories:
+            raise ValueError(f"presence categories must be a non-empty subset of {list(CATEGORIES)}, got {categories}")
+        cat = categories[int(rng.integers(0, len(categories)))]
+        return _presence_answer(cat, cat in present)
     want_present = bool(rng.random() < 0.5)
     if rng.random() < 0.5:
         affs = [a for a in AFFORDANCES.values() if bool(a.categories & present) == want_present]
@@ -246,12 +261,27 @@ def presence_question(scene: Scene, rng: np.random.Generator) -> tuple[str, str]
             answer = f"Yes, there is {phrase}." if want_present else f"No, there is {aff.nothing}."
             return f"Is there {phrase} in this image?", answer
     cats = [c for c in CATEGORIES if (c in present) == want_present]
-    cat = cats[int(rng.integers(0, len(cats)))]
+    return _presence_answer(cats[int(rng.integers(0, len(cats)))], want_present)
+
+
+def presence_categories(step: int, curriculum: Sequence[int]) -> tuple[str, ...] | None:
+    """The categories presence questions may ask about at training ``step`` under ``curriculum``
+    (ascending step thresholds): 2 before the first, 4 before the second, doubling, and every
+    category and use (None) from the last one on. A tiny language model learns "is there a <noun>?"
+    for two categories in a few hundred steps but not for all twelve at once (measured, model card)."""
+    for phase, until in enumerate(curriculum):
+        if step < until:
+            return CURRICULUM_ORDER[: min(len(CURRICULUM_ORDER), 2 ** (phase + 1))]
+    return None
+
+
+def _presence_answer(cat: str, present: bool) -> tuple[str, str]:
     noun = f"any {cat}" if CATEGORIES[cat].plural else f"{'an' if cat[0] in 'aeiou' else 'a'} {cat}"
     verb = "are" if CATEGORIES[cat].plural else "is"
-    if want_present:
-        return f"Is there {noun} in this image?", f"Yes, there {verb} {noun.replace('any ', '')}."
-    return f"Is there {noun} in this image?", f"No, there {verb} no {cat}."
+    question = f"Is there {noun} in this image?"
+    if present:
+        return question, f"Yes, there {verb} {noun.replace('any ', '')}."
+    return question, f"No, there {verb} no {cat}."
 
 
 def _masks(scene: Scene, idx: Sequence[int]) -> np.ndarray:

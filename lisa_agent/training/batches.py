@@ -67,7 +67,8 @@ def named_answer(answer: str, names: Sequence[str]) -> str:
 def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
                      raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0,
                      no_target: int = 1, named_colour: str = "always",
-                     describe: int = 0, presence: int = 0) -> Iterator[Scene]:
+                     describe: int = 0, presence: int = 0, presence_curriculum: Sequence[int] = (),
+                     scenes_per_step: int = 1) -> Iterator[Scene]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
@@ -82,10 +83,18 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
     questions per scene answered by listing every object with its colour (no mask; the role of LISA's
     VQA data: it teaches the language model what is in the frame). ``presence``: yes/no questions per
     scene about whether a category or a use is present (half present, half absent; no mask).
+    ``presence_curriculum``: step thresholds (scene ``index // scenes_per_step`` is the step) before
+    which presence questions ask only about 2, 4, 8, ... categories (see ``presence_categories``).
     """
     if named_colour not in ("always", "needed"):
         raise ValueError(f"named_colour must be 'always' or 'needed', not {named_colour!r}")
-    from ..data.queries import describe_scene, presence_question, queries_for_scene, short_name
+    from ..data.queries import (
+        describe_scene,
+        presence_categories,
+        presence_question,
+        queries_for_scene,
+        short_name,
+    )
     from ..data.reasonseg import lisa_eval_prompt
     from ..data.tabletop import render_scene, split_seed
 
@@ -110,8 +119,9 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
         for _ in range(describe):
             question, answer = describe_scene(scene, rng)
             examples.append(Example(0, question, answer, no_masks))
+        allowed = presence_categories(index // max(1, scenes_per_step), presence_curriculum)
         for _ in range(presence):
-            question, answer = presence_question(scene, rng)
+            question, answer = presence_question(scene, rng, allowed)
             examples.append(Example(0, question, answer, no_masks))
         index += 1
         yield Scene(scene.image, examples)
