@@ -19,10 +19,10 @@ from lisa_agent.evaluation.metrics import IoUMeter, score_query
 N_SCENES = 10
 SIZE = (240, 320)
 # Measured on these 10 scenes with the shipped weights: see test output; thresholds a little lower.
-# Measured here: explicit 0.586, implicit 0.573, right object 0.87, two masks 1.0, no-target answered
+# Measured here: explicit 0.656, implicit 0.630, right object 0.891, two masks 1.0, no-target answered
 # without a mask 0.0 (the model has not learned to decline; see the model card), demo IoU with the knife
-# 0.80.
-EXPLICIT_GIOU, IMPLICIT_GIOU, RIGHT_OBJECT, TWO_MASKS, DEMO_IOU = 0.54, 0.53, 0.8, 0.9, 0.7
+# 0.81. Right object is asserted at the project's bar (85%).
+EXPLICIT_GIOU, IMPLICIT_GIOU, RIGHT_OBJECT, TWO_MASKS, DEMO_IOU = 0.60, 0.58, 0.85, 0.9, 0.7
 
 
 @pytest.fixture(scope="module")
