@@ -208,5 +208,5 @@ def pretrain_vision(model: str | Path, out_dir: str | Path, config: VisionPretra
     probe = pre.probe()
     trainer = Trainer(seg, Path(source), Path(out_dir), TrainConfig(method="full", steps=0), log=log)
     trainer.save()
-    return {"out": str(out_dir), "steps": config.steps, "image_tokens": pre.grid ** 2, "final_loss": round(float(np.mean(history[-50:])), 4),
-            "probe": probe}
+    return {"out": str(out_dir), "steps": config.steps, "image_tokens": pre.grid ** 2,
+            "final_loss": round(float(np.mean(history[-50:])), 4), "probe": probe}
