@@ -89,14 +89,21 @@ class TinyShape:
 
 def write_vision_tower(out: Path, shape: TinyShape, seed: int = 0) -> None:
     """A random ``CLIPVisionModel`` with its preprocessor config (shortest side / crop = image size)."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     torch.manual_seed(seed + 1)
-    cfg = CLIPVisionConfig(hidden_size=shape.clip_hidden, intermediate_size=2 * shape.clip_hidden,
-                           num_hidden_layers=shape.clip_layers, num_attention_heads=shape.clip_heads,
-                           image_size=shape.clip_image, patch_size=shape.clip_patch, projection_dim=shape.clip_hidden)
+    cfg = clip_vision_config(shape.clip_image, shape.clip_patch, shape.clip_hidden, shape.clip_layers, shape.clip_heads)
     CLIPVisionModel(cfg).save_pretrained(str(out))
     (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(shape.clip_image), indent=2))
+
+
+def clip_vision_config(image: int, patch: int, width: int, layers: int, heads: int):  # noqa: ANN201
+    """A small ``CLIPVisionConfig``: ``image`` px input in ``patch`` px patches, ``width`` wide (MLP 2x),
+    ``layers`` deep, ``heads`` heads."""
+    from transformers import CLIPVisionConfig
+
+    return CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                            num_attention_heads=heads, image_size=image, patch_size=patch, projection_dim=width)
 
 
 def clip_preprocessor_config(image_size: int) -> dict:

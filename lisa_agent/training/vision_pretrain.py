@@ -75,15 +75,14 @@ def replace_vision_tower(model: Any, shape: TowerShape, seed: int) -> None:
     """Give ``model`` (a :class:`~lisa_agent.modeling.lisa.LisaModel`) a freshly initialised CLIP tower of
     ``shape`` and a new ``mm_projector`` from its width to the LLM's; the LLM, SAM and [SEG] head keep
     their weights. Same feature choice (layer, CLS dropped or not) as the tower it replaces."""
-    from transformers import CLIPVisionConfig, CLIPVisionModel
+    from transformers import CLIPVisionModel
 
     from ..modeling.clip import ClipPatchFeatures
+    from ..tiny import clip_vision_config
 
     old = model.vision
     torch.manual_seed(seed)
-    cfg = CLIPVisionConfig(hidden_size=shape.width, intermediate_size=2 * shape.width,
-                           num_hidden_layers=shape.layers, num_attention_heads=shape.heads,
-                           image_size=shape.image, patch_size=shape.patch, projection_dim=shape.width)
+    cfg = clip_vision_config(shape.image, shape.patch, shape.width, shape.layers, shape.heads)
     n_layers = len(old._vision().encoder.layers)
     select_layer = old.n_run - n_layers - 1  # the same layer counted from the end (-2 for LISA)
     vision = ClipPatchFeatures(CLIPVisionModel(cfg), select_layer, old.select_feature)
