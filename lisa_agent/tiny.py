@@ -109,12 +109,13 @@ def clip_vision_config(image: int, patch: int, width: int, layers: int, heads: i
 def clip_preprocessor_config(image_size: int) -> dict:
     """``preprocessor_config.json`` of a CLIP tower: resize the shortest side to ``image_size``,
     centre-crop a square of it, CLIP's mean / std (as openai/clip-vit-large-patch14, at another size)."""
+    from .preprocess import CLIP_MEAN, CLIP_STD
+
     return {
         "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
         "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
         "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
-        "do_convert_rgb": True}
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
 
 
 def lisa_config_dict(vocab_size: int, shape: TinyShape, bos: int, eos: int, vision_tower: str = "vision_tower") -> dict:

@@ -27,6 +27,7 @@ class ClipPatchFeatures(nn.Module):
         if not 0 <= index <= n_layers:
             raise ValueError(f"mm_vision_select_layer {select_layer} is outside a {n_layers}-layer tower")
         self.n_run = index
+        self.select_layer = select_layer
         self.select_feature = select_feature
 
     def _vision(self) -> nn.Module:

@@ -83,9 +83,7 @@ def replace_vision_tower(model: Any, shape: TowerShape, seed: int) -> None:
     old = model.vision
     torch.manual_seed(seed)
     cfg = clip_vision_config(shape.image, shape.patch, shape.width, shape.layers, shape.heads)
-    n_layers = len(old._vision().encoder.layers)
-    select_layer = old.n_run - n_layers - 1  # the same layer counted from the end (-2 for LISA)
-    vision = ClipPatchFeatures(CLIPVisionModel(cfg), select_layer, old.select_feature)
+    vision = ClipPatchFeatures(CLIPVisionModel(cfg), old.select_layer, old.select_feature)
     model.attach_vision(vision.to(model.device))
     model.mm_projector = torch.nn.Linear(shape.width, model.mm_projector.out_features).to(model.device)
 
