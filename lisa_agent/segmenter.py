@@ -11,6 +11,14 @@ Three modes share one pipeline (frame features -> prompt -> LLM -> [SEG] states 
   every new token, then one more full pass for the hidden states). For parity tests and speed
   comparison only.
 
+Presence gate (ours, not LISA's; only for checkpoints whose ``config.json`` declares
+``lisa_agent.presence_gate``, such as the bundled ``tabletop-tiny``): the mask decoder's score output
+was trained to say whether a ``[SEG]``'s target is in the frame, and each mask's ``score`` is that
+probability. When every ``[SEG]`` of an answer scores below the gate's threshold the query is
+declined: no mask, and the answer is generated again from the checkpoint's decline prefix
+(``"Sorry,"``) with ``[SEG]`` barred, so the language model words the refusal itself ("Sorry, there
+is no hammer in this image."). Published LISA checkpoints have no gate and behave exactly as LISA.
+
 Per-frame SAM and CLIP features are cached (LRU, keyed by ``frame_id`` or a hash of the pixels), so
 several queries on one frame run the image encoders once; :meth:`LisaSegmenter.segment_batch` runs
 several ``fast`` queries in one LLM pass.
@@ -103,7 +111,7 @@ class LisaSegmenter:
 
     def __init__(self, model: LisaModel, tokenizer: LisaTokenizer, *, template: str = "llava_v1",
                  use_im_start_end: bool = True, name: str = "", quantization: str | None = None,
-                 cache_frames: int = 4):
+                 cache_frames: int = 4, presence_gate: dict[str, Any] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.template = get_template(template)
@@ -119,6 +127,8 @@ class LisaSegmenter:
             raise InvalidArgumentError("the model has no vision tower attached")
         self.sam_size = model.sam_spec.img_size
         self.clip_size = int(model.vision.image_size)
+        #: the checkpoint's presence gate ({"threshold": float, "decline_prefix": str}) or None
+        self.presence_gate = _check_gate(presence_gate)
         self._cache: OrderedDict[str, FrameFeatures] = OrderedDict()
         self._cache_frames = max(1, int(cache_frames))
         self._lock = threading.RLock()
@@ -128,7 +138,8 @@ class LisaSegmenter:
     def from_pretrained(cls, model: str | os.PathLike[str], *, vision_tower: str | None = None,
                         dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
                         quantization: str | None = None, template: str | None = None,
-                        cache_frames: int = 4, sam_attention: str = "auto") -> LisaSegmenter:
+                        cache_frames: int = 4, sam_attention: str = "auto",
+                        presence_threshold: float | str | None = "checkpoint") -> LisaSegmenter:
         """Load a LISA checkpoint in the published layout.
 
         Args:
@@ -144,6 +155,10 @@ class LisaSegmenter:
             sam_attention: SAM encoder attention: ``original`` (segment_anything's), ``sdpa``
                 (``scaled_dot_product_attention`` with the rel-pos bias; same numbers, faster on GPUs)
                 or ``auto`` (sdpa on CUDA, original elsewhere).
+            presence_threshold: the presence gate (see the module docstring): ``"checkpoint"`` uses the
+                checkpoint's own gate if it declares one, a float in (0, 1) replaces its threshold, None
+                turns it off (every ``[SEG]`` keeps its mask). Checkpoints without a presence head
+                accept only ``"checkpoint"`` and None.
         """
         if sam_attention not in ("auto", "sdpa", "original"):
             raise InvalidArgumentError(f"sam_attention must be auto, sdpa or original; got {sam_attention!r}")
@@ -155,9 +170,17 @@ class LisaSegmenter:
             from .modeling.sam_attention import use_sdpa_attention
 
             use_sdpa_attention(loaded.model.sam)
+        gate = (loaded.config.raw.get("lisa_agent") or {}).get("presence_gate")
+        if presence_threshold is None:
+            gate = None
+        elif presence_threshold != "checkpoint":
+            if not gate:
+                raise InvalidArgumentError(f"{model} has no presence head (config.json declares no "
+                                           "lisa_agent.presence_gate): presence_threshold must be 'checkpoint' or None")
+            gate = {**gate, "threshold": presence_threshold}
         return cls(loaded.model, tokenizer, template=template or loaded.config.conv_template,
                    use_im_start_end=loaded.config.mm_use_im_start_end, name=str(model),
-                   quantization=quantization, cache_frames=cache_frames)
+                   quantization=quantization, cache_frames=cache_frames, presence_gate=gate)
 
     @property
     def device(self) -> torch.device:
@@ -179,6 +202,7 @@ class LisaSegmenter:
             "sam_image_size": self.sam_size,
             "clip_image_size": self.clip_size,
             "modes": list(MODES),
+            "presence_threshold": None if self.presence_gate is None else self.presence_gate["threshold"],
         }
 
     # ------------------------------------------------------------------ frames
@@ -311,10 +335,38 @@ class LisaSegmenter:
             idx = [k for k, o in enumerate(owners) if o == b]
             timings = {**{k: v for k, v in feats.timings_ms.items()}, "tokenize": t_tok * share,
                        "llm": t_llm * share, "decoder": t_dec * share, "postprocess": t_post * share}
-            results.append(self._result(feats, q, "fast", prompts[b], prompt_ids[b], full_ids[b][len(prompt_ids[b]):],
-                                        answers[b], None if logits is None else logits[idx], masks[idx], scores[idx],
+            output_ids, text = full_ids[b][len(prompt_ids[b]):], answers[b]
+            if self._declines(scores[idx]):
+                output_ids, text, timings["decline"] = self._decline(feats, q, (), 32)
+                idx = []
+            results.append(self._result(feats, q, "fast", prompts[b], prompt_ids[b], output_ids, text,
+                                        None if logits is None else logits[idx], masks[idx], scores[idx],
                                         prompts_out[idx], timings))
         return results
+
+    def _declines(self, scores: torch.Tensor) -> bool:
+        """True when the presence gate is on and every one of an answer's (>= 1) [SEG] scores is below it."""
+        return (self.presence_gate is not None and len(scores) > 0
+                and bool((scores < self.presence_gate["threshold"]).all()))
+
+    def _decline(self, feats: FrameFeatures, query: str, history: Sequence[tuple[str, str]],
+                 max_new_tokens: int) -> tuple[list[int], str, float]:
+        """The answer the model gives when it declines: greedy from the gate's decline prefix with
+        ``[SEG]`` barred. Returns (answer ids, answer text, milliseconds)."""
+        timer = _Timer(self.device)
+        prefix = self.presence_gate["decline_prefix"]  # type: ignore[index]
+        open_ids = self.tokenizer.encode_prompt(self._prompt(query, history))
+        closed = self._prompt(query, history, answer=prefix)
+        ids = self.tokenizer.encode_prompt(closed[: closed.rindex(prefix) + len(prefix)])
+        generated, _ = self._greedy_cached(torch.tensor([ids], device=self.device), feats, max_new_tokens,
+                                           banned=self.seg_token_id)
+        if ids[: len(open_ids)] == open_ids:
+            answer_ids = ids[len(open_ids):] + generated
+            text = self.tokenizer.decode(answer_ids)
+        else:  # the prefix merged with the prompt's last token: keep the prefix as text
+            answer_ids = generated
+            text = f"{prefix} {self.tokenizer.decode(generated)}"
+        return answer_ids, _clean(text), timer.lap()
 
     def _masks(self, feats: FrameFeatures, seg_states: torch.Tensor, keep_logits: bool):  # noqa: ANN202
         """Decoder + postprocess. Returns (logits (n, H, W) float32 on the CPU or None, masks (n, H, W)
@@ -332,7 +384,10 @@ class LisaSegmenter:
         masks = (logits > 0).cpu()
         logits = logits.cpu() if keep_logits else None
         t_post = timer.lap()
-        return logits, masks, iou[:, 0].float().cpu(), prompts.float().cpu(), t_dec, t_post
+        scores = iou[:, 0].float()
+        if self.presence_gate is not None:
+            scores = scores.sigmoid()  # the score head was trained as a presence logit
+        return logits, masks, scores.cpu(), prompts.float().cpu(), t_dec, t_post
 
     def _result(self, feats: FrameFeatures, query: str, mode: str, prompt: str, prompt_ids: list[int],
                 output_ids: list[int], text: str, logits: torch.Tensor | None, masks: torch.Tensor,
@@ -360,12 +415,18 @@ class LisaSegmenter:
                 generated, seg_states = self._greedy_reference(ids, feats, max_new_tokens)
             t_llm = timer.lap()
             logits, masks, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states, return_logits)
-            text = self.tokenizer.decode(generated).replace("\n", "").replace("  ", " ").strip()
+            text = _clean(self.tokenizer.decode(generated))
             timings = {**feats.timings_ms, "tokenize": t_tok, "llm": t_llm, "decoder": t_dec, "postprocess": t_post}
+            if self._declines(scores):
+                generated, text, timings["decline"] = self._decline(feats, query, history, max_new_tokens)
+                keep = torch.zeros(len(scores), dtype=torch.bool)
+                logits = None if logits is None else logits[keep]
+                masks, scores, prompts_out = masks[keep], scores[keep], prompts_out[keep]
             return self._result(feats, query, mode, prompt, prompt_ids, generated, text, logits, masks, scores,
                                 prompts_out, timings)
 
-    def _greedy_cached(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    def _greedy_cached(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int,
+                       banned: int | None = None) -> tuple[list[int], torch.Tensor]:
         llm = self.model.llm
         embeds, _ = self.model.embed_with_image(ids, feats.image_tokens)
         out = llm.model(inputs_embeds=embeds, use_cache=True)
@@ -375,7 +436,10 @@ class LisaSegmenter:
         seg_states: list[torch.Tensor] = []
         embed = llm.get_input_embeddings()
         for _ in range(max_new_tokens):
-            token = int(llm.lm_head(last).argmax(dim=-1).item())
+            scores = llm.lm_head(last)
+            if banned is not None:
+                scores[..., banned] = float("-inf")
+            token = int(scores.argmax(dim=-1).item())
             if token == self.eos_token_id:
                 break
             if token == self.seg_token_id:
@@ -410,6 +474,25 @@ class LisaSegmenter:
         positions = [int(merged[0, j]) - 1 for j in range(ids.shape[1], seq.shape[1])
                      if int(seq[0, j]) == self.seg_token_id]
         return generated, hidden[positions] if positions else hidden.new_zeros(0, hidden.shape[-1])
+
+
+def _clean(text: str) -> str:
+    return text.replace("\n", "").replace("  ", " ").strip()
+
+
+def _check_gate(gate: dict[str, Any] | None) -> dict[str, Any] | None:
+    """Validate a presence gate ``{"threshold": float in (0, 1), "decline_prefix": str}`` (None: no gate)."""
+    if gate is None:
+        return None
+    if not isinstance(gate, dict):
+        raise InvalidArgumentError(f"presence_gate must be a dict, got {type(gate).__name__}")
+    threshold = gate.get("threshold")
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 < float(threshold) < 1.0:
+        raise InvalidArgumentError(f"presence threshold must be a number in (0, 1); got {threshold!r}")
+    prefix = gate.get("decline_prefix", "Sorry,")
+    if not isinstance(prefix, str) or not prefix.strip() or SEG_TOKEN in prefix:
+        raise InvalidArgumentError(f"decline_prefix must be non-empty text without [SEG]; got {prefix!r}")
+    return {"threshold": float(threshold), "decline_prefix": prefix.strip()}
 
 
 def _check_max_new_tokens(n: int) -> None:

@@ -61,6 +61,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--presence-curriculum", default="", metavar="STEP,STEP,...",
                         help="presence questions ask about only 2 categories before the first step, 4 before "
                              "the second, doubling; all categories and uses after the last")
+    parser.add_argument("--absent-seg-per-scene", type=int, default=0,
+                        help="synthetic data: queries per scene about something absent, answered with a [SEG] "
+                             "marked absent (trains the presence head only; needs --presence-weight)")
+    parser.add_argument("--presence-weight", type=float, default=0.0,
+                        help="weight of the presence loss on the mask decoder's score output (ours, not LISA's); "
+                             "> 0 writes a presence gate into config.json: generation declines (no mask) when "
+                             "every [SEG] scores below --presence-threshold")
+    parser.add_argument("--presence-threshold", type=float, default=0.5,
+                        help="the gate's threshold on the presence probability (default 0.5)")
     parser.add_argument("--reinit-seg-head", action="store_true",
                         help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
     parser.add_argument("--freeze-vision", action="store_true",
@@ -89,7 +98,16 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=lr, warmup=args.warmup,
                       scenes_per_batch=args.scenes_per_batch, val_every=args.val_every, val_limit=args.val_limit,
                       save_every=args.save_every, seed=args.seed, threads=args.threads, val_answer=args.val_answer,
-                      freeze_vision=args.freeze_vision)
+                      freeze_vision=args.freeze_vision, presence_weight=args.presence_weight,
+                      presence_threshold=args.presence_threshold)
+    if args.absent_seg_per_scene and args.presence_weight <= 0:
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--absent-seg-per-scene trains the presence head: give --presence-weight > 0")
+    if not 0.0 < args.presence_threshold < 1.0:
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError(f"--presence-threshold must be in (0, 1); got {args.presence_threshold}")
     if args.reinit_seg_head:
         import torch
 
@@ -114,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
                                   named_colour=args.named_colour, describe=args.describe_per_scene,
                                   presence=args.presence_per_scene,
                                   presence_curriculum=_steps(args.presence_curriculum),
-                                  scenes_per_step=cfg.scenes_per_batch)
+                                  scenes_per_step=cfg.scenes_per_batch, absent_seg=args.absent_seg_per_scene)
     else:
         scenes = folder_scenes(args.data, args.seed + start)
     trainer.fit(scenes, progress=not args.no_progress)

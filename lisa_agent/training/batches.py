@@ -8,7 +8,7 @@ read the query instead of segmenting everything.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -23,13 +23,21 @@ ANSWER_TEMPLATES = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure,
 
 @dataclass
 class Example:
-    """One query about one image. ``masks``: K x H x W bool, one per ``[SEG]`` of ``answer`` in order."""
+    """One query about one image. ``masks``: K x H x W bool, one per ``[SEG]`` of ``answer`` in order.
+
+    ``present``: per ``[SEG]``, whether its target is in the image (None: all are). A ``[SEG]`` whose
+    target is absent trains only the presence head (the mask decoder's score output), never the mask.
+    ``text_loss``: False leaves the answer's tokens out of the cross-entropy (the answer is there only
+    to give the presence head a ``[SEG]`` state, not for the language model to learn to say).
+    """
 
     image_index: int
     prompt_text: str
     answer: str
     masks: np.ndarray
     valid: np.ndarray | None = None  # H x W bool, False where ground truth says "ignore"
+    present: tuple[bool, ...] | None = None
+    text_loss: bool = True
 
 
 @dataclass
@@ -50,6 +58,8 @@ class Batch:
     image_of: list[int]  # per query: which scene
     masks: list[torch.Tensor]  # per query: (K, H, W) float
     valid: list[torch.Tensor | None]
+    present: list[torch.Tensor] = field(default_factory=list)  # per query: (K,) float, 1 = target in the image
+    text_loss: list[bool] = field(default_factory=list)  # per query: answer tokens count in the CE
 
 
 def named_answer(answer: str, names: Sequence[str]) -> str:
@@ -64,11 +74,33 @@ def named_answer(answer: str, names: Sequence[str]) -> str:
     return out
 
 
+def absent_answer(concept: str, text: str, named_prob: float, rng: np.random.Generator) -> str:
+    """A one-``[SEG]`` answer to a query whose target is absent, shaped like the model's answers to
+    present ones: with probability ``named_prob`` it names what the query asks for ("Sure, the mug [SEG].",
+    a category that serves an affordance query), else one of LISA's answer templates."""
+    from ..data.tabletop import AFFORDANCES
+
+    if rng.random() < named_prob:
+        if concept.startswith("affordance:"):
+            options = sorted(AFFORDANCES[concept.split(":", 1)[1]].categories)
+            name = options[int(rng.integers(0, len(options)))]
+        else:
+            name = concept
+            # a colour the query asked for ("the green mug") is named half the time
+            words = text.lower().replace(".", " ").replace("?", " ").split()
+            if concept in words and words.index(concept) > 0 and rng.random() < 0.5:
+                before = words[words.index(concept) - 1]
+                if before not in ("the", "a", "an", "me", "some"):
+                    name = f"{before} {concept}"
+        return f"Sure, the {name} [SEG]."
+    return ANSWER_TEMPLATES[int(rng.integers(0, len(ANSWER_TEMPLATES)))]
+
+
 def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[int, int]] = ((192, 256),),
                      raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0,
                      no_target: int = 1, named_colour: str = "always",
                      describe: int = 0, presence: int = 0, presence_curriculum: Sequence[int] = (),
-                     scenes_per_step: int = 1) -> Iterator[Scene]:
+                     scenes_per_step: int = 1, absent_seg: int = 0) -> Iterator[Scene]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
@@ -85,11 +117,15 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
     scene about whether a category or a use is present (half present, half absent; no mask).
     ``presence_curriculum``: step thresholds (scene ``index // scenes_per_step`` is the step) before
     which presence questions ask only about 2, 4, 8, ... categories (see ``presence_categories``).
+    ``absent_seg``: queries per scene about something absent answered *with* a ``[SEG]`` as the model
+    would wrongly answer them ("Sure, the hammer [SEG]."), marked absent and kept out of the
+    cross-entropy: they teach the presence head (see :class:`Example`) to score such a ``[SEG]`` low.
     """
     if named_colour not in ("always", "needed"):
         raise ValueError(f"named_colour must be 'always' or 'needed', not {named_colour!r}")
     from ..data.queries import (
         describe_scene,
+        no_target_query,
         presence_categories,
         presence_question,
         queries_for_scene,
@@ -119,6 +155,14 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
         for _ in range(describe):
             question, answer = describe_scene(scene, rng)
             examples.append(Example(0, question, answer, no_masks))
+        for _ in range(absent_seg):
+            q = no_target_query(scene, rng)
+            if q is None:
+                continue
+            text = q.text if rng.random() < raw_prob else lisa_eval_prompt(q.text, q.is_sentence)
+            examples.append(Example(0, text, absent_answer(q.concept, q.text, named_prob, rng),
+                                    np.zeros((1, *scene.image.shape[:2]), dtype=bool), present=(False,),
+                                    text_loss=False))
         allowed = presence_categories(index // max(1, scenes_per_step), presence_curriculum)
         for _ in range(presence):
             question, answer = presence_question(scene, rng, allowed)
@@ -154,7 +198,7 @@ def folder_scenes(folder: str, seed: int = 0) -> Iterator[Scene]:
 def collate(scenes: Sequence[Scene], tokenizer, template: str, use_im_start_end: bool,  # noqa: ANN001
             sam_size: int, clip_size: int, seg_token_id: int) -> Batch:
     sam_px, clip_px, resized, original = [], [], [], []
-    ids_list, starts, image_of, masks, valid = [], [], [], [], []
+    ids_list, starts, image_of, masks, valid, present, text_loss = [], [], [], [], [], [], []
     for s_idx, scene in enumerate(scenes):
         sam_in = sam_preprocess(scene.image, sam_size)
         sam_px.append(sam_in.pixels[0])
@@ -172,9 +216,14 @@ def collate(scenes: Sequence[Scene], tokenizer, template: str, use_im_start_end:
             image_of.append(s_idx)
             masks.append(torch.from_numpy(np.asarray(ex.masks, np.float32)))
             valid.append(None if ex.valid is None else torch.from_numpy(np.asarray(ex.valid, bool)))
+            flags = (True,) * n_seg if ex.present is None else tuple(ex.present)
+            if len(flags) != n_seg:
+                raise ValueError(f"answer {ex.answer!r} has {n_seg} [SEG] but {len(flags)} presence flags")
+            present.append(torch.tensor(flags, dtype=torch.float32))
+            text_loss.append(bool(ex.text_loss))
     longest = max(len(x) for x in ids_list)
     ids = torch.zeros(len(ids_list), longest, dtype=torch.long)
     for b, x in enumerate(ids_list):
         ids[b, : len(x)] = torch.tensor(x)
     return Batch(torch.stack(sam_px), torch.stack(clip_px), resized, original, ids, starts,
-                 [len(x) for x in ids_list], image_of, masks, valid)
+                 [len(x) for x in ids_list], image_of, masks, valid, present, text_loss)

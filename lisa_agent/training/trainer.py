@@ -21,6 +21,9 @@ from ..tiny import clip_preprocessor_config, save_state_dict
 from .batches import Batch, Scene, collate
 from .losses import BCE_WEIGHT, CE_WEIGHT, DICE_WEIGHT, dice, sigmoid_bce
 
+#: How our tabletop data's no-target answers begin ("Sorry, there is no hammer in this image.").
+DECLINE_PREFIX = "Sorry,"
+
 TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "added_tokens.json", "generation_config.json")
 
@@ -47,6 +50,10 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     freeze_vision: bool = False  # keep the CLIP tower fixed, as LISA does (the projector still trains)
+    # Ours, not LISA's: weight of a BCE that trains the mask decoder's score output (SAM's IoU head) to
+    # say whether each [SEG]'s target is in the image; > 0 also writes the presence gate into config.json.
+    presence_weight: float = 0.0
+    presence_threshold: float = 0.5  # the gate's threshold on sigmoid(score), written with it
 
 
 class Trainer:
@@ -125,18 +132,22 @@ class Trainer:
         hidden = m.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         rows, cols, targets, seg_rows, seg_cols = [], [], [], [], []
         merged_pos, ids_list = merged.tolist(), batch.ids.tolist()  # one host copy per batch
+        text_loss = batch.text_loss or [True] * len(batch.lengths)
         for b, (start, length) in enumerate(zip(batch.answer_start, batch.lengths, strict=True)):
             for j in range(start, length):
                 p = merged_pos[b][j] - 1
-                rows.append(b)
-                cols.append(p)
-                targets.append(ids_list[b][j])
-                if targets[-1] == self.seg.seg_token_id:
+                if text_loss[b]:
+                    rows.append(b)
+                    cols.append(p)
+                    targets.append(ids_list[b][j])
+                if ids_list[b][j] == self.seg.seg_token_id:
                     seg_rows.append(b)
                     seg_cols.append(p)
-        states = hidden[rows, cols]
-        ce = F.cross_entropy(m.llm.lm_head(states), torch.tensor(targets, device=dev))
-        bce_terms, dice_terms = [], []
+        if rows:
+            ce = F.cross_entropy(m.llm.lm_head(hidden[rows, cols]), torch.tensor(targets, device=dev))
+        else:
+            ce = hidden.sum() * 0.0
+        bce_terms, dice_terms, score_logits, score_targets = [], [], [], []
         seg_states = hidden[seg_rows, seg_cols] if seg_rows else None
         k = 0
         for b in range(len(batch.lengths)):
@@ -144,17 +155,28 @@ class Trainer:
             if n == 0:
                 continue
             s = batch.image_of[b]
-            low, _, _ = m.decode_masks(seg_states[k:k + n], sam_emb[s: s + 1])
+            low, score, _ = m.decode_masks(seg_states[k:k + n], sam_emb[s: s + 1])
             k += n
-            logits = m.postprocess_masks(low, batch.resized_hw[s], batch.original_hw[s])
-            target = batch.masks[b].to(dev)
+            present = batch.present[b].to(dev) if batch.present else torch.ones(n, device=dev)
+            score_logits.append(score[:, 0].float())
+            score_targets.append(present)
+            keep = present > 0.5  # an absent target's [SEG] trains the presence head only
+            if not bool(keep.any()):
+                continue
+            logits = m.postprocess_masks(low[keep], batch.resized_hw[s], batch.original_hw[s])
+            target = batch.masks[b].to(dev)[keep]
             valid = None if batch.valid[b] is None else batch.valid[b].to(dev)
             bce_terms.append(sigmoid_bce(logits, target, valid))
             dice_terms.append(dice(logits, target, valid))
         bce = torch.cat(bce_terms).mean() if bce_terms else ce.new_zeros(())
         dsc = torch.cat(dice_terms).mean() if dice_terms else ce.new_zeros(())
         total = CE_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dsc
-        return total, {"loss": total.item(), "ce": ce.item(), "bce": bce.item(), "dice": dsc.item()}
+        parts = {"ce": ce.item(), "bce": bce.item(), "dice": dsc.item()}
+        if self.cfg.presence_weight > 0 and score_logits:
+            presence = F.binary_cross_entropy_with_logits(torch.cat(score_logits), torch.cat(score_targets))
+            total = total + self.cfg.presence_weight * presence
+            parts["presence"] = presence.item()
+        return total, {"loss": total.item(), **parts}
 
     def fit(self, scenes: Iterator[Scene], steps: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
         """Run until ``steps`` (default ``config.steps``) optimizer steps have been taken in total."""
@@ -252,6 +274,10 @@ class Trainer:
             config["vision_tower"] = config["mm_vision_tower"] = "vision_tower"
         config["mm_hidden_size"] = vision.hidden_size
         config["lisa_agent"] = {"trained_steps": self.step, "method": self.cfg.method}
+        if self.cfg.presence_weight > 0:
+            # the score head now says whether a [SEG]'s target is present: generation declines below this
+            config["lisa_agent"]["presence_gate"] = {"threshold": self.cfg.presence_threshold,
+                                                     "decline_prefix": DECLINE_PREFIX}
         (out / "config.json").write_text(json.dumps(config, indent=2))
         for old in list(out.glob("pytorch_model*.bin")) + list(out.glob("pytorch_model.bin.index.json")):
             old.unlink()

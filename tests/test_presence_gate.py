@@ -1,0 +1,184 @@
+"""The presence gate: training the mask decoder's score output to say whether a [SEG]'s target is in
+the frame, and declining (no mask, an answer without [SEG]) when it says no. The behaviour of the
+trained bundled model is asserted in test_tabletop_model.py; here the mechanics, on the tiny
+random-weight checkpoint (its score head is set by hand so the gate's decision is known)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from helpers import random_frame
+
+from lisa_agent import LisaSegmenter
+from lisa_agent.errors import InvalidArgumentError
+from lisa_agent.training.batches import Example, Scene, collate, synthetic_scenes
+from lisa_agent.training.trainer import TrainConfig, Trainer
+
+
+def test_absent_seg_queries_ask_for_absent_things_and_train_the_presence_head_only():
+    scenes = synthetic_scenes("train", 4, ((96, 128),), absent_seg=3, named_prob=0.75)
+    absent = [ex for _ in range(6) for ex in next(scenes).examples if ex.present is not None]
+    assert len(absent) >= 15  # up to 3 per scene (none when nothing can be absent)
+    for ex in absent:
+        assert ex.present == (False,) and not ex.text_loss
+        assert ex.answer.count("[SEG]") == 1 and ex.masks.shape == (1, 96, 128) and not ex.masks.any()
+    named = [ex.answer for ex in absent if ex.answer.startswith("Sure, the ")]
+    assert named and len(named) < len(absent)  # both named answers and LISA's templates
+    plain = next(synthetic_scenes("train", 4, ((96, 128),)))
+    assert all(ex.present is None and ex.text_loss for ex in plain.examples)
+
+
+def test_collate_rejects_presence_flags_that_do_not_match_the_answer(tiny_segmenter):
+    seg = tiny_segmenter
+    image = random_frame(64, 80, seed=1)
+    bad = Example(0, "the hammer", "Sure, [SEG].", np.zeros((1, 64, 80), bool), present=(False, True))
+    with pytest.raises(ValueError, match="presence flags"):
+        collate([Scene(image, [bad])], seg.tokenizer, seg.template.name, seg.use_im_start_end, seg.sam_size,
+                seg.clip_size, seg.seg_token_id)
+
+
+def _trainer(checkpoint, out, presence_weight):
+    seg = LisaSegmenter.from_pretrained(checkpoint)
+    cfg = TrainConfig(method="full", steps=2, lr=1e-3, warmup=1, scenes_per_batch=1, val_every=0, save_every=0,
+                      presence_weight=presence_weight)
+    return Trainer(seg, checkpoint, out, cfg, log=lambda *a: None)
+
+
+def test_an_absent_seg_adds_only_the_presence_loss(tiny_checkpoint, tmp_path):
+    trainer = _trainer(tiny_checkpoint, tmp_path / "p", presence_weight=1.0)
+    trainer.model.eval()  # no dropout: the two losses must be comparable
+    seg = trainer.seg
+    image = random_frame(96, 128, seed=5)
+    mask = np.zeros((1, 96, 128), bool)
+    mask[0, 20:60, 30:90] = True
+    present = Example(0, "the red mug", "Sure, [SEG].", mask)
+    absent = Example(0, "something to drive a nail with", "Sure, the hammer [SEG].",
+                     np.zeros((1, 96, 128), bool), present=(False,), text_loss=False)
+
+    def loss(examples):
+        batch = collate([Scene(image, examples)], seg.tokenizer, seg.template.name, seg.use_im_start_end,
+                        seg.sam_size, seg.clip_size, seg.seg_token_id)
+        with torch.no_grad():
+            return trainer.loss(batch)
+
+    _, alone = loss([present])
+    _, both = loss([present, absent])
+    # the absent query's text is not learned and its empty mask is not a mask target
+    for key in ("ce", "bce", "dice"):
+        assert both[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6)
+    # its score joins the presence BCE (target 0) next to the present one's (target 1)
+    with torch.no_grad():
+        batch = collate([Scene(image, [present, absent])], seg.tokenizer, seg.template.name, seg.use_im_start_end,
+                        seg.sam_size, seg.clip_size, seg.seg_token_id)
+        ids = batch.ids
+        embeds, merged = trainer.model.embed_with_image(ids, trainer.model.encode_clip(batch.clip_pixels))
+        hidden = trainer.model.llm.model(inputs_embeds=embeds).last_hidden_state
+        states = [hidden[b, int(merged[b, j]) - 1] for b in range(2) for j in range(batch.answer_start[b],
+                  batch.lengths[b]) if int(ids[b, j]) == seg.seg_token_id]
+        _, score, _ = trainer.model.decode_masks(torch.stack(states), trainer.model.encode_sam(batch.sam_pixels))
+        p = score[:, 0].sigmoid()
+    expected = -(torch.log(p[0]) + torch.log(1 - p[1])) / 2
+    assert both["presence"] == pytest.approx(expected.item(), rel=1e-4)
+    assert both["loss"] == pytest.approx(both["ce"] + 2 * both["bce"] + 0.5 * both["dice"] + both["presence"],
+                                         rel=1e-5)
+    # LISA's recipe (weight 0) has no presence term
+    trainer.cfg.presence_weight = 0.0
+    _, lisa = loss([present, absent])
+    assert "presence" not in lisa
+    assert lisa["loss"] == pytest.approx(alone["ce"] + 2 * alone["bce"] + 0.5 * alone["dice"], rel=1e-4)
+
+
+def test_saving_after_presence_training_declares_the_gate(tiny_checkpoint, tmp_path):
+    trainer = _trainer(tiny_checkpoint, tmp_path / "gated", presence_weight=1.0)
+    trainer.fit(synthetic_scenes("train", 0, ((96, 128),), absent_seg=2), progress=False)
+    assert "presence" in trainer.history[-1]
+    out = trainer.save()
+    gate = json.loads((out / "config.json").read_text())["lisa_agent"]["presence_gate"]
+    assert gate == {"threshold": 0.5, "decline_prefix": "Sorry,"}
+    assert LisaSegmenter.from_pretrained(out).info()["presence_threshold"] == 0.5
+    assert LisaSegmenter.from_pretrained(out, presence_threshold=0.8).info()["presence_threshold"] == 0.8
+    assert LisaSegmenter.from_pretrained(out, presence_threshold=None).info()["presence_threshold"] is None
+    plain = _trainer(tiny_checkpoint, tmp_path / "plain", presence_weight=0.0)
+    assert "presence_gate" not in json.loads((plain.save() / "config.json").read_text())["lisa_agent"]
+
+
+def _with_gate(source, folder):
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["lisa_agent"] = {"presence_gate": {"threshold": 0.5, "decline_prefix": "Sorry,"}}
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gated_checkpoint(tiny_checkpoint, tmp_path_factory):
+    """The tiny random-weight checkpoint with a presence gate declared in its config.json."""
+    return _with_gate(tiny_checkpoint, tmp_path_factory.mktemp("gated") / "lisa-tiny-gated")
+
+
+@pytest.fixture(scope="module")
+def gated_trained(tmp_path_factory):
+    """The bundled trained model with its gate declared afresh (its greedy answers do contain [SEG])."""
+    from lisa_agent.loading import resolve_checkpoint
+
+    return _with_gate(resolve_checkpoint("tabletop-tiny"), tmp_path_factory.mktemp("gated") / "tabletop-gated")
+
+
+def _set_presence(seg: LisaSegmenter, logit: float) -> None:
+    """Make the score head say ``sigmoid(logit)`` for every [SEG]."""
+    last = seg.model.sam.mask_decoder.iou_prediction_head.layers[-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.fill_(logit)
+    seg.clear_cache()
+
+
+@pytest.mark.parametrize("mode", ["chat", "fast"])
+def test_the_gate_declines_when_the_target_is_absent_and_keeps_the_mask_when_present(gated_trained, mode):
+    from lisa_agent.data.tabletop import render_scene, split_seed
+
+    seg = LisaSegmenter.from_pretrained(gated_trained)
+    frame = render_scene(split_seed("test", 3), size=(64, 80)).image
+    ask = {"mode": mode, "answer": "Sure, [SEG]."} if mode == "fast" else {"mode": mode, "max_new_tokens": 12}
+    _set_presence(seg, 4.0)  # present
+    kept = seg.segment(frame, "the red mug", **ask)
+    assert "[SEG]" in kept.text and len(kept.masks) >= 1 and kept.instances[0].score == pytest.approx(float(torch.tensor(4.0).sigmoid()))
+    assert "decline" not in kept.timings_ms
+    _set_presence(seg, -4.0)  # absent
+    declined = seg.segment(frame, "the red mug", **ask)
+    assert declined.masks.shape == (0, 64, 80) and declined.instances == []
+    assert declined.text.startswith("Sorry,") and "[SEG]" not in declined.text
+    assert seg.seg_token_id not in declined.output_ids and declined.timings_ms["decline"] > 0
+    # a threshold below the score keeps the mask again
+    seg.presence_gate["threshold"] = 0.01
+    assert len(seg.segment(frame, "the red mug", **ask).masks) >= 1
+
+
+def test_without_a_gate_scores_are_the_decoders_raw_output(gated_checkpoint):
+    seg = LisaSegmenter.from_pretrained(gated_checkpoint, presence_threshold=None)
+    _set_presence(seg, -4.0)
+    result = seg.segment(random_frame(64, 80, seed=7), "the red mug", answer="Sure, [SEG].")
+    assert len(result.masks) == 1 and result.instances[0].score == pytest.approx(-4.0)
+
+
+def test_presence_threshold_errors(tiny_checkpoint, gated_checkpoint):
+    with pytest.raises(InvalidArgumentError, match="no presence head"):
+        LisaSegmenter.from_pretrained(tiny_checkpoint, presence_threshold=0.5)
+    for bad in (0.0, 1.0, 1.5, "high", True):
+        with pytest.raises(InvalidArgumentError, match="presence threshold"):
+            LisaSegmenter.from_pretrained(gated_checkpoint, presence_threshold=bad)
+    seg = LisaSegmenter.from_pretrained(tiny_checkpoint)
+    with pytest.raises(InvalidArgumentError, match="decline_prefix"):
+        LisaSegmenter(seg.model, seg.tokenizer, presence_gate={"threshold": 0.5, "decline_prefix": "[SEG]"})
+
+
+def test_finetune_refuses_absent_seg_queries_without_a_presence_loss(tiny_checkpoint, tmp_path, capsys):
+    from lisa_agent.cli import main
+
+    assert main(["finetune", "--model", str(tiny_checkpoint), "--data", "synthetic", "--out", str(tmp_path / "x"),
+                 "--absent-seg-per-scene", "2"]) != 0
+    assert "--presence-weight" in capsys.readouterr().err
