@@ -182,3 +182,52 @@ def test_finetune_refuses_absent_seg_queries_without_a_presence_loss(tiny_checkp
     assert main(["finetune", "--model", str(tiny_checkpoint), "--data", "synthetic", "--out", str(tmp_path / "x"),
                  "--absent-seg-per-scene", "2"]) != 0
     assert "--presence-weight" in capsys.readouterr().err
+
+
+def test_dense_targets_put_each_objects_category_and_colour_where_sam_sees_it():
+    from lisa_agent.data.tabletop import render_scene, split_seed
+    from lisa_agent.preprocess import sam_preprocess
+    from lisa_agent.training.batches import dense_label_names
+    from lisa_agent.training.trainer import dense_targets
+
+    scene_iter = synthetic_scenes("train", 6, ((240, 320),))
+    item = next(scene_iter)
+    scene = render_scene(split_seed("train", 0, 6), size=(240, 320))
+    assert np.array_equal(item.image, scene.image) and len(item.object_masks) == len(scene.objects)
+    resized = sam_preprocess(scene.image, 256).resized_hw  # (192, 256): the long side fills 256
+    target = dense_targets(item.object_masks, item.object_labels, resized, 256, (16, 16))
+    names = dense_label_names()
+    assert target.shape == (len(names), 16, 16) and float(target.min()) >= 0 and float(target.max()) <= 1
+    assert float(target[:, 12:].sum()) == 0.0  # the letterbox padding (rows 192..255) holds nothing
+    present = {o.category for o in scene.objects} | {f"colour:{o.colour}" for o in scene.objects}
+    for i, name in enumerate(names):
+        assert (float(target[i].sum()) > 0) == (name in present), name
+    for obj in scene.objects:
+        channel = target[names.index(obj.category)]
+        # the category's mass sums to the object's area in cells (16 x 16 letterbox pixels each)
+        same = sum(int(o.mask.sum()) for o in scene.objects if o.category == obj.category)
+        assert float(channel.sum()) == pytest.approx(same * (256 / 320) ** 2 / 256, rel=0.05)
+        if sum(o.category == obj.category for o in scene.objects) == 1:
+            ys, xs = np.nonzero(obj.mask)
+            gy, gx = np.nonzero(channel.numpy() > 0)
+            w = channel.numpy()[gy, gx]
+            cy, cx = (gy + 0.5) @ w / w.sum(), (gx + 0.5) @ w / w.sum()
+            assert abs(cy - ys.mean() * 0.8 / 16) < 0.5 and abs(cx - xs.mean() * 0.8 / 16) < 0.5
+
+
+def test_the_dense_auxiliary_loss_trains_sam_and_its_head_is_not_saved(tiny_checkpoint, tmp_path):
+    seg = LisaSegmenter.from_pretrained(tiny_checkpoint)
+    cfg = TrainConfig(method="full", steps=2, lr=1e-3, warmup=1, scenes_per_batch=1, val_every=0, save_every=0,
+                      sam_aux_weight=1.0)
+    trainer = Trainer(seg, tiny_checkpoint, tmp_path / "aux", cfg, log=lambda *a: None)
+    head = trainer.aux_head.weight.detach().clone()
+    trainer.fit(synthetic_scenes("train", 0, ((96, 128),)), progress=False)
+    assert "sam_aux" in trainer.history[-1] and not torch.equal(head, trainer.aux_head.weight)
+    out = trainer.save()
+    index = json.loads((out / "pytorch_model.bin.index.json").read_text())["weight_map"]
+    assert not any("aux" in key for key in index)
+    resumed = Trainer(LisaSegmenter.from_pretrained(tiny_checkpoint), tiny_checkpoint, out,
+                      TrainConfig(method="full", steps=3, warmup=1, scenes_per_batch=1, val_every=0, save_every=0,
+                                  sam_aux_weight=1.0), log=lambda *a: None)
+    resumed.resume(out / "trainer_state.pt")
+    assert torch.equal(resumed.aux_head.weight, trainer.aux_head.weight)

@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "every [SEG] scores below --presence-threshold")
     parser.add_argument("--presence-threshold", type=float, default=0.5,
                         help="the gate's threshold on the presence probability (default 0.5)")
+    parser.add_argument("--sam-aux-weight", type=float, default=0.0,
+                        help="synthetic data: weight of a training-only dense loss that teaches SAM's image "
+                             "embedding which category and colour covers each cell (ours, not LISA's)")
     parser.add_argument("--reinit-seg-head", action="store_true",
                         help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
     parser.add_argument("--freeze-vision", action="store_true",
@@ -99,7 +102,11 @@ def run(args: argparse.Namespace) -> int:
                       scenes_per_batch=args.scenes_per_batch, val_every=args.val_every, val_limit=args.val_limit,
                       save_every=args.save_every, seed=args.seed, threads=args.threads, val_answer=args.val_answer,
                       freeze_vision=args.freeze_vision, presence_weight=args.presence_weight,
-                      presence_threshold=args.presence_threshold)
+                      presence_threshold=args.presence_threshold, sam_aux_weight=args.sam_aux_weight)
+    if args.sam_aux_weight and args.data != "synthetic":
+        from ..errors import InvalidArgumentError
+
+        raise InvalidArgumentError("--sam-aux-weight needs --data synthetic (it uses the scenes' object labels)")
     if args.absent_seg_per_scene and args.presence_weight <= 0:
         from ..errors import InvalidArgumentError
 

@@ -42,8 +42,31 @@ class Example:
 
 @dataclass
 class Scene:
+    """One image and all its training queries. ``object_masks`` (K x H x W bool, visible silhouettes) and
+    ``object_labels`` (K x L 0/1 over :func:`dense_label_names`) are set for synthetic scenes only: they
+    feed the optional dense auxiliary loss on SAM's image embedding (``TrainConfig.sam_aux_weight``)."""
+
     image: np.ndarray
     examples: list[Example]
+    object_masks: np.ndarray | None = None
+    object_labels: np.ndarray | None = None
+
+
+def dense_label_names() -> tuple[str, ...]:
+    """Channels of the dense auxiliary target: the tabletop categories, then the colours."""
+    from ..data.tabletop import CATEGORIES, COLOURS
+
+    return tuple(CATEGORIES) + tuple(f"colour:{c}" for c in COLOURS)
+
+
+def object_labels(categories: Sequence[str], colours: Sequence[str]) -> np.ndarray:
+    """K x L float32 0/1 rows: each object's category and colour channel of :func:`dense_label_names`."""
+    names = {n: i for i, n in enumerate(dense_label_names())}
+    out = np.zeros((len(categories), len(names)), np.float32)
+    for k, (cat, colour) in enumerate(zip(categories, colours, strict=True)):
+        out[k, names[cat]] = 1.0
+        out[k, names[f"colour:{colour}"]] = 1.0
+    return out
 
 
 @dataclass
@@ -58,6 +81,8 @@ class Batch:
     image_of: list[int]  # per query: which scene
     masks: list[torch.Tensor]  # per query: (K, H, W) float
     valid: list[torch.Tensor | None]
+    object_masks: list[np.ndarray | None] = field(default_factory=list)  # per scene, see Scene
+    object_labels: list[np.ndarray | None] = field(default_factory=list)
     present: list[torch.Tensor] = field(default_factory=list)  # per query: (K,) float, 1 = target in the image
     text_loss: list[bool] = field(default_factory=list)  # per query: answer tokens count in the CE
 
@@ -168,7 +193,10 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
             question, answer = presence_question(scene, rng, allowed)
             examples.append(Example(0, question, answer, no_masks))
         index += 1
-        yield Scene(scene.image, examples)
+        masks = (np.stack([o.mask for o in scene.objects]) if scene.objects
+                 else np.zeros((0, *scene.image.shape[:2]), dtype=bool))
+        yield Scene(scene.image, examples, masks,
+                    object_labels([o.category for o in scene.objects], [o.colour for o in scene.objects]))
 
 
 def folder_scenes(folder: str, seed: int = 0) -> Iterator[Scene]:
@@ -226,4 +254,5 @@ def collate(scenes: Sequence[Scene], tokenizer, template: str, use_im_start_end:
     for b, x in enumerate(ids_list):
         ids[b, : len(x)] = torch.tensor(x)
     return Batch(torch.stack(sam_px), torch.stack(clip_px), resized, original, ids, starts,
-                 [len(x) for x in ids_list], image_of, masks, valid, present, text_loss)
+                 [len(x) for x in ids_list], image_of, masks, valid, [sc.object_masks for sc in scenes],
+                 [sc.object_labels for sc in scenes], present, text_loss)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -54,6 +55,25 @@ class TrainConfig:
     # say whether each [SEG]'s target is in the image; > 0 also writes the presence gate into config.json.
     presence_weight: float = 0.0
     presence_threshold: float = 0.5  # the gate's threshold on sigmoid(score), written with it
+    # Ours, training only: weight of a dense BCE that teaches SAM's image embedding, through a 1x1
+    # convolution that is not saved, which category and colour covers each cell (synthetic scenes).
+    sam_aux_weight: float = 0.0
+
+
+def dense_targets(masks: np.ndarray, labels: np.ndarray, resized_hw: tuple[int, int], size: int,
+                  grid: tuple[int, int]) -> torch.Tensor:
+    """Each SAM embedding cell's share of every label channel: (L, g, g) float32 in [0, 1].
+
+    ``masks``: K x H x W bool object silhouettes of the frame; ``labels``: K x L 0/1. The masks are
+    letterboxed as SAM sees the frame (resized to ``resized_hw``, zero-padded bottom / right to
+    ``size``), then averaged over the ``grid`` cells; objects do not overlap, so shares add up."""
+    target = torch.zeros(labels.shape[1], *grid)
+    if len(masks):
+        m = F.interpolate(torch.from_numpy(np.asarray(masks, np.float32))[None], resized_hw, mode="area")
+        m = F.pad(m, (0, size - resized_hw[1], 0, size - resized_hw[0]))
+        share = F.adaptive_avg_pool2d(m, grid)[0]  # (K, g, g)
+        target = torch.einsum("khw,kl->lhw", share, torch.from_numpy(np.asarray(labels, np.float32)))
+    return target.clamp(0.0, 1.0)
 
 
 class Trainer:
@@ -86,6 +106,13 @@ class Trainer:
         torch.manual_seed(config.seed)
         self._setup_trainable()
         params = [p for p in self.model.parameters() if p.requires_grad]
+        self.aux_head: torch.nn.Conv2d | None = None
+        if config.sam_aux_weight > 0:
+            from .batches import dense_label_names
+
+            width = self.model.sam.mask_decoder.transformer_dim
+            self.aux_head = torch.nn.Conv2d(width, len(dense_label_names()), 1).to(self.model.device)
+            params += list(self.aux_head.parameters())
         self.opt = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self._lr_factor)
 
@@ -172,11 +199,30 @@ class Trainer:
         dsc = torch.cat(dice_terms).mean() if dice_terms else ce.new_zeros(())
         total = CE_WEIGHT * ce + BCE_WEIGHT * bce + DICE_WEIGHT * dsc
         parts = {"ce": ce.item(), "bce": bce.item(), "dice": dsc.item()}
+        if self.aux_head is not None:
+            aux = self.dense_aux_loss(batch, sam_emb)
+            if aux is not None:
+                total = total + self.cfg.sam_aux_weight * aux
+                parts["sam_aux"] = aux.item()
         if self.cfg.presence_weight > 0 and score_logits:
             presence = F.binary_cross_entropy_with_logits(torch.cat(score_logits), torch.cat(score_targets))
             total = total + self.cfg.presence_weight * presence
             parts["presence"] = presence.item()
         return total, {"loss": total.item(), **parts}
+
+    def dense_aux_loss(self, batch: Batch, sam_emb: torch.Tensor) -> torch.Tensor | None:
+        """BCE between ``aux_head(sam_emb)`` (S, L, g, g) and :func:`dense_targets` of each scene that has
+        object labels (None when none has)."""
+        logits, targets = [], []
+        for s, (masks, labels) in enumerate(zip(batch.object_masks, batch.object_labels, strict=True)):
+            if masks is None or labels is None:
+                continue
+            targets.append(dense_targets(masks, labels, batch.resized_hw[s], self.model.sam_spec.img_size,
+                                         tuple(sam_emb.shape[-2:])).to(sam_emb.device))
+            logits.append(self.aux_head(sam_emb[s: s + 1])[0])
+        if not logits:
+            return None
+        return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.stack(targets))
 
     def fit(self, scenes: Iterator[Scene], steps: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
         """Run until ``steps`` (default ``config.steps``) optimizer steps have been taken in total."""
@@ -284,13 +330,17 @@ class Trainer:
         save_state_dict(self.merged_state(), out, shards=2)
         torch.save({"step": self.step, "config": asdict(self.cfg), "model": self.model.state_dict(),
                     "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
-                    "history": self.history}, out / "trainer_state.pt")
+                    "history": self.history,
+                    "aux_head": None if self.aux_head is None else self.aux_head.state_dict()},
+                   out / "trainer_state.pt")
         return out
 
     def resume(self, state_path: Path) -> None:
         """Continue from a ``trainer_state.pt`` written by :meth:`save`."""
         state = torch.load(state_path, map_location="cpu", weights_only=False)
         self.model.load_state_dict(state["model"])
+        if self.aux_head is not None and state.get("aux_head") is not None:
+            self.aux_head.load_state_dict(state["aux_head"])
         self.opt.load_state_dict(state["optimizer"])
         self.sched.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
