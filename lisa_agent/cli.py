@@ -23,6 +23,7 @@ COMMANDS: dict[str, str] = {
     "finetune": "finetune",
     "pretrain-vision": "pretrain_vision",
     "eval": "evaluate",
+    "calibrate-gate": "calibrate_gate",
     "serve": "serve",
     "bag": "bag",
 }
@@ -36,6 +37,7 @@ _HELP: dict[str, str] = {
     "finetune": "train or fine-tune a LISA checkpoint",
     "pretrain-vision": "pre-train a small checkpoint's vision tower on the tabletop world",
     "eval": "gIoU / cIoU on a ReasonSeg-layout split",
+    "calibrate-gate": "choose the presence gate's threshold on a validation split",
     "serve": "serve a model over ZeroMQ",
     "bag": "run LISA over a rosbag2 and write results into a new bag",
 }

@@ -231,3 +231,52 @@ def test_the_dense_auxiliary_loss_trains_sam_and_its_head_is_not_saved(tiny_chec
                                   sam_aux_weight=1.0), log=lambda *a: None)
     resumed.resume(out / "trainer_state.pt")
     assert torch.equal(resumed.aux_head.weight, trainer.aux_head.weight)
+
+
+def test_choose_threshold_by_hand():
+    from lisa_agent.evaluation.gate import choose_threshold, gate_rates
+
+    scores = [("no_target", 0.1), ("no_target", 0.2), ("no_target", None), ("no_target", 0.7),
+              ("explicit", 0.9), ("implicit", 0.8), ("explicit", 0.3), ("multi", 0.6)]
+    assert gate_rates(scores, 0.5) == {"threshold": 0.5, "declined": 0.75, "kept": 0.75}
+    best = choose_threshold(scores)  # between 0.2 and 0.3: 3 of 4 declined, all 4 kept
+    assert best["threshold"] == pytest.approx(0.25) and (best["declined"], best["kept"]) == (0.75, 1.0)
+    strict = choose_threshold(scores, min_decline=1.0)  # 0.7 must be declined: between 0.7 and 0.8
+    assert strict["threshold"] == pytest.approx(0.75) and (strict["declined"], strict["kept"]) == (1.0, 0.5)
+    with pytest.raises(ValueError, match="no threshold declines"):
+        choose_threshold([("no_target", None), ("explicit", 0.2), ("no_target", 0.9999999)], min_decline=1.0)
+    with pytest.raises(ValueError, match="both"):
+        choose_threshold([("explicit", 0.5)])
+
+
+def test_calibrate_gate_writes_the_threshold_it_reports(gated_trained, tmp_path, capsys):
+    from lisa_agent.cli import main
+
+    data = tmp_path / "val"
+    assert main(["make-data", "--out", str(data), "--n", "2", "--size", "120x160", "--split", "val"]) == 0
+    capsys.readouterr()
+    folder = tmp_path / "model"
+    shutil.copytree(gated_trained, folder)
+    assert main(["calibrate-gate", "--model", str(folder), "--data", str(data), "--write", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["n_no_target"] == 2 and result["n_with_targets"] >= 8
+    written = json.loads((folder / "config.json").read_text())["lisa_agent"]["presence_gate"]["threshold"]
+    assert written == result["threshold"] and 0 < written < 1
+    best = max((r["declined"] + r["kept"]) / 2 for r in result["table"])
+    assert (result["declined"] + result["kept"]) / 2 == best
+    assert LisaSegmenter.from_pretrained(folder).info()["presence_threshold"] == written
+    # checkpoints without a presence head are refused, naming the reason
+    assert main(["calibrate-gate", "--model", "tabletop-tiny", "--data", str(data)]) == 1
+    assert "no presence head" in capsys.readouterr().err
+
+
+def test_presence_threshold_flag_of_the_model_commands():
+    from lisa_agent.cli import build_parser
+
+    argv = ["eval", "--model", "m", "--data", "d", "--presence-threshold", "off"]
+    assert build_parser(argv).parse_args(argv).presence_threshold is None
+    argv[-1] = "0.3"
+    assert build_parser(argv).parse_args(argv).presence_threshold == 0.3
+    argv[-1] = "high"
+    with pytest.raises(SystemExit):
+        build_parser(argv).parse_args(argv)

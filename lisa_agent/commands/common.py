@@ -10,8 +10,8 @@ import numpy as np
 from ..errors import InvalidImageError
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = None) -> None:
-    """--model, --vision-tower, --device, --dtype, --quantization."""
+def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | None = None, gate: bool = True) -> None:
+    """--model, --vision-tower, --device, --dtype, --quantization (and --presence-threshold with ``gate``)."""
     parser.add_argument("--model", default=default_model, required=default_model is None,
                         help="Hub id (xinlai/LISA-7B-v1), checkpoint folder, or 'tabletop-tiny'")
     parser.add_argument("--vision-tower", default=None, help="CLIP tower id or folder (default: from the checkpoint)")
@@ -19,6 +19,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="LLM quantization (CUDA)")
+    if not gate:
+        return
+    parser.add_argument("--presence-threshold", default="checkpoint", type=presence_threshold, metavar="T",
+                        help="presence gate of checkpoints that have one: 'checkpoint' (its own threshold, "
+                             "default), a number in (0, 1), or 'off'")
+
+
+def presence_threshold(text: str) -> float | str | None:
+    """``--presence-threshold`` values: 'checkpoint', 'off' (None) or a float (range checked on load)."""
+    if text in ("checkpoint", "off"):
+        return None if text == "off" else text
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'checkpoint', 'off' or a number, got {text!r}") from None
 
 
 def load_segmenter(args: argparse.Namespace):  # noqa: ANN201
@@ -26,7 +41,8 @@ def load_segmenter(args: argparse.Namespace):  # noqa: ANN201
 
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     return LisaSegmenter.from_pretrained(args.model, vision_tower=args.vision_tower, dtype=dtype,
-                                         device=args.device, quantization=args.quantization)
+                                         device=args.device, quantization=args.quantization,
+                                         presence_threshold=getattr(args, "presence_threshold", "checkpoint"))
 
 
 def read_image(path: str | Path) -> np.ndarray:

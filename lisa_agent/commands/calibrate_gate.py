@@ -1,0 +1,63 @@
+"""``lisa-agent calibrate-gate --model DIR --data VAL [--write]``: choose a checkpoint's presence-gate
+threshold on a validation split (see :mod:`lisa_agent.evaluation.gate`) and optionally write it into
+the checkpoint's ``config.json``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+from .common import add_model_arguments
+
+HELP = "choose the presence gate's threshold on a validation split"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_model_arguments(parser, gate=False)
+    parser.add_argument("--data", required=True, help="ReasonSeg-layout split with no-target queries (ours)")
+    parser.add_argument("--min-decline", type=float, default=None,
+                        help="keep the most targets while declining at least this share of no-target queries "
+                             "(default: best (declined + kept) / 2)")
+    parser.add_argument("--limit", type=int, default=None, metavar="N", help="the first N queries only")
+    parser.add_argument("--write", action="store_true", help="write the threshold into MODEL/config.json")
+    parser.add_argument("--json", action="store_true", help="print the result (with the full table) as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..data.reasonseg import iter_samples, list_images
+    from ..evaluation.gate import choose_threshold, presence_scores
+    from ..loading import resolve_checkpoint
+    from ..segmenter import LisaSegmenter
+
+    if args.min_decline is not None and not 0.0 < args.min_decline <= 1.0:
+        raise InvalidArgumentError(f"--min-decline must be in (0, 1]; got {args.min_decline}")
+    if not list_images(args.data):
+        raise InvalidArgumentError(f"no image + json pairs in {args.data}")
+    folder = resolve_checkpoint(args.model)
+    config_path = Path(folder) / "config.json"
+    config = json.loads(config_path.read_text())
+    if not (config.get("lisa_agent") or {}).get("presence_gate"):
+        raise InvalidArgumentError(f"{args.model} has no presence head (config.json declares no "
+                                   "lisa_agent.presence_gate); train one with finetune --presence-weight")
+    dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    seg = LisaSegmenter.from_pretrained(folder, vision_tower=args.vision_tower, dtype=dtype, device=args.device,
+                                        quantization=args.quantization, presence_threshold=None)
+    try:
+        result = choose_threshold(presence_scores(seg, iter_samples(args.data), limit=args.limit), args.min_decline)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+    result["threshold"] = round(result["threshold"], 4)
+    if args.write:
+        config["lisa_agent"]["presence_gate"]["threshold"] = result["threshold"]
+        config_path.write_text(json.dumps(config, indent=2))
+        result["written"] = str(config_path)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"threshold {result['threshold']:.4f} ({result['criterion']}): declines "
+              f"{result['declined']:.1%} of {result['n_no_target']} no-target queries, keeps "
+              f"{result['kept']:.1%} of {result['n_with_targets']} with targets"
+              + (f"; written to {config_path}" if args.write else ""))
+    return 0
