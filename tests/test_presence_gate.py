@@ -280,3 +280,19 @@ def test_presence_threshold_flag_of_the_model_commands():
     argv[-1] = "high"
     with pytest.raises(SystemExit):
         build_parser(argv).parse_args(argv)
+
+
+def test_freeze_llm_keeps_the_answers_and_trains_the_mask_side(tiny_checkpoint, tmp_path):
+    seg = LisaSegmenter.from_pretrained(tiny_checkpoint)
+    cfg = TrainConfig(method="full", steps=2, lr=5e-2, warmup=1, scenes_per_batch=1, val_every=0, save_every=0,
+                      presence_weight=1.0, freeze_llm=True)
+    trainer = Trainer(seg, tiny_checkpoint, tmp_path / "fl", cfg, log=lambda *a: None)
+    frozen = {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+              if n.startswith(("llm.", "mm_projector.", "vision."))}
+    decoder = trainer.model.sam.mask_decoder.iou_prediction_head.layers[-1].weight.detach().clone()
+    fcs = trainer.model.text_hidden_fcs[0][2].weight.detach().clone()
+    trainer.fit(synthetic_scenes("train", 0, ((96, 128),), absent_seg=1), progress=False)
+    params = dict(trainer.model.named_parameters())
+    assert frozen and all(torch.equal(v, params[n]) for n, v in frozen.items())
+    assert not torch.equal(decoder, trainer.model.sam.mask_decoder.iou_prediction_head.layers[-1].weight)
+    assert not torch.equal(fcs, trainer.model.text_hidden_fcs[0][2].weight)

@@ -77,6 +77,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-initialise text_hidden_fcs before training (e.g. after its ReLUs died)")
     parser.add_argument("--freeze-vision", action="store_true",
                         help="--full: keep the CLIP tower fixed as LISA does (e.g. after pretrain-vision)")
+    parser.add_argument("--freeze-llm", action="store_true",
+                        help="--full: keep the LLM, projector and CLIP tower fixed (the answers stay exactly as "
+                             "they were; SAM and text_hidden_fcs train), e.g. to add the presence head")
     parser.add_argument("--frame-sizes", default="192x256,256x192,224x224", help="synthetic frame sizes HxW,...")
     parser.add_argument("--val-data", default=None, help="ReasonSeg-layout folder for periodic gIoU/cIoU")
     parser.add_argument("--val-every", type=int, default=200)
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
     cfg = TrainConfig(method=args.method, steps=args.steps, lr=lr, warmup=args.warmup,
                       scenes_per_batch=args.scenes_per_batch, val_every=args.val_every, val_limit=args.val_limit,
                       save_every=args.save_every, seed=args.seed, threads=args.threads, val_answer=args.val_answer,
-                      freeze_vision=args.freeze_vision, presence_weight=args.presence_weight,
+                      freeze_vision=args.freeze_vision, freeze_llm=args.freeze_llm, presence_weight=args.presence_weight,
                       presence_threshold=args.presence_threshold, sam_aux_weight=args.sam_aux_weight)
     if args.sam_aux_weight and args.data != "synthetic":
         from ..errors import InvalidArgumentError

@@ -54,6 +54,7 @@ class TrainConfig:
     # Ours, not LISA's: weight of a BCE that trains the mask decoder's score output (SAM's IoU head) to
     # say whether each [SEG]'s target is in the image; > 0 also writes the presence gate into config.json.
     presence_weight: float = 0.0
+    freeze_llm: bool = False  # keep the LLM, projector and CLIP fixed: answers stay as they were (mask side trains)
     presence_threshold: float = 0.5  # the gate's threshold on sigmoid(score), written with it
     # Ours, training only: weight of a dense BCE that teaches SAM's image embedding, through a 1x1
     # convolution that is not saved, which category and colour covers each cell (synthetic scenes).
@@ -144,6 +145,11 @@ class Trainer:
             m.text_hidden_fcs.requires_grad_(True)
         if self.cfg.freeze_vision and m.vision is not None:
             m.vision.requires_grad_(False)
+        if self.cfg.freeze_llm:
+            m.llm.requires_grad_(False)
+            m.mm_projector.requires_grad_(False)
+            if m.vision is not None:
+                m.vision.requires_grad_(False)
         n = sum(p.numel() for p in m.parameters() if p.requires_grad)
         self.log(f"trainable parameters: {n:,} ({self.cfg.method})")
 
