@@ -249,7 +249,7 @@ def test_choose_threshold_by_hand():
         choose_threshold([("explicit", 0.5)])
 
 
-def test_calibrate_gate_writes_the_threshold_it_reports(gated_trained, tmp_path, capsys):
+def test_calibrate_gate_writes_the_threshold_it_reports(gated_trained, tiny_checkpoint, tmp_path, capsys):
     from lisa_agent.cli import main
 
     data = tmp_path / "val"
@@ -266,7 +266,7 @@ def test_calibrate_gate_writes_the_threshold_it_reports(gated_trained, tmp_path,
     assert (result["declined"] + result["kept"]) / 2 == best
     assert LisaSegmenter.from_pretrained(folder).info()["presence_threshold"] == written
     # checkpoints without a presence head are refused, naming the reason
-    assert main(["calibrate-gate", "--model", "tabletop-tiny", "--data", str(data)]) == 1
+    assert main(["calibrate-gate", "--model", str(tiny_checkpoint), "--data", str(data)]) == 1
     assert "no presence head" in capsys.readouterr().err
 
 

@@ -163,7 +163,13 @@ def test_mask_has_source_header_size_and_engine_labels(nodes, scene, engine, enc
     labels = labels_of(mask)
     assert result["frame_id"] == FRAME and result["image_size"] == list(SIZE)
     n = len(result["masks"])
-    assert n >= 1 and set(np.unique(labels)) <= set(range(n + 1))
+    if encoding == "mono8" and n == 0:
+        # a grey frame hides the colours the trained model relies on; its presence gate may decline:
+        # then the label image is empty and the answer says so
+        assert not labels.any() and result["text"].startswith("Sorry")
+    else:
+        assert n >= 1
+    assert set(np.unique(labels)) <= set(range(n + 1))
     for k, entry in enumerate(result["masks"]):
         assert entry["label"] == k + 1
         if n == 1:
@@ -177,7 +183,7 @@ def test_mask_has_source_header_size_and_engine_labels(nodes, scene, engine, enc
     overlay = nodes.probe.wait_for("overlay", same_stamp(header), 10)
     assert (overlay.encoding, overlay.height, overlay.width) == ("rgb8", SIZE[0], SIZE[1])
     answer = nodes.probe.wait_for("answer", lambda m: m.data == result["text"], 10)
-    assert "[SEG]" in answer.data
+    assert ("[SEG]" in answer.data) == (n >= 1)
     assert result["latency_ms"] >= result["inference_ms"] >= 0
 
 

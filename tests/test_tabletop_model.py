@@ -18,11 +18,11 @@ from lisa_agent.evaluation.metrics import IoUMeter, score_query
 
 N_SCENES = 10
 SIZE = (240, 320)
-# Measured on these 10 scenes with the shipped weights: see test output; thresholds a little lower.
-# Measured here: explicit 0.656, implicit 0.630, right object 0.891, two masks 1.0, no-target answered
-# without a mask 0.0 (the model has not learned to decline; see the model card), demo IoU with the knife
-# 0.81. Right object is asserted at the project's bar (85%).
-EXPLICIT_GIOU, IMPLICIT_GIOU, RIGHT_OBJECT, TWO_MASKS, DEMO_IOU = 0.60, 0.58, 0.85, 0.9, 0.7
+# Measured on these 10 scenes with the shipped weights (stage 5, presence gate at its checkpoint threshold):
+# explicit 0.633, implicit 0.647, right object 0.913, two masks 1.0, no-target answered without a mask 0.9,
+# demo IoU with the knife 0.81. Thresholds sit a little lower; right object is asserted at the project's
+# bar (85%).
+EXPLICIT_GIOU, IMPLICIT_GIOU, RIGHT_OBJECT, TWO_MASKS, NO_MASK, DEMO_IOU = 0.58, 0.60, 0.85, 0.9, 0.8, 0.7
 
 
 @pytest.fixture(scope="module")
@@ -62,6 +62,23 @@ def test_explicit_and_implicit_queries_find_the_object(report):
 
 def test_two_target_queries_get_two_masks(report):
     assert report["two_masks"] >= TWO_MASKS
+
+
+def test_no_target_queries_are_declined_without_a_mask(report):
+    assert report["no_mask"] >= NO_MASK
+
+
+def test_a_declined_query_gets_the_models_own_refusal(model):
+    # held-out scene 502: purple book, yellow apple, yellow hammer, red bottle, blue knife
+    scene = render_scene(split_seed("test", 502), size=SIZE)
+    assert [o.name() for o in scene.objects if o.category == "book"] == ["purple book"]
+    for mode in ("chat", "fast"):
+        declined = model.segment(scene.image, "the black book", mode=mode)
+        assert declined.masks.shape == (0, *SIZE) and declined.text == "Sorry, there is no black book in this image."
+    kept = model.segment(scene.image, "the purple book", mode="chat")
+    book = next(o.mask for o in scene.objects if o.category == "book")
+    assert len(kept.masks) == 1 and kept.instances[0].score >= model.presence_gate["threshold"]
+    assert (kept.masks[0] & book).sum() / (kept.masks[0] | book).sum() >= 0.7
 
 
 def test_demo_segments_something_to_cut_with(capsys, tmp_path):
