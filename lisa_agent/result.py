@@ -28,7 +28,8 @@ class MaskInstance:
         bbox: tight box, XYXY inclusive pixel coordinates of the original frame.
         area: number of mask pixels.
         centroid: (x, y) mean pixel position.
-        score: the SAM mask decoder's IoU prediction for this mask.
+        score: the SAM mask decoder's IoU prediction for this mask; for checkpoints with a presence gate
+            (see :mod:`lisa_agent.segmenter`) the probability that the mask's target is in the frame.
     """
 
     bbox: tuple[int, int, int, int]

@@ -48,6 +48,8 @@ from .result import SegmentationResult
 from .tokenization import LisaTokenizer
 
 MODES = ("fast", "chat", "reference")
+#: generation limit for a declined ``fast`` query's refusal (chat modes use their own max_new_tokens)
+DECLINE_MAX_TOKENS = 32
 
 
 @dataclass
@@ -337,7 +339,7 @@ class LisaSegmenter:
                        "llm": t_llm * share, "decoder": t_dec * share, "postprocess": t_post * share}
             output_ids, text = full_ids[b][len(prompt_ids[b]):], answers[b]
             if self._declines(scores[idx]):
-                output_ids, text, timings["decline"] = self._decline(feats, q, (), 32)
+                output_ids, text, timings["decline"] = self._decline(feats, q, (), DECLINE_MAX_TOKENS)
                 idx = []
             results.append(self._result(feats, q, "fast", prompts[b], prompt_ids[b], output_ids, text,
                                         None if logits is None else logits[idx], masks[idx], scores[idx],

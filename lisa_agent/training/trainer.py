@@ -51,10 +51,10 @@ class TrainConfig:
     seed: int = 0
     threads: int | None = None
     freeze_vision: bool = False  # keep the CLIP tower fixed, as LISA does (the projector still trains)
+    freeze_llm: bool = False  # keep the LLM, projector and CLIP fixed: answers stay as they were (mask side trains)
     # Ours, not LISA's: weight of a BCE that trains the mask decoder's score output (SAM's IoU head) to
     # say whether each [SEG]'s target is in the image; > 0 also writes the presence gate into config.json.
     presence_weight: float = 0.0
-    freeze_llm: bool = False  # keep the LLM, projector and CLIP fixed: answers stay as they were (mask side trains)
     presence_threshold: float = 0.5  # the gate's threshold on sigmoid(score), written with it
     # Ours, training only: weight of a dense BCE that teaches SAM's image embedding, through a 1x1
     # convolution that is not saved, which category and colour covers each cell (synthetic scenes).
