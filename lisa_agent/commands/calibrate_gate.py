@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-from .common import add_model_arguments
+from .common import add_model_arguments, load_segmenter
 
 HELP = "choose the presence gate's threshold on a validation split"
 
@@ -29,7 +29,6 @@ def run(args: argparse.Namespace) -> int:
     from ..data.reasonseg import iter_samples, list_images
     from ..evaluation.gate import choose_threshold, presence_scores
     from ..loading import resolve_checkpoint
-    from ..segmenter import LisaSegmenter
 
     if args.min_decline is not None and not 0.0 < args.min_decline <= 1.0:
         raise InvalidArgumentError(f"--min-decline must be in (0, 1]; got {args.min_decline}")
@@ -41,9 +40,8 @@ def run(args: argparse.Namespace) -> int:
     if not (config.get("lisa_agent") or {}).get("presence_gate"):
         raise InvalidArgumentError(f"{args.model} has no presence head (config.json declares no "
                                    "lisa_agent.presence_gate); train one with finetune --presence-weight")
-    dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
-    seg = LisaSegmenter.from_pretrained(folder, vision_tower=args.vision_tower, dtype=dtype, device=args.device,
-                                        quantization=args.quantization, presence_threshold=None)
+    # the gate must not decline while its scores are collected
+    seg = load_segmenter(argparse.Namespace(**{**vars(args), "model": folder, "presence_threshold": None}))
     try:
         result = choose_threshold(presence_scores(seg, iter_samples(args.data), limit=args.limit), args.min_decline)
     except ValueError as exc:
