@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import InvalidArgumentError
+
 HELP = "train or fine-tune a LISA checkpoint"
 
 
@@ -16,8 +18,6 @@ def _sizes(text: str) -> tuple[tuple[int, int], ...]:
 
 def _steps(text: str) -> tuple[int, ...]:
     """``"300,600"`` -> (300, 600): ascending positive step thresholds ("" -> none)."""
-    from ..errors import InvalidArgumentError
-
     if not text.strip():
         return ()
     try:
@@ -98,6 +98,14 @@ def run(args: argparse.Namespace) -> int:
     from ..training.batches import folder_scenes, synthetic_scenes
     from ..training.trainer import TrainConfig, Trainer
 
+    # option errors first, before the (slow) model load
+    curriculum = _steps(args.presence_curriculum)
+    if args.sam_aux_weight and args.data != "synthetic":
+        raise InvalidArgumentError("--sam-aux-weight needs --data synthetic (it uses the scenes' object labels)")
+    if args.absent_seg_per_scene and args.presence_weight <= 0:
+        raise InvalidArgumentError("--absent-seg-per-scene trains the presence head: give --presence-weight > 0")
+    if not 0.0 < args.presence_threshold < 1.0:
+        raise InvalidArgumentError(f"--presence-threshold must be in (0, 1); got {args.presence_threshold}")
     source = resolve_checkpoint(args.model)
     seg = LisaSegmenter.from_pretrained(source, vision_tower=args.vision_tower, dtype="fp32", device="cpu")
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-3)
@@ -106,18 +114,6 @@ def run(args: argparse.Namespace) -> int:
                       save_every=args.save_every, seed=args.seed, threads=args.threads, val_answer=args.val_answer,
                       freeze_vision=args.freeze_vision, freeze_llm=args.freeze_llm, presence_weight=args.presence_weight,
                       presence_threshold=args.presence_threshold, sam_aux_weight=args.sam_aux_weight)
-    if args.sam_aux_weight and args.data != "synthetic":
-        from ..errors import InvalidArgumentError
-
-        raise InvalidArgumentError("--sam-aux-weight needs --data synthetic (it uses the scenes' object labels)")
-    if args.absent_seg_per_scene and args.presence_weight <= 0:
-        from ..errors import InvalidArgumentError
-
-        raise InvalidArgumentError("--absent-seg-per-scene trains the presence head: give --presence-weight > 0")
-    if not 0.0 < args.presence_threshold < 1.0:
-        from ..errors import InvalidArgumentError
-
-        raise InvalidArgumentError(f"--presence-threshold must be in (0, 1); got {args.presence_threshold}")
     if args.reinit_seg_head:
         import torch
 
@@ -131,8 +127,6 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         state = Path(args.out) / "trainer_state.pt"
         if not state.is_file():
-            from ..errors import InvalidArgumentError
-
             raise InvalidArgumentError(f"--resume: {state} does not exist")
         trainer.resume(state)
         start = trainer.step * cfg.scenes_per_batch
@@ -141,7 +135,7 @@ def run(args: argparse.Namespace) -> int:
                                   named_prob=args.named_answers, no_target=args.no_target_per_scene,
                                   named_colour=args.named_colour, describe=args.describe_per_scene,
                                   presence=args.presence_per_scene,
-                                  presence_curriculum=_steps(args.presence_curriculum),
+                                  presence_curriculum=curriculum,
                                   scenes_per_step=cfg.scenes_per_batch, absent_seg=args.absent_seg_per_scene)
     else:
         scenes = folder_scenes(args.data, args.seed + start)
