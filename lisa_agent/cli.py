@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "pretrain-vision": "pretrain_vision",
     "eval": "evaluate",
     "calibrate-gate": "calibrate_gate",
+    "resize-sam": "resize_sam",
     "serve": "serve",
     "bag": "bag",
 }
@@ -38,6 +39,7 @@ _HELP: dict[str, str] = {
     "pretrain-vision": "pre-train a small checkpoint's vision tower on the tabletop world",
     "eval": "gIoU / cIoU on a ReasonSeg-layout split",
     "calibrate-gate": "choose the presence gate's threshold on a validation split",
+    "resize-sam": "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune",
     "serve": "serve a model over ZeroMQ",
     "bag": "run LISA over a rosbag2 and write results into a new bag",
 }

@@ -1,0 +1,51 @@
+"""``lisa-agent resize-sam --model SRC --out DIR --size N``: a copy of a checkpoint whose SAM takes N px
+input (a whole multiple of its current size), to fine-tune at the finer grid (see
+:mod:`lisa_agent.training.resize_sam`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+from ..errors import InvalidArgumentError
+
+HELP = "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", required=True, help="checkpoint folder, Hub id or tabletop-tiny")
+    parser.add_argument("--out", required=True, help="new folder to write (must not hold a checkpoint)")
+    parser.add_argument("--size", type=int, required=True, help="SAM input size in px (a multiple of the current)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..loading import read_state_dict, resolve_checkpoint
+    from ..tiny import save_state_dict
+    from ..training.resize_sam import resize_sam_state
+    from ..training.trainer import TOKENIZER_FILES
+
+    src = resolve_checkpoint(args.model)
+    out = Path(args.out)
+    if (out / "config.json").exists():
+        raise InvalidArgumentError(f"{out} already holds a checkpoint; choose a new folder")
+    if out.resolve() == src.resolve():
+        raise InvalidArgumentError("--out must differ from --model")
+    config = json.loads((src / "config.json").read_text())
+    old = int(config.get("sam_image_size") or 1024)  # published LISA: SAM ViT-H at 1024 px
+    state = resize_sam_state(read_state_dict(src), old, args.size)
+    out.mkdir(parents=True, exist_ok=True)
+    for name in TOKENIZER_FILES:
+        if (src / name).is_file():
+            shutil.copy2(src / name, out / name)
+    tower = config.get("vision_tower", "")
+    if tower and (src / tower).is_dir():
+        shutil.copytree(src / tower, out / tower, dirs_exist_ok=True)
+    config["sam_image_size"] = args.size
+    config.setdefault("lisa_agent", {})["sam_resized_from"] = old
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    save_state_dict(state, out, shards=2)
+    print(f"wrote {out}: SAM input {old} -> {args.size} px (image grid x{args.size // old}); fine-tune it at "
+          "this size before use")
+    return 0
