@@ -360,13 +360,17 @@ def test_30hz_stream_newest_frames_no_backlog_drops_counted(nodes, scene):
     assert len(ours) >= 8, f"only {len(ours)} results for 120 frames"
     idx = [index[(r["stamp"]["sec"], r["stamp"]["nanosec"])] for _, r in ours]
     assert idx == sorted(set(idx)), "results must follow the stream forward, each frame once"
-    # newest frame: when a result arrives, few frames have been published since its frame
+    # newest frame: a frame waits at most for the inference in progress, so when its result arrives only
+    # the frames of about two inference times have been published since it (the bound follows this
+    # machine's speed, which the node reports; a backlog would grow without bound)
+    infer_ms = float(np.median([r["inference_ms"] for _, r in ours]))
+    assert np.median([r["queue_ms"] for _, r in ours]) <= infer_ms + 2 * 1000 / 30, [r["queue_ms"] for _, r in ours]
     lags = []
     for (t, _), i in zip(ours, idx, strict=True):
         newest = max(j for j, (sent, _) in enumerate(published) if sent <= t)
         lags.append(newest - i)
     third = max(1, len(lags) // 3)
-    assert np.median(lags) <= 3, f"frame lag {lags}"
+    assert np.median(lags) <= 3 + 2 * infer_ms * 30 / 1000, f"frame lag {lags} (inference {infer_ms:.0f} ms)"
     assert np.median(lags[-third:]) <= np.median(lags[:third]) + 2, f"lag grows: {lags}"
     # no backlog: once the stream stops, at most the frame in progress is still answered
     after = [t for t, _ in ours if t > end + 0.1]
