@@ -22,19 +22,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..loading import read_state_dict, resolve_checkpoint
+    from ..modeling.sam import infer_sam_spec
     from ..tiny import save_state_dict
-    from ..training.resize_sam import resize_sam_state
+    from ..training.resize_sam import ENCODER_PREFIX, resize_sam_state
     from ..training.trainer import TOKENIZER_FILES
 
-    src = resolve_checkpoint(args.model)
+    src = Path(resolve_checkpoint(args.model))
     out = Path(args.out)
     if (out / "config.json").exists():
         raise InvalidArgumentError(f"{out} already holds a checkpoint; choose a new folder")
-    if out.resolve() == src.resolve():
-        raise InvalidArgumentError("--out must differ from --model")
     config = json.loads((src / "config.json").read_text())
-    old = int(config.get("sam_image_size") or 1024)  # published LISA: SAM ViT-H at 1024 px
-    state = resize_sam_state(read_state_dict(src), old, args.size)
+    state = read_state_dict(src)
+    old = infer_sam_spec(state, prefix=ENCODER_PREFIX[: -len("image_encoder.")]).img_size  # from the weights
+    state = resize_sam_state(state, old, args.size)
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:
         if (src / name).is_file():
