@@ -311,6 +311,11 @@ class LisaNode(Node):
             try:
                 outcome = self._answer(req, frame)
             except Exception:  # keep serving whatever happens to one frame
+                if not self.context.ok():
+                    # SIGINT shut the context down while this frame was in inference: its publishers are
+                    # gone with it, so the result cannot be published; that is shutdown, not a failure
+                    self._stopping = True
+                    return
                 outcome = "error"
                 self.get_logger().error(f"request {req.seq}: unexpected failure on frame {frame.seq}:\n"
                                         f"{traceback.format_exc()}")
