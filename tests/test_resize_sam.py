@@ -54,6 +54,7 @@ def test_resize_state_resamples_only_the_position_terms():
 def test_resize_sam_command_writes_a_finer_checkpoint_that_loads_answers_alike_and_trains(
         tiny_checkpoint, tmp_path, capsys):
     from lisa_agent.cli import main
+    from lisa_agent.training.batches import synthetic_scenes
     from lisa_agent.training.trainer import Trainer, TrainConfig
 
     out = tmp_path / "sam256"
@@ -79,7 +80,7 @@ def test_resize_sam_command_writes_a_finer_checkpoint_that_loads_answers_alike_a
     # it fine-tunes at the new size and stays there
     cfg = TrainConfig(method="full", steps=1, lr=1e-3, warmup=1, scenes_per_batch=1, val_every=0, save_every=0)
     trainer = Trainer(big, out, tmp_path / "tuned", cfg, log=lambda *a: None)
-    trainer.fit(trainer_scenes(), steps=1, progress=False)
+    trainer.fit(synthetic_scenes(seed=0, sizes=((96, 128),)), steps=1, progress=False)
     trainer.save()
     assert LisaSegmenter.from_pretrained(tmp_path / "tuned").model.sam_spec.img_size == 256
     # refusals, named
@@ -89,8 +90,3 @@ def test_resize_sam_command_writes_a_finer_checkpoint_that_loads_answers_alike_a
     assert main(["resize-sam", "--model", str(tiny_checkpoint), "--out", str(out), "--size", "256"]) == 1
     assert "already holds a checkpoint" in capsys.readouterr().err
 
-
-def trainer_scenes():
-    from lisa_agent.training.batches import synthetic_scenes
-
-    return synthetic_scenes(seed=0, sizes=((96, 128),))

@@ -24,7 +24,7 @@ def run(args: argparse.Namespace) -> int:
     from ..loading import read_state_dict, resolve_checkpoint
     from ..modeling.sam import infer_sam_spec
     from ..tiny import save_state_dict
-    from ..training.resize_sam import ENCODER_PREFIX, resize_sam_state
+    from ..training.resize_sam import SAM_PREFIX, resize_sam_state
     from ..training.trainer import TOKENIZER_FILES
 
     src = Path(resolve_checkpoint(args.model))
@@ -33,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"{out} already holds a checkpoint; choose a new folder")
     config = json.loads((src / "config.json").read_text())
     state = read_state_dict(src)
-    old = infer_sam_spec(state, prefix=ENCODER_PREFIX[: -len("image_encoder.")]).img_size  # from the weights
+    old = infer_sam_spec(state, prefix=SAM_PREFIX).img_size  # from the weights, as the loader reads it
     state = resize_sam_state(state, old, args.size)
     out.mkdir(parents=True, exist_ok=True)
     for name in TOKENIZER_FILES:

@@ -26,8 +26,9 @@ import torch.nn.functional as F
 from ..errors import InvalidArgumentError
 from ..modeling.lisa import to_published_key
 
-#: published name of SAM's image encoder ("model.visual_model.image_encoder.")
-ENCODER_PREFIX = str(to_published_key("sam.image_encoder."))
+#: published prefix of SAM's weights ("model.visual_model.") and of its image encoder
+SAM_PREFIX = str(to_published_key("sam."))
+ENCODER_PREFIX = SAM_PREFIX + "image_encoder."
 
 
 def resize_sam_state(state: dict[str, torch.Tensor], old_size: int, new_size: int) -> dict[str, torch.Tensor]:
