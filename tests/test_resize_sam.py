@@ -55,7 +55,7 @@ def test_resize_sam_command_writes_a_finer_checkpoint_that_loads_answers_alike_a
         tiny_checkpoint, tmp_path, capsys):
     from lisa_agent.cli import main
     from lisa_agent.training.batches import synthetic_scenes
-    from lisa_agent.training.trainer import Trainer, TrainConfig
+    from lisa_agent.training.trainer import TrainConfig, Trainer
 
     out = tmp_path / "sam256"
     assert main(["resize-sam", "--model", str(tiny_checkpoint), "--out", str(out), "--size", "256"]) == 0
