@@ -32,6 +32,7 @@ ARGUMENTS = (
     ("device", "auto", "auto, cpu, cuda, cuda:1, ..."),
     ("dtype", "auto", "auto, fp32, bf16, fp16"),
     ("quantization", "", "empty, 8bit or 4bit"),
+    ("mask_tta", "checkpoint", "checkpoint, off, hflip or flips (mask test-time augmentation)"),
     ("server", "", "model server endpoint; when set, no model is loaded in the node"),
     ("mode", "fast", "fast or chat"),
     ("continuous", "false", "keep segmenting new frames until 'stop'"),
@@ -44,7 +45,7 @@ ARGUMENTS = (
 _BOOL = {"compressed", "continuous", "publish_overlay"}
 _FLOAT = {"max_rate"}
 _PASSTHROUGH = ("instruction_topic", "camera_qos", "model", "vision_tower", "device", "dtype", "quantization",
-                "server", "mode")
+                "mask_tta", "server", "mode")
 
 
 def _as_bool(text: str) -> bool:

@@ -24,7 +24,7 @@ LLAMA_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_random_segmenter(shape: str, device: str, dtype: torch.dtype):  # noqa: ANN201
+def build_random_segmenter(shape: str, device: str, dtype: torch.dtype, mask_tta: str = "off"):  # noqa: ANN201
     """A LISA-{7b,13b}-shaped segmenter with random weights, allocated directly on ``device``."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
@@ -60,7 +60,7 @@ def build_random_segmenter(shape: str, device: str, dtype: torch.dtype):  # noqa
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ADDED_TOKENS])
     added = {t: tok.token_to_id(t) for t in ADDED_TOKENS}
     tokenizer = LisaTokenizer(tok, "tokenizers", added, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    return LisaSegmenter(model, tokenizer, name=f"random-{shape}")
+    return LisaSegmenter(model, tokenizer, name=f"random-{shape}", mask_tta=mask_tta)
 
 
 def _random_init(model: torch.nn.Module) -> None:
@@ -72,20 +72,21 @@ def _random_init(model: torch.nn.Module) -> None:
                 p.normal_(0.0, 0.02)
 
 
-def load_for_bench(model: str | None, shape: str, device: str, dtype: str) -> tuple[Any, str]:
+def load_for_bench(model: str | None, shape: str, device: str, dtype: str,
+                   mask_tta: str = "checkpoint") -> tuple[Any, str]:
     from .loading import DTYPES
     from .segmenter import LisaSegmenter
 
     if model:
-        return LisaSegmenter.from_pretrained(model, device=device, dtype=dtype), model
+        return LisaSegmenter.from_pretrained(model, device=device, dtype=dtype, mask_tta=mask_tta), model
     if shape == "tiny":
         from .tiny import make_tiny_checkpoint
 
         folder = make_tiny_checkpoint(tempfile.mkdtemp(prefix="lisa-tiny-bench-"))
-        return LisaSegmenter.from_pretrained(folder, device=device, dtype=dtype), "tiny"
+        return LisaSegmenter.from_pretrained(folder, device=device, dtype=dtype, mask_tta=mask_tta), "tiny"
     if shape not in LLAMA_SHAPES:
         raise ValueError(f"unknown shape {shape!r}")
-    return build_random_segmenter(shape, device, DTYPES[dtype]), shape
+    return build_random_segmenter(shape, device, DTYPES[dtype], "off" if mask_tta == "checkpoint" else mask_tta), shape
 
 
 def _median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -109,7 +110,8 @@ def run_bench(seg, *, runs: int = 10, warmup: int = 2, new_tokens: int = 32, ima
     frame = rng.integers(0, 255, size=(*image_hw, 3), dtype=np.uint8)
     seg.eos_token_id = -1  # benchmark: always generate exactly `new_tokens` tokens
     out: dict[str, Any] = {"device": _device_name(seg.device), "dtype": str(seg.dtype).replace("torch.", ""),
-                           "new_tokens": new_tokens, "image_hw": list(image_hw), "modes": {}}
+                           "new_tokens": new_tokens, "image_hw": list(image_hw),
+                           "mask_tta": getattr(seg, "mask_tta", "off"), "modes": {}}
 
     def once(mode: str) -> Callable[[], Any]:
         def call():  # noqa: ANN202
@@ -149,7 +151,8 @@ def _device_name(device: torch.device) -> str:
 
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"device {report['device']}  shape {report.get('shape')}  dtype {report['dtype']}  "
-             f"new tokens {report['new_tokens']}  frame {report['image_hw'][0]}x{report['image_hw'][1]}"]
+             f"new tokens {report['new_tokens']}  frame {report['image_hw'][0]}x{report['image_hw'][1]}  "
+             f"mask tta {report.get('mask_tta', 'off')}"]
     stages = sorted({s for m in report["modes"].values() for s in m["stages_ms"]} - {"total"})
     lines.append(f"{'mode':<12}{'median ms':>11}" + "".join(f"{s:>13}" for s in stages))
     for name, m in report["modes"].items():

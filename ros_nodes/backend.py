@@ -16,7 +16,9 @@ class BackendConfig:
 
     ``model``: Hub id, local folder or ``tabletop-tiny``; ``server``: a model server endpoint
     (``tcp://host:port``), which wins over ``model`` when set; ``device``/``dtype``: ``auto`` picks
-    ``cuda``/``bf16`` where CUDA is available and ``cpu``/``fp32`` otherwise.
+    ``cuda``/``bf16`` where CUDA is available and ``cpu``/``fp32`` otherwise; ``mask_tta``: the
+    engine's mask test-time augmentation (``checkpoint``, ``off``, ``hflip`` or ``flips``; a server
+    uses its own).
     """
 
     model: str = "tabletop-tiny"
@@ -24,6 +26,7 @@ class BackendConfig:
     device: str = "auto"
     dtype: str = "auto"
     quantization: str = ""
+    mask_tta: str = "checkpoint"
     server: str = ""
     server_timeout: float = 10.0
 
@@ -62,4 +65,5 @@ def load_backend(config: BackendConfig) -> Any:
         dtype=dtype,
         device=device,
         quantization=config.quantization or None,
+        mask_tta=config.mask_tta or "checkpoint",
     )

@@ -78,6 +78,8 @@ PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "device": ("auto", "torch device: auto, cpu, cuda, cuda:1, ...", True),
     "dtype": ("auto", "auto, fp32, bf16 or fp16", True),
     "quantization": ("", "LLM quantization: empty, 8bit or 4bit (CUDA only)", True),
+    "mask_tta": ("checkpoint", "mask test-time augmentation: checkpoint (its own; off for published LISA), off, "
+                 "hflip or flips (mirrored and upside-down views too: top-down cameras)", True),
     "server": ("", "model server endpoint (tcp://host:port); when set, used instead of 'model'", True),
     "server_timeout": (10.0, "seconds to wait for the model server per request", True),
     "mode": ("fast", "fast (teacher-forced answer, one pass) or chat (generated answer)", False),
@@ -177,7 +179,8 @@ class LisaNode(Node):
         p = self.get_parameter
         return BackendConfig(model=str(p("model").value), vision_tower=str(p("vision_tower").value),
                              device=str(p("device").value), dtype=str(p("dtype").value),
-                             quantization=str(p("quantization").value), server=str(p("server").value),
+                             quantization=str(p("quantization").value), mask_tta=str(p("mask_tta").value),
+                             server=str(p("server").value),
                              server_timeout=float(p("server_timeout").value))
 
     def load_backend(self) -> None:

@@ -29,7 +29,7 @@ from ros_nodes.lisa_node import PARAMETERS
 LAUNCH = REPO / "launch" / "lisa.launch.py"
 DOMAIN = 89
 REQUIRED_ARGS = {"camera", "image_topic", "compressed", "depth", "camera_info_topic", "instruction_topic",
-                 "camera_qos", "model", "device", "dtype", "quantization", "server", "mode", "continuous",
+                 "camera_qos", "model", "device", "dtype", "quantization", "mask_tta", "server", "mode", "continuous",
                  "max_rate", "publish_overlay"}
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .common import add_mask_tta_argument
+
 HELP = "run LISA over a rosbag2 (sqlite3 or MCAP) and write mask/overlay/result topics into a new bag"
 
 
@@ -19,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--quantization", default=None, choices=["8bit", "4bit"])
+    add_mask_tta_argument(parser)
     parser.add_argument("--mode", default="fast", choices=["fast", "chat"])
     parser.add_argument("--prefix", default="/lisa", help="namespace of the written topics (default /lisa)")
     parser.add_argument("--every", type=int, default=1, help="segment every N-th frame (default 1)")
@@ -41,7 +44,8 @@ def run(args: argparse.Namespace) -> int:
         from .. import LisaSegmenter
 
         backend = LisaSegmenter.from_pretrained(args.model, vision_tower=args.vision_tower, dtype=args.dtype,
-                                                device=args.device, quantization=args.quantization)
+                                                device=args.device, quantization=args.quantization,
+                                                mask_tta=args.mask_tta)
     report = process_bag(args.input, args.out, image_topic=args.image_topic, query=args.query, backend=backend,
                          mode=args.mode, prefix=args.prefix, overlay=not args.no_overlay, every=args.every,
                          max_frames=args.max_frames, storage=args.storage, copy_input=args.copy_input)

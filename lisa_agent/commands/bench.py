@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from .common import add_mask_tta_argument
+
 HELP = "per-stage timings of fast, chat and reference modes"
 
 
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated in chat/reference")
     parser.add_argument("--image-size", default="480x640", help="HxW of the synthetic frame")
+    add_mask_tta_argument(parser)
     parser.add_argument("--json", action="store_true")
 
 
@@ -38,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--image-size must look like 480x640, got {args.image_size!r}") from None
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     torch.manual_seed(0)
-    seg, shape = load_for_bench(args.model, args.shape, args.device, dtype)
+    seg, shape = load_for_bench(args.model, args.shape, args.device, dtype, args.mask_tta)
     report = run_bench(seg, runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens, image_hw=(h, w),
                        modes=tuple(args.mode or ("fast", "chat", "reference")), reference_runs=args.reference_runs)
     report["shape"] = shape

@@ -19,11 +19,21 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
     parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                         help="default: bf16 on CUDA, fp32 on the CPU")
     parser.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="LLM quantization (CUDA)")
+    add_mask_tta_argument(parser)
     if not gate:
         return
     parser.add_argument("--presence-threshold", default="checkpoint", type=presence_threshold, metavar="T",
                         help="presence gate of checkpoints that have one: 'checkpoint' (its own threshold, "
                              "default), a number in (0, 1), or 'off'")
+
+
+MASK_TTA_CHOICES = ("checkpoint", "off", "hflip", "flips")
+
+
+def add_mask_tta_argument(parser: argparse.ArgumentParser) -> None:
+    """--mask-tta (see ``LisaSegmenter.from_pretrained``)."""
+    parser.add_argument("--mask-tta", default="checkpoint", choices=MASK_TTA_CHOICES,
+                        help="mask test-time augmentation: 'checkpoint' (what the checkpoint declares; off for published LISA), off, hflip (+ a mirrored view) or flips (+ mirrored, upside-down and both; for top-down cameras) (default checkpoint)")
 
 
 def presence_threshold(text: str) -> float | str | None:
@@ -42,7 +52,8 @@ def load_segmenter(args: argparse.Namespace):  # noqa: ANN201
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     return LisaSegmenter.from_pretrained(args.model, vision_tower=args.vision_tower, dtype=dtype,
                                          device=args.device, quantization=args.quantization,
-                                         presence_threshold=getattr(args, "presence_threshold", "checkpoint"))
+                                         presence_threshold=getattr(args, "presence_threshold", "checkpoint"),
+                                         mask_tta=getattr(args, "mask_tta", "checkpoint"))
 
 
 def read_image(path: str | Path) -> np.ndarray:

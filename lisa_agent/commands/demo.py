@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import write_image
+from .common import add_mask_tta_argument, write_image
 
 HELP = "segment a rendered tabletop scene with the bundled model (offline)"
 
@@ -18,6 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"scene number in the held-out test range (default {DEFAULT_SEED}: a scene the bundled "
                              "model gets right; others show its failures too, see its model card)")
     parser.add_argument("--size", default="480x640", help="frame size HxW (default 480x640)")
+    add_mask_tta_argument(parser)
     parser.add_argument("--mode", default="chat", choices=["fast", "chat"],
                         help="chat (default): the model writes its answer, naming what it segments; "
                              "fast: teacher-forced 'Sure, [SEG].' (the bundled model is weaker there)")
@@ -38,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidArgumentError(f"--size must look like 480x640, got {args.size!r}") from None
     scene = render_scene(split_seed("test", args.seed), size=(h, w))
-    seg = LisaSegmenter.from_pretrained(args.model)
+    seg = LisaSegmenter.from_pretrained(args.model, mask_tta=args.mask_tta)
     result = seg.segment(scene.image, args.query, mode=args.mode, max_new_tokens=48)
     if args.image_out:
         write_image(args.image_out, scene.image)

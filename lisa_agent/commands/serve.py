@@ -7,6 +7,8 @@ import logging
 import signal
 import threading
 
+from .common import add_mask_tta_argument
+
 HELP = "serve a model over ZeroMQ (protocol: docs/protocol.md)"
 
 
@@ -19,6 +21,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="LLM quantization (CUDA)")
     parser.add_argument("--vision-tower", default=None, help="CLIP tower id or folder (default: from the checkpoint)")
     parser.add_argument("--template", default=None, help="conversation template (default: from the checkpoint)")
+    add_mask_tta_argument(parser)
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests waiting for the model at most; more are answered queue_full (default %(default)s)")
     parser.add_argument("--max-side", type=int, default=4096, help="largest image side accepted (default %(default)s)")
@@ -63,7 +66,7 @@ def run(args: argparse.Namespace) -> int:
              f", {args.quantization}" if args.quantization else "")
     segmenter = LisaSegmenter.from_pretrained(args.model, vision_tower=args.vision_tower, dtype=args.dtype,
                                               device=args.device, quantization=args.quantization,
-                                              template=args.template)
+                                              template=args.template, mask_tta=args.mask_tta)
     limits = Limits(max_frame_bytes=int(args.max_frame_mb * 1024 * 1024), max_side=args.max_side)
     server = LisaServer(segmenter, args.bind, max_queue=args.max_queue, limits=limits,
                         curve_secret=args.curve_secret, curve_allow=args.curve_allow, insecure=args.insecure,

@@ -325,7 +325,10 @@ class Trainer:
             (out / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
             config["vision_tower"] = config["mm_vision_tower"] = "vision_tower"
         config["mm_hidden_size"] = vision.hidden_size
+        source_extra = config.get("lisa_agent") or {}
         config["lisa_agent"] = {"trained_steps": self.step, "method": self.cfg.method}
+        if "mask_tta" in source_extra:  # an inference setting of the source checkpoint: kept
+            config["lisa_agent"]["mask_tta"] = source_extra["mask_tta"]
         if self.cfg.presence_weight > 0:
             # the score head now says whether a [SEG]'s target is present: generation declines below this
             config["lisa_agent"]["presence_gate"] = {"threshold": self.cfg.presence_threshold,
