@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Rebuild the bundled tabletop-tiny model from scratch on a CPU (about 6 hours on 2 cores).
+# Rebuild the bundled tabletop-tiny model from scratch on a CPU (about 7 hours on 2 cores).
 # See lisa_agent/assets/tabletop-tiny/MODEL_CARD.md for what exactly the shipped weights went through.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -45,10 +45,22 @@ $LA finetune --model "$OUT/stage5b" --data synthetic --out "$OUT/stage5" --full 
 $LA resize-sam --model "$OUT/stage5" --out "$OUT/stage6-init" --size 512
 $LA finetune --model "$OUT/stage6-init" --data synthetic --out "$OUT/stage6" --full $GATE --threads 2 \
     --presence-weight 1 --steps 10500 --lr 3e-4 --warmup 100 --seed 2000000
-# the gate's threshold is chosen on validation scenes: the one that keeps the most targets while declining
-# at least 90% of the no-target queries (the project's bar)
-$LA make-data --out "$OUT/val60" --n 60 --split val --seed 1000 --size 240x320 --format png
-$LA calibrate-gate --model "$OUT/stage6" --data "$OUT/val60" --min-decline 0.9 --write
+# stage 7: 5,000 more steps of the same recipe at a third of the learning rate (the Dice loss was still falling)
+$LA finetune --model "$OUT/stage6" --data synthetic --out "$OUT/stage7" --full $GATE --threads 2 \
+    --presence-weight 1 --steps 5000 --lr 1e-4 --warmup 50 --seed 2400000
+# the model declares its mask test-time augmentation (SAM also reads the mirrored frames: the tabletop camera
+# looks down), and the gate's threshold is chosen with it, on 260 validation scenes: the one that keeps the
+# most targets while declining at least 92% of the no-target queries (the project's bar is 90% on a held-out
+# split of 60 such queries, where one query is 1.7 points: 2 points of margin)
+python3 - "$OUT/stage7/config.json" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+config["lisa_agent"]["mask_tta"] = "flips"
+json.dump(config, open(sys.argv[1], "w"), indent=2)
+PY
+$LA make-data --out "$OUT/val260" --n 60 --split val --seed 1000 --size 240x320 --format png
+$LA make-data --out "$OUT/val260" --n 200 --split val --seed 2000 --size 240x320 --format png
+$LA calibrate-gate --model "$OUT/stage7" --data "$OUT/val260" --min-decline 0.92 --write
 $LA make-data --out "$OUT/test" --n 60 --split test --size 240x320 --format png
-$LA eval --model "$OUT/stage6" --data "$OUT/test" --answer generated --json > "$OUT/test_generated.json"
-$LA eval --model "$OUT/stage6" --data "$OUT/test" --answer forced --json > "$OUT/test_forced.json"
+$LA eval --model "$OUT/stage7" --data "$OUT/test" --answer generated --json > "$OUT/test_generated.json"
+$LA eval --model "$OUT/stage7" --data "$OUT/test" --answer forced --json > "$OUT/test_forced.json"

@@ -81,7 +81,7 @@ def scene():
     from lisa_agent.data.queries import explicit_query
     from lisa_agent.data.tabletop import render_scene, split_seed
 
-    # a held-out scene (test-split seed) on which the bundled model finds the ball (IoU 0.93 in fast
+    # a held-out scene (test-split seed) on which the bundled model finds the ball (IoU 0.96 in fast
     # mode); the model's overall accuracy is measured in test_tabletop_model.py and its model card
     sc = render_scene(split_seed("test", 901), size=SIZE)
     return SimpleNamespace(image=sc.image, query=explicit_query(sc, 0, np.random.default_rng(0)))
