@@ -185,6 +185,8 @@ class LisaSegmenter:
                 ``config.json`` declares as ``lisa_agent.mask_tta``; ``off`` when it declares nothing, as
                 published LISA checkpoints), ``off``, ``hflip`` or ``flips``.
         """
+        if mask_tta != "checkpoint" and mask_tta not in MASK_TTA:  # before the slow load
+            raise InvalidArgumentError(f"mask_tta must be one of checkpoint, {', '.join(MASK_TTA)}; got {mask_tta!r}")
         if sam_attention not in ("auto", "sdpa", "original"):
             raise InvalidArgumentError(f"sam_attention must be auto, sdpa or original; got {sam_attention!r}")
         tdtype, tdevice = check_precision(dtype, device, quantization)

@@ -86,7 +86,7 @@ def test_the_checkpoint_declares_it_and_callers_override_or_are_told_what_is_wro
     assert LisaSegmenter.from_pretrained(folder).mask_tta == "hflip"
     assert LisaSegmenter.from_pretrained(folder, mask_tta="off").mask_tta == "off"
     assert LisaSegmenter.from_pretrained(tiny_checkpoint, mask_tta="flips").mask_tta == "flips"
-    with pytest.raises(InvalidArgumentError, match="mask_tta must be one of off, hflip, flips; got 'rotate'"):
+    with pytest.raises(InvalidArgumentError, match="mask_tta must be one of checkpoint, off, hflip, flips; got 'rotate'"):
         LisaSegmenter.from_pretrained(tiny_checkpoint, mask_tta="rotate")
     config["lisa_agent"]["mask_tta"] = "sideways"
     (folder / "config.json").write_text(json.dumps(config))

@@ -409,6 +409,7 @@ def test_nodes_shut_down_cleanly(nodes):
 @pytest.mark.parametrize("params,message", [
     ({"model": "/nonexistent/checkpoint"}, "/nonexistent/checkpoint"),
     ({"mode": "telepathy"}, "mode must be one of"),
+    ({"mask_tta": "sideways"}, "mask_tta must be one of checkpoint, off, hflip, flips; got 'sideways'"),
 ])
 def test_unusable_settings_exit_with_a_clear_message(tmp_path, params, message):
     proc = NodeProcess(params, DOMAIN, tmp_path / "node.log")
