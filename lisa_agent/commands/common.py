@@ -33,7 +33,9 @@ MASK_TTA_CHOICES = ("checkpoint", "off", "hflip", "flips")
 def add_mask_tta_argument(parser: argparse.ArgumentParser) -> None:
     """--mask-tta (see ``LisaSegmenter.from_pretrained``)."""
     parser.add_argument("--mask-tta", default="checkpoint", choices=MASK_TTA_CHOICES,
-                        help="mask test-time augmentation: 'checkpoint' (what the checkpoint declares; off for published LISA), off, hflip (+ a mirrored view) or flips (+ mirrored, upside-down and both; for top-down cameras) (default checkpoint)")
+                        help="mask test-time augmentation: 'checkpoint' (what the checkpoint declares; off for "
+                             "published LISA, default), off, hflip (+ the mirrored frame) or flips (+ mirrored, "
+                             "upside-down and both; for cameras looking down)")
 
 
 def presence_threshold(text: str) -> float | str | None:
