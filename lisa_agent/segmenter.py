@@ -422,9 +422,7 @@ class LisaSegmenter:
         for k, flip in enumerate(self._views):
             low_res, iou_k, prompts = self.model.decode_masks(seg_states, feats.sam_embedding[k:k + 1])
             t_dec += timer.lap()
-            view = self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw)
-            dims = [d for d, f in zip((1, 2), flip, strict=True) if f]
-            view = view.flip(dims) if dims else view
+            view = _mirror(self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw), flip)
             logits = view if logits is None else logits + view
             iou = iou_k.float() if iou is None else iou + iou_k.float()
             t_post += timer.lap()
@@ -536,11 +534,16 @@ def _mirrored_views(pixels: torch.Tensor, resized_hw: tuple[int, int],
         return pixels
     h, w = resized_hw
     out = pixels.repeat(len(views), 1, 1, 1)
-    for k, (rows, cols) in enumerate(views):
-        dims = [d for d, f in ((1, rows), (2, cols)) if f]
-        if dims:
-            out[k, :, :h, :w] = pixels[0, :, :h, :w].flip(dims)
+    for k, flip in enumerate(views):
+        out[k, :, :h, :w] = _mirror(pixels[0, :, :h, :w], flip)
     return out
+
+
+def _mirror(x: torch.Tensor, flip: tuple[bool, bool]) -> torch.Tensor:
+    """``x`` (..., H, W) flipped along H and/or W (``flip`` = (rows, cols)); itself when unflipped. Its own
+    inverse: the same call maps a mirrored view's output back onto the frame."""
+    dims = [d for d, f in zip((-2, -1), flip, strict=True) if f]
+    return x.flip(dims) if dims else x
 
 
 def _clean(text: str) -> str:

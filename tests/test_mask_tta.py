@@ -27,6 +27,12 @@ def _with_tta(seg: LisaSegmenter, mask_tta: str) -> LisaSegmenter:
                          use_im_start_end=seg.use_im_start_end, mask_tta=mask_tta)
 
 
+def test_the_command_line_offers_exactly_the_engine_choices():
+    from lisa_agent.commands.common import MASK_TTA_CHOICES  # kept free of torch, hence its own copy
+
+    assert MASK_TTA_CHOICES == ("checkpoint", *MASK_TTA)
+
+
 def test_published_checkpoints_run_without_augmentation(tiny_segmenter):
     assert tiny_segmenter.mask_tta == "off" and tiny_segmenter.info()["mask_tta"] == "off"
     assert tiny_segmenter.encode_image(random_frame(60, 90, seed=2)).sam_embedding.shape[0] == 1

@@ -27,6 +27,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, default_model: str | No
                              "default), a number in (0, 1), or 'off'")
 
 
+#: ``checkpoint`` and ``lisa_agent.segmenter.MASK_TTA``'s keys (not imported: the CLI starts without torch)
 MASK_TTA_CHOICES = ("checkpoint", "off", "hflip", "flips")
 
 
