@@ -15,7 +15,7 @@ from helpers import random_frame
 
 from lisa_agent import LisaSegmenter
 from lisa_agent.errors import InvalidArgumentError
-from lisa_agent.training.batches import Example, Scene, collate, synthetic_scenes
+from lisa_agent.training.batches import Example, TrainingImage, collate, synthetic_scenes
 from lisa_agent.training.trainer import TrainConfig, Trainer
 
 
@@ -37,7 +37,7 @@ def test_collate_rejects_presence_flags_that_do_not_match_the_answer(tiny_segmen
     image = random_frame(64, 80, seed=1)
     bad = Example(0, "the hammer", "Sure, [SEG].", np.zeros((1, 64, 80), bool), present=(False, True))
     with pytest.raises(ValueError, match="presence flags"):
-        collate([Scene(image, [bad])], seg.tokenizer, seg.template.name, seg.use_im_start_end, seg.sam_size,
+        collate([TrainingImage(image, [bad])], seg.tokenizer, seg.template.name, seg.use_im_start_end, seg.sam_size,
                 seg.clip_size, seg.seg_token_id)
 
 
@@ -60,7 +60,7 @@ def test_an_absent_seg_adds_only_the_presence_loss(tiny_checkpoint, tmp_path):
                      np.zeros((1, 96, 128), bool), present=(False,), text_loss=False)
 
     def loss(examples):
-        batch = collate([Scene(image, examples)], seg.tokenizer, seg.template.name, seg.use_im_start_end,
+        batch = collate([TrainingImage(image, examples)], seg.tokenizer, seg.template.name, seg.use_im_start_end,
                         seg.sam_size, seg.clip_size, seg.seg_token_id)
         with torch.no_grad():
             return trainer.loss(batch)
@@ -72,7 +72,7 @@ def test_an_absent_seg_adds_only_the_presence_loss(tiny_checkpoint, tmp_path):
         assert both[key] == pytest.approx(alone[key], rel=1e-4, abs=1e-6)
     # its score joins the presence BCE (target 0) next to the present one's (target 1)
     with torch.no_grad():
-        batch = collate([Scene(image, [present, absent])], seg.tokenizer, seg.template.name, seg.use_im_start_end,
+        batch = collate([TrainingImage(image, [present, absent])], seg.tokenizer, seg.template.name, seg.use_im_start_end,
                         seg.sam_size, seg.clip_size, seg.seg_token_id)
         ids = batch.ids
         embeds, merged = trainer.model.embed_with_image(ids, trainer.model.encode_clip(batch.clip_pixels))

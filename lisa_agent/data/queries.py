@@ -15,7 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .tabletop import AFFORDANCES, CATEGORIES, Affordance, Scene
+from .knowledge import AFFORDANCES, CATEGORIES, Affordance
+from .tabletop import Scene
 
 #: Sentences that wrap a noun phrase (``{np}``): "Grab something to cut with."
 _NP_SENTENCES = ("Grab {np}.", "Can you give me {np}?", "Please find {np}.", "I am looking for {np}.",

@@ -43,7 +43,8 @@ import numpy as np
 
 from ..errors import LisaError
 from .queries import QuerySample
-from .tabletop import Scene, fill_polygons
+from .silhouettes import fill_polygons
+from .tabletop import Scene
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXTRA_KEY = "lisa_agent"

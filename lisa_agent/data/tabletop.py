@@ -10,19 +10,29 @@ visible region has no holes, so one or a few polygons describe it exactly (the R
 has no holes). An object's mask is its visible silhouette with enclosed holes (a mug's handle
 ring, a key's ring) filled, as a person drawing a polygon would annotate it.
 
-:func:`render_scene` draws a scene; the knowledge base (:data:`CATEGORIES`, :data:`AFFORDANCES`)
-says what each object is called, what colours it comes in and what it is for.
+This module is the renderer: :func:`render_scene` draws a :class:`Scene`, :func:`split_seed` gives
+each split its own seeds. It draws from :mod:`~lisa_agent.data.knowledge` (:data:`CATEGORIES`,
+:data:`COLOURS`, :data:`AFFORDANCES`) and :mod:`~lisa_agent.data.silhouettes` (:data:`SILHOUETTES`,
+:func:`fill_polygons`, :func:`mask_polygons`), whose names it re-exports.
 :mod:`lisa_agent.data.queries` turns a scene into LISA training / evaluation queries.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import cv2
 import numpy as np
+
+from .knowledge import AFFORDANCES, CATEGORIES, COLOURS, Affordance, Category
+from .silhouettes import SILHOUETTES, Part, fill_polygons, mask_polygons
+
+__all__ = [  # the renderer, then names re-exported from .knowledge and .silhouettes
+    "DEFAULT_SIZES", "MIN_VISIBLE", "SPLIT_OFFSETS", "SPLIT_SPAN", "Scene", "SceneObject", "render_scene",
+    "split_seed", "AFFORDANCES", "CATEGORIES", "COLOURS", "Affordance", "Category", "SILHOUETTES", "Part",
+    "fill_polygons", "mask_polygons",
+]
 
 #: Frame sizes (H, W) a scene is drawn at when none is given.
 DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((480, 640), (640, 480), (512, 512))
@@ -30,258 +40,6 @@ DEFAULT_SIZES: tuple[tuple[int, int], ...] = ((480, 640), (640, 480), (512, 512)
 MIN_VISIBLE = 0.7
 #: Fixed-point bits for sub-pixel polygon drawing (cv2 ``shift``).
 _SHIFT = 4
-
-# --------------------------------------------------------------------------------------------
-# Knowledge base: colours, categories and affordances
-# --------------------------------------------------------------------------------------------
-
-#: Colour name -> base RGB.
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (205, 32, 38), "green": (48, 150, 58), "blue": (38, 78, 196), "yellow": (236, 206, 44),
-    "orange": (240, 128, 30), "purple": (122, 52, 158), "black": (38, 38, 42), "white": (236, 236, 230),
-    "brown": (122, 76, 40), "silver": (192, 196, 204), "gold": (212, 172, 56), "pink": (236, 120, 172),
-}
-
-
-@dataclass(frozen=True)
-class Category:
-    """One kind of object.
-
-    Attributes:
-        name: category name, also the noun used in queries ("knife", "scissors").
-        colours: colour names an instance can have (its main colour: a knife's handle, a mug's body).
-        size: typical length of the long side as a fraction of the frame's shorter side.
-        explanation: the sentence an explanatory answer gives after ``[SEG].``.
-        plural: the noun is plural ("there are no scissors").
-    """
-
-    name: str
-    colours: tuple[str, ...]
-    size: float
-    explanation: str
-    plural: bool = False
-
-
-CATEGORIES: dict[str, Category] = {c.name: c for c in (
-    Category("knife", ("black", "brown", "red", "blue", "green", "white"), 0.46, "It has a sharp blade."),
-    Category("scissors", ("red", "blue", "black", "orange", "green", "yellow"), 0.36,
-             "Scissors have two sharp blades.", plural=True),
-    Category("mug", ("red", "blue", "white", "green", "yellow", "black", "orange"), 0.30,
-             "A mug holds hot drinks and has a handle."),
-    Category("bottle", ("green", "blue", "red", "white", "orange"), 0.46, "A bottle holds liquid and has a cap."),
-    Category("apple", ("red", "green", "yellow"), 0.24, "An apple is a fruit you can eat."),
-    Category("banana", ("yellow", "green"), 0.40, "A banana is a fruit you can eat."),
-    Category("ball", ("red", "blue", "orange", "green", "yellow", "white", "purple"), 0.24,
-             "A ball is round and can be thrown."),
-    Category("book", ("red", "blue", "green", "black", "brown", "orange", "purple"), 0.44, "A book has pages to read."),
-    Category("key", ("gold", "silver"), 0.22, "A key opens locks."),
-    Category("pen", ("blue", "black", "red", "green"), 0.34, "A pen writes with ink."),
-    Category("hammer", ("brown", "red", "black", "yellow"), 0.48, "Its heavy head drives nails."),
-    Category("spoon", ("silver", "red", "white", "blue"), 0.34, "A spoon scoops and stirs."),
-)}
-
-
-@dataclass(frozen=True)
-class Affordance:
-    """What an object is for, as a person would ask for it.
-
-    Attributes:
-        name: short id ("cut").
-        categories: categories that afford it.
-        phrases: noun phrases ("something to cut with"), usable with a colour ("... that is red").
-        sentences: full instructions that need no noun phrase ("I want to drive a nail.").
-        nothing: the phrase of an honest no-target answer ("nothing to cut with").
-    """
-
-    name: str
-    categories: frozenset[str]
-    phrases: tuple[str, ...]
-    sentences: tuple[str, ...]
-    nothing: str
-
-
-def _aff(name: str, cats: str, phrases: Sequence[str], sentences: Sequence[str], nothing: str) -> Affordance:
-    return Affordance(name, frozenset(cats.split()), tuple(phrases), tuple(sentences), nothing)
-
-
-AFFORDANCES: dict[str, Affordance] = {a.name: a for a in (
-    _aff("cut", "knife scissors", ("something to cut with", "something sharp", "a tool for cutting"),
-         ("Grab something to cut with.", "I need to cut this string, what can I use?",
-          "What could I use to cut the tape?"), "nothing to cut with"),
-    _aff("slice", "knife", ("something to slice bread with", "a tool with a single long blade"),
-         ("I want to slice some bread.", "What would a cook chop vegetables with?"), "nothing to slice bread with"),
-    _aff("cut_paper", "scissors", ("something to cut paper with", "a tool with two finger holes"),
-         ("I need to cut out a paper shape.", "What has two blades that cross?"), "nothing to cut paper with"),
-    _aff("hot_drink", "mug", ("something to hold my coffee", "a cup for hot tea"),
-         ("What could hold my coffee?", "I want to drink some hot tea.", "Where can I pour my hot cocoa?"),
-         "nothing to hold coffee"),
-    _aff("carry_water", "bottle", ("something to carry water in", "a container with a cap"),
-         ("I need water for my hike.", "What could I take along to drink on a trip?"), "nothing to carry water in"),
-    _aff("liquid", "mug bottle", ("something that holds liquid", "a container for drinks"),
-         ("Where could I pour some juice?",), "nothing that holds liquid"),
-    _aff("eat", "apple banana", ("something I can eat", "a healthy snack", "a piece of fruit"),
-         ("I am hungry, what can I eat?", "Give me a healthy snack."), "nothing to eat"),
-    _aff("peel", "banana", ("a fruit you peel before eating", "a long curved fruit"),
-         ("What fruit do monkeys love?", "I want a fruit that is easy to peel."), "no fruit to peel"),
-    _aff("crunchy", "apple", ("a crunchy round fruit", "the fruit that keeps the doctor away"),
-         ("Which fruit keeps the doctor away if I eat one a day?", "I want a crunchy fruit."),
-         "no crunchy fruit"),
-    _aff("play", "ball", ("something to play catch with", "something round that bounces"),
-         ("What could I throw to my dog?", "Let's play a game of catch."), "nothing to play catch with"),
-    _aff("read", "book", ("something to read", "something with pages"),
-         ("I want to read a story tonight.", "What could I study from?"), "nothing to read"),
-    _aff("unlock", "key", ("something that opens a lock", "something to unlock the door with"),
-         ("I need to unlock the front door.", "How do I open this padlock?"), "nothing to open a lock with"),
-    _aff("write", "pen", ("something to write with", "something to sign a form with"),
-         ("I need to jot down a phone number.", "Hand me something to write a note with."), "nothing to write with"),
-    _aff("nail", "hammer", ("something to drive a nail with", "a tool to hit nails with"),
-         ("I want to drive a nail.", "What can I use to hang a picture on a nail?"), "nothing to drive a nail with"),
-    _aff("stir", "spoon", ("something to eat soup with", "something to stir my tea with"),
-         ("What can I stir my tea with?", "I want to eat some yogurt."), "nothing to eat soup with"),
-)}
-
-# --------------------------------------------------------------------------------------------
-# Silhouettes: each category is a list of parts in local units (long side about 1, centred)
-# --------------------------------------------------------------------------------------------
-
-Part = tuple[np.ndarray, str]  # (N x 2 float points (x, y), colour key); key "hole" erases
-
-
-def _ellipse(cx: float, cy: float, rx: float, ry: float, rot: float = 0.0, n: int = 48) -> np.ndarray:
-    t = np.linspace(0.0, 2 * math.pi, n, endpoint=False)
-    x, y = rx * np.cos(t), ry * np.sin(t)
-    c, s = math.cos(rot), math.sin(rot)
-    return np.stack([cx + c * x - s * y, cy + s * x + c * y], axis=1)
-
-
-def _rect(x0: float, x1: float, y0: float, y1: float) -> np.ndarray:
-    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], dtype=np.float64)
-
-
-def _rounded_rect(x0: float, x1: float, y0: float, y1: float, r: float, n: int = 6) -> np.ndarray:
-    pts = []
-    for cx, cy, a0 in ((x1 - r, y0 + r, -90), (x1 - r, y1 - r, 0), (x0 + r, y1 - r, 90), (x0 + r, y0 + r, 180)):
-        for a in np.linspace(a0, a0 + 90, n):
-            pts.append((cx + r * math.cos(math.radians(a)), cy + r * math.sin(math.radians(a))))
-    return np.array(pts)
-
-
-def _band(p0: Sequence[float], p1: Sequence[float], w0: float, w1: float) -> np.ndarray:
-    """Quadrilateral from p0 to p1, full width w0 at p0 and w1 at p1."""
-    d = np.subtract(p1, p0).astype(np.float64)
-    nrm = np.array([-d[1], d[0]]) / (np.hypot(*d) + 1e-12)
-    a, b = np.asarray(p0, np.float64), np.asarray(p1, np.float64)
-    return np.array([a + nrm * w0 / 2, b + nrm * w1 / 2, b - nrm * w1 / 2, a - nrm * w0 / 2])
-
-
-def _arc_band(cx: float, cy: float, r: float, a0: float, a1: float, w: float, n: int = 24) -> np.ndarray:
-    t = np.radians(np.linspace(a0, a1, n))
-    outer = np.stack([cx + (r + w / 2) * np.cos(t), cy + (r + w / 2) * np.sin(t)], 1)
-    inner = np.stack([cx + (r - w / 2) * np.cos(t), cy + (r - w / 2) * np.sin(t)], 1)[::-1]
-    return np.concatenate([outer, inner])
-
-
-def _knife() -> list[Part]:
-    blade = np.array([(-0.09, -0.05), (0.30, -0.05), (0.42, -0.045), (0.5, -0.035), (0.45, 0.0), (0.37, 0.04),
-                      (0.26, 0.064), (0.12, 0.075), (-0.09, 0.075)])
-    return [(_rounded_rect(-0.5, -0.11, -0.045, 0.045, 0.03), "main"), (_rect(-0.12, -0.085, -0.058, 0.058), "metal_dark"),
-            (blade, "metal"), (_ellipse(-0.38, 0, 0.014, 0.014), "metal"), (_ellipse(-0.22, 0, 0.014, 0.014), "metal")]
-
-
-def _scissors() -> list[Part]:
-    parts: list[Part] = []
-    for sy in (-1, 1):
-        parts.append((_band((-0.24, 0.11 * sy), (0.0, 0.0), 0.08, 0.055), "main"))
-    for sy in (-1, 1):
-        parts.append((_ellipse(-0.34, 0.14 * sy, 0.16, 0.115), "main"))
-        parts.append((_ellipse(-0.345, 0.14 * sy, 0.095, 0.062), "hole"))
-    for sy in (1, -1):
-        parts.append((_band((-0.05, -0.012 * sy), (0.5, 0.07 * sy), 0.07, 0.012), "metal"))
-    parts.append((_ellipse(0.0, 0.0, 0.026, 0.026), "metal_dark"))
-    return parts
-
-
-def _mug() -> list[Part]:
-    return [(_ellipse(0.22, 0.0, 0.24, 0.25), "main"), (_ellipse(0.23, 0.0, 0.145, 0.15), "hole"),
-            (_rounded_rect(-0.3, 0.24, -0.4, 0.42, 0.05), "main"), (_ellipse(-0.03, -0.38, 0.29, 0.06), "inner"),
-            (_ellipse(-0.03, -0.375, 0.24, 0.035), "dark")]
-
-
-def _bottle() -> list[Part]:
-    return [(_rounded_rect(-0.5, 0.19, -0.16, 0.16, 0.05), "main"),
-            (np.array([(0.17, -0.16), (0.3, -0.06), (0.3, 0.06), (0.17, 0.16)]), "main"),
-            (_rect(0.29, 0.42, -0.055, 0.055), "main"), (_rect(0.41, 0.5, -0.07, 0.07), "second"),
-            (_rect(-0.36, 0.04, -0.16, 0.16), "label")]
-
-
-def _apple() -> list[Part]:
-    # polar outline: notch at the top where the stem sits, a little narrower towards the bottom
-    t = np.linspace(-math.pi, math.pi, 72, endpoint=False)  # 0 = up
-    r = 0.37 * (1 - 0.3 * np.exp(-(t / 0.32) ** 2)) * (1 - 0.1 * np.cos(t - math.pi) ** 2 * (np.abs(t) > 2))
-    r *= 1 + 0.06 * np.cos(2 * t)
-    body = np.stack([r * np.sin(t), -r * np.cos(t) * 0.92 + 0.04], axis=1)
-    return [(body, "main"), (_band((0.0, -0.2), (0.06, -0.47), 0.055, 0.04), "stem"),
-            (_ellipse(0.17, -0.4, 0.15, 0.06, rot=-0.5), "leaf"), (_ellipse(-0.15, -0.05, 0.07, 0.11), "highlight")]
-
-
-def _banana() -> list[Part]:
-    s = np.linspace(0.0, 1.0, 40)
-    t = np.radians(-90 - 38 + 76 * s)
-    r, cy = 0.75, 0.68
-    w = 0.14 * np.sin(math.pi * s) ** 0.6 + 0.016
-    d = np.stack([np.cos(t), np.sin(t)], 1)
-    c = np.array([0.0, cy])
-    outer, inner = c + d * (r + w / 2)[:, None], c + d * (r - w / 2)[:, None]
-    body = np.concatenate([outer, inner[::-1]])
-    end, tang = c + d[-1] * r, np.array([-math.sin(t[-1]), math.cos(t[-1])])
-    start = c + d[0] * r
-    return [(body, "main"), (_band(end, end + tang * 0.08, 0.035, 0.03), "stem"),
-            (_ellipse(start[0], start[1], 0.02, 0.02), "dark")]
-
-
-def _ball() -> list[Part]:
-    return [(_ellipse(0, 0, 0.5, 0.5, n=64), "main"), (_arc_band(-0.62, 0.0, 0.5, -42, 42, 0.04), "second"),
-            (_arc_band(0.62, 0.0, 0.5, 138, 222, 0.04), "second"), (_ellipse(-0.17, -0.2, 0.1, 0.07, rot=0.6), "highlight")]
-
-
-def _book() -> list[Part]:
-    return [(_rect(-0.5, 0.5, -0.35, 0.35), "white"), (_rect(-0.5, 0.47, -0.35, 0.32), "main"),
-            (_rect(-0.5, -0.41, -0.35, 0.32), "dark"), (_rect(-0.22, 0.3, -0.2, -0.06), "label")]
-
-
-def _key() -> list[Part]:
-    teeth = np.array([(0.18, 0.04), (0.18, 0.13), (0.24, 0.13), (0.27, 0.08), (0.31, 0.13), (0.36, 0.13),
-                      (0.39, 0.08), (0.43, 0.12), (0.47, 0.12), (0.5, 0.04)])
-    return [(_ellipse(-0.33, 0.0, 0.17, 0.17), "main"), (_ellipse(-0.37, 0.0, 0.07, 0.07), "hole"),
-            (_rect(-0.18, 0.5, -0.045, 0.045), "main"), (teeth, "main"), (_rect(-0.1, 0.45, -0.012, 0.012), "dark")]
-
-
-def _pen() -> list[Part]:
-    tip = np.array([(0.33, -0.032), (0.47, -0.008), (0.5, 0.0), (0.47, 0.008), (0.33, 0.032)])
-    return [(_rect(-0.5, 0.34, -0.035, 0.035), "main"), (_rect(0.2, 0.34, -0.039, 0.039), "dark"), (tip, "metal"),
-            (_rect(-0.42, -0.12, -0.058, -0.03), "metal"), (_rect(-0.5, -0.46, -0.036, 0.036), "dark")]
-
-
-def _hammer() -> list[Part]:
-    # handle along x; head across it: a striking face on one side, a claw curving back on the other
-    a = np.radians(np.linspace(0.0, 62.0, 12))
-    w = np.linspace(0.12, 0.04, 12)
-    d = np.stack([np.cos(a), np.sin(a)], axis=1)
-    c, r = np.array([0.25, 0.1]), 0.15
-    claw = np.concatenate([c + d * (r + w / 2)[:, None], (c + d * (r - w / 2)[:, None])[::-1]])
-    return [(_rounded_rect(-0.5, 0.36, -0.045, 0.045, 0.03), "main"), (_rect(-0.5, -0.22, -0.052, 0.052), "dark"),
-            (claw, "metal_dark"), (_rect(0.34, 0.46, -0.2, 0.11), "metal_dark"),
-            (_rect(0.315, 0.485, -0.31, -0.19), "metal")]
-
-
-def _spoon() -> list[Part]:
-    return [(_band((-0.48, 0.0), (0.1, 0.0), 0.065, 0.035), "main"), (_ellipse(-0.48, 0, 0.033, 0.033), "main"),
-            (_ellipse(0.29, 0.0, 0.21, 0.125), "main"), (_ellipse(0.3, 0.0, 0.16, 0.088), "inner")]
-
-
-SILHOUETTES = {"knife": _knife, "scissors": _scissors, "mug": _mug, "bottle": _bottle, "apple": _apple,
-               "banana": _banana, "ball": _ball, "book": _book, "key": _key, "pen": _pen, "hammer": _hammer,
-               "spoon": _spoon}
 
 # Scene backgrounds: name -> base RGB of the table surface.
 _BACKGROUNDS: dict[str, tuple[int, int, int]] = {
@@ -362,28 +120,6 @@ class Scene:
         if not self.objects:
             return np.zeros((0, *self.size), dtype=bool)
         return np.stack([o.mask for o in self.objects])
-
-
-def fill_polygons(polygons: Sequence[np.ndarray | Sequence[Sequence[float]]], height: int, width: int,
-                  value: int = 1, out: np.ndarray | None = None) -> np.ndarray:
-    """Rasterise polygons as LISA's ReasonSeg reader does: points cast to int32, outline + fill.
-
-    Returns an H x W uint8 array (``out`` if given) with ``value`` inside each polygon.
-    """
-    mask = np.zeros((height, width), dtype=np.uint8) if out is None else out
-    for poly in polygons:
-        pts = np.asarray(poly, dtype=np.float64).astype(np.int32).reshape(1, -1, 2)
-        if pts.shape[1] == 0:
-            continue
-        cv2.polylines(mask, pts, True, value, 1)
-        cv2.fillPoly(mask, pts, value)
-    return mask
-
-
-def mask_polygons(mask: np.ndarray) -> list[np.ndarray]:
-    """Outer outlines of a bool H x W mask as K x 2 int32 (x, y) arrays (holes are not represented)."""
-    contours, _ = cv2.findContours(mask.astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-    return [c.reshape(-1, 2).astype(np.int32) for c in contours]
 
 
 def _has_holes(mask: np.ndarray) -> bool:

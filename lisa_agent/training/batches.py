@@ -1,6 +1,7 @@
-"""Training examples and batches: scenes (image + several queries) -> model inputs.
+"""Training examples and batches: training images (:class:`TrainingImage`: an image + several queries)
+-> model inputs.
 
-A batch holds a few scenes and *all* their queries (one per object, plus multi-target and no-target
+A batch holds a few images and *all* their queries (one per object, plus multi-target and no-target
 ones): seeing every object of a scene asked for in the same batch is what teaches a small model to
 read the query instead of segmenting everything.
 """
@@ -41,10 +42,14 @@ class Example:
 
 
 @dataclass
-class Scene:
-    """One image and all its training queries. ``object_masks`` (K x H x W bool, visible silhouettes) and
-    ``object_labels`` (K x L 0/1 over :func:`dense_label_names`) are set for synthetic scenes only: they
-    feed the optional dense auxiliary loss on SAM's image embedding (``TrainConfig.sam_aux_weight``)."""
+class TrainingImage:
+    """One training image and all its queries (:class:`Example`); :func:`collate` batches a few of them.
+
+    Not to be confused with :class:`lisa_agent.data.tabletop.Scene`, a rendered scene that
+    :func:`synthetic_scenes` turns into one of these. ``object_masks`` (K x H x W bool, visible
+    silhouettes) and ``object_labels`` (K x L 0/1 over :func:`dense_label_names`) are set for synthetic
+    scenes only: they feed the optional dense auxiliary loss on SAM's image embedding
+    (``TrainConfig.sam_aux_weight``)."""
 
     image: np.ndarray
     examples: list[Example]
@@ -54,7 +59,7 @@ class Scene:
 
 def dense_label_names() -> tuple[str, ...]:
     """Channels of the dense auxiliary target: the tabletop categories, then the colours."""
-    from ..data.tabletop import CATEGORIES, COLOURS
+    from ..data.knowledge import CATEGORIES, COLOURS
 
     return tuple(CATEGORIES) + tuple(f"colour:{c}" for c in COLOURS)
 
@@ -81,7 +86,7 @@ class Batch:
     image_of: list[int]  # per query: which scene
     masks: list[torch.Tensor]  # per query: (K, H, W) float
     valid: list[torch.Tensor | None]
-    object_masks: list[np.ndarray | None] = field(default_factory=list)  # per scene, see Scene
+    object_masks: list[np.ndarray | None] = field(default_factory=list)  # per image, see TrainingImage
     object_labels: list[np.ndarray | None] = field(default_factory=list)
     present: list[torch.Tensor] = field(default_factory=list)  # per query: (K,) float, 1 = target in the image
     text_loss: list[bool] = field(default_factory=list)  # per query: answer tokens count in the CE
@@ -103,7 +108,7 @@ def absent_answer(concept: str, text: str, named_prob: float, rng: np.random.Gen
     """A one-``[SEG]`` answer to a query whose target is absent, shaped like the model's answers to
     present ones: with probability ``named_prob`` it names what the query asks for ("Sure, the mug [SEG].",
     a category that serves an affordance query), else one of LISA's answer templates."""
-    from ..data.tabletop import AFFORDANCES
+    from ..data.knowledge import AFFORDANCES
 
     if rng.random() < named_prob:
         if concept.startswith("affordance:"):
@@ -125,7 +130,7 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
                      raw_prob: float = 0.5, start: int = 0, named_prob: float = 0.0,
                      no_target: int = 1, named_colour: str = "always",
                      describe: int = 0, presence: int = 0, presence_curriculum: Sequence[int] = (),
-                     scenes_per_step: int = 1, absent_seg: int = 0) -> Iterator[Scene]:
+                     scenes_per_step: int = 1, absent_seg: int = 0) -> Iterator[TrainingImage]:
     """Endless tabletop scenes of ``split`` (disjoint seeds per split) with all their queries.
 
     Each query's prompt is LISA's evaluation form ("... Please output segmentation mask.") or, with
@@ -195,11 +200,11 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
         index += 1
         masks = (np.stack([o.mask for o in scene.objects]) if scene.objects
                  else np.zeros((0, *scene.image.shape[:2]), dtype=bool))
-        yield Scene(scene.image, examples, masks,
-                    object_labels([o.category for o in scene.objects], [o.colour for o in scene.objects]))
+        yield TrainingImage(scene.image, examples, masks,
+                            object_labels([o.category for o in scene.objects], [o.colour for o in scene.objects]))
 
 
-def folder_scenes(folder: str, seed: int = 0) -> Iterator[Scene]:
+def folder_scenes(folder: str, seed: int = 0) -> Iterator[TrainingImage]:
     """Scenes from a ReasonSeg-layout folder, shuffled, repeated forever. Queries without a stored
     answer (real ReasonSeg files) train with a single ``[SEG]`` answer and the union mask."""
     from ..data.reasonseg import iter_samples
@@ -220,10 +225,10 @@ def folder_scenes(folder: str, seed: int = 0) -> Iterator[Scene]:
                 # As LISA trains: the target is gt == 1; "ignore" (255) pixels count as background.
                 examples.append(Example(0, q.prompt if rng.random() < 0.5 else q.text, answer,
                                         np.asarray(masks, bool)))
-            yield Scene(s.image, examples)
+            yield TrainingImage(s.image, examples)
 
 
-def collate(scenes: Sequence[Scene], tokenizer, template: str, use_im_start_end: bool,  # noqa: ANN001
+def collate(scenes: Sequence[TrainingImage], tokenizer, template: str, use_im_start_end: bool,  # noqa: ANN001
             sam_size: int, clip_size: int, seg_token_id: int) -> Batch:
     sam_px, clip_px, resized, original = [], [], [], []
     ids_list, starts, image_of, masks, valid, present, text_loss = [], [], [], [], [], [], []

@@ -19,7 +19,7 @@ from ..errors import InvalidArgumentError
 from ..loading import published_state_dict
 from ..segmenter import LisaSegmenter
 from ..tiny import clip_preprocessor_config, save_state_dict
-from .batches import Batch, Scene, collate
+from .batches import Batch, TrainingImage, collate
 from .losses import BCE_WEIGHT, CE_WEIGHT, DICE_WEIGHT, dice, sigmoid_bce
 
 #: How our tabletop data's no-target answers begin ("Sorry, there is no hammer in this image.").
@@ -78,7 +78,7 @@ def dense_targets(masks: np.ndarray, labels: np.ndarray, resized_hw: tuple[int, 
 
 
 class Trainer:
-    """Train ``segmenter.model`` in place on an endless iterator of :class:`Scene`.
+    """Train ``segmenter.model`` in place on an endless iterator of :class:`TrainingImage`.
 
     Args:
         segmenter: the starting model, loaded with :meth:`LisaSegmenter.from_pretrained` (fp32).
@@ -230,7 +230,7 @@ class Trainer:
             return None
         return F.binary_cross_entropy_with_logits(torch.stack(logits), torch.stack(targets))
 
-    def fit(self, scenes: Iterator[Scene], steps: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
+    def fit(self, scenes: Iterator[TrainingImage], steps: int | None = None, progress: bool = True) -> list[dict[str, Any]]:
         """Run until ``steps`` (default ``config.steps``) optimizer steps have been taken in total."""
         from tqdm import tqdm
 

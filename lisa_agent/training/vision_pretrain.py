@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..data.tabletop import CATEGORIES, COLOURS, Scene, render_scene, split_seed
+from ..data.knowledge import CATEGORIES, COLOURS
+from ..data.tabletop import Scene, render_scene, split_seed
 from ..preprocess import clip_crop_geometry, clip_preprocess
 
 
