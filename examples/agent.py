@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.overlay and last_artifact is not None:
         from PIL import Image
 
-        Image.fromarray(last_artifact["result"].overlay(last_artifact["frame"])).save(args.overlay)
+        Image.fromarray(last_artifact["segmentation"].overlay(last_artifact["frame"])).save(args.overlay)
         print(f"overlay written to {args.overlay}", file=sys.stderr)
     return 0
 

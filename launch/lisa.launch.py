@@ -9,7 +9,9 @@
 ``camera`` is the camera namespace: the node reads ``<camera>/image_raw`` (or
 ``<camera>/image_raw/compressed`` with ``compressed:=true``) and ``<camera>/camera_info``;
 ``image_topic``/``camera_info_topic`` override them. ``depth`` is the depth namespace
-(``<depth>/image_raw``; empty: no 3D target).
+(``<depth>/image_raw``; empty: no 3D target). The model's arguments (``model``, ``device``, ``dtype``,
+``quantization``, ``mask_tta``, ...) are :class:`lisa_agent.config.EngineConfig`'s fields, with its
+defaults and help, passed to the node as text.
 """
 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
@@ -17,9 +19,10 @@ from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
 from launch import LaunchDescription
+from lisa_agent.config import engine_parameters
 
-#: (name, default, description) of every launch argument.
-ARGUMENTS = (
+#: (name, default, description) of the launch arguments that are not the engine's.
+NODE_ARGUMENTS = (
     ("camera", "/camera/color", "camera namespace: <camera>/image_raw and <camera>/camera_info"),
     ("image_topic", "", "colour image topic (default: <camera>/image_raw)"),
     ("compressed", "false", "read sensor_msgs/CompressedImage on <image_topic>/compressed"),
@@ -27,12 +30,6 @@ ARGUMENTS = (
     ("camera_info_topic", "", "CameraInfo topic (default: <camera>/camera_info when depth is set)"),
     ("instruction_topic", "~/instruction", "std_msgs/String instructions"),
     ("camera_qos", "best_effort", "best_effort (cameras) or reliable"),
-    ("model", "tabletop-tiny", "Hub id, local checkpoint folder or tabletop-tiny"),
-    ("vision_tower", "", "CLIP vision tower (empty: the checkpoint's own)"),
-    ("device", "auto", "auto, cpu, cuda, cuda:1, ..."),
-    ("dtype", "auto", "auto, fp32, bf16, fp16"),
-    ("quantization", "", "empty, 8bit or 4bit"),
-    ("mask_tta", "checkpoint", "checkpoint, off, hflip or flips (mask test-time augmentation)"),
     ("server", "", "model server endpoint; when set, no model is loaded in the node"),
     ("mode", "fast", "fast or chat"),
     ("continuous", "false", "keep segmenting new frames until 'stop'"),
@@ -41,11 +38,14 @@ ARGUMENTS = (
     ("namespace", "lisa", "namespace of the node"),
     ("node_name", "lisa_node", "name of the node"),
 )
+#: The engine's arguments (EngineConfig's fields as text), passed through to the node.
+ENGINE_ARGUMENTS = tuple((name, str(default), description) for name, default, description in engine_parameters())
+#: (name, default, description) of every launch argument.
+ARGUMENTS = NODE_ARGUMENTS + ENGINE_ARGUMENTS
 
 _BOOL = {"compressed", "continuous", "publish_overlay"}
 _FLOAT = {"max_rate"}
-_PASSTHROUGH = ("instruction_topic", "camera_qos", "model", "vision_tower", "device", "dtype", "quantization",
-                "mask_tta", "server", "mode")
+_PASSTHROUGH = ("instruction_topic", "camera_qos", "server", "mode", *(name for name, _, _ in ENGINE_ARGUMENTS))
 
 
 def _as_bool(text: str) -> bool:

@@ -6,8 +6,9 @@ CompressedImage) the output bag gets, with the frame's header and log time:
 
 * ``<prefix>/mask``: sensor_msgs/Image ``mono8``, value k+1 inside instance k;
 * ``<prefix>/overlay``: sensor_msgs/Image ``rgb8`` (unless disabled);
-* ``<prefix>/result``: std_msgs/String, JSON with ``stamp``, ``frame_id``, ``query``, ``text``,
-  ``masks`` (bbox, area, centroid, score) and ``inference_ms``.
+* ``<prefix>/result``: std_msgs/String, JSON: the result schema (``docs/result.md``; ``stamp`` and
+  ``frame_id`` from the frame's header, masks without RLE: the mask image carries them) plus the
+  envelope keys ``frame_index`` (the frame's index on the image topic) and ``inference_ms``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import InvalidArgumentError, LisaError
+from .frames import Frame, SegmentBackend
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 
@@ -58,14 +60,14 @@ def _input_storage(path: Path) -> str:
     return "mcap" if any(f.suffix == ".mcap" for f in files) else "sqlite3"
 
 
-def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, query: str, backend: Any,
+def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, query: str, backend: SegmentBackend,
                 mode: str = "fast", prefix: str = "/lisa", overlay: bool = True, every: int = 1,
                 max_frames: int | None = None, storage: str | None = None, copy_input: bool = False,
                 progress: Callable[[int, Any], None] | None = None) -> BagReport:
     """Segment every ``every``-th frame of ``image_topic`` in the bag at ``in_path``; write ``out_path``.
 
     Args:
-        backend: anything with ``segment(image, query, *, mode, frame_id) -> SegmentationResult``.
+        backend: the model: a ``LisaSegmenter`` or a ``LisaClient``.
         storage: ``sqlite3`` or ``mcap`` for the output (default: the input's).
         copy_input: also copy every input topic (raw) into the output, so it plays back alone.
         progress: called with (frame index, result) after each segmented frame.
@@ -146,36 +148,24 @@ def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, 
                     continue
                 t0 = time.perf_counter()
                 try:
-                    result = backend.segment(rgb, query, mode=mode,
-                                             frame_id=f"{header.frame_id}@{header.stamp.sec}.{header.stamp.nanosec}")
+                    result = backend.segment(Frame(rgb, frame_id=str(header.frame_id), stamp=header.stamp), query,
+                                             mode=mode)
                 except LisaError as exc:
                     report.skipped.append(f"frame {index}: {exc}")
                     continue
                 ms = (time.perf_counter() - t0) * 1000.0
                 report.inference_ms.append(ms)
                 report.processed += 1
-                labels = _labels(result, rgb.shape[:2])
+                labels = result.label_mask()
                 put("mask", timestamp, _image(Img, header, image_fields(labels, "mono8")), Img.__msgtype__)
                 if overlay:
                     put("overlay", timestamp, _image(Img, header, image_fields(result.overlay(rgb), "rgb8")),
                         Img.__msgtype__)
-                payload = {"stamp": {"sec": int(header.stamp.sec), "nanosec": int(header.stamp.nanosec)},
-                           "frame_id": str(header.frame_id), "frame_index": index,
-                           **result.to_dict(include_rle=False), "inference_ms": round(ms, 2)}
+                payload = {**result.to_dict(include_rle=False), "frame_index": index, "inference_ms": round(ms, 2)}
                 put("result", timestamp, Str(data=json.dumps(payload)), Str.__msgtype__)
                 if progress is not None:
                     progress(index, result)
     return report
-
-
-def _labels(result: Any, size: tuple[int, int]) -> Any:
-    import numpy as np
-
-    from .encoders import label_image
-
-    if len(result.masks):
-        return label_image(np.asarray(result.masks, dtype=bool))
-    return np.zeros(size, dtype=np.uint8)
 
 
 def _image(cls: Any, header: Any, fields: dict[str, Any]) -> Any:

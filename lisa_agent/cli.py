@@ -1,7 +1,9 @@
 """The ``lisa-agent`` command line. Each subcommand lives in ``lisa_agent/commands/<name>.py``.
 
-A command module exposes ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args) -> int``.
-Modules are imported only when their command runs, so ``lisa-agent --help`` stays fast.
+A command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; its one-line help is
+in :data:`COMMANDS` here, so ``lisa-agent --help`` imports no command module. Modules are imported
+only when their command runs. Every command that loads a model takes the flags of
+:class:`lisa_agent.config.EngineConfig` (:func:`lisa_agent.config.add_engine_arguments`).
 """
 
 from __future__ import annotations
@@ -10,51 +12,37 @@ import argparse
 import importlib
 import sys
 from collections.abc import Sequence
+from types import ModuleType
 
 from .errors import LisaError
 
-#: command name -> module under lisa_agent.commands
-COMMANDS: dict[str, str] = {
-    "demo": "demo",
-    "segment": "segment",
-    "bench": "bench",
-    "make-tiny": "make_tiny",
-    "make-data": "make_data",
-    "finetune": "finetune",
-    "pretrain-vision": "pretrain_vision",
-    "eval": "evaluate",
-    "calibrate-gate": "calibrate_gate",
-    "resize-sam": "resize_sam",
-    "serve": "serve",
-    "bag": "bag",
-}
-
-_HELP: dict[str, str] = {
-    "demo": "segment a rendered tabletop scene with the bundled model (offline)",
-    "segment": "segment one image with a LISA checkpoint",
-    "bench": "per-stage timings of fast, chat and reference modes",
-    "make-tiny": "write a tiny random-weight LISA checkpoint in the published layout",
-    "make-data": "write a synthetic tabletop split in the ReasonSeg layout",
-    "finetune": "train or fine-tune a LISA checkpoint",
-    "pretrain-vision": "pre-train a small checkpoint's vision tower on the tabletop world",
-    "eval": "gIoU / cIoU on a ReasonSeg-layout split",
-    "calibrate-gate": "choose the presence gate's threshold on a validation split",
-    "resize-sam": "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune",
-    "serve": "serve a model over ZeroMQ",
-    "bag": "run LISA over a rosbag2 and write results into a new bag",
+#: command name -> (module under lisa_agent.commands, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("demo", "segment a rendered tabletop scene with the bundled model (offline)"),
+    "segment": ("segment", "segment one image with a LISA checkpoint"),
+    "bench": ("bench", "per-stage timings of fast, chat and reference modes"),
+    "make-tiny": ("make_tiny", "write a tiny random-weight LISA checkpoint in the published layout"),
+    "make-data": ("make_data", "write a synthetic tabletop split in the ReasonSeg layout"),
+    "finetune": ("finetune", "train or fine-tune a LISA checkpoint"),
+    "pretrain-vision": ("pretrain_vision", "pre-train a small checkpoint's vision tower on the tabletop world"),
+    "eval": ("evaluate", "gIoU / cIoU on a ReasonSeg-layout split"),
+    "calibrate-gate": ("calibrate_gate", "choose the presence gate's threshold on a validation split"),
+    "resize-sam": ("resize_sam", "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune"),
+    "serve": ("serve", "serve a model over ZeroMQ (protocol: docs/protocol.md)"),
+    "bag": ("bag", "run LISA over a rosbag2 (sqlite3 or MCAP) and write results into a new bag"),
 }
 
 
-def _load(name: str):  # noqa: ANN202
-    return importlib.import_module(f"lisa_agent.commands.{COMMANDS[name]}")
+def _load(name: str) -> ModuleType:
+    return importlib.import_module(f"lisa_agent.commands.{COMMANDS[name][0]}")
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lisa-agent", description="LISA reasoning segmentation for robots and agents")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = next((a for a in argv if not a.startswith("-")), None)
-    for name in COMMANDS:
-        p = sub.add_parser(name, help=_HELP[name], description=_HELP[name])
+    for name, (_, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
         if name == chosen:  # only the chosen command's module is imported
             try:
                 _load(name).add_arguments(p)

@@ -1,15 +1,37 @@
-"""Validation of the one frame type the engine accepts: an HWC uint8 RGB numpy array."""
+"""What every door hands the engine: a :class:`Frame` (pixels, id, stamp, optional depth + intrinsics).
+
+Also the validation of its pieces (:func:`check_image`, :func:`check_query`), the exact time type
+:class:`Stamp`, and the :class:`SegmentBackend` protocol that the in-process engine
+(:class:`~lisa_agent.segmenter.LisaSegmenter`) and the remote client
+(:class:`~lisa_agent.serving.client.LisaClient`) both satisfy, and that the LangChain tool, the ROS
+node and the bag tool accept.
+
+Pure numpy: nothing here imports torch.
+"""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
 import numpy as np
 
-from .errors import InvalidImageError, InvalidQueryError
+from .errors import InvalidArgumentError, InvalidImageError, InvalidQueryError
+from .geometry import Intrinsics, depth_to_meters
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .result import SegmentationResult
 
 #: Frames larger than this many pixels on a side are refused (a 16k x 16k frame is a mistake).
 MAX_SIDE = 8192
 #: Frames smaller than this on a side cannot be segmented meaningfully.
 MIN_SIDE = 8
+#: Colour and depth stamps further apart than this (seconds) are not the same instant: no 3D targets.
+DEPTH_TOLERANCE_S = 0.05
+#: Longest ``frame_id`` kept (ROS frame ids and camera names are short).
+MAX_FRAME_ID_CHARS = 256
 
 
 def check_image(image: object, *, max_side: int = MAX_SIDE) -> np.ndarray:
@@ -54,3 +76,195 @@ def check_query(query: object) -> str:
     if not text:
         raise InvalidQueryError("query is empty: say what to segment, e.g. 'something to cut with'")
     return text
+
+
+@dataclass(frozen=True, order=True)
+class Stamp:
+    """An exact time: whole seconds and nanoseconds (ROS ``builtin_interfaces/Time``; 0 <= nanosec < 1e9)."""
+
+    sec: int
+    nanosec: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.sec, bool) or not isinstance(self.sec, int) or not 0 <= self.sec < 2**63 // 10**9:
+            raise InvalidArgumentError(f"stamp sec must be a non-negative whole number; got {self.sec!r}")
+        if isinstance(self.nanosec, bool) or not isinstance(self.nanosec, int) or not 0 <= self.nanosec < 10**9:
+            raise InvalidArgumentError(f"stamp nanosec must be a whole number in [0, 1e9); got {self.nanosec!r}")
+
+    @classmethod
+    def of(cls, value: Any) -> Stamp | None:
+        """A stamp from None, a Stamp, seconds (float or int), ``(sec, nanosec)``, ``{"sec", "nanosec"}``
+        or any object with ``sec`` and ``nanosec`` attributes (a ROS ``Time`` message)."""
+        if value is None or isinstance(value, Stamp):
+            return value
+        if isinstance(value, dict):
+            return cls(value.get("sec"), value.get("nanosec", 0))  # type: ignore[arg-type]
+        if hasattr(value, "sec") and hasattr(value, "nanosec"):
+            return cls(int(value.sec), int(value.nanosec))
+        if isinstance(value, tuple) and len(value) == 2:
+            return cls(*value)
+        if isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool):
+            seconds = float(value)
+            if not math.isfinite(seconds) or seconds < 0:
+                raise InvalidArgumentError(f"stamp must be a finite, non-negative number of seconds; got {value!r}")
+            sec = math.floor(seconds)  # split first: seconds * 1e9 would lose the nanoseconds of today's epoch
+            nanosec = round((seconds - sec) * 1e9)
+            return cls(sec + 1, 0) if nanosec >= 10**9 else cls(sec, nanosec)
+        raise InvalidArgumentError(f"stamp must be seconds, (sec, nanosec) or a Time message; got {value!r}")
+
+    @property
+    def ns(self) -> int:
+        """Nanoseconds since the epoch of the stamp's clock."""
+        return self.sec * 10**9 + self.nanosec
+
+    @property
+    def seconds(self) -> float:
+        return self.ns / 1e9
+
+    def to_dict(self) -> dict[str, int]:
+        return {"sec": self.sec, "nanosec": self.nanosec}
+
+    def __str__(self) -> str:
+        return f"{self.sec}.{self.nanosec:09d}"
+
+
+@dataclass(frozen=True, eq=False)
+class Frame:
+    """One camera frame as the engine takes it.
+
+    Attributes:
+        rgb: HxWx3 uint8 RGB pixels (validated by :func:`check_image`).
+        frame_id: the caller's name for the frame (a ROS ``header.frame_id``, a camera name, a file);
+            carried into the result. Not a cache key: features are cached by content.
+        stamp: when the frame was taken (:class:`Stamp`; seconds or a ROS ``Time`` are converted).
+        depth: optional HxW depth aligned with ``rgb`` (same camera, same size): ``uint16``
+            millimetres or ``float32`` / ``float64`` metres, 0 / NaN / inf where there is no reading.
+        depth_scale: metres per depth unit, overriding the dtype's default.
+        intrinsics: pinhole intrinsics of the camera (:class:`~lisa_agent.geometry.Intrinsics` or
+            ``(fx, fy, cx, cy)`` pixels); without them targets carry depth only, no 3D point.
+        depth_stamp: when the depth was taken; with ``stamp``, depth more than ``depth_tolerance_s``
+            away from the colour frame is refused (no targets, a note saying why).
+        depth_tolerance_s: seconds between colour and depth stamps still treated as the same instant.
+    """
+
+    rgb: np.ndarray
+    frame_id: str | None = None
+    stamp: Stamp | None = None
+    depth: np.ndarray | None = None
+    depth_scale: float | None = None
+    intrinsics: Intrinsics | None = None
+    depth_stamp: Stamp | None = None
+    depth_tolerance_s: float = DEPTH_TOLERANCE_S
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        put("rgb", check_image(self.rgb))
+        if self.frame_id is not None:
+            if not isinstance(self.frame_id, (str, int)) or isinstance(self.frame_id, bool):
+                raise InvalidArgumentError(f"frame_id must be a string or None; got {type(self.frame_id).__name__}")
+            text = str(self.frame_id)
+            if len(text) > MAX_FRAME_ID_CHARS:
+                raise InvalidArgumentError(f"frame_id is {len(text)} chars; at most {MAX_FRAME_ID_CHARS}")
+            put("frame_id", text)
+        put("stamp", Stamp.of(self.stamp))
+        put("depth_stamp", Stamp.of(self.depth_stamp))
+        if self.depth is not None:
+            depth = np.asarray(self.depth)
+            if depth.ndim == 3 and depth.shape[2] == 1:
+                depth = depth[..., 0]
+            if depth.ndim != 2 or depth.dtype not in (np.uint16, np.float32, np.float64):
+                raise InvalidImageError(f"depth must be an HxW uint16 (millimetres) or float32 (metres) array; got "
+                                        f"shape {tuple(depth.shape)}, dtype {depth.dtype}")
+            put("depth", depth)
+        if self.depth_scale is not None:
+            scale = self.depth_scale
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+                raise InvalidArgumentError(f"depth_scale must be a positive number of metres per unit; got {scale!r}")
+            put("depth_scale", float(scale))
+        if self.intrinsics is not None and not isinstance(self.intrinsics, Intrinsics):
+            put("intrinsics", intrinsics_of(self.intrinsics))
+        tol = self.depth_tolerance_s
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not math.isfinite(tol) or tol < 0:
+            raise InvalidArgumentError(f"depth_tolerance_s must be a non-negative number of seconds; got {tol!r}")
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the frame."""
+        h, w = self.rgb.shape[:2]
+        return int(h), int(w)
+
+    def depth_m(self) -> np.ndarray | None:
+        """The depth as HxW float32 metres, NaN where there is no reading; None without depth."""
+        if self.depth is None:
+            return None
+        return depth_to_meters(self.depth, self.depth_scale)
+
+    def describe(self) -> str:
+        """``frame_id @ stamp`` (``?`` for what is unknown), for logs and messages."""
+        return f"{self.frame_id or '?'} @ {self.stamp if self.stamp is not None else '?'}"
+
+
+def intrinsics_of(value: Any) -> Intrinsics:
+    """Intrinsics from an :class:`Intrinsics`, or ``(fx, fy, cx, cy)`` in pixels."""
+    if isinstance(value, Intrinsics):
+        return value
+    try:
+        values = [float(v) for v in value]
+    except (TypeError, ValueError, OverflowError):
+        raise InvalidArgumentError(f"intrinsics must be (fx, fy, cx, cy) in pixels; got {value!r}") from None
+    if len(values) != 4:
+        raise InvalidArgumentError(f"intrinsics must be (fx, fy, cx, cy) in pixels; got {len(values)} numbers")
+    try:
+        return Intrinsics(*values)
+    except ValueError as exc:
+        raise InvalidArgumentError(str(exc)) from None
+
+
+def as_frame(image: Frame | np.ndarray, frame_id: str | int | None = None) -> Frame:
+    """``image`` as a :class:`Frame`: an HxWx3 uint8 array is wrapped (with ``frame_id``); a Frame is
+    returned as it is (``frame_id``, when given, replaces its own)."""
+    if isinstance(image, Frame):
+        return image if frame_id is None else replace(image, frame_id=str(frame_id))
+    return Frame(image, frame_id=None if frame_id is None else str(frame_id))
+
+
+@runtime_checkable
+class SegmentBackend(Protocol):
+    """What the tool, the ROS node and the bag tool need from a model: the in-process
+    :class:`~lisa_agent.segmenter.LisaSegmenter` or a :class:`~lisa_agent.serving.client.LisaClient`."""
+
+    def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                answer: str | None = None, frame_id: str | None = None,
+                return_logits: bool = False) -> SegmentationResult:
+        """Answer ``query`` about ``image`` (a :class:`Frame` or an HxWx3 uint8 RGB array)."""
+        ...
+
+    def info(self) -> dict[str, Any]:
+        """Model, precision and options, as the server's ``info`` op reports them."""
+        ...
+
+
+@runtime_checkable
+class AsyncSegmentBackend(Protocol):
+    """The asyncio twin of :class:`SegmentBackend` (an :class:`~lisa_agent.serving.client.AsyncLisaClient`)."""
+
+    async def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                      answer: str | None = None, frame_id: str | None = None,
+                      return_logits: bool = False) -> SegmentationResult:
+        ...
+
+    async def info(self) -> dict[str, Any]:
+        ...
+
+
+def stamps_apart(a: Stamp, b: Stamp) -> float:
+    """Seconds from ``a`` to ``b`` (positive when ``b`` is later), exact to the nanosecond."""
+    return (b.ns - a.ns) / 1e9
+
+
+__all__: Sequence[str] = (
+    "DEPTH_TOLERANCE_S", "MAX_SIDE", "MIN_SIDE", "AsyncSegmentBackend", "Frame", "SegmentBackend", "Stamp",
+    "as_frame", "check_image", "check_query", "intrinsics_of", "stamps_apart",
+)

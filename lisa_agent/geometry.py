@@ -10,8 +10,12 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .frames import Frame
 
 #: Depths outside this range (metres) are treated as invalid (sensor zeros, saturation, noise).
 MIN_DEPTH_M = 0.05
@@ -50,12 +54,13 @@ class Intrinsics:
                           cy=(self.cy + 0.5) * sy - 0.5)
 
 
-def depth_to_meters(depth: np.ndarray) -> np.ndarray:
+def depth_to_meters(depth: np.ndarray, scale: float | None = None) -> np.ndarray:
     """Convert a depth image to float32 metres with invalid pixels as NaN.
 
     Args:
         depth: HxW ``uint16`` in millimetres (ROS ``16UC1``; 0 = no reading) or HxW ``float32`` /
             ``float64`` in metres (ROS ``32FC1``; 0, NaN or inf = no reading).
+        scale: metres per unit, overriding the dtype's default (0.001 for uint16, 1 for floats).
 
     Returns:
         HxW float32 metres; NaN where the sensor has no reading.
@@ -64,9 +69,11 @@ def depth_to_meters(depth: np.ndarray) -> np.ndarray:
     if depth.ndim != 2:
         raise ValueError(f"depth must be an HxW array; got shape {depth.shape}")
     if depth.dtype == np.uint16:
-        out = depth.astype(np.float32) / 1000.0
+        out = depth.astype(np.float32) * np.float32(0.001 if scale is None else scale)
     elif depth.dtype in (np.float32, np.float64):
         out = depth.astype(np.float32, copy=True)
+        if scale is not None:
+            out *= np.float32(scale)
     else:
         raise ValueError(f"depth must be uint16 millimetres or float32 metres; got dtype {depth.dtype}")
     out[~np.isfinite(out) | (out <= 0)] = np.nan
@@ -105,27 +112,45 @@ def project(point: Sequence[float], intrinsics: Intrinsics) -> tuple[float, floa
 
 
 @dataclass(frozen=True)
-class TargetPoint:
-    """A mask's 3D target: ``point`` (x, y, z) metres in the camera optical frame.
+class Target:
+    """Where a mask's object is: its median depth and, with intrinsics, the 3D point.
 
-    ``pixel`` is the (u, v) it was deprojected from (the centroid of the mask pixels with a valid
-    depth), ``depth`` the median depth used, ``valid_pixels`` how many mask pixels had a reading.
+    Attributes:
+        depth_m: median valid depth inside the mask, metres.
+        point: (x, y, z) metres in the camera optical frame (x right, y down, z forward): ``depth_m``
+            deprojected at ``pixel``; None when the camera intrinsics are unknown.
+        pixel: (u, v) centroid of the mask pixels that have a valid depth.
+        valid_pixels: how many mask pixels had a valid depth.
     """
 
-    point: tuple[float, float, float]
+    depth_m: float
+    point: tuple[float, float, float] | None
     pixel: tuple[float, float]
-    depth: float
     valid_pixels: int
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the result schema's ``target``): lengths rounded to 0.1 mm, pixels to 0.01 px."""
+        return {"depth_m": round(self.depth_m, 4),
+                "point": None if self.point is None else [round(float(c), 4) for c in self.point],
+                "pixel": [round(self.pixel[0], 2), round(self.pixel[1], 2)],
+                "valid_pixels": int(self.valid_pixels)}
 
-def mask_target_point(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics, *,
-                      min_depth: float = MIN_DEPTH_M, max_depth: float = MAX_DEPTH_M) -> TargetPoint | None:
-    """3D target of a mask: its median valid depth, deprojected at the centroid of its valid pixels.
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Target:
+        point = d.get("point")
+        return cls(depth_m=float(d["depth_m"]),
+                   point=None if point is None else (float(point[0]), float(point[1]), float(point[2])),
+                   pixel=(float(d["pixel"][0]), float(d["pixel"][1])), valid_pixels=int(d["valid_pixels"]))
+
+
+def mask_target(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics | None, *,
+                min_depth: float = MIN_DEPTH_M, max_depth: float = MAX_DEPTH_M) -> Target | None:
+    """The target of one mask: its median valid depth, deprojected at the centroid of its valid pixels.
 
     Args:
         depth_m: HxW float32 metres, NaN where invalid, aligned with the mask (same camera and size).
         mask: HxW bool.
-        intrinsics: of the camera the depth and mask are in.
+        intrinsics: of the camera the depth and mask are in; None: depth only (``point`` None).
 
     Returns:
         The target, or None when the mask is empty or no mask pixel has a valid depth.
@@ -140,4 +165,37 @@ def mask_target_point(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrins
     z = float(np.median(depth_m[valid]))
     vs, us = np.nonzero(valid)
     u, v = float(us.mean()), float(vs.mean())
-    return TargetPoint(point=deproject(u, v, z, intrinsics), pixel=(u, v), depth=z, valid_pixels=count)
+    point = None if intrinsics is None else deproject(u, v, z, intrinsics)
+    return Target(depth_m=z, point=point, pixel=(u, v), valid_pixels=count)
+
+
+def frame_targets(frame: Frame, masks: np.ndarray) -> tuple[list[Target | None] | None, str | None]:
+    """The targets of ``masks`` (N x H x W bool) in ``frame``, and a note when some or all are missing.
+
+    Returns ``(None, None)`` for a frame without depth. Depth that does not fit the frame is refused
+    (``(None, reason)``): another size than the colour image, or a stamp further than
+    ``frame.depth_tolerance_s`` from the colour frame's (checked when both are stamped). Otherwise
+    one target per mask (None where the mask has no valid depth), with a note naming what is missing.
+    """
+    if frame.depth is None:
+        return None, None
+    dh, dw = frame.depth.shape
+    h, w = frame.size
+    if (dh, dw) != (h, w):
+        return None, (f"depth image is {dh}x{dw} but the colour image is {h}x{w}: depth must be aligned to the "
+                      "colour camera, so no 3D targets")
+    if frame.stamp is not None and frame.depth_stamp is not None:
+        skew = (frame.depth_stamp.ns - frame.stamp.ns) / 1e9
+        if abs(skew) > frame.depth_tolerance_s:
+            return None, (f"depth image is from {abs(skew):.3f} s {'after' if skew > 0 else 'before'} the colour "
+                          f"frame (tolerance {frame.depth_tolerance_s:g} s): not the same instant, so no 3D targets")
+    depth_m = frame.depth_m()
+    assert depth_m is not None
+    targets = [mask_target(depth_m, m, frame.intrinsics) for m in np.asarray(masks, dtype=bool)]
+    notes = []
+    missing = sum(1 for t, m in zip(targets, masks, strict=True) if t is None and m.any())
+    if missing:
+        notes.append(f"{missing} mask(s) have no valid depth inside, so no target")
+    if frame.intrinsics is None and any(t is not None for t in targets):
+        notes.append("no camera intrinsics: depth only, no 3D point")
+    return targets, "; ".join(notes) or None

@@ -13,12 +13,13 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .config import MASK_TTA_VIEWS, EngineConfig
 from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, QuantizationError
 from .modeling.lisa import (
     IGNORABLE_PREFIXES,
@@ -41,9 +42,8 @@ LISA_FIELDS = (
     "torch_dtype", "dtype", "use_mm_proj", "mm_projector_type", "lisa_agent",
 )
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16}
-QUANTIZATIONS = (None, "8bit", "4bit")
+#: torch dtype of each precision name of :data:`lisa_agent.config.DTYPES` (``auto`` is resolved first)
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -62,7 +62,10 @@ class LisaConfig:
     sam_image_size: int | None = None
     conv_template: str = "llava_v1"
     sam_decoder_num_heads: int = 8
-    raw: dict[str, Any] = field(default_factory=dict)
+    #: ``lisa_agent.presence_gate`` of config.json (ours): {"threshold", "decline_prefix"} or None
+    presence_gate: dict[str, Any] | None = None
+    #: ``lisa_agent.mask_tta`` of config.json (ours): the views the checkpoint asks for; ``off`` if unset
+    mask_tta: str = "off"
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], source: str = "config.json") -> LisaConfig:
@@ -83,8 +86,18 @@ class LisaConfig:
             sam_image_size=int(d["sam_image_size"]) if d.get("sam_image_size") else None,
             conv_template=str(d.get("conv_template") or default_template(d)),
             sam_decoder_num_heads=int(d.get("sam_decoder_num_heads", 8)),
-            raw=dict(d),
         )
+        ours = d.get("lisa_agent") or {}
+        if not isinstance(ours, dict):
+            raise CheckpointError(f"{source}: lisa_agent must be an object; got {ours!r}")
+        gate = ours.get("presence_gate")
+        if gate is not None and not isinstance(gate, dict):
+            raise CheckpointError(f"{source}: lisa_agent.presence_gate must be an object; got {gate!r}")
+        cfg.presence_gate = dict(gate) if gate else None
+        cfg.mask_tta = str(ours.get("mask_tta", "off"))
+        if cfg.mask_tta not in MASK_TTA_VIEWS:
+            raise CheckpointError(f"{source}: lisa_agent.mask_tta must be one of {', '.join(MASK_TTA_VIEWS)}; "
+                                  f"got {cfg.mask_tta!r}")
         if cfg.mm_vision_select_feature not in ("patch", "cls_patch"):
             raise CheckpointError(f"{source}: unknown mm_vision_select_feature {cfg.mm_vision_select_feature!r}")
         return cfg
@@ -281,27 +294,30 @@ def load_vision_tower(name: str, checkpoint_dir: Path | None, dtype: torch.dtype
 
 
 # ------------------------------------------------------------------------- precision
-def check_precision(dtype: str | torch.dtype, device: str | torch.device, quantization: str | None) -> tuple[torch.dtype, torch.device]:
-    """Validate dtype/device/quantization names; returns the torch dtype and device."""
-    if isinstance(dtype, str):
-        if dtype not in DTYPES:
-            raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of bf16, fp16, fp32")
-        tdtype = DTYPES[dtype]
-    else:
-        tdtype = dtype
+def resolve_precision(config: EngineConfig) -> tuple[torch.dtype, torch.device]:
+    """The torch dtype and device of ``config``: ``auto`` device is CUDA when available, else the CPU;
+    ``auto`` dtype is bf16 on CUDA and fp32 elsewhere; quantized models compute in bf16 unless fp16
+    is asked for (fp16 compute with 4-bit is reported to give blank masks)."""
+    name = config.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tdevice = torch.device(device)
+        tdevice = torch.device(name)
     except (RuntimeError, TypeError) as exc:
-        raise InvalidArgumentError(f"unknown device {device!r}: {exc}") from exc
+        raise InvalidArgumentError(f"unknown device {config.device!r}: {exc}") from exc
     if tdevice.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidArgumentError(f"device {device!r} asked for, but CUDA is not available here; use device='cpu'")
-    if quantization not in QUANTIZATIONS:
-        raise InvalidArgumentError(f"unknown quantization {quantization!r}; choose None, '8bit' or '4bit'")
-    if quantization is not None:
+        raise InvalidArgumentError(f"device {config.device!r} asked for, but CUDA is not available here; use "
+                                   "device='cpu' or 'auto'")
+    dtype = config.dtype
+    if dtype == "auto":
+        dtype = "bf16" if tdevice.type == "cuda" else "fp32"
+    tdtype = TORCH_DTYPES[dtype]
+    if config.quantization is not None:
         if tdevice.type != "cuda":
-            raise QuantizationError(f"{quantization} quantization needs a CUDA device (bitsandbytes); got {tdevice}")
+            raise QuantizationError(f"{config.quantization} quantization needs a CUDA device (bitsandbytes); "
+                                    f"got {tdevice}")
         if tdtype == torch.float32:
-            tdtype = torch.bfloat16  # fp16 compute with 4-bit is reported to give blank masks
+            tdtype = torch.bfloat16
     return tdtype, tdevice
 
 
@@ -343,7 +359,8 @@ class LoadedLisa:
 
 
 def build_model(config: LisaConfig, sam_spec: SamSpec, meta: bool = True) -> LisaModel:
-    """An (uninitialised when ``meta``) :class:`LisaModel` of the given configuration."""
+    """An (uninitialised when ``meta``) :class:`LisaModel` of the given configuration: the one place a
+    LISA model is constructed (loading, tiny checkpoints, the benchmark's random 7B/13B shapes)."""
     llama_cfg = config.llama_config()
     if meta:
         with torch.device("meta"):
@@ -351,8 +368,29 @@ def build_model(config: LisaConfig, sam_spec: SamSpec, meta: bool = True) -> Lis
     return LisaModel(llama_cfg, sam_spec, config.mm_hidden_size, config.out_dim)
 
 
+def assemble(model: LisaModel, vision: torch.nn.Module, *, dtype: torch.dtype, device: torch.device,
+             quantization: str | None = None, sam_attention: str = "auto") -> LisaModel:
+    """Make a model whose weights are in place ready for inference: cast to ``dtype`` (SAM's neck stays
+    float32 under fp16, as in LISA), rebuild the buffers checkpoints do not carry, quantize the LLM,
+    move to ``device``, attach the CLIP features ``vision``, choose SAM's attention, freeze."""
+    model.to(dtype)
+    if dtype == torch.float16:
+        model.sam.image_encoder.neck.float()  # as LISA: the neck's LayerNorm2d overflows in fp16
+    rebuild_buffers(model, model.llm.config)  # after the cast: rotary frequencies stay float32
+    if quantization:
+        quantize_llm(model, quantization, dtype, device)
+    model.to(device)
+    model.attach_vision(vision.to(device))
+    if sam_attention == "sdpa" or (sam_attention == "auto" and device.type == "cuda"):
+        from .modeling.sam_attention import use_sdpa_attention
+
+        use_sdpa_attention(model.sam)
+    model.eval().requires_grad_(False)
+    return model
+
+
 def load_lisa(folder: Path, *, vision_tower: str | None, dtype: torch.dtype, device: torch.device,
-              quantization: str | None = None) -> LoadedLisa:
+              quantization: str | None = None, sam_attention: str = "auto") -> LoadedLisa:
     """Read config and weights from ``folder``, build the model, load the CLIP tower; ready for inference."""
     from .modeling.clip import ClipPatchFeatures
 
@@ -370,18 +408,10 @@ def load_lisa(folder: Path, *, vision_tower: str | None, dtype: torch.dtype, dev
                               f"({sam_spec.img_size} px)")
     model = build_model(config, sam_spec, meta=True)
     load_weights(model, mapped, unknown)
-    model.to(dtype)
-    if dtype == torch.float16:
-        model.sam.image_encoder.neck.float()  # as LISA: the neck's LayerNorm2d overflows in fp16
-    rebuild_buffers(model, model.llm.config)  # after the cast: rotary frequencies stay float32
-    if quantization:
-        quantize_llm(model, quantization, dtype, device)
-    model.to(device)
     tower = load_vision_tower(vision_tower or config.vision_tower, folder, dtype)
     vision = ClipPatchFeatures(tower, config.mm_vision_select_layer, config.mm_vision_select_feature)
     if vision.hidden_size != config.mm_hidden_size:
         raise CheckpointError(f"vision tower width {vision.hidden_size} differs from mm_hidden_size "
                               f"{config.mm_hidden_size} in config.json")
-    model.attach_vision(vision.to(device))
-    model.eval().requires_grad_(False)
+    assemble(model, vision, dtype=dtype, device=device, quantization=quantization, sam_attention=sam_attention)
     return LoadedLisa(model=model, config=config, folder=folder)

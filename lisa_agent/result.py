@@ -1,11 +1,18 @@
-"""The result of one LISA query: masks, per-mask statistics, answer text, prompt and timings."""
+"""The result of one LISA query: masks, per-mask statistics and 3D targets, answer text, prompt and timings.
+
+:meth:`SegmentationResult.to_dict` is the one result schema every door emits (the CLI's ``--json``,
+the server's replies, the bag tool's and the ROS node's ``result`` messages, the LangChain tool's
+artifact); it is documented in ``docs/result.md`` and validated against
+``lisa_agent/schemas/result.schema.json`` (:data:`RESULT_SCHEMA_PATH`).
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -18,6 +25,16 @@ from .encoders import (
     render_overlay,
     rle_to_mask,
 )
+from .frames import Stamp
+from .geometry import Target, frame_targets
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .frames import Frame
+
+#: Version of the result schema (``schema_version`` in every result dict).
+RESULT_SCHEMA_VERSION = 1
+#: The JSON Schema (draft 2020-12) of :meth:`SegmentationResult.to_dict`.
+RESULT_SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "result.schema.json"
 
 
 @dataclass(frozen=True)
@@ -65,10 +82,14 @@ class SegmentationResult:
         seg_embeddings: N x D float32 prompt embeddings sent to the mask decoder (D = 256 for
             published checkpoints; ``return_logits=True`` only).
         output_ids: generated / forced answer token ids.
-        frame_id: the frame key used for the feature cache.
-        mask_depths: per mask ``{"depth_m": float | None, "point": [x, y, z] | None}`` in metres in the
-            camera frame, aligned with ``masks``; set by :class:`~lisa_agent.serving.client.LisaClient`
-            when a depth frame was sent, else None.
+        frame_id: the frame's name as the caller gave it (:attr:`Frame.frame_id <lisa_agent.frames.Frame>`).
+        stamp: when the frame was taken (:class:`~lisa_agent.frames.Stamp`), as the caller gave it.
+        cached: the frame's image features were already computed (a handle, or the same pixels
+            again): the encoder timings are then zero and ``digest`` is the lookup's cost.
+        targets: per mask a :class:`~lisa_agent.geometry.Target` (median depth, 3D point) or None
+            where the mask has no valid depth; None when the frame came without depth or its depth
+            was refused.
+        depth_note: why targets are missing (depth refused, intrinsics unknown, ...), else None.
     """
 
     masks: np.ndarray
@@ -84,7 +105,10 @@ class SegmentationResult:
     seg_embeddings: np.ndarray | None = None
     output_ids: list[int] = field(default_factory=list)
     frame_id: str | None = None
-    mask_depths: list[dict[str, Any]] | None = None
+    stamp: Stamp | None = None
+    cached: bool = False
+    targets: list[Target | None] | None = None
+    depth_note: str | None = None
 
     @classmethod
     def from_masks(cls, masks: np.ndarray, scores: Sequence[float], **kwargs: Any) -> SegmentationResult:
@@ -96,6 +120,14 @@ class SegmentationResult:
         ]
         return cls(masks=masks, instances=instances, **kwargs)
 
+    @classmethod
+    def from_frame(cls, frame: Frame, masks: np.ndarray, scores: Sequence[float], **kwargs: Any) -> SegmentationResult:
+        """Build the result of a query on ``frame``: its size, id and stamp carried over and, when it
+        has depth, the masks' 3D targets (:func:`~lisa_agent.geometry.frame_targets`)."""
+        targets, note = frame_targets(frame, masks)
+        return cls.from_masks(masks, scores, image_size=frame.size, frame_id=frame.frame_id, stamp=frame.stamp,
+                              targets=targets, depth_note=note, **kwargs)
+
     def __len__(self) -> int:
         return len(self.instances)
 
@@ -105,24 +137,33 @@ class SegmentationResult:
         return len(self.instances) == 0
 
     def to_dict(self, include_rle: bool = True) -> dict[str, Any]:
-        """JSON-ready dict: ``text``, ``masks`` (bbox, area, centroid, score[, rle]), ``timings_ms``, ...
+        """The result schema (``docs/result.md``): JSON-ready, identical in every door.
 
-        This is the object ``lisa-agent segment --json`` prints and the server sends.
+        Keys: ``schema_version``, ``text``, ``query``, ``mode``, ``image_size`` [H, W], ``frame_id``,
+        ``stamp`` {sec, nanosec} or null, ``cached``, ``masks`` (per mask ``bbox`` [x1, y1, x2, y2]
+        inclusive, ``area``, ``centroid`` [x, y], ``score``, ``target`` {depth_m, point, pixel,
+        valid_pixels} or null, and ``rle`` unless ``include_rle`` is False), ``depth_note`` and
+        ``timings_ms``. Doors add their own envelope keys beside these, never inside.
         """
         masks = []
         for k, inst in enumerate(self.instances):
             d = inst.to_dict()
+            target = self.targets[k] if self.targets is not None else None
+            d["target"] = None if target is None else target.to_dict()
             if include_rle:
                 d["rle"] = mask_to_rle(self.masks[k])
-            if self.mask_depths is not None:
-                d.update(self.mask_depths[k])
             masks.append(d)
         return {
+            "schema_version": RESULT_SCHEMA_VERSION,
             "text": self.text,
             "query": self.query,
             "mode": self.mode,
             "image_size": [int(self.image_size[0]), int(self.image_size[1])],
+            "frame_id": self.frame_id,
+            "stamp": None if self.stamp is None else self.stamp.to_dict(),
+            "cached": bool(self.cached),
             "masks": masks,
+            "depth_note": self.depth_note,
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
         }
 
@@ -142,8 +183,13 @@ class SegmentationResult:
             )
             for m in entries
         ]
+        targets: list[Target | None] | None = None
+        if any(m.get("target") is not None for m in entries):
+            targets = [None if m.get("target") is None else Target.from_dict(m["target"]) for m in entries]
         return cls(masks=masks, instances=instances, text=d.get("text", ""), query=d.get("query", ""),
-                   mode=d.get("mode", ""), image_size=(h, w), timings_ms=dict(d.get("timings_ms", {})))
+                   mode=d.get("mode", ""), image_size=(h, w), timings_ms=dict(d.get("timings_ms", {})),
+                   frame_id=d.get("frame_id"), stamp=Stamp.of(d.get("stamp")), cached=bool(d.get("cached", False)),
+                   targets=targets, depth_note=d.get("depth_note"))
 
     def label_mask(self) -> np.ndarray:
         """H x W uint8 label image: 0 background, k+1 where mask k is (later masks win)."""

@@ -27,18 +27,22 @@ score logits alike). It costs one SAM encoder pass and one decoder pass per extr
 model runs once. Upside-down views suit top-down cameras (a tabletop seen from above), not a robot's
 forward-looking one.
 
-Per-frame SAM and CLIP features are cached (LRU, keyed by ``frame_id`` or a hash of the pixels), so
-several queries on one frame run the image encoders once; :meth:`LisaSegmenter.segment_batch` runs
-several ``fast`` queries in one LLM pass.
+Per-frame SAM and CLIP features (:mod:`lisa_agent.features`) are computed once per frame: pass the
+handle :meth:`LisaSegmenter.encode` returns, or the same pixels again (a small LRU cache keyed by a
+digest of the pixels finds them). Results say ``cached`` and report what the call really cost.
+:meth:`LisaSegmenter.segment_batch` runs several ``fast`` queries in one LLM pass.
+
+Every entry point takes a :class:`~lisa_agent.frames.Frame` (pixels, id, stamp, optional depth +
+intrinsics), a plain HxWx3 uint8 RGB array, or a :class:`~lisa_agent.features.FrameFeatures` handle;
+with depth, each result carries the masks' 3D targets (:func:`lisa_agent.geometry.frame_targets`).
 """
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,60 +50,40 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import MASK_TTA_VIEWS, MODES, EngineConfig
 from .errors import InvalidArgumentError, InvalidQueryError
-from .frames import check_image, check_query
-from .loading import check_precision, load_lisa, resolve_checkpoint
+from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
+from .frames import Frame, as_frame, check_query
+from .loading import load_lisa, resolve_checkpoint, resolve_precision
 from .modeling.lisa import LisaModel
 from .preprocess import clip_preprocess, sam_preprocess
 from .prompts import DEFAULT_ANSWER, SEG_TOKEN, build_prompt, get_template
 from .result import SegmentationResult
 from .tokenization import LisaTokenizer
 
-MODES = ("fast", "chat", "reference")
-#: mask test-time augmentation -> the views SAM sees, as (flip rows, flip columns); the first is the frame
-MASK_TTA: dict[str, tuple[tuple[bool, bool], ...]] = {
-    "off": ((False, False),),
-    "hflip": ((False, False), (False, True)),
-    "flips": ((False, False), (False, True), (True, False), (True, True)),
-}
+log = logging.getLogger(__name__)
+
 #: generation limit for a declined ``fast`` query's refusal (chat modes use their own max_new_tokens)
 DECLINE_MAX_TOKENS = 32
-
-
-@dataclass
-class FrameFeatures:
-    """Image-encoder outputs of one frame, reusable by any number of queries.
-
-    Attributes:
-        frame_id: cache key.
-        original_hw: (H, W) of the frame.
-        resized_hw: size of the SAM letterbox content before padding.
-        sam_embedding: (V, C, S/16, S/16) SAM image embeddings of the frame (index 0) and, with mask
-            test-time augmentation, of its mirrored views (in the order of ``MASK_TTA[mask_tta]``).
-        image_tokens: (1, N, H) projected CLIP patch features (LLM input).
-        clip_pixels: (1, 3, s, s) CLIP input (kept for ``reference`` mode, which re-encodes per token).
-        timings_ms: encoder stage timings.
-    """
-
-    frame_id: str
-    original_hw: tuple[int, int]
-    resized_hw: tuple[int, int]
-    sam_embedding: torch.Tensor
-    image_tokens: torch.Tensor
-    clip_pixels: torch.Tensor
-    timings_ms: dict[str, float] = field(default_factory=dict)
+#: what a call may pass as its image: pixels, a Frame, or features already encoded
+ImageInput = np.ndarray | Frame | FrameFeatures
 
 
 @dataclass
 class Conversation:
     """A multi-turn chat about one image (LISA takes one image per conversation).
 
-    ``history`` holds (question, answer) pairs; :meth:`LisaSegmenter.chat` appends to it.
+    ``features`` is the image's :class:`~lisa_agent.features.FrameFeatures` handle (kept alive by the
+    conversation); ``history`` holds (question, answer) pairs; :meth:`LisaSegmenter.chat` appends to it.
     """
 
-    image: np.ndarray
-    frame_id: str
+    features: FrameFeatures
     history: list[tuple[str, str]] = field(default_factory=list)
+
+    @property
+    def image(self) -> np.ndarray:
+        """The HxWx3 uint8 RGB frame of the conversation."""
+        return self.features.frame.rgb
 
 
 class _Timer:
@@ -124,13 +108,16 @@ class LisaSegmenter:
         seg = LisaSegmenter.from_pretrained("xinlai/LISA-7B-v1", dtype="bf16", device="cuda")
         result = seg.segment(frame, "grab something to cut with")   # frame: HxWx3 uint8 RGB
         result.masks[0]        # HxW bool, the knife
+        feats = seg.encode(frame)                                    # encode once ...
+        seg.segment(feats, "the mug"); seg.segment(feats, "the apple")  # ... ask many times
     """
 
     def __init__(self, model: LisaModel, tokenizer: LisaTokenizer, *, template: str = "llava_v1",
                  use_im_start_end: bool = True, name: str = "", quantization: str | None = None,
-                 cache_frames: int = 4, presence_gate: dict[str, Any] | None = None, mask_tta: str = "off"):
-        if mask_tta not in MASK_TTA:
-            raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA)}; got {mask_tta!r}")
+                 cache_frames: int = 4, presence_gate: dict[str, Any] | None = None, mask_tta: str = "off",
+                 config: EngineConfig | None = None):
+        if mask_tta not in MASK_TTA_VIEWS:
+            raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA_VIEWS)}; got {mask_tta!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.template = get_template(template)
@@ -148,69 +135,50 @@ class LisaSegmenter:
         self.clip_size = int(model.vision.image_size)
         #: the checkpoint's presence gate ({"threshold": float, "decline_prefix": str}) or None
         self.presence_gate = _check_gate(presence_gate)
-        self._views = MASK_TTA[mask_tta]
+        self._views = MASK_TTA_VIEWS[mask_tta]
         self._mask_tta = mask_tta
-        self._cache: OrderedDict[str, FrameFeatures] = OrderedDict()
-        self._cache_frames = max(1, int(cache_frames))
+        self._cache = FeatureCache(cache_frames)
         self._lock = threading.RLock()
+        #: the options this engine was built from (None when built directly from a model)
+        self.config = config
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def from_pretrained(cls, model: str | os.PathLike[str], *, vision_tower: str | None = None,
-                        dtype: str | torch.dtype = "fp32", device: str | torch.device = "cpu",
-                        quantization: str | None = None, template: str | None = None,
-                        cache_frames: int = 4, sam_attention: str = "auto",
-                        presence_threshold: float | str | None = "checkpoint",
-                        mask_tta: str = "checkpoint") -> LisaSegmenter:
+    def from_pretrained(cls, model: str | os.PathLike[str] = "tabletop-tiny", **options: Any) -> LisaSegmenter:
         """Load a LISA checkpoint in the published layout.
 
         Args:
             model: Hub id (``xinlai/LISA-7B-v1``), local folder, or a bundled short name
                 (``tabletop-tiny``).
-            vision_tower: CLIP tower id or folder; default: the checkpoint config's ``vision_tower``.
-            dtype: ``bf16``, ``fp16`` or ``fp32`` (or a torch dtype).
-            device: ``cpu``, ``cuda``, ``cuda:1``, ...
-            quantization: None, ``8bit`` or ``4bit`` (bitsandbytes, CUDA only): LLaMA's decoder
-                layers only; SAM, projector and ``text_hidden_fcs`` stay in 16-bit.
-            template: conversation template (``llava_v1`` / ``llava_llama_2``); default from the checkpoint.
-            cache_frames: how many frames' image features to keep.
-            sam_attention: SAM encoder attention: ``original`` (segment_anything's), ``sdpa``
-                (``scaled_dot_product_attention`` with the rel-pos bias; same numbers, faster on GPUs)
-                or ``auto`` (sdpa on CUDA, original elsewhere).
-            presence_threshold: the presence gate (see the module docstring): ``"checkpoint"`` uses the
-                checkpoint's own gate if it declares one, a float in (0, 1) replaces its threshold, None
-                turns it off (every ``[SEG]`` keeps its mask). Checkpoints without a presence head
-                accept only ``"checkpoint"`` and None.
-            mask_tta: mask test-time augmentation (see the module docstring): ``"checkpoint"`` (what its
-                ``config.json`` declares as ``lisa_agent.mask_tta``; ``off`` when it declares nothing, as
-                published LISA checkpoints), ``off``, ``hflip`` or ``flips``.
+            **options: the other :class:`~lisa_agent.config.EngineConfig` fields (``vision_tower``,
+                ``device``, ``dtype``, ``quantization``, ``template``, ``mask_tta``,
+                ``presence_threshold``, ``sam_attention``, ``cache_frames``), validated before anything
+                loads. Defaults: ``device="auto"`` (CUDA when present), ``dtype="auto"`` (bf16 on CUDA,
+                fp32 on the CPU), the checkpoint's own template, mask augmentation and presence gate.
         """
-        if mask_tta != "checkpoint" and mask_tta not in MASK_TTA:  # before the slow load
-            raise InvalidArgumentError(f"mask_tta must be one of checkpoint, {', '.join(MASK_TTA)}; got {mask_tta!r}")
-        if sam_attention not in ("auto", "sdpa", "original"):
-            raise InvalidArgumentError(f"sam_attention must be auto, sdpa or original; got {sam_attention!r}")
-        tdtype, tdevice = check_precision(dtype, device, quantization)
-        folder = resolve_checkpoint(model)
-        loaded = load_lisa(folder, vision_tower=vision_tower, dtype=tdtype, device=tdevice, quantization=quantization)
-        tokenizer = LisaTokenizer.from_pretrained(folder)
-        if sam_attention == "sdpa" or (sam_attention == "auto" and tdevice.type == "cuda"):
-            from .modeling.sam_attention import use_sdpa_attention
+        return cls.from_config(EngineConfig(model=os.fspath(model), **options))
 
-            use_sdpa_attention(loaded.model.sam)
-        gate = (loaded.config.raw.get("lisa_agent") or {}).get("presence_gate")
-        if presence_threshold is None:
+    @classmethod
+    def from_config(cls, config: EngineConfig) -> LisaSegmenter:
+        """Load the checkpoint ``config.model`` with the options of ``config`` (see :class:`EngineConfig`)."""
+        tdtype, tdevice = resolve_precision(config)
+        folder = resolve_checkpoint(config.model)
+        loaded = load_lisa(folder, vision_tower=config.vision_tower, dtype=tdtype, device=tdevice,
+                           quantization=config.quantization, sam_attention=config.sam_attention)
+        tokenizer = LisaTokenizer.from_pretrained(folder)
+        gate = loaded.config.presence_gate
+        if config.presence_threshold is None:
             gate = None
-        elif presence_threshold != "checkpoint":
+        elif config.presence_threshold != "checkpoint":
             if not gate:
-                raise InvalidArgumentError(f"{model} has no presence head (config.json declares no "
-                                           "lisa_agent.presence_gate): presence_threshold must be 'checkpoint' or None")
-            gate = {**gate, "threshold": presence_threshold}
-        if mask_tta == "checkpoint":
-            mask_tta = (loaded.config.raw.get("lisa_agent") or {}).get("mask_tta", "off")
-        return cls(loaded.model, tokenizer, template=template or loaded.config.conv_template,
-                   use_im_start_end=loaded.config.mm_use_im_start_end, name=str(model),
-                   quantization=quantization, cache_frames=cache_frames, presence_gate=gate,
-                   mask_tta=mask_tta)
+                raise InvalidArgumentError(f"{config.model} has no presence head (config.json declares no "
+                                           "lisa_agent.presence_gate): presence_threshold must be 'checkpoint' or off")
+            gate = {**gate, "threshold": config.presence_threshold}
+        mask_tta = loaded.config.mask_tta if config.mask_tta == "checkpoint" else config.mask_tta
+        return cls(loaded.model, tokenizer, template=config.template or loaded.config.conv_template,
+                   use_im_start_end=loaded.config.mm_use_im_start_end, name=config.model,
+                   quantization=config.quantization, cache_frames=config.cache_frames, presence_gate=gate,
+                   mask_tta=mask_tta, config=config)
 
     @property
     def device(self) -> torch.device:
@@ -239,30 +207,41 @@ class LisaSegmenter:
             "modes": list(MODES),
             "presence_threshold": None if self.presence_gate is None else self.presence_gate["threshold"],
             "mask_tta": self._mask_tta,
+            "cache_frames": self._cache.size,
         }
 
     # ------------------------------------------------------------------ frames
-    @staticmethod
-    def frame_key(image: np.ndarray) -> str:
-        """Content hash of a frame (used when the caller gives no ``frame_id``)."""
-        h = hashlib.blake2b(image.tobytes(), digest_size=12)
-        h.update(repr(image.shape).encode())
-        return "sha:" + h.hexdigest()
-
     @torch.inference_mode()
-    def encode_image(self, image: np.ndarray, frame_id: str | None = None) -> FrameFeatures:
-        """SAM and CLIP features of ``image`` (HxWx3 uint8 RGB), from the cache when present."""
-        image = check_image(image)
-        key = str(frame_id) if frame_id is not None else self.frame_key(image)
-        with self._lock:
+    def encode(self, image: np.ndarray | Frame, frame_id: str | None = None) -> FrameFeatures:
+        """The SAM and CLIP features of ``image`` (a :class:`~lisa_agent.frames.Frame` or HxWx3 uint8 RGB),
+        from the cache when the same pixels were encoded recently.
+
+        Pass the returned handle to :meth:`segment`, :meth:`segment_batch` or :meth:`start_conversation`
+        to query the frame again without hashing, preprocessing or encoding it.
+        """
+        return self._features(image, frame_id)[0]
+
+    def _features(self, image: ImageInput, frame_id: str | None = None) -> tuple[FrameFeatures, dict[str, float], bool]:
+        """(features, encoder timings of this call, whether they were already computed)."""
+        zero = {"digest": 0.0, "preprocess": 0.0, "sam_encoder": 0.0, "clip": 0.0}
+        if isinstance(image, FrameFeatures):
+            if image.views != self._views or image.sam_embedding.device != self.device:
+                raise InvalidArgumentError("these FrameFeatures were encoded by another engine (other views or "
+                                           "device); encode the frame with this one")
+            feats = image if frame_id is None else image.for_frame(as_frame(image.frame, frame_id))
+            return feats, zero, True
+        frame = as_frame(image, frame_id)
+        timer = _Timer(self.device)
+        key = frame_digest(frame.rgb)
+        t_digest = timer.lap()
+        with self._lock, torch.inference_mode():
             cached = self._cache.get(key)
-            if cached is not None and cached.original_hw == image.shape[:2]:
-                self._cache.move_to_end(key)
-                return cached
+            if cached is not None:
+                return cached.for_frame(frame), {**zero, "digest": t_digest}, True
             timer = _Timer(self.device)
-            sam_in = sam_preprocess(image, self.sam_size)
-            clip_px = clip_preprocess(image, self.clip_size).to(self.device)
-            pixels = _mirrored_views(sam_in.pixels.to(self.device), sam_in.resized_hw, self._views)
+            sam_in = sam_preprocess(frame.rgb, self.sam_size)
+            clip_px = clip_preprocess(frame.rgb, self.clip_size).to(self.device)
+            pixels = mirrored_views(sam_in.pixels.to(self.device), sam_in.resized_hw, self._views)
             t_pre = timer.lap()
             if self.device.type == "cuda" or len(pixels) == 1:
                 sam_emb = self.model.encode_sam(pixels)
@@ -271,31 +250,30 @@ class LisaSegmenter:
             t_sam = timer.lap()
             tokens = self.model.encode_clip(clip_px)
             t_clip = timer.lap()
-            feats = FrameFeatures(key, sam_in.original_hw, sam_in.resized_hw, sam_emb, tokens, clip_px,
-                                  {"preprocess": t_pre, "sam_encoder": t_sam, "clip": t_clip})
-            self._cache[key] = feats
-            while len(self._cache) > self._cache_frames:
-                self._cache.popitem(last=False)
-            return feats
+            timings = {"digest": t_digest, "preprocess": t_pre, "sam_encoder": t_sam, "clip": t_clip}
+            feats = FrameFeatures(key, frame, sam_in.resized_hw, sam_emb, tokens, clip_px, timings, self._views)
+            self._cache.put(feats)
+            return feats, timings, False
 
     def clear_cache(self) -> None:
         """Forget all cached frame features."""
-        with self._lock:
-            self._cache.clear()
+        self._cache.clear()
 
     # ------------------------------------------------------------------ public queries
-    def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+    def segment(self, image: ImageInput, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
                 answer: str | None = None, frame_id: str | None = None,
                 return_logits: bool = False) -> SegmentationResult:
         """Answer ``query`` about ``image`` and segment what the answer's ``[SEG]`` tokens point at.
 
         Args:
-            image: HxWx3 uint8 RGB frame.
+            image: a :class:`~lisa_agent.frames.Frame` (with depth and intrinsics the result carries 3D
+                targets), an HxWx3 uint8 RGB array, or a :class:`~lisa_agent.features.FrameFeatures`
+                handle from :meth:`encode`.
             query: the instruction, e.g. "grab something to cut with".
             mode: ``fast`` (teacher-forced ``answer``), ``chat`` (greedy, KV cache) or ``reference``.
             max_new_tokens: generation limit for ``chat`` / ``reference``.
             answer: forced answer for ``fast`` (default ``"Sure, [SEG]."``; ``"[SEG]."`` as LISA's eval).
-            frame_id: cache key of the frame's features (default: a hash of the pixels).
+            frame_id: the frame's name, carried into the result (replaces a Frame's own).
             return_logits: also return float32 mask logits (N x H x W) and the decoder prompts (N x D).
         """
         if mode not in MODES:
@@ -305,10 +283,10 @@ class LisaSegmenter:
                                       frame_id=frame_id, return_logits=return_logits)[0]
         query = check_query(query)
         _check_max_new_tokens(max_new_tokens)
-        feats = self.encode_image(image, frame_id)
-        return self._generate(feats, query, (), mode, max_new_tokens, return_logits)
+        feats, timings, cached = self._features(image, frame_id)
+        return self._generate(feats, timings, cached, query, (), mode, max_new_tokens, return_logits)
 
-    def segment_batch(self, image: np.ndarray, queries: Sequence[str], *, answers: Sequence[str] | None = None,
+    def segment_batch(self, image: ImageInput, queries: Sequence[str], *, answers: Sequence[str] | None = None,
                       frame_id: str | None = None, return_logits: bool = False) -> list[SegmentationResult]:
         """Several ``fast`` queries on one frame: image encoders once, one LLM pass for all queries."""
         if isinstance(queries, str) or not len(queries):
@@ -320,22 +298,22 @@ class LisaSegmenter:
         for a in answers:
             if not isinstance(a, str) or not a.strip():
                 raise InvalidArgumentError("a forced answer must be a non-empty string, e.g. 'Sure, [SEG].'")
-        feats = self.encode_image(image, frame_id)
+        feats, timings, cached = self._features(image, frame_id)
         with self._lock, torch.inference_mode():
-            return self._forced(feats, texts, answers, return_logits)
+            return self._forced(feats, timings, cached, texts, answers, return_logits)
 
-    def start_conversation(self, image: np.ndarray, frame_id: str | None = None) -> Conversation:
-        """A new multi-turn conversation about ``image`` (features computed now, cached)."""
-        feats = self.encode_image(image, frame_id)
-        return Conversation(image=check_image(image), frame_id=feats.frame_id)
+    def start_conversation(self, image: ImageInput, frame_id: str | None = None) -> Conversation:
+        """A new multi-turn conversation about ``image`` (features computed now and kept by the conversation)."""
+        return Conversation(self._features(image, frame_id)[0])
 
     def chat(self, conversation: Conversation, query: str, *, max_new_tokens: int = 64,
              return_logits: bool = False) -> SegmentationResult:
         """One more turn of ``conversation`` (greedy, KV cache); the answer is appended to its history."""
         query = check_query(query)
         _check_max_new_tokens(max_new_tokens)
-        feats = self.encode_image(conversation.image, conversation.frame_id)
-        result = self._generate(feats, query, tuple(conversation.history), "chat", max_new_tokens, return_logits)
+        feats, timings, cached = self._features(conversation.features)
+        result = self._generate(feats, timings, cached, query, tuple(conversation.history), "chat", max_new_tokens,
+                                return_logits)
         conversation.history.append((query, result.text))
         return result
 
@@ -343,8 +321,8 @@ class LisaSegmenter:
     def _prompt(self, query: str, history: Sequence[tuple[str, str]] = (), answer: str = "") -> str:
         return build_prompt(self.template, query, history, self.use_im_start_end, answer)
 
-    def _forced(self, feats: FrameFeatures, queries: list[str], answers: list[str],
-                return_logits: bool) -> list[SegmentationResult]:
+    def _forced(self, feats: FrameFeatures, enc_ms: dict[str, float], cached: bool, queries: list[str],
+                answers: list[str], return_logits: bool) -> list[SegmentationResult]:
         timer = _Timer(self.device)
         prompts = [self._prompt(q) for q in queries]
         prompt_ids = [self.tokenizer.encode_prompt(p) for p in prompts]
@@ -373,13 +351,13 @@ class LisaSegmenter:
         share = 1.0 / len(queries)
         for b, q in enumerate(queries):
             idx = [k for k, o in enumerate(owners) if o == b]
-            timings = {**{k: v for k, v in feats.timings_ms.items()}, "tokenize": t_tok * share,
+            timings = {**enc_ms, "tokenize": t_tok * share,
                        "llm": t_llm * share, "decoder": t_dec * share, "postprocess": t_post * share}
             output_ids, text = full_ids[b][len(prompt_ids[b]):], answers[b]
             if self._declines(scores[idx]):
                 output_ids, text, timings["decline"] = self._decline(feats, q, (), DECLINE_MAX_TOKENS)
                 idx = []
-            results.append(self._result(feats, q, "fast", prompts[b], prompt_ids[b], output_ids, text,
+            results.append(self._result(feats, cached, q, "fast", prompts[b], prompt_ids[b], output_ids, text,
                                         None if logits is None else logits[idx], masks[idx], scores[idx],
                                         prompts_out[idx], timings))
         return results
@@ -422,7 +400,7 @@ class LisaSegmenter:
         for k, flip in enumerate(self._views):
             low_res, iou_k, prompts = self.model.decode_masks(seg_states, feats.sam_embedding[k:k + 1])
             t_dec += timer.lap()
-            view = _mirror(self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw), flip)
+            view = mirror(self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw), flip)
             logits = view if logits is None else logits + view
             iou = iou_k.float() if iou is None else iou + iou_k.float()
             t_post += timer.lap()
@@ -436,20 +414,22 @@ class LisaSegmenter:
             scores = scores.sigmoid()  # the score head was trained as a presence logit
         return logits, masks, scores.cpu(), prompts.float().cpu(), t_dec, t_post
 
-    def _result(self, feats: FrameFeatures, query: str, mode: str, prompt: str, prompt_ids: list[int],
-                output_ids: list[int], text: str, logits: torch.Tensor | None, masks: torch.Tensor,
-                scores: torch.Tensor, prompts: torch.Tensor, timings: dict[str, float]) -> SegmentationResult:
+    def _result(self, feats: FrameFeatures, cached: bool, query: str, mode: str, prompt: str,
+                prompt_ids: list[int], output_ids: list[int], text: str, logits: torch.Tensor | None,
+                masks: torch.Tensor, scores: torch.Tensor, prompts: torch.Tensor,
+                timings: dict[str, float]) -> SegmentationResult:
         timings["total"] = sum(v for k, v in timings.items() if k != "total")
-        return SegmentationResult.from_masks(
-            masks.numpy(), scores.tolist(), text=text, query=query, mode=mode, prompt=prompt,
-            input_ids=list(prompt_ids), image_size=feats.original_hw, timings_ms=timings,
+        return SegmentationResult.from_frame(
+            feats.frame, masks.numpy(), scores.tolist(), text=text, query=query, mode=mode, prompt=prompt,
+            input_ids=list(prompt_ids), timings_ms=timings, cached=cached,
             logits=None if logits is None else logits.numpy().astype(np.float32),
             seg_embeddings=None if logits is None else prompts.numpy().astype(np.float32),
-            output_ids=[int(t) for t in output_ids], frame_id=feats.frame_id)
+            output_ids=[int(t) for t in output_ids])
 
     @torch.inference_mode()
-    def _generate(self, feats: FrameFeatures, query: str, history: Sequence[tuple[str, str]], mode: str,
-                  max_new_tokens: int, return_logits: bool) -> SegmentationResult:
+    def _generate(self, feats: FrameFeatures, enc_ms: dict[str, float], cached: bool, query: str,
+                  history: Sequence[tuple[str, str]], mode: str, max_new_tokens: int,
+                  return_logits: bool) -> SegmentationResult:
         with self._lock:
             timer = _Timer(self.device)
             prompt = self._prompt(query, history)
@@ -463,14 +443,14 @@ class LisaSegmenter:
             t_llm = timer.lap()
             logits, masks, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states, return_logits)
             text = _clean(self.tokenizer.decode(generated))
-            timings = {**feats.timings_ms, "tokenize": t_tok, "llm": t_llm, "decoder": t_dec, "postprocess": t_post}
+            timings = {**enc_ms, "tokenize": t_tok, "llm": t_llm, "decoder": t_dec, "postprocess": t_post}
             if self._declines(scores):
                 generated, text, timings["decline"] = self._decline(feats, query, history, max_new_tokens)
                 keep = torch.zeros(len(scores), dtype=torch.bool)
                 logits = None if logits is None else logits[keep]
                 masks, scores, prompts_out = masks[keep], scores[keep], prompts_out[keep]
-            return self._result(feats, query, mode, prompt, prompt_ids, generated, text, logits, masks, scores,
-                                prompts_out, timings)
+            return self._result(feats, cached, query, mode, prompt, prompt_ids, generated, text, logits, masks,
+                                scores, prompts_out, timings)
 
     def _greedy_cached(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int,
                        banned: int | None = None) -> tuple[list[int], torch.Tensor]:
@@ -521,29 +501,6 @@ class LisaSegmenter:
         positions = [int(merged[0, j]) - 1 for j in range(ids.shape[1], seq.shape[1])
                      if int(seq[0, j]) == self.seg_token_id]
         return generated, hidden[positions] if positions else hidden.new_zeros(0, hidden.shape[-1])
-
-
-def _mirrored_views(pixels: torch.Tensor, resized_hw: tuple[int, int],
-                    views: Sequence[tuple[bool, bool]]) -> torch.Tensor:
-    """SAM inputs of the mirrored views: (1, 3, S, S) letterboxed frame -> (V, 3, S, S).
-
-    The letterbox content (the top-left ``resized_hw``) is flipped in place of re-preprocessing each
-    mirrored frame: bilinear resizing commutes with mirroring, so this equals ``sam_preprocess`` of the
-    mirrored frame exactly (padding stays at the bottom and right, as SAM saw it in training)."""
-    if len(views) == 1:
-        return pixels
-    h, w = resized_hw
-    out = pixels.repeat(len(views), 1, 1, 1)
-    for k, flip in enumerate(views):
-        out[k, :, :h, :w] = _mirror(pixels[0, :, :h, :w], flip)
-    return out
-
-
-def _mirror(x: torch.Tensor, flip: tuple[bool, bool]) -> torch.Tensor:
-    """``x`` (..., H, W) flipped along H and/or W (``flip`` = (rows, cols)); itself when unflipped. Its own
-    inverse: the same call maps a mirrored view's output back onto the frame."""
-    dims = [d for d, f in zip((-2, -1), flip, strict=True) if f]
-    return x.flip(dims) if dims else x
 
 
 def _clean(text: str) -> str:

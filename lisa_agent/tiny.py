@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoints import VISION_TOWER_DIR, save_vision_tower, write_checkpoint
 from .modeling.sam import SamSpec
 
 ADDED_TOKENS = ("<im_patch>", "<im_start>", "<im_end>", "[SEG]")
@@ -51,13 +52,19 @@ def train_tokenizer(corpus: Iterable[str] = BASE_CORPUS, vocab_size: int = 400):
     return tok
 
 
-def save_tokenizer(tok, out: Path) -> dict[str, int]:  # noqa: ANN001
-    """Add LISA's tokens (as LISA-7B: ``<im_patch>``, ``<im_start>``, ``<im_end>``, ``[SEG]``) and save the
-    tokenizer files of the published layout. Returns the added-token ids."""
+def add_lisa_tokens(tok) -> dict[str, int]:  # noqa: ANN001
+    """Add LISA's tokens to a ``tokenizers.Tokenizer`` (as LISA-7B: ``<im_patch>``, ``<im_start>``,
+    ``<im_end>``, ``[SEG]``); returns their ids."""
     from tokenizers import AddedToken
 
     tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ADDED_TOKENS])
-    added = {t: tok.token_to_id(t) for t in ADDED_TOKENS}
+    return {t: tok.token_to_id(t) for t in ADDED_TOKENS}
+
+
+def save_tokenizer(tok, out: Path) -> dict[str, int]:  # noqa: ANN001
+    """Add LISA's tokens (:func:`add_lisa_tokens`) and save the tokenizer files of the published layout.
+    Returns the added-token ids."""
+    added = add_lisa_tokens(tok)
     out.mkdir(parents=True, exist_ok=True)
     tok.save(str(out / "tokenizer.json"))
     (out / "added_tokens.json").write_text(json.dumps(added, indent=2))
@@ -93,8 +100,7 @@ def write_vision_tower(out: Path, shape: TinyShape, seed: int = 0) -> None:
 
     torch.manual_seed(seed + 1)
     cfg = clip_vision_config(shape.clip_image, shape.clip_patch, shape.clip_hidden, shape.clip_layers, shape.clip_heads)
-    CLIPVisionModel(cfg).save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps(clip_preprocessor_config(shape.clip_image), indent=2))
+    save_vision_tower(CLIPVisionModel(cfg), out, shape.clip_image)
 
 
 def clip_vision_config(image: int, patch: int, width: int, layers: int, heads: int):  # noqa: ANN201
@@ -104,18 +110,6 @@ def clip_vision_config(image: int, patch: int, width: int, layers: int, heads: i
 
     return CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
                             num_attention_heads=heads, image_size=image, patch_size=patch, projection_dim=width)
-
-
-def clip_preprocessor_config(image_size: int) -> dict:
-    """``preprocessor_config.json`` of a CLIP tower: resize the shortest side to ``image_size``,
-    centre-crop a square of it, CLIP's mean / std (as openai/clip-vit-large-patch14, at another size)."""
-    from .preprocess import CLIP_MEAN, CLIP_STD
-
-    return {
-        "image_processor_type": "CLIPImageProcessor", "do_resize": True, "size": {"shortest_edge": image_size},
-        "resample": 3, "do_center_crop": True, "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
-        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_convert_rgb": True}
 
 
 def lisa_config_dict(vocab_size: int, shape: TinyShape, bos: int, eos: int, vision_tower: str = "vision_tower") -> dict:
@@ -134,29 +128,6 @@ def lisa_config_dict(vocab_size: int, shape: TinyShape, bos: int, eos: int, visi
     }
 
 
-def save_state_dict(state: dict[str, torch.Tensor], out: Path, *, shards: int = 2, safetensors: bool = False) -> None:
-    """Write published-name weights as ``shards`` ``.bin`` files + index (or one safetensors file)."""
-    state = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    if safetensors:
-        from safetensors.torch import save_file
-
-        save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
-        return
-    keys = list(state)
-    per = -(-len(keys) // shards)
-    weight_map: dict[str, str] = {}
-    total = 0
-    for s in range(shards):
-        name = f"pytorch_model-{s + 1:05d}-of-{shards:05d}.bin"
-        part = {k: state[k] for k in keys[s * per:(s + 1) * per]}
-        torch.save(part, out / name)
-        for k, v in part.items():
-            weight_map[k] = name
-            total += v.numel() * v.element_size()
-    (out / "pytorch_model.bin.index.json").write_text(
-        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-
-
 def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, *, shape: TinyShape | None = None,
                          safetensors: bool = False, corpus: Iterable[str] | None = None,
                          vocab_size: int = 400) -> Path:
@@ -170,14 +141,13 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, *, shape: TinyShape
     added = save_tokenizer(tok, out)
     vocab = max(added.values()) + 1
     cfg_dict = lisa_config_dict(vocab, shape, bos=tok.token_to_id("<s>"), eos=tok.token_to_id("</s>"))
-    (out / "config.json").write_text(json.dumps(cfg_dict, indent=2))
     (out / "generation_config.json").write_text(json.dumps(
         {"bos_token_id": cfg_dict["bos_token_id"], "eos_token_id": cfg_dict["eos_token_id"], "pad_token_id": 0}))
     torch.manual_seed(seed)
     model = build_model(LisaConfig.from_dict(cfg_dict), shape.sam, meta=False)
     _randomize_zero_inits(model, seed)
-    save_state_dict(published_state_dict(model), out, safetensors=safetensors)
-    write_vision_tower(out / "vision_tower", shape, seed)
+    write_checkpoint(out, cfg_dict, published_state_dict(model), safetensors=safetensors)
+    write_vision_tower(out / VISION_TOWER_DIR, shape, seed)
     return out
 
 

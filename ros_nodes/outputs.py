@@ -1,7 +1,7 @@
 """Messages the node publishes for one answered frame, each stamped with the source frame's header.
 
-Pure builders: they take a ``SegmentationResult`` (plus targets) and return message objects; the
-node decides which to publish. ``vision_msgs`` is not on PyPI, so :func:`detections_msg` exists
+Pure builders: they take a ``SegmentationResult`` (its 3D ``targets`` computed by the engine) and
+return message objects; :class:`ros_nodes.publishing.ResultPublisher` publishes them. ``vision_msgs`` is not on PyPI, so :func:`detections_msg` exists
 only where that package is importable (:data:`HAVE_VISION_MSGS`).
 """
 
@@ -17,7 +17,8 @@ from geometry_msgs.msg import PointStamped
 from std_msgs.msg import ColorRGBA, Header, String
 from visualization_msgs.msg import Marker, MarkerArray
 
-from lisa_agent.encoders import PALETTE, label_image
+from lisa_agent.encoders import PALETTE
+from lisa_agent.result import SegmentationResult
 
 try:  # not on PyPI; present in a ROS distro with ros-<distro>-vision-msgs
     from vision_msgs.msg import Detection2D, Detection2DArray, ObjectHypothesisWithPose
@@ -52,77 +53,55 @@ def copy_header(header: Any) -> Header:
     return out
 
 
-def label_mask(result: Any, size: tuple[int, int]) -> np.ndarray:
-    """HxW uint8 label image of ``result``: 0 background, k+1 inside mask k (later masks win)."""
-    if len(result.masks):
-        return label_image(np.asarray(result.masks, dtype=bool))
-    return np.zeros(size, dtype=np.uint8)
-
-
-def result_json(result: Any, header: Any, report: FrameReport, points: list[Any], *,
-                depth_note: str | None = None) -> str:
-    """The ``~/result`` JSON text.
-
-    Keys: ``stamp`` {sec, nanosec} and ``frame_id`` of the source frame; ``query``, ``text``,
-    ``mode``; ``image_size`` [H, W]; ``masks``: per instance ``label`` (value in ``~/mask``),
-    ``bbox`` [x1, y1, x2, y2] inclusive pixels, ``area``, ``centroid`` [x, y], ``score`` and
-    ``point`` [x, y, z] metres in the camera frame (null without depth); ``target_point`` (the first
-    mask's point) and ``target_depth_m``; ``request``, ``frame_seq``, ``latency_ms``, ``queue_ms``,
-    ``inference_ms``, ``timings_ms`` (engine stages), the node's frame counters and ``depth_note``
-    (why there is no point, when there is none).
+def result_json(result: SegmentationResult, report: FrameReport, *, depth_missing: str | None = None) -> str:
+    """The ``~/result`` JSON text: the result schema (``docs/result.md``, masks without RLE: the
+    ``~/mask`` image carries them, value k+1 for ``masks[k]``; ``stamp`` and ``frame_id`` are the
+    source header's) plus the node's envelope keys: ``request``, ``frame_seq``, ``latency_ms``,
+    ``queue_ms``, ``inference_ms``, the node's frame counters, and ``depth_missing`` (why the node
+    gave the engine no depth although 3D targets are configured, else null).
     """
-    masks = []
-    for k, inst in enumerate(result.instances):
-        entry = inst.to_dict()
-        entry["label"] = k + 1
-        target = points[k] if k < len(points) else None
-        entry["point"] = None if target is None else [round(c, 4) for c in target.point]
-        masks.append(entry)
-    first = points[0] if points else None
     payload = {
-        "stamp": {"sec": int(header.stamp.sec), "nanosec": int(header.stamp.nanosec)},
-        "frame_id": str(header.frame_id),
-        "query": result.query,
-        "text": result.text,
-        "mode": result.mode,
-        "image_size": [int(v) for v in result.image_size],
-        "masks": masks,
-        "target_point": None if first is None else [round(c, 4) for c in first.point],
-        "target_depth_m": None if first is None else round(first.depth, 4),
-        "depth_note": depth_note,
+        **result.to_dict(include_rle=False),
+        "depth_missing": depth_missing,
         "request": report.request,
         "frame_seq": report.frame_seq,
         "latency_ms": round(report.latency_ms, 2),
         "queue_ms": round(report.queue_ms, 2),
         "inference_ms": round(report.inference_ms, 2),
-        "timings_ms": {k: round(float(v), 2) for k, v in getattr(result, "timings_ms", {}).items()},
         **report.counters,
     }
     return json.dumps(_clean(payload), allow_nan=False)
 
 
-def answer_msg(result: Any) -> String:
+def answer_msg(result: SegmentationResult) -> String:
     return String(data=str(result.text))
 
 
-def point_msg(header: Any, target: Any) -> PointStamped:
-    """geometry_msgs/PointStamped of a :class:`lisa_agent.geometry.TargetPoint` in the source frame."""
+def point_msg(header: Any, point: tuple[float, float, float]) -> PointStamped:
+    """geometry_msgs/PointStamped of a target's ``point`` (metres, camera optical frame) in the source frame."""
     msg = PointStamped()
     msg.header = copy_header(header)
-    msg.point.x, msg.point.y, msg.point.z = (float(c) for c in target.point)
+    msg.point.x, msg.point.y, msg.point.z = (float(c) for c in point)
     return msg
 
 
-def markers_msg(header: Any, result: Any, points: list[Any], *, lifetime_s: float = 0.0) -> MarkerArray:
-    """RViz markers: a DELETEALL, then per instance with a 3D point a sphere and a text label."""
+def first_point(result: SegmentationResult) -> tuple[float, float, float] | None:
+    """The 3D point of the first mask, when it has one (what ``~/target_point`` publishes)."""
+    if result.targets and result.targets[0] is not None:
+        return result.targets[0].point
+    return None
+
+
+def markers_msg(header: Any, result: SegmentationResult, *, lifetime_s: float = 0.0) -> MarkerArray:
+    """RViz markers: a DELETEALL, then per mask with a 3D point a sphere and a text label."""
     out = MarkerArray()
     clear = Marker()
     clear.header = copy_header(header)
     clear.ns = "lisa"
     clear.action = Marker.DELETEALL
     out.markers.append(clear)
-    for k, target in enumerate(points):
-        if target is None:
+    for k, target in enumerate(result.targets or []):
+        if target is None or target.point is None:
             continue
         r, g, b = (c / 255.0 for c in PALETTE[k % len(PALETTE)])
         sphere = Marker()
@@ -148,7 +127,7 @@ def markers_msg(header: Any, result: Any, points: list[Any], *, lifetime_s: floa
     return out
 
 
-def detections_msg(header: Any, result: Any) -> Any:
+def detections_msg(header: Any, result: SegmentationResult) -> Any:
     """vision_msgs/Detection2DArray (only where vision_msgs is installed): one box per instance."""
     if not HAVE_VISION_MSGS:
         raise RuntimeError("vision_msgs is not installed")

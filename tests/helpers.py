@@ -51,3 +51,20 @@ def teach_answer(seg, image: np.ndarray, query: str, answer: str, steps: int = 8
         opt.step()
     model.llm.requires_grad_(False)
     seg.clear_cache()
+
+
+def assert_result_schema(payload: dict) -> dict:
+    """``payload`` (a door's output: the result schema plus that door's envelope keys) must be strict JSON
+    and valid against lisa_agent/schemas/result.schema.json; returns it re-read from JSON."""
+    import json
+
+    import jsonschema
+
+    from lisa_agent.result import RESULT_SCHEMA_PATH
+
+    text = json.dumps(payload, allow_nan=False)  # NaN / inf / numpy types would fail here
+    schema = json.loads(RESULT_SCHEMA_PATH.read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+    decoded = json.loads(text)
+    jsonschema.Draft202012Validator(schema).validate(decoded)
+    return decoded

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+from helpers import assert_result_schema
 from rosbags.rosbag2 import Reader, StoragePlugin, Writer
 from rosbags.typesys import Stores, get_typestore
 
@@ -91,8 +92,9 @@ def test_bag_round_trip(tmp_path, tiny_checkpoint, tiny_segmenter, storage, suff
             assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (want.stamp.sec, want.stamp.nanosec)
             assert msg.header.frame_id == "cam_optical" and (msg.height, msg.width) == SIZE
         assert (mask.encoding, overlay.encoding) == ("mono8", "rgb8")
-        payload = json.loads(result.data)
+        payload = assert_result_schema(json.loads(result.data))  # the one result schema + the bag's envelope
         assert payload["stamp"] == {"sec": want.stamp.sec, "nanosec": want.stamp.nanosec}
+        assert payload["frame_id"] == "cam_optical"
         assert payload["frame_index"] == i and payload["query"] == "the knife"
         # the bag's frame was decoded exactly (bgr8 + padding too): same mask as the engine on the pixels
         expected = tiny_segmenter.segment(rgbs[i], "the knife").masks

@@ -140,6 +140,6 @@ def test_langchain_tool_segments_what_the_camera_sees(probe, camera, tiny_segmen
     tool = LisaSegmentTool(backend=tiny_segmenter, image_source=camera)
     message = tool.invoke({"type": "tool_call", "id": "call-1", "name": tool.name, "args": {"query": "the cup"}})
     assert "900.500" in message.content  # the stamp of the frame it segmented
-    assert message.artifact["stamp"] == pytest.approx(900.5)
+    assert message.artifact["result"]["stamp"] == {"sec": 900, "nanosec": 500_000_000}
     np.testing.assert_array_equal(message.artifact["frame"], rgb)
     np.testing.assert_array_equal(message.artifact["masks"], tiny_segmenter.segment(rgb, "the cup").masks)

@@ -54,5 +54,7 @@ def test_make_tiny_then_bench_json(tmp_path, capsys):
     assert set(report["modes"]) >= {"fast", "chat", "reference"}
     for mode in ("fast", "chat", "reference"):
         assert report["modes"][mode]["median_ms"] > 0 and "llm" in report["modes"][mode]["stages_ms"]
-    assert set(report["ratios"]) == {"reference_over_chat", "chat_over_fast"}
+    assert set(report["ratios"]) == {"reference_over_chat", "chat_over_fast", "fast_over_fast_encoded"}
+    # a query on a frame already encoded (the handle from encode()) skips the encoders
+    assert report["modes"]["fast_encoded"]["stages_ms"]["sam_encoder"] == 0
     assert report["device"].startswith("cpu")

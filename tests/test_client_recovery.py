@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from lisa_agent import AsyncLisaClient, LisaClient
-from lisa_agent.serving.bench import EchoBackend, synthetic_frame
+from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
 from lisa_agent.serving.protocol import ServerUnavailableError
 from lisa_agent.serving.server import LisaServer
 

@@ -91,8 +91,8 @@ def test_seg_embedding_is_the_state_before_seg(taught):
     # The off-by-one alternative gives clearly different embeddings and mask logits.
     assert np.abs(fast.seg_embeddings - at).max() > 1e-2
     with torch.no_grad():
-        low, _, _ = seg.model.decode_masks(states[merged], seg.encode_image(frame).sam_embedding)
-        wrong = seg.model.postprocess_masks(low, seg.encode_image(frame).resized_hw, (60, 80)).numpy()
+        low, _, _ = seg.model.decode_masks(states[merged], seg.encode(frame).sam_embedding)
+        wrong = seg.model.postprocess_masks(low, seg.encode(frame).resized_hw, (60, 80)).numpy()
     # (random tiny weights give small logits: compare with their own scale)
     assert np.abs(fast.logits - wrong).max() > 0.05 * np.abs(fast.logits).max()
 
@@ -163,7 +163,7 @@ def test_sdpa_sam_attention_gives_the_same_masks(tiny_checkpoint, tiny_segmenter
     frame = random_frame(70, 50, seed=9)
     a = seg.segment(frame, "the red mug", return_logits=True)
     b = tiny_segmenter.segment(frame, "the red mug", return_logits=True)
-    feats_a = seg.encode_image(frame).sam_embedding
-    feats_b = tiny_segmenter.encode_image(frame).sam_embedding
+    feats_a = seg.encode(frame).sam_embedding
+    feats_b = tiny_segmenter.encode(frame).sam_embedding
     torch.testing.assert_close(feats_a, feats_b, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(a.logits, b.logits, atol=1e-4)

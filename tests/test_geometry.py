@@ -13,7 +13,7 @@ from lisa_agent.geometry import (
     Intrinsics,
     deproject,
     depth_to_meters,
-    mask_target_point,
+    mask_target,
     median_depth,
     project,
 )
@@ -85,10 +85,10 @@ def test_median_depth_ignores_holes_and_is_robust_to_edge_pixels():
 
 def test_target_point_of_a_box_is_within_2cm_of_ground_truth():
     depth, box, truth = render_box_scene()
-    target = mask_target_point(depth, box, K)
+    target = mask_target(depth, box, K)
     assert target is not None
     assert np.linalg.norm(np.array(target.point) - truth) < 0.02
-    assert target.depth == pytest.approx(0.70, abs=1e-6)
+    assert target.depth_m == pytest.approx(0.70, abs=1e-6)
     assert target.valid_pixels == int(box.sum())
 
 
@@ -100,15 +100,15 @@ def test_target_point_survives_a_sloppy_mask_and_holes():
     holes = np.random.default_rng(0).random(depth.shape) < 0.2
     mm = np.round(depth * 1000).astype(np.uint16)
     mm[holes] = 0  # 20 % of the pixels without a reading, as real sensors
-    target = mask_target_point(depth_to_meters(mm), sloppy, K)
+    target = mask_target(depth_to_meters(mm), sloppy, K)
     assert target is not None
     assert np.linalg.norm(np.array(target.point) - truth) < 0.02
 
 
 def test_target_point_none_without_valid_depth():
     depth, box, _ = render_box_scene()
-    assert mask_target_point(np.full_like(depth, np.nan), box, K) is None
-    assert mask_target_point(depth, np.zeros_like(box), K) is None
+    assert mask_target(np.full_like(depth, np.nan), box, K) is None
+    assert mask_target(depth, np.zeros_like(box), K) is None
 
 
 def test_scaled_intrinsics_give_the_same_point_on_a_half_size_image():
@@ -116,8 +116,8 @@ def test_scaled_intrinsics_give_the_same_point_on_a_half_size_image():
     h, w = depth.shape
     half_depth = depth.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3))  # 2x2 block average
     half_box = box.reshape(h // 2, 2, w // 2, 2).mean(axis=(1, 3)) == 1.0
-    wrong = mask_target_point(half_depth, half_box, K)
-    right = mask_target_point(half_depth, half_box, K.scaled(0.5, 0.5))
+    wrong = mask_target(half_depth, half_box, K)
+    right = mask_target(half_depth, half_box, K.scaled(0.5, 0.5))
     assert right is not None and wrong is not None
     assert np.linalg.norm(np.array(right.point) - truth) < 0.02
     assert np.linalg.norm(np.array(wrong.point) - truth) > 0.05  # the full-size K would be far off

@@ -121,7 +121,7 @@ def _assert_grab_run(messages: list[BaseMessage], model: ScriptedToolCaller, seg
                       "type": "tool_call"}]
     (tool_msg,) = _tool_messages(messages)
     assert tool_msg.status == "success" and tool_msg.tool_call_id == "call-1"
-    assert tool_msg.artifact["query"] == TOOL_QUERY
+    assert tool_msg.artifact["result"]["query"] == TOOL_QUERY
 
     # The content names the object's bbox, as the engine computed it for this frame.
     expected = segmenter.segment(frame, TOOL_QUERY, mode="fast")
@@ -130,7 +130,7 @@ def _assert_grab_run(messages: list[BaseMessage], model: ScriptedToolCaller, seg
         assert f"bbox [x1, y1, x2, y2] = {box}" in tool_msg.content
     # The artifact carries the mask (array and RLE) and the box.
     _check_target_mask(tool_msg.artifact["masks"][0], segmenter, frame)
-    assert tool_msg.artifact["boxes"][0] == list(expected.instances[0].bbox)
+    assert tool_msg.artifact["result"]["masks"][0]["bbox"] == list(expected.instances[0].bbox)
 
     # The model saw the tool's text and produced the final answer from it.
     assert model.transcripts[-1][-1].content == tool_msg.content
@@ -226,6 +226,6 @@ def test_agent_with_the_trained_model_gets_the_knife() -> None:
     mask = tool_msg.artifact["masks"][0]
     iou = float((mask & knife).sum() / (mask | knife).sum())
     assert iou >= 0.6, f"the agent's mask is not the knife (IoU {iou:.2f})"
-    box = tool_msg.artifact["boxes"][0]
+    box = tool_msg.artifact["result"]["masks"][0]["bbox"]
     assert f"bbox [x1, y1, x2, y2] = [{box[0]}, {box[1]}, {box[2]}, {box[3]}]" in tool_msg.content
     assert str(box) in state["messages"][-1].content

@@ -17,10 +17,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from helpers import assert_result_schema
 from langchain_core.messages import ToolMessage
 
 from lisa_agent.encoders import image_to_png, rle_to_mask
-from lisa_agent.geometry import Intrinsics, depth_to_meters, mask_target_point
+from lisa_agent.geometry import Intrinsics, Target, depth_to_meters, mask_target
 from lisa_agent.integrations.images import load_image
 from lisa_agent.integrations.langchain import LisaExplainTool, LisaSegmentTool, describe_result, lisa_tools
 from lisa_agent.result import SegmentationResult
@@ -64,16 +65,16 @@ def _assert_matches_engine(msg: ToolMessage, expected: Any) -> None:
     """The tool's content and artifact report exactly the engine's result for the same input."""
     assert msg.status == "success", msg.content
     art = msg.artifact
-    assert art["answer"] == expected.text
-    assert art["image_size"] == list(expected.image_size)
+    result = assert_result_schema(art["result"])  # the one result schema, as every door emits it
+    assert result["text"] == expected.text
+    assert result["image_size"] == list(expected.image_size)
     np.testing.assert_array_equal(art["masks"], expected.masks)
-    assert len(art["objects"]) == len(expected.instances)
-    for k, (obj, inst) in enumerate(zip(art["objects"], expected.instances, strict=True)):
+    assert len(result["masks"]) == len(expected.instances)
+    for k, (obj, inst) in enumerate(zip(result["masks"], expected.instances, strict=True)):
         assert obj["bbox"] == list(inst.bbox)
         assert obj["area"] == inst.area
         np.testing.assert_array_equal(rle_to_mask(obj["rle"]), expected.masks[k])
-    assert art["boxes"] == [list(i.bbox) for i in expected.instances]
-    assert art["result"].text == expected.text
+    assert art["segmentation"].text == expected.text
     found = [i for i in expected.instances if i.area > 0]
     if msg.name == "explain_objects":
         assert msg.content.startswith(f"LISA answered: {expected.text.strip()!r}.\nIt points at {len(found)} object")
@@ -94,9 +95,11 @@ def test_camera_frame_result_matches_engine(tool: LisaSegmentTool, tiny_segmente
     assert f'"{QUERY}" in the newest camera frame (128x96 px, stamp 1732650000.250)' in msg.content
     assert expected.text in msg.content
     art = msg.artifact
-    assert art["stamp"] == 1732650000.25 and art["mode"] == "fast" and art["query"] == QUERY
+    result = art["result"]
+    assert result["stamp"] == {"sec": 1732650000, "nanosec": 250_000_000}  # the camera's stamp, carried over
+    assert result["mode"] == "fast" and result["query"] == QUERY
     assert art["masks"].dtype == bool and art["masks"].shape == (1, 96, 128)
-    assert "tool_total_ms" in art["timings_ms"] and "total" in art["timings_ms"]
+    assert art["tool_ms"]["total"] >= art["tool_ms"]["image"] >= 0 and "total" in result["timings_ms"]
 
 
 def test_invoke_without_tool_call_returns_the_text(tool: LisaSegmentTool) -> None:
@@ -149,14 +152,15 @@ def test_depth_and_intrinsics_give_a_3d_point(tiny_segmenter: Any, frame: np.nda
                            intrinsics=intr)
     msg = _call(tool, {"query": QUERY})
     mask = tiny_segmenter.segment(frame, QUERY).masks[0]
-    target = mask_target_point(depth_to_meters(depth), mask, Intrinsics(*intr))
-    point = msg.artifact["objects"][0]["point_3d"]
+    target = mask_target(depth_to_meters(depth), mask, Intrinsics(*intr))
+    entry = assert_result_schema(msg.artifact["result"])["masks"][0]["target"]
     if target is None:  # the random mask fell entirely on the right half
-        assert point is None and "no valid depth" in msg.content
+        assert entry is None and "no valid depth" in msg.content
     else:
-        assert point == pytest.approx(list(target.point))
-        assert point[2] == pytest.approx(0.75)
-        assert f"3D point (x={point[0]:.3f}, y={point[1]:.3f}, z=0.750) m in the camera frame" in msg.content
+        assert entry["point"] == pytest.approx(list(target.point), abs=1e-4)
+        assert entry["point"][2] == pytest.approx(0.75) and entry["depth_m"] == pytest.approx(0.75)
+        x, y, _ = msg.artifact["segmentation"].targets[0].point
+        assert f"3D point (x={x:.3f}, y={y:.3f}, z=0.750) m in the camera frame" in msg.content
 
 
 def test_depth_of_another_size_is_reported_not_used(tiny_segmenter: Any, frame: np.ndarray) -> None:
@@ -164,8 +168,33 @@ def test_depth_of_another_size_is_reported_not_used(tiny_segmenter: Any, frame: 
                            depth_source=lambda: np.ones((48, 64), np.float32), intrinsics=(100, 100, 64, 48))
     msg = _call(tool, {"query": QUERY})
     assert msg.status == "success"
-    assert "3D points unavailable: the depth image is 48x64" in msg.content
-    assert all(o["point_3d"] is None for o in msg.artifact["objects"])
+    assert "3D points unavailable or partial: depth image is 48x64 but the colour image is 96x128" in msg.content
+    result = assert_result_schema(msg.artifact["result"])
+    assert all(m["target"] is None for m in result["masks"]) and "48x64" in result["depth_note"]
+
+
+@pytest.mark.parametrize(("depth_stamp", "refused"), [(1732650000.45, True), (1732650000.05, True),
+                                                      (1732650000.27, False)])
+def test_depth_from_another_instant_is_refused(tiny_segmenter: Any, frame: np.ndarray, depth_stamp: float,
+                                              refused: bool) -> None:
+    """Colour stamped 1732650000.25; depth 200 ms later or earlier is another instant (tolerance 50 ms):
+    no 3D point, and the text says why. Depth 20 ms later is the same instant."""
+    depth = np.full(frame.shape[:2], 750, dtype=np.uint16)
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: (frame, 1732650000.25),
+                           depth_source=lambda: (depth, depth_stamp), intrinsics=(100.0, 110.0, 64.0, 48.0),
+                           depth_tolerance_s=0.05)
+    msg = _call(tool, {"query": QUERY})
+    assert msg.status == "success"
+    result = assert_result_schema(msg.artifact["result"])
+    if refused:
+        assert all(m["target"] is None for m in result["masks"])
+        side = "after" if depth_stamp > 1732650000.25 else "before"
+        assert f"depth image is from 0.200 s {side} the colour frame (tolerance 0.05 s)" in result["depth_note"]
+        assert result["depth_note"] in msg.content and "3D point (x=" not in msg.content
+    else:
+        assert result["depth_note"] is None
+        assert result["masks"][0]["target"]["point"][2] == pytest.approx(0.75)
+        assert "3D point (x=" in msg.content
 
 
 def test_failing_depth_source_still_gives_the_2d_answer(tiny_segmenter: Any, frame: np.ndarray) -> None:
@@ -176,7 +205,8 @@ def test_failing_depth_source_still_gives_the_2d_answer(tiny_segmenter: Any, fra
                            intrinsics=(100, 100, 64, 48))
     msg = _call(tool, {"query": QUERY})
     _assert_matches_engine(msg, tiny_segmenter.segment(frame, QUERY))
-    assert "3D points unavailable: the depth source failed (TimeoutError: no depth frame for 2 s)." in msg.content
+    assert ("3D points unavailable or partial: the depth source failed (TimeoutError: no depth frame for 2 s)."
+            in msg.content)
 
 
 def test_no_match_says_so_plainly(tiny_segmenter: Any, frame: np.ndarray) -> None:
@@ -187,7 +217,7 @@ def test_no_match_says_so_plainly(tiny_segmenter: Any, frame: np.ndarray) -> Non
     assert msg.status == "success"
     assert msg.content.startswith('No object matched "a unicorn" in the newest camera frame (128x96 px)')
     assert "Sorry, nothing matches." in msg.content
-    assert msg.artifact["masks"].shape == (0, 96, 128) and msg.artifact["objects"] == []
+    assert msg.artifact["masks"].shape == (0, 96, 128) and msg.artifact["result"]["masks"] == []
 
 
 def test_explain_tool_runs_chat_mode(tiny_segmenter: Any, frame: np.ndarray) -> None:
@@ -198,7 +228,7 @@ def test_explain_tool_runs_chat_mode(tiny_segmenter: Any, frame: np.ndarray) -> 
     assert "mode" not in explain.tool_call_schema.model_json_schema()["properties"]
     msg = _call(explain, {"query": "What here could cut a rope, and why?"})
     expected = tiny_segmenter.segment(frame, "What here could cut a rope, and why?", mode="chat", max_new_tokens=8)
-    assert msg.artifact["mode"] == "chat"
+    assert msg.artifact["result"]["mode"] == "chat"
     _assert_matches_engine(msg, expected)
 
 
@@ -207,8 +237,9 @@ def test_describe_result_numbers_objects_as_the_artifact_does() -> None:
     masks[0, 2:6, 3:13] = True  # 40 px = 5% of 800
     masks[2, 10:20, 30:40] = True  # mask 1 stays empty
     result = SegmentationResult.from_masks(masks, [0.9, 0.1, 0.8], text="[SEG] [SEG] [SEG]", query="tools",
-                                           mode="chat", image_size=(20, 40))
-    text = describe_result(result, source="the newest camera frame", points=[(0.1, 0.2, 0.5), None, None])
+                                           mode="chat", image_size=(20, 40),
+                                           targets=[Target(0.5, (0.1, 0.2, 0.5), (7.5, 3.5), 40), None, None])
+    text = describe_result(result, source="the newest camera frame")
     lines = text.splitlines()
     assert lines[0] == "Found 2 objects for \"tools\" in the newest camera frame (40x20 px). LISA answered: " \
                        "'[SEG] [SEG] [SEG]'."
@@ -250,6 +281,9 @@ async def test_async_backend_is_awaited(tiny_segmenter: Any, frame: np.ndarray) 
         async def segment(self, image: np.ndarray, query: str, **kw: Any) -> Any:
             self.calls += 1
             return tiny_segmenter.segment(image, query, **kw)
+
+        async def info(self) -> dict[str, Any]:
+            return tiny_segmenter.info()
 
     backend = AsyncEngine()
     tool = LisaSegmentTool(backend=tiny_segmenter, async_backend=backend, image_source=lambda: frame)
@@ -338,6 +372,9 @@ class _NullBackend:
     def segment(self, image: np.ndarray, query: str, **kw: Any) -> None:
         return None
 
+    def info(self) -> dict[str, Any]:
+        return {}
+
 
 def _closed_port() -> int:
     import socket
@@ -396,7 +433,7 @@ async def test_remote_backends_through_the_model_server(lisa_server: str, tiny_s
         async_msg = await _acall(tool, {"query": QUERY})
         _assert_matches_engine(sync_msg, expected)
         _assert_matches_engine(async_msg, expected)
-        assert "client_roundtrip" in async_msg.artifact["timings_ms"]
+        assert "client_roundtrip" in async_msg.artifact["result"]["timings_ms"]
         # The async client alone serves both paths.
         only_async = LisaSegmentTool(backend=async_client, image_source=lambda: frame)
         _assert_matches_engine(await _acall(only_async, {"query": QUERY}), expected)

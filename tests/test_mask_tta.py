@@ -14,8 +14,8 @@ from helpers import random_frame
 
 from lisa_agent import LisaSegmenter
 from lisa_agent.cli import main
-from lisa_agent.errors import InvalidArgumentError
-from lisa_agent.segmenter import MASK_TTA
+from lisa_agent.config import MASK_TTA_VIEWS
+from lisa_agent.errors import CheckpointError, InvalidArgumentError
 from lisa_agent.training.trainer import TrainConfig, Trainer
 
 QUERY = "the red mug"
@@ -27,24 +27,18 @@ def _with_tta(seg: LisaSegmenter, mask_tta: str) -> LisaSegmenter:
                          use_im_start_end=seg.use_im_start_end, mask_tta=mask_tta)
 
 
-def test_the_command_line_offers_exactly_the_engine_choices():
-    from lisa_agent.commands.common import MASK_TTA_CHOICES  # kept free of torch, hence its own copy
-
-    assert MASK_TTA_CHOICES == ("checkpoint", *MASK_TTA)
-
-
 def test_published_checkpoints_run_without_augmentation(tiny_segmenter):
     assert tiny_segmenter.mask_tta == "off" and tiny_segmenter.info()["mask_tta"] == "off"
-    assert tiny_segmenter.encode_image(random_frame(60, 90, seed=2)).sam_embedding.shape[0] == 1
+    assert tiny_segmenter.encode(random_frame(60, 90, seed=2)).sam_embedding.shape[0] == 1
 
 
 def test_sam_reads_the_mirrored_frames(tiny_segmenter):
     frame = random_frame(60, 90, seed=3)  # not square: the letterbox pads the bottom of every view
-    emb = _with_tta(tiny_segmenter, "flips").encode_image(frame).sam_embedding
+    emb = _with_tta(tiny_segmenter, "flips").encode(frame).sam_embedding
     assert emb.shape[0] == 4
-    for k, (rows, cols) in enumerate(MASK_TTA["flips"]):
+    for k, (rows, cols) in enumerate(MASK_TTA_VIEWS["flips"]):
         view = np.ascontiguousarray(frame[:: -1 if rows else 1, :: -1 if cols else 1])
-        expected = tiny_segmenter.encode_image(view).sam_embedding[0]
+        expected = tiny_segmenter.encode(view).sam_embedding[0]
         np.testing.assert_allclose(emb[k].numpy(), expected.numpy(), atol=1e-5)
 
 
@@ -96,7 +90,7 @@ def test_the_checkpoint_declares_it_and_callers_override_or_are_told_what_is_wro
         LisaSegmenter.from_pretrained(tiny_checkpoint, mask_tta="rotate")
     config["lisa_agent"]["mask_tta"] = "sideways"
     (folder / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InvalidArgumentError, match="got 'sideways'"):
+    with pytest.raises(CheckpointError, match="config.json: lisa_agent.mask_tta must be one of .*got 'sideways'"):
         LisaSegmenter.from_pretrained(folder)
 
     # fine-tuning keeps the source's setting (an inference choice of the checkpoint, like its template)

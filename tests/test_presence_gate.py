@@ -169,7 +169,7 @@ def test_presence_threshold_errors(tiny_checkpoint, gated_checkpoint):
     with pytest.raises(InvalidArgumentError, match="no presence head"):
         LisaSegmenter.from_pretrained(tiny_checkpoint, presence_threshold=0.5)
     for bad in (0.0, 1.0, 1.5, "high", True):
-        with pytest.raises(InvalidArgumentError, match="presence threshold"):
+        with pytest.raises(InvalidArgumentError, match="presence.threshold"):
             LisaSegmenter.from_pretrained(gated_checkpoint, presence_threshold=bad)
     seg = LisaSegmenter.from_pretrained(tiny_checkpoint)
     with pytest.raises(InvalidArgumentError, match="decline_prefix"):
@@ -272,11 +272,12 @@ def test_calibrate_gate_writes_the_threshold_it_reports(gated_trained, tiny_chec
 
 def test_presence_threshold_flag_of_the_model_commands():
     from lisa_agent.cli import build_parser
+    from lisa_agent.config import engine_config_from_args
 
     argv = ["eval", "--model", "m", "--data", "d", "--presence-threshold", "off"]
-    assert build_parser(argv).parse_args(argv).presence_threshold is None
+    assert engine_config_from_args(build_parser(argv).parse_args(argv)).presence_threshold is None
     argv[-1] = "0.3"
-    assert build_parser(argv).parse_args(argv).presence_threshold == 0.3
+    assert engine_config_from_args(build_parser(argv).parse_args(argv)).presence_threshold == 0.3
     argv[-1] = "high"
     with pytest.raises(SystemExit):
         build_parser(argv).parse_args(argv)

@@ -72,15 +72,18 @@ def test_png_is_lossless_and_jpeg_close():
     assert np.abs(decoded.astype(int) - img.astype(int)).mean() < 6  # channel order kept (RGB, not BGR)
 
 
-def test_frame_key_shares_features_by_content_or_names_them_by_stream():
+def test_frame_key_is_the_pixels_whatever_the_client_names_them():
     img = frame()
     a = parse_request(segment_frames(img))
-    b = parse_request(segment_frames(img, query="another query"))
-    assert a.frame_key() == b.frame_key()  # same bytes, same features
+    b = parse_request(segment_frames(img, query="another query", options={"frame_id": "f9", "stream": "cam1"}))
+    assert a.frame_key() == b.frame_key()  # same bytes, same features, whatever the ids
     c = parse_request(segment_frames(frame(24, 40)))
     assert c.frame_key() != a.frame_key()
+    # another client reusing this client's frame id and stream for other pixels gets another key: no
+    # request can be answered from features (or batched with a frame) computed from other pixels
     named = parse_request(segment_frames(img, options={"frame_id": "f1", "stream": "cam0"}))
-    assert named.frame_key() == "cam0/f1"
+    black = parse_request(segment_frames(np.zeros_like(img), options={"frame_id": "f1", "stream": "cam0"}))
+    assert named.frame_key() != black.frame_key()
 
 
 @pytest.mark.parametrize(

@@ -75,7 +75,7 @@ def test_resize_sam_command_writes_a_finer_checkpoint_that_loads_answers_alike_a
     assert r_big.text == r_src.text  # the language side is untouched
     assert r_big.masks.shape[1:] == (120, 160)
     low_res, _, _ = big.model.decode_masks(torch.zeros(1, big.model.text_hidden_fcs[0][0].in_features),
-                                           big.encode_image(frame).sam_embedding)
+                                           big.encode(frame).sam_embedding)
     assert low_res.shape[-2:] == (64, 64)  # 4 x the 16 x 16 grid (the source: 32 x 32)
     # it fine-tunes at the new size and stays there
     cfg = TrainConfig(method="full", steps=1, lr=1e-3, warmup=1, scenes_per_batch=1, val_every=0, save_every=0)

@@ -16,11 +16,12 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from helpers import assert_result_schema
 from ros_helpers import NodeProcess, Probe, camera_info_msg, image_msg
 from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import Header
 
-from lisa_agent.geometry import Intrinsics, deproject, mask_target_point
+from lisa_agent.geometry import Intrinsics, deproject, mask_target
 from ros_nodes.conversions import compressed_to_rgb, encode_jpeg, image_to_array, to_image_msg
 
 DOMAIN = 88
@@ -134,8 +135,10 @@ def nodes(tiny_checkpoint, tmp_path_factory):
         server.stop()
 
 
-def ask(probe: Probe, frame_msg, query: str, *, extra=(), timeout: float = 30.0):
-    """Publish ``frame_msg`` (+ ``extra`` messages first) and ``query`` until the mask for that frame arrives.
+def ask(probe: Probe, frame_msg, query: str, *, extra=(), timeout: float = 30.0, accept=lambda result: True):
+    """Publish ``frame_msg`` (+ ``extra`` messages first) and ``query`` until a result for that frame
+    satisfying ``accept`` arrives (extra topics may arrive after the frame: the node then answers
+    without them, and the next poke asks again).
 
     Returns (mask, result dict) for the frame's stamp."""
     header = frame_msg.header
@@ -147,9 +150,10 @@ def ask(probe: Probe, frame_msg, query: str, *, extra=(), timeout: float = 30.0)
         publisher.publish(frame_msg)
         probe.say(query)
 
-    mask = probe.wait_for("mask", same_stamp(header), timeout, poke=poke)
-    result = json.loads(probe.wait_for("result", result_for(header), 10).data)
-    return mask, result
+    match = result_for(header)
+    reply = probe.wait_for("result", lambda m: match(m) and accept(json.loads(m.data)), timeout, poke=poke)
+    mask = probe.wait_for("mask", same_stamp(header), 10)
+    return mask, json.loads(reply.data)
 
 
 @pytest.mark.parametrize("encoding,pad", [("rgb8", 0), ("bgr8", 13), ("mono8", 5)])
@@ -161,7 +165,9 @@ def test_mask_has_source_header_size_and_engine_labels(nodes, scene, engine, enc
     assert mask.header.frame_id == FRAME
     assert (mask.encoding, mask.height, mask.width, mask.step) == ("mono8", SIZE[0], SIZE[1], SIZE[1])
     labels = labels_of(mask)
+    assert_result_schema(result)  # the library's one result schema, plus the node's envelope keys
     assert result["frame_id"] == FRAME and result["image_size"] == list(SIZE)
+    assert result["stamp"] == {"sec": header.stamp.sec, "nanosec": header.stamp.nanosec}
     n = len(result["masks"])
     if encoding == "mono8" and n == 0:
         # a grey frame hides the colours the trained model relies on; its presence gate may decline:
@@ -171,7 +177,7 @@ def test_mask_has_source_header_size_and_engine_labels(nodes, scene, engine, enc
         assert n >= 1
     assert set(np.unique(labels)) <= set(range(n + 1))
     for k, entry in enumerate(result["masks"]):
-        assert entry["label"] == k + 1
+        assert int((labels == k + 1).sum()) <= entry["area"]  # mask k is label k+1 (later masks win)
         if n == 1:
             assert int((labels == 1).sum()) == entry["area"]
     # the node decoded the frame exactly: its mask is the in-process engine's mask for the same pixels
@@ -221,7 +227,8 @@ def test_target_point_from_depth_and_camera_info(nodes, scene, encoding, depth_m
     depth_msg = to_image_msg(depth, encoding, header)
     info = camera_info_msg(header, SIZE, K)
     mask, result = ask(nodes.probe, image_msg(scene.image, "rgb8", header), scene.query.text,
-                       extra=[(nodes.probe.pub_info, info), (nodes.probe.pub_depth, depth_msg)])
+                       extra=[(nodes.probe.pub_info, info), (nodes.probe.pub_depth, depth_msg)],
+                       accept=lambda r: r["depth_note"] is None and r["depth_missing"] is None)
     point = nodes.probe.wait_for("target_point", same_stamp(header), 10)
     assert point.header.frame_id == FRAME
     got = np.array([point.point.x, point.point.y, point.point.z])
@@ -234,10 +241,12 @@ def test_target_point_from_depth_and_camera_info(nodes, scene, encoding, depth_m
     truth = np.array(deproject(us.mean(), vs.mean(), depth_m, intr))
     assert np.linalg.norm(got - truth) < 0.02
     assert got[2] == pytest.approx(depth_m, abs=1e-3)
-    expected = mask_target_point(plane, first, intr)
+    expected = mask_target(plane, first, intr)
     np.testing.assert_allclose(got, expected.point, atol=1e-4)
-    np.testing.assert_allclose(result["target_point"], got, atol=1e-3)
-    assert result["masks"][0]["point"] == result["target_point"]
+    assert_result_schema(result)
+    np.testing.assert_allclose(result["masks"][0]["target"]["point"], got, atol=1e-3)
+    assert result["masks"][0]["target"]["depth_m"] == pytest.approx(depth_m, abs=1e-3)
+    assert result["depth_note"] is None and result["depth_missing"] is None
     markers = nodes.probe.wait_for("markers", lambda m: any(x.header.stamp == header.stamp and x.type == 2
                                                              for x in m.markers), 10)
     sphere = next(x for x in markers.markers if x.type == 2)
@@ -252,11 +261,30 @@ def test_mismatched_depth_size_warns_and_keeps_serving(nodes, scene):
     header = fresh_header()
     small = to_image_msg(np.full((SIZE[0] // 2, SIZE[1] // 2), 800, np.uint16), "16UC1", header)
     _, result = ask(probe, image_msg(scene.image, "rgb8", header), scene.query.text,
-                    extra=[(probe.pub_info, camera_info_msg(header, SIZE, K)), (probe.pub_depth, small)])
-    assert result["target_point"] is None
+                    extra=[(probe.pub_info, camera_info_msg(header, SIZE, K)), (probe.pub_depth, small)],
+                    accept=lambda r: "120x160" in (r["depth_note"] or ""))
+    assert all(m["target"] is None for m in result["masks"])
     assert "120x160" in result["depth_note"] and "240x320" in result["depth_note"]
     probe.wait_for("rosout", lambda m: m.name == "lisa_node" and m.level >= 30 and "depth image is" in m.msg,
                    10, since=since)
+
+
+def test_depth_from_another_instant_is_refused(nodes, scene):
+    """Depth stamped 0.5 s after the colour frame (sync_tolerance 0.05 s) is not used: no target, and why."""
+    probe = nodes.probe
+    header = fresh_header()
+    header.stamp.sec += 100  # far from the depth images earlier tests left in the node's buffer
+    later = Header(frame_id=FRAME)
+    later.stamp.sec, later.stamp.nanosec = header.stamp.sec, header.stamp.nanosec
+    later.stamp.sec += 1 if later.stamp.nanosec >= 500_000_000 else 0
+    later.stamp.nanosec = (later.stamp.nanosec + 500_000_000) % 1_000_000_000
+    depth = to_image_msg(np.full(SIZE, 800, np.uint16), "16UC1", later)
+    _, result = ask(probe, image_msg(scene.image, "rgb8", header), scene.query.text,
+                    extra=[(probe.pub_info, camera_info_msg(header, SIZE, K)), (probe.pub_depth, depth)],
+                    accept=lambda r: "after the colour frame" in (r["depth_note"] or ""))
+    assert_result_schema(result)
+    assert result["masks"] and all(m["target"] is None for m in result["masks"])
+    assert "0.500 s after the colour frame (tolerance 0.05 s)" in result["depth_note"]
 
 
 @pytest.mark.parametrize("bad", ["yuv422", "short_step"])

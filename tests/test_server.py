@@ -16,10 +16,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from lisa_agent import AsyncLisaClient, LisaClient
+from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
 from lisa_agent.errors import InvalidArgumentError, InvalidImageError, InvalidQueryError, LisaError
-from lisa_agent.geometry import Intrinsics, mask_target_point
+from lisa_agent.geometry import Intrinsics, mask_target
 from lisa_agent.result import SegmentationResult
-from lisa_agent.serving.bench import EchoBackend, synthetic_frame
 from lisa_agent.serving.protocol import (
     ERROR_CODES,
     PROTOCOL_VERSION,
@@ -148,13 +148,13 @@ def test_chat_mode_logits_and_depth_round_trip(engine, engine_server):
     local = engine.segment(image, "the cup", return_logits=True)
     same_result(fast, local)
     np.testing.assert_allclose(fast.logits, local.logits, rtol=1e-5, atol=1e-5)
-    assert len(fast.mask_depths) == len(fast)
-    target = mask_target_point(depth.astype(np.float32) / 1000, fast.masks[0], Intrinsics(*intr))
-    assert fast.mask_depths[0]["depth_m"] == pytest.approx(target.depth, abs=1e-4)
-    assert fast.mask_depths[0]["point"] == pytest.approx(list(target.point), abs=1e-3)
-    # the JSON form carries the depth next to each mask; without depth there is none
-    assert fast.to_dict()["masks"][0]["depth_m"] == pytest.approx(target.depth, abs=1e-4)
-    assert chat.mask_depths is None and all("depth_m" not in m for m in chat.to_dict()["masks"])
+    assert fast.targets is not None and len(fast.targets) == len(fast)
+    target = mask_target(depth.astype(np.float32) / 1000, fast.masks[0], Intrinsics(*intr))
+    assert fast.targets[0].depth_m == pytest.approx(target.depth_m, abs=1e-4)
+    assert fast.targets[0].point == pytest.approx(target.point, abs=1e-3)
+    # the JSON form carries the target next to each mask; without depth there is none
+    assert fast.to_dict()["masks"][0]["target"]["depth_m"] == pytest.approx(target.depth_m, abs=1e-4)
+    assert chat.targets is None and all(m["target"] is None for m in chat.to_dict()["masks"])
 
 
 def test_queued_queries_on_one_frame_run_as_one_batch_with_the_same_answers(engine):
@@ -430,7 +430,7 @@ def test_latest_only_supersedes_older_queued_frames_of_the_same_stream(gated):
     assert reply["id"] == "f1" and reply["error"]["code"] == Code.SUPERSEDED
     gate.set()
     assert sorted(r["id"] for r in (peer.recv()[0] for _ in range(2))) == ["f2", "hold"]
-    assert len(backend.calls) == 2 and backend.calls[1][1] == "cam0/2"  # f1 never ran
+    assert len(backend.calls) == 2 and backend.calls[1][1] == "2"  # f1 never ran
 
 
 def test_client_raises_typed_queue_errors(gated):

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_mask_tta_argument
-
-HELP = "run LISA over a rosbag2 (sqlite3 or MCAP) and write mask/overlay/result topics into a new bag"
+from ..config import add_engine_arguments
+from .common import load_segmenter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -15,13 +14,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sensor_msgs/Image or CompressedImage topic to segment")
     parser.add_argument("--query", required=True, help="what to segment, e.g. 'something to cut with'")
     parser.add_argument("--out", required=True, help="output bag folder (must not exist)")
-    parser.add_argument("--model", default="tabletop-tiny", help="Hub id, local checkpoint folder or tabletop-tiny")
     parser.add_argument("--server", default="", help="model server endpoint instead of --model (tcp://host:port)")
-    parser.add_argument("--vision-tower", default=None, help="CLIP vision tower (default: the checkpoint's)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
-    parser.add_argument("--quantization", default=None, choices=["8bit", "4bit"])
-    add_mask_tta_argument(parser)
     parser.add_argument("--mode", default="fast", choices=["fast", "chat"])
     parser.add_argument("--prefix", default="/lisa", help="namespace of the written topics (default /lisa)")
     parser.add_argument("--every", type=int, default=1, help="segment every N-th frame (default 1)")
@@ -31,21 +24,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlay", action="store_true", help="do not write <prefix>/overlay")
     parser.add_argument("--copy-input", action="store_true",
                         help="copy every input topic into the output too, so it plays back on its own")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..bagtool import process_bag
+    from ..frames import SegmentBackend
 
+    backend: SegmentBackend
     if args.server:
-        from .. import LisaClient
+        from ..serving.client import LisaClient
 
         backend = LisaClient(args.server)
     else:
-        from .. import LisaSegmenter
-
-        backend = LisaSegmenter.from_pretrained(args.model, vision_tower=args.vision_tower, dtype=args.dtype,
-                                                device=args.device, quantization=args.quantization,
-                                                mask_tta=args.mask_tta)
+        backend = load_segmenter(args)
     report = process_bag(args.input, args.out, image_topic=args.image_topic, query=args.query, backend=backend,
                          mode=args.mode, prefix=args.prefix, overlay=not args.no_overlay, every=args.every,
                          max_frames=args.max_frames, storage=args.storage, copy_input=args.copy_input)

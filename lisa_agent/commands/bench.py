@@ -5,43 +5,40 @@ from __future__ import annotations
 import argparse
 import json
 
-from .common import add_mask_tta_argument
-
-HELP = "per-stage timings of fast, chat and reference modes"
+from ..config import add_engine_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=None, help="checkpoint (Hub id, folder, tabletop-tiny); overrides --shape")
-    parser.add_argument("--shape", default="tiny", choices=["tiny", "7b", "13b"],
-                        help="random-weight architecture to time when no --model is given (7b/13b: GPU)")
+    parser.add_argument("--shape", default=None, choices=["tiny", "7b", "13b"],
+                        help="time random weights of this architecture instead of --model (7b/13b: GPU)")
     parser.add_argument("--mode", action="append", choices=["fast", "chat", "reference"],
                         help="modes to time (repeatable; default all three)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--reference-runs", type=int, default=None, help="runs for the slow reference mode")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated in chat/reference")
     parser.add_argument("--image-size", default="480x640", help="HxW of the synthetic frame")
-    add_mask_tta_argument(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..bench import format_table, load_for_bench, run_bench
+    from ..benchmarks.engine import format_table, load_for_bench, run_bench
+    from ..config import engine_config_from_args
     from ..errors import InvalidArgumentError
 
-    if args.shape in ("7b", "13b") and not args.model and not str(args.device).startswith("cuda"):
+    config = engine_config_from_args(args)
+    if args.shape in ("7b", "13b") and not config.device.startswith("cuda") \
+            and not (config.device == "auto" and torch.cuda.is_available()):
         raise InvalidArgumentError(f"--shape {args.shape} is meant for a GPU: pass --device cuda")
     try:
         h, w = (int(v) for v in args.image_size.lower().split("x"))
     except ValueError:
         raise InvalidArgumentError(f"--image-size must look like 480x640, got {args.image_size!r}") from None
-    dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     torch.manual_seed(0)
-    seg, shape = load_for_bench(args.model, args.shape, args.device, dtype, args.mask_tta)
+    seg, shape = load_for_bench(config, args.shape)
     report = run_bench(seg, runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens, image_hw=(h, w),
                        modes=tuple(args.mode or ("fast", "chat", "reference")), reference_runs=args.reference_runs)
     report["shape"] = shape

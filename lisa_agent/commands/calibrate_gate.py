@@ -6,16 +6,14 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
+from ..config import add_engine_arguments
 from ..errors import InvalidArgumentError
-from .common import add_model_arguments, load_segmenter
-
-HELP = "choose the presence gate's threshold on a validation split"
+from .common import load_segmenter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, gate=False)
+    add_engine_arguments(parser, exclude=("presence_threshold",))  # scores are read with the gate off
     parser.add_argument("--data", required=True, help="ReasonSeg-layout split with no-target queries (ours)")
     parser.add_argument("--min-decline", type=float, default=None,
                         help="keep the most targets while declining at least this share of no-target queries "
@@ -26,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import read_config, write_config
     from ..data.reasonseg import iter_samples, list_images
     from ..evaluation.gate import choose_threshold, presence_scores
     from ..loading import resolve_checkpoint
@@ -34,14 +33,13 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--min-decline must be in (0, 1]; got {args.min_decline}")
     if not list_images(args.data):
         raise InvalidArgumentError(f"no image + json pairs in {args.data}")
-    folder = resolve_checkpoint(args.model)
-    config_path = Path(folder) / "config.json"
-    config = json.loads(config_path.read_text())
+    folder = resolve_checkpoint(args.engine_model)
+    config = read_config(folder)
     if not (config.get("lisa_agent") or {}).get("presence_gate"):
-        raise InvalidArgumentError(f"{args.model} has no presence head (config.json declares no "
+        raise InvalidArgumentError(f"{args.engine_model} has no presence head (config.json declares no "
                                    "lisa_agent.presence_gate); train one with finetune --presence-weight")
     # the gate must not decline while its scores are collected
-    seg = load_segmenter(argparse.Namespace(**{**vars(args), "model": folder, "presence_threshold": None}))
+    seg = load_segmenter(args, model=str(folder), presence_threshold=None)
     try:
         result = choose_threshold(presence_scores(seg, iter_samples(args.data), limit=args.limit), args.min_decline)
     except ValueError as exc:
@@ -49,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     result["threshold"] = round(result["threshold"], 4)
     if args.write:
         config["lisa_agent"]["presence_gate"]["threshold"] = result["threshold"]
-        config_path.write_text(json.dumps(config, indent=2))
+        config_path = write_config(folder, config)
         result["written"] = str(config_path)
     if args.json:
         print(json.dumps(result))
@@ -57,5 +55,5 @@ def run(args: argparse.Namespace) -> int:
         print(f"threshold {result['threshold']:.4f} ({result['criterion']}): declines "
               f"{result['declined']:.1%} of {result['n_no_target']} no-target queries, keeps "
               f"{result['kept']:.1%} of {result['n_with_targets']} with targets"
-              + (f"; written to {config_path}" if args.write else ""))
+              + (f"; written to {result['written']}" if args.write else ""))
     return 0

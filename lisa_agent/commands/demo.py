@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_mask_tta_argument, write_image
-
-HELP = "segment a rendered tabletop scene with the bundled model (offline)"
+from ..config import add_engine_arguments
+from .common import load_segmenter, write_image
 
 DEFAULT_QUERY = "grab something to cut with"
 DEFAULT_SEED = 2
@@ -18,20 +17,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"scene number in the held-out test range (default {DEFAULT_SEED}: a scene the bundled "
                              "model gets right; others show its failures too, see its model card)")
     parser.add_argument("--size", default="480x640", help="frame size HxW (default 480x640)")
-    add_mask_tta_argument(parser)
     parser.add_argument("--mode", default="chat", choices=["fast", "chat"],
                         help="chat (default): the model writes its answer, naming what it segments; "
                              "fast: teacher-forced 'Sure, [SEG].' (the bundled model is weaker there)")
-    parser.add_argument("--model", default="tabletop-tiny", help="checkpoint (default: the bundled tabletop-tiny)")
     parser.add_argument("--out", default="overlay.png", help="overlay PNG to write (default overlay.png)")
     parser.add_argument("--image-out", default=None, help="also write the plain rendered frame here")
-    parser.add_argument("--json", action="store_true", help="print the segment --json object plus 'query'")
+    parser.add_argument("--json", action="store_true", help="print the segment --json object")
+    add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
     from ..data.tabletop import render_scene, split_seed
     from ..errors import InvalidArgumentError
-    from ..segmenter import LisaSegmenter
+    from ..frames import Frame
     from .segment import report
 
     try:
@@ -39,13 +37,14 @@ def run(args: argparse.Namespace) -> int:
     except ValueError:
         raise InvalidArgumentError(f"--size must look like 480x640, got {args.size!r}") from None
     scene = render_scene(split_seed("test", args.seed), size=(h, w))
-    seg = LisaSegmenter.from_pretrained(args.model, mask_tta=args.mask_tta)
-    result = seg.segment(scene.image, args.query, mode=args.mode, max_new_tokens=48)
+    seg = load_segmenter(args)
+    frame = Frame(scene.image, frame_id=f"tabletop test scene {args.seed}")
+    result = seg.segment(frame, args.query, mode=args.mode, max_new_tokens=48)
     if args.image_out:
         write_image(args.image_out, scene.image)
     objects = ", ".join(o.name() for o in scene.objects)
     if not args.json:
         print(f"scene: test scene {args.seed} ({h}x{w}) with {objects}")
         print(f"query: {args.query}")
-    report(result, scene.image, args, extra={"query": args.query})
+    report(result, scene.image, args)
     return 0

@@ -12,14 +12,13 @@ import json
 import sys
 from pathlib import Path
 
+from ..config import add_engine_arguments
 from ..errors import InvalidArgumentError
-from .common import add_model_arguments, load_segmenter
-
-HELP = "gIoU / cIoU on a ReasonSeg-layout split"
+from .common import load_segmenter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--data", required=True, help="split folder, or the dataset root with --split")
     parser.add_argument("--split", default=None, choices=["train", "val", "test"], help="use DATA/SPLIT")
     parser.add_argument("--answer", default="forced", choices=["forced", "generated"],
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     report = evaluate(segmenter, iter_samples(folder), answer=args.answer, prompt=args.prompt, limit=args.limit,
                       failures_out=args.failures_out, n_failures=args.n_failures,
                       max_new_tokens=args.max_new_tokens, progress=args.progress)
-    report["model"] = segmenter.info() if hasattr(segmenter, "info") else str(args.model)
+    report["model"] = segmenter.info()
     report["data"] = str(folder)
     text = json.dumps(report, indent=2)
     if args.out:

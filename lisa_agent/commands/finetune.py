@@ -9,8 +9,6 @@ from pathlib import Path
 
 from ..errors import InvalidArgumentError
 
-HELP = "train or fine-tune a LISA checkpoint"
-
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
     return tuple(tuple(int(v) for v in part.lower().split("x")) for part in text.split(","))  # type: ignore[misc]

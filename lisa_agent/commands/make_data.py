@@ -15,8 +15,6 @@ from collections import Counter
 
 from ..errors import InvalidArgumentError
 
-HELP = "write a synthetic tabletop split in the ReasonSeg layout"
-
 
 def parse_size(text: str) -> tuple[int, int]:
     """``"480x640"`` -> (480, 640) as (H, W)."""

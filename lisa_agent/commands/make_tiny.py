@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-HELP = "write a tiny random-weight LISA checkpoint in the published layout"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("out_dir", help="folder to write (created if missing)")

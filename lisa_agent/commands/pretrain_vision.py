@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 
-HELP = "pre-train a small checkpoint's vision tower on the tabletop world (what each patch shows)"
-
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="checkpoint folder, Hub id or tabletop-tiny")

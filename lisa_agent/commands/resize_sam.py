@@ -5,13 +5,9 @@ input (a whole multiple of its current size), to fine-tune at the finer grid (se
 from __future__ import annotations
 
 import argparse
-import json
-import shutil
 from pathlib import Path
 
 from ..errors import InvalidArgumentError
-
-HELP = "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,31 +17,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..checkpoints import copy_vision_tower, read_config, write_checkpoint
     from ..loading import read_state_dict, resolve_checkpoint
     from ..modeling.sam import infer_sam_spec
-    from ..tiny import save_state_dict
     from ..training.resize_sam import SAM_PREFIX, resize_sam_state
-    from ..training.trainer import TOKENIZER_FILES
 
     src = Path(resolve_checkpoint(args.model))
     out = Path(args.out)
     if (out / "config.json").exists():
         raise InvalidArgumentError(f"{out} already holds a checkpoint; choose a new folder")
-    config = json.loads((src / "config.json").read_text())
+    config = read_config(src)
     state = read_state_dict(src)
     old = infer_sam_spec(state, prefix=SAM_PREFIX).img_size  # from the weights, as the loader reads it
     state = resize_sam_state(state, old, args.size)
-    out.mkdir(parents=True, exist_ok=True)
-    for name in TOKENIZER_FILES:
-        if (src / name).is_file():
-            shutil.copy2(src / name, out / name)
-    tower = config.get("vision_tower", "")
-    if tower and (src / tower).is_dir():
-        shutil.copytree(src / tower, out / tower, dirs_exist_ok=True)
     config["sam_image_size"] = args.size
     config.setdefault("lisa_agent", {})["sam_resized_from"] = old
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    save_state_dict(state, out, shards=2)
+    write_checkpoint(out, config, state, source=src)
+    copy_vision_tower(src, out, config)
     print(f"wrote {out}: SAM input {old} -> {args.size} px (image grid x{args.size // old}); fine-tune it at "
           "this size before use")
     return 0

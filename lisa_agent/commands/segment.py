@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from .common import add_model_arguments, load_segmenter, read_image, write_image
+import numpy as np
 
-HELP = "segment one image with a LISA checkpoint"
+from ..config import add_engine_arguments
+from ..frames import Frame
+from ..result import SegmentationResult
+from .common import load_segmenter, read_image, write_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser)
+    add_engine_arguments(parser)
     parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     parser.add_argument("--query", required=True, help='instruction, e.g. "grab something to cut with"')
     parser.add_argument("--mode", default="fast", choices=["fast", "chat", "reference"])
@@ -25,23 +29,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     seg = load_segmenter(args)
-    result = seg.segment(image, args.query, mode=args.mode, max_new_tokens=args.max_new_tokens, answer=args.answer)
+    frame = Frame(image, frame_id=Path(args.image).name)
+    result = seg.segment(frame, args.query, mode=args.mode, max_new_tokens=args.max_new_tokens, answer=args.answer)
     report(result, image, args)
     return 0
 
 
-def report(result, image, args: argparse.Namespace, extra: dict | None = None) -> None:  # noqa: ANN001
-    """Write --out / --mask-out files and print the result (JSON or a short text)."""
+def report(result: SegmentationResult, image: np.ndarray, args: argparse.Namespace) -> None:
+    """Write --out / --mask-out files and print the result (the result schema as JSON, or a short text)."""
     from ..encoders import image_to_png
 
     if getattr(args, "out", None):
         write_image(args.out, result.overlay(image))
     if getattr(args, "mask_out", None):
-        from pathlib import Path
-
         Path(args.mask_out).write_bytes(image_to_png(result.label_mask()))
     if args.json:
-        print(json.dumps({**(extra or {}), **result.to_dict()}))
+        print(json.dumps(result.to_dict()))
         return
     print(f"answer: {result.text}")
     if result.empty:

@@ -7,21 +7,13 @@ import logging
 import signal
 import threading
 
-from .common import add_mask_tta_argument
-
-HELP = "serve a model over ZeroMQ (protocol: docs/protocol.md)"
+from ..config import add_engine_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, help="Hub id, local checkpoint folder or bundled short name")
+    add_engine_arguments(parser)
     parser.add_argument("--bind", default="tcp://127.0.0.1:5557",
                         help="endpoint to bind (default %(default)s; tcp://127.0.0.1:* picks a free port)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default %(default)s)")
-    parser.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"], help="default %(default)s")
-    parser.add_argument("--quantization", default=None, choices=["8bit", "4bit"], help="LLM quantization (CUDA)")
-    parser.add_argument("--vision-tower", default=None, help="CLIP tower id or folder (default: from the checkpoint)")
-    parser.add_argument("--template", default=None, help="conversation template (default: from the checkpoint)")
-    add_mask_tta_argument(parser)
     parser.add_argument("--max-queue", type=int, default=16, metavar="N",
                         help="requests waiting for the model at most; more are answered queue_full (default %(default)s)")
     parser.add_argument("--max-side", type=int, default=4096, help="largest image side accepted (default %(default)s)")
@@ -41,6 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..config import engine_config_from_args
     from ..errors import InvalidArgumentError
     from ..serving import security
     from ..serving.protocol import Limits
@@ -48,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log = logging.getLogger("lisa_agent.serving")
+    config = engine_config_from_args(args)
     if (args.curve_secret is None) != (args.curve_allow is None):
         raise InvalidArgumentError("--curve-secret and --curve-allow go together")
     # Check what can fail fast before spending minutes loading a model.
@@ -62,11 +56,8 @@ def run(args: argparse.Namespace) -> int:
 
     from ..segmenter import LisaSegmenter
 
-    log.info("loading %s (%s, %s%s)", args.model, args.device, args.dtype,
-             f", {args.quantization}" if args.quantization else "")
-    segmenter = LisaSegmenter.from_pretrained(args.model, vision_tower=args.vision_tower, dtype=args.dtype,
-                                              device=args.device, quantization=args.quantization,
-                                              template=args.template, mask_tta=args.mask_tta)
+    log.info("loading %s", config.describe())
+    segmenter = LisaSegmenter.from_config(config)
     limits = Limits(max_frame_bytes=int(args.max_frame_mb * 1024 * 1024), max_side=args.max_side)
     server = LisaServer(segmenter, args.bind, max_queue=args.max_queue, limits=limits,
                         curve_secret=args.curve_secret, curve_allow=args.curve_allow, insecure=args.insecure,

@@ -22,12 +22,13 @@ import itertools
 import os
 import time
 import uuid
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidArgumentError
-from ..frames import check_query
+from ..frames import Frame, as_frame, check_query
 from ..result import SegmentationResult
 from . import security
 from .protocol import (
@@ -95,28 +96,37 @@ class _ClientCore:
             sock.curve_publickey, sock.curve_secretkey = self._client_keys
         sock.connect(self.endpoint)
 
-    def _segment_message(self, image: np.ndarray, query: str, *, mode: str, max_new_tokens: int,
+    def _segment_message(self, image: Frame | np.ndarray, query: str, *, mode: str, max_new_tokens: int,
                          answer: str | None, frame_id: str | int | None, depth: np.ndarray | None,
                          depth_scale: float | None, intrinsics: Any, encoding: str, quality: int,
                          deadline_s: float | None, return_logits: bool, latest_only: bool) -> tuple[str, list[bytes]]:
         check_query(query)
-        spec, data = encode_image(image, encoding, quality)
+        frame = as_frame(image, frame_id)
+        if depth is not None or intrinsics is not None:  # the keyword form of a Frame's depth
+            frame = replace(frame, depth=frame.depth if depth is None else depth,
+                            depth_scale=frame.depth_scale if depth_scale is None else depth_scale,
+                            intrinsics=frame.intrinsics if intrinsics is None else intrinsics)
+        spec, data = encode_image(frame.rgb, encoding, quality)
         frames = [data]
         depth_spec = None
-        if depth is not None:
-            depth_spec, ddata = encode_depth(depth, depth_scale)
+        if frame.depth is not None:
+            depth_spec, ddata = encode_depth(frame.depth, frame.depth_scale, stamp=frame.depth_stamp,
+                                             tolerance_s=frame.depth_tolerance_s)
             frames.append(ddata)
         options: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens, "stream": self.stream}
         if answer is not None:
             options["answer"] = answer
-        if frame_id is not None:
-            options["frame_id"] = frame_id
+        if frame.frame_id is not None:
+            options["frame_id"] = frame.frame_id
+        if frame.stamp is not None:
+            options["stamp"] = frame.stamp.to_dict()
         if return_logits:
             options["return_logits"] = True
         if latest_only:
             options["latest_only"] = True
-        if intrinsics is not None:
-            options["intrinsics"] = [float(v) for v in intrinsics]
+        if frame.intrinsics is not None:
+            k = frame.intrinsics
+            options["intrinsics"] = [k.fx, k.fy, k.cx, k.cy]
         budget = self.timeout if deadline_s is None else float(deadline_s)
         rid = self._new_id()
         header = build_header(rid, "segment", query=query, image=spec, depth=depth_spec, options=options,
@@ -124,17 +134,12 @@ class _ClientCore:
         return rid, [header, *frames]
 
     @staticmethod
-    def _result(reply: dict[str, Any], frames: list[bytes], frame_id: Any, t0: float) -> SegmentationResult:
+    def _result(reply: dict[str, Any], frames: list[bytes], t0: float) -> SegmentationResult:
         payload = reply.get("result") or {}
         result = SegmentationResult.from_dict(payload)
-        result.frame_id = None if frame_id is None else str(frame_id)
         result.timings_ms["client_roundtrip"] = round((time.perf_counter() - t0) * 1e3, 3)
         if "logits" in payload:
             result.logits = logits_from_frames(payload["logits"], frames)
-        if any("depth_m" in m for m in payload.get("masks", [])):
-            #: per mask {"depth_m": metres | None, "point": [x, y, z] | None} (only when depth was sent)
-            result.mask_depths = [{"depth_m": m.get("depth_m"), "point": m.get("point")}
-                                  for m in payload["masks"]]
         return result
 
     def _match(self, rid: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]] | None:
@@ -200,20 +205,19 @@ class LisaClient(_ClientCore):
             self._reset()  # Lazy Pirate: the socket may be stuck; a fresh one reconnects cleanly
         raise self._unavailable(op)
 
-    def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                answer: str | None = None, frame_id: str | int | None = None, depth: np.ndarray | None = None,
+    def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                answer: str | None = None, frame_id: str | None = None, depth: np.ndarray | None = None,
                 depth_scale: float | None = None, intrinsics: Any = None, encoding: str = "raw",
                 quality: int = 90, deadline_s: float | None = None, return_logits: bool = False,
                 latest_only: bool = False) -> SegmentationResult:
-        """Segment ``image`` (HxWx3 uint8 RGB) for ``query`` on the server.
+        """Segment ``image`` (a :class:`~lisa_agent.frames.Frame` or HxWx3 uint8 RGB) for ``query`` on the server.
 
         Args mirror :meth:`LisaSegmenter.segment`, plus:
-            frame_id: names the frame so several queries on it reuse its features on the server
-                (default: the server hashes the image bytes, which shares features as well).
-            depth: optional HxW depth aligned with the image (uint16 mm or float32 m; ``depth_scale``
-                overrides the unit, in metres per unit). The result then carries ``mask_depths``:
-                per mask ``{"depth_m", "point"}``, the point deprojected with ``intrinsics``
-                ``[fx, fy, cx, cy]`` when given.
+            frame_id: the frame's name, carried into the result (the server keys its feature cache
+                by the pixels, so several queries on one frame share its encoding either way).
+            depth, depth_scale, intrinsics: the keyword form of a Frame's depth (uint16 mm or float32
+                m, ``depth_scale`` metres per unit) and ``[fx, fy, cx, cy]``; the result then carries
+                ``targets`` (median depth and 3D point per mask) or a ``depth_note`` saying why not.
             encoding: ``raw`` (no loss, most bytes), ``jpeg`` (``quality``) or ``png``.
             deadline_s: the server drops the request unrun (``DeadlineExceededError``) if it is still
                 queued after this many seconds; default: ``timeout``.
@@ -229,7 +233,7 @@ class LisaClient(_ClientCore):
             depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
             deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only)
         reply, rframes = self._request(rid, "segment", frames)
-        return self._result(reply, rframes, frame_id, t0)
+        return self._result(reply, rframes, t0)
 
     def info(self) -> dict[str, Any]:
         """The server's model info: model, dtype, device, ..., ``protocol_version``, limits."""
@@ -294,8 +298,8 @@ class AsyncLisaClient(_ClientCore):
             self._reset()
         raise self._unavailable(op)
 
-    async def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                      answer: str | None = None, frame_id: str | int | None = None,
+    async def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                      answer: str | None = None, frame_id: str | None = None,
                       depth: np.ndarray | None = None, depth_scale: float | None = None, intrinsics: Any = None,
                       encoding: str = "raw", quality: int = 90, deadline_s: float | None = None,
                       return_logits: bool = False, latest_only: bool = False) -> SegmentationResult:
@@ -306,7 +310,7 @@ class AsyncLisaClient(_ClientCore):
             depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
             deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only)
         reply, rframes = await self._request(rid, "segment", frames)
-        return self._result(reply, rframes, frame_id, t0)
+        return self._result(reply, rframes, t0)
 
     async def info(self) -> dict[str, Any]:
         """See :meth:`LisaClient.info`."""

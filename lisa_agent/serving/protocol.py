@@ -17,14 +17,15 @@ and it is what ``docs/protocol.md`` describes.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import xxhash
 
+from ..config import MODES
 from ..errors import (
     CheckpointError,
     InvalidArgumentError,
@@ -34,13 +35,13 @@ from ..errors import (
     ModelNotFoundError,
     QuantizationError,
 )
+from ..frames import DEPTH_TOLERANCE_S, Frame, Stamp
 
 #: Version of this wire format; a header with another ``v`` gets ``unsupported_version``.
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 
 OPS = ("segment", "info", "health")
-MODES = ("fast", "chat", "reference")
 IMAGE_FORMATS = ("raw", "jpeg", "png")
 DEPTH_DTYPES = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 #: metres per depth unit when the header gives no ``scale``: uint16 depth is millimetres, float32 metres.
@@ -48,8 +49,9 @@ DEFAULT_DEPTH_SCALE = {"uint16": 0.001, "float32": 1.0}
 
 HEADER_KEYS = frozenset({"v", "id", "op", "query", "image", "depth", "options", "timeout_ms"})
 OPTION_KEYS = frozenset(
-    {"mode", "max_new_tokens", "answer", "return_logits", "frame_id", "latest_only", "stream", "intrinsics"}
+    {"mode", "max_new_tokens", "answer", "return_logits", "frame_id", "stamp", "latest_only", "stream", "intrinsics"}
 )
+DEPTH_KEYS = frozenset({"shape", "dtype", "scale", "stamp", "tolerance_s"})
 MAX_ID_CHARS = 128
 MAX_NEW_TOKENS = 1024
 
@@ -182,21 +184,34 @@ class Request:
         return self.options.get("stream")
 
     def frame_key(self) -> str:
-        """Feature-cache key: ``<stream>/<frame_id>`` when the client names the frame, else a hash
-        of the image bytes (so different clients sending the same frame share its features)."""
-        fid = self.options.get("frame_id")
-        if fid is not None:
-            return f"{self.stream or ''}/{fid}"
-        return "b2:" + hashlib.blake2b(self.image_data, digest_size=16).hexdigest()
+        """Key of the frame's pixels: a digest of the image frame's bytes and format, whatever ids the
+        client gives its frames (requests of any client on the same pixels share one encoding; a
+        request never runs on another request's pixels)."""
+        h = xxhash.xxh3_128(json.dumps(self.image_spec, sort_keys=True).encode())
+        h.update(self.image_data)
+        return "xxh3:" + h.hexdigest()
 
     def image(self, limits: Limits) -> np.ndarray:
         return decode_image(self.image_spec, self.image_data, limits)
 
     def depth(self, shape: tuple[int, int]) -> np.ndarray | None:
-        """The depth frame as HxW float32 metres (0 or NaN where unknown), or None without depth."""
+        """The depth frame as HxW float32 metres (NaN where unknown), or None without depth."""
         if self.depth_spec is None or self.depth_data is None:
             return None
         return decode_depth(self.depth_spec, self.depth_data, shape)
+
+    def frame(self, image: np.ndarray) -> Frame:
+        """The engine's :class:`~lisa_agent.frames.Frame` of this request: the decoded ``image`` with the
+        options' ``frame_id``, ``stamp`` and ``intrinsics``, and the depth frame (metres) with its stamp
+        and tolerance. Raises :class:`ProtocolError` (``invalid_image``) for depth that cannot be decoded."""
+        depth = self.depth(image.shape[:2])
+        dspec = self.depth_spec or {}
+        try:
+            return Frame(image, frame_id=self.options.get("frame_id"), stamp=self.options.get("stamp"),
+                         depth=depth, intrinsics=self.options.get("intrinsics"), depth_stamp=dspec.get("stamp"),
+                         depth_tolerance_s=dspec.get("tolerance_s", DEPTH_TOLERANCE_S))
+        except LisaError as exc:
+            raise ProtocolError(exc.code, str(exc), self.id) from None
 
 
 # ----------------------------------------------------------------------------------------- requests
@@ -241,6 +256,17 @@ def parse_header(data: bytes, limits: Limits) -> dict[str, Any]:
     return header
 
 
+def _check_stamp(value: Any, what: str, fail: Any) -> dict[str, int] | None:
+    """``{"sec": int >= 0, "nanosec": int in [0, 1e9)}`` or null; anything else raises ``fail(message)``."""
+    if value is None:
+        return None
+    if (not isinstance(value, dict) or set(value) != {"sec", "nanosec"}
+            or not all(isinstance(value[k], int) and not isinstance(value[k], bool) for k in value)
+            or not 0 <= value["sec"] < 2**63 // 10**9 or not 0 <= value["nanosec"] < 10**9):
+        raise fail(f"{what} must be {{\"sec\": int >= 0, \"nanosec\": int in [0, 1e9)}} or null; got {value!r:.100}")
+    return {"sec": value["sec"], "nanosec": value["nanosec"]}
+
+
 def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
     if options is None:
         options = {}
@@ -272,6 +298,7 @@ def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
         if isinstance(fid, bool) or not isinstance(fid, (str, int)) or len(str(fid)) > MAX_ID_CHARS:
             raise fail(f"options.frame_id must be a string (at most {MAX_ID_CHARS} chars), an integer or null")
         out["frame_id"] = str(fid)
+    out["stamp"] = _check_stamp(out.get("stamp"), "options.stamp", fail)
     stream = out.get("stream")
     if stream is not None and (not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS):
         raise fail(f"options.stream must be a non-empty string of at most {MAX_ID_CHARS} chars")
@@ -358,6 +385,9 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
                        Code.INVALID_IMAGE)
         dshape = _shape(dspec.get("shape"), 2, "depth", rid)
         dtype = dspec.get("dtype")
+        unknown = sorted(set(dspec) - DEPTH_KEYS)
+        if unknown:
+            raise _bad(f"unknown depth fields {unknown}; known: {sorted(DEPTH_KEYS)}", rid, Code.INVALID_IMAGE)
         if dtype not in DEPTH_DTYPES:
             raise _bad(f"depth.dtype must be one of {sorted(DEPTH_DTYPES)}; got {dtype!r}", rid, Code.INVALID_IMAGE)
         scale = dspec.get("scale", DEFAULT_DEPTH_SCALE[dtype])
@@ -372,7 +402,17 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
         if len(depth_data) != need:
             raise _bad(f"depth of shape {list(dshape)} {dtype} needs {need} bytes; the frame has {len(depth_data)}",
                        rid, Code.INVALID_IMAGE)
-        depth_spec = {"shape": list(dshape), "dtype": dtype, "scale": float(scale)}
+        tolerance = dspec.get("tolerance_s", DEPTH_TOLERANCE_S)
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
+                or tolerance < 0:
+            raise _bad(f"depth.tolerance_s must be a non-negative number of seconds; got {tolerance!r}", rid,
+                       Code.INVALID_ARGUMENT)
+
+        def stamp_fail(message: str) -> ProtocolError:
+            return _bad(message, rid, Code.INVALID_ARGUMENT)
+
+        depth_spec = {"shape": list(dshape), "dtype": dtype, "scale": float(scale), "tolerance_s": float(tolerance),
+                      "stamp": _check_stamp(dspec.get("stamp"), "depth.stamp", stamp_fail)}
     return Request(id=rid, op=op, query=query, image_spec=spec, image_data=data, depth_spec=depth_spec,
                    depth_data=depth_data, options=options, timeout_ms=timeout_ms)
 
@@ -466,8 +506,10 @@ def encode_image(image: np.ndarray, encoding: str = "raw", quality: int = 90) ->
     return {"format": encoding, "shape": shape, "dtype": "uint8"}, buf.tobytes()
 
 
-def encode_depth(depth: np.ndarray, scale: float | None = None) -> tuple[dict[str, Any], bytes]:
-    """Client side: (depth spec, bytes) for an HxW uint16 (default mm) or float32 (default m) array."""
+def encode_depth(depth: np.ndarray, scale: float | None = None, *, stamp: Stamp | None = None,
+                 tolerance_s: float = DEPTH_TOLERANCE_S) -> tuple[dict[str, Any], bytes]:
+    """Client side: (depth spec, bytes) for an HxW uint16 (default mm) or float32 (default m) array,
+    with the depth's ``stamp`` and the colour/depth ``tolerance_s`` (see :class:`~lisa_agent.frames.Frame`)."""
     depth = np.asarray(depth)
     if depth.ndim != 2:
         raise InvalidImageError(f"depth must be HxW; got shape {depth.shape}")
@@ -479,31 +521,9 @@ def encode_depth(depth: np.ndarray, scale: float | None = None) -> tuple[dict[st
         raise InvalidImageError(f"depth must be uint16 (mm) or float32 (m); got {depth.dtype}")
     arr = np.ascontiguousarray(depth, dtype=DEPTH_DTYPES[dtype])
     spec = {"shape": [int(v) for v in depth.shape], "dtype": dtype,
-            "scale": float(DEFAULT_DEPTH_SCALE[dtype] if scale is None else scale)}
+            "scale": float(DEFAULT_DEPTH_SCALE[dtype] if scale is None else scale),
+            "stamp": None if stamp is None else stamp.to_dict(), "tolerance_s": float(tolerance_s)}
     return spec, arr.tobytes()
-
-
-def depth_stats(masks: np.ndarray, depth_m: np.ndarray, intrinsics: list[float] | None) -> list[dict[str, Any]]:
-    """Per mask ``{"depth_m": z | None, "point": [x, y, z] | None}``.
-
-    ``depth_m`` is the median valid depth (metres) inside the mask; ``point`` is that depth
-    deprojected at the centroid of the mask's valid pixels with ``intrinsics`` ``[fx, fy, cx, cy]``,
-    in the camera optical frame (x right, y down, z forward), or None without intrinsics.
-    Same rules as :mod:`lisa_agent.geometry` (which computes them).
-    """
-    from ..geometry import Intrinsics, mask_target_point, median_depth
-
-    intr = Intrinsics(*intrinsics) if intrinsics is not None else None
-    out: list[dict[str, Any]] = []
-    for m in masks:
-        if intr is not None:
-            target = mask_target_point(depth_m, m, intr)
-            z = None if target is None else target.depth
-            point = None if target is None else [round(float(c), 4) for c in target.point]
-        else:
-            z, point = median_depth(depth_m, m), None
-        out.append({"depth_m": None if z is None else round(z, 4), "point": point})
-    return out
 
 
 # ------------------------------------------------------------------------------------------ headers

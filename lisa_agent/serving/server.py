@@ -8,9 +8,12 @@ the backend has ``segment_batch``) and hands the reply back to the socket thread
 PUSH/PULL pair (ZeroMQ sockets are not shared between threads). Every request gets exactly one
 reply.
 
-``backend`` is any object with ``segment(image, query, **options) -> SegmentationResult`` and
-``info() -> dict`` (``segment_batch(image, queries, frame_id=..., return_logits=...)`` optional);
-in production a :class:`~lisa_agent.LisaSegmenter`.
+``backend`` is a :class:`~lisa_agent.frames.SegmentBackend` (``segment(frame, query, **options) ->
+SegmentationResult`` and ``info() -> dict``; ``segment_batch(frame, queries, return_logits=...)``
+optional): in production a :class:`~lisa_agent.LisaSegmenter`. The worker turns each request into a
+:class:`~lisa_agent.frames.Frame` (pixels, ``frame_id``, ``stamp``, depth, intrinsics) and replies with
+the result schema (:meth:`SegmentationResult.to_dict`), adding ``server_queue`` and ``server_decode``
+to its ``timings_ms`` and, with ``return_logits``, a ``logits`` descriptor.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from typing import Any
 
 from .. import __version__
 from ..errors import InvalidArgumentError, LisaError
+from ..frames import Frame, SegmentBackend
+from ..result import SegmentationResult
 from . import security
 from .protocol import (
     OPS,
@@ -36,7 +41,6 @@ from .protocol import (
     ProtocolError,
     RemoteError,
     Request,
-    depth_stats,
     encode_reply,
     logits_frames,
     parse_request,
@@ -57,7 +61,15 @@ class _Job:
 
     def batchable(self) -> bool:
         o = self.request.options
-        return o["mode"] == "fast" and o.get("answer") is None and not o["return_logits"]
+        return (o["mode"] == "fast" and o.get("answer") is None and not o["return_logits"]
+                and self.request.depth_spec is None)
+
+    def same_frame(self, other: _Job) -> bool:
+        """Both requests are on the same pixels with the same frame id and stamp (one Frame serves both)."""
+        a, b = self.request, other.request
+        return (self.key == other.key and a.image_spec == b.image_spec
+                and a.options.get("frame_id") == b.options.get("frame_id")
+                and a.options.get("stamp") == b.options.get("stamp"))
 
 
 class RequestQueue:
@@ -102,8 +114,7 @@ class RequestQueue:
             first = self._items.popleft()
             jobs = [first]
             if batch and first.batchable():
-                same = [j for j in self._items if j.key == first.key and j.batchable()
-                        and j.request.image_spec == first.request.image_spec]
+                same = [j for j in self._items if j.batchable() and j.same_frame(first)]
                 for j in same:
                     self._items.remove(j)
                 jobs += same
@@ -138,7 +149,7 @@ class LisaServer:
 
     def __init__(
         self,
-        backend: Any,
+        backend: SegmentBackend,
         bind: str = DEFAULT_BIND,
         *,
         max_queue: int = 16,
@@ -427,25 +438,26 @@ class LisaServer:
             for job in live:
                 self._send_error(push, job.envelope, job.request.id, "segment", exc)
             return
-        depths: dict[int, Any] = {}
+        frames: dict[int, Frame] = {}
         for job in list(live):
             try:
-                depths[id(job)] = job.request.depth(image.shape[:2])
+                frames[id(job)] = job.request.frame(image)
             except LisaError as exc:
                 self._send_error(push, job.envelope, job.request.id, "segment", exc)
                 live.remove(job)
         if not live:
             return
         decode_ms = (time.perf_counter() - t0) * 1e3
-        results: list[Any] | None = None
+        results: list[SegmentationResult] | None = None
         if len(live) > 1:
             try:
-                results = list(self.backend.segment_batch(image, [j.request.query for j in live],
-                                                          frame_id=live[0].key, return_logits=False))
+                results = list(self.backend.segment_batch(frames[id(live[0])], [j.request.query for j in live],
+                                                          return_logits=False))
                 if len(results) != len(live):
                     raise RuntimeError(f"segment_batch returned {len(results)} results for {len(live)} queries")
             except Exception as exc:  # noqa: BLE001 - fall back to one call per query
-                log.debug("segment_batch failed (%s); running the queries one by one", exc)
+                log.warning("segment_batch failed on %d queries (%s: %s); running them one by one", len(live),
+                            type(exc).__name__, exc)
                 results = None
         for k, job in enumerate(live):
             start = time.perf_counter()
@@ -454,23 +466,16 @@ class LisaServer:
                     result = results[k]
                 else:
                     o = job.request.options
-                    result = self.backend.segment(image, job.request.query, mode=o["mode"],
+                    result = self.backend.segment(frames[id(job)], job.request.query, mode=o["mode"],
                                                   max_new_tokens=o["max_new_tokens"], answer=o.get("answer"),
-                                                  frame_id=job.key, return_logits=o["return_logits"])
+                                                  return_logits=o["return_logits"])
                 payload = result.to_dict()
-                timings = payload.setdefault("timings_ms", {})
-                timings["server_queue"] = round((now - job.received) * 1e3, 3)
-                timings["server_decode"] = round(decode_ms, 3)
-                depth = depths[id(job)]
-                if depth is not None:
-                    for entry, stats in zip(payload["masks"], depth_stats(result.masks, depth,
-                                                                          job.request.options.get("intrinsics")),
-                                            strict=True):
-                        entry.update(stats)
-                desc, frames = logits_frames(result) if job.request.options["return_logits"] else (None, [])
+                payload["timings_ms"]["server_queue"] = round((now - job.received) * 1e3, 3)
+                payload["timings_ms"]["server_decode"] = round(decode_ms, 3)
+                desc, extra = logits_frames(result) if job.request.options["return_logits"] else (None, [])
                 if desc is not None:
                     payload["logits"] = desc
-                self._send_ok(push, job.envelope, job.request.id, "segment", payload, start, frames)
+                self._send_ok(push, job.envelope, job.request.id, "segment", payload, start, extra)
             except LisaError as exc:
                 self._send_error(push, job.envelope, job.request.id, "segment", exc, start)
             except Exception as exc:  # noqa: BLE001 - the model failing must not kill the server

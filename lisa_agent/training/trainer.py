@@ -4,7 +4,6 @@ small models from scratch. Checkpoints are written in the published layout the l
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
@@ -15,18 +14,16 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ..checkpoints import VISION_TOWER_DIR, read_config, save_vision_tower, write_checkpoint
 from ..errors import InvalidArgumentError
 from ..loading import published_state_dict
 from ..segmenter import LisaSegmenter
-from ..tiny import clip_preprocessor_config, save_state_dict
 from .batches import Batch, TrainingImage, collate
 from .losses import BCE_WEIGHT, CE_WEIGHT, DICE_WEIGHT, dice, sigmoid_bce
 
 #: How our tabletop data's no-target answers begin ("Sorry, there is no hammer in this image.").
 DECLINE_PREFIX = "Sorry,"
 
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "added_tokens.json", "generation_config.json")
 
 
 @dataclass
@@ -309,21 +306,14 @@ class Trainer:
     def save(self, out_dir: Path | None = None) -> Path:
         """Write a loadable checkpoint (published layout, LoRA merged) and the resumable trainer state."""
         out = Path(out_dir or self.out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        for name in TOKENIZER_FILES:
-            if (self.source_dir / name).is_file() and self.source_dir.resolve() != out.resolve():
-                shutil.copy2(self.source_dir / name, out / name)
-        config = json.loads((self.source_dir / "config.json").read_text())
+        config = read_config(self.source_dir)
         vision = self.model.vision
         if self.cfg.method == "full" or (self.source_dir / config.get("vision_tower", "")).is_dir():
-            vision.tower.save_pretrained(str(out / "vision_tower"))
             src_proc = self.source_dir / config.get("vision_tower", "") / "preprocessor_config.json"
-            proc = json.loads(src_proc.read_text()) if src_proc.is_file() else clip_preprocessor_config(vision.image_size)
             # the tower may have been replaced (pretrain-vision --new-tower): its size decides the crop
-            proc["size"] = {"shortest_edge": vision.image_size}
-            proc["crop_size"] = {"height": vision.image_size, "width": vision.image_size}
-            (out / "vision_tower" / "preprocessor_config.json").write_text(json.dumps(proc, indent=2))
-            config["vision_tower"] = config["mm_vision_tower"] = "vision_tower"
+            save_vision_tower(vision.tower, out / VISION_TOWER_DIR, vision.image_size,
+                              json.loads(src_proc.read_text()) if src_proc.is_file() else None)
+            config["vision_tower"] = config["mm_vision_tower"] = VISION_TOWER_DIR
         config["mm_hidden_size"] = vision.hidden_size
         source_extra = config.get("lisa_agent") or {}
         config["lisa_agent"] = {"trained_steps": self.step, "method": self.cfg.method}
@@ -333,10 +323,7 @@ class Trainer:
             # the score head now says whether a [SEG]'s target is present: generation declines below this
             config["lisa_agent"]["presence_gate"] = {"threshold": self.cfg.presence_threshold,
                                                      "decline_prefix": DECLINE_PREFIX}
-        (out / "config.json").write_text(json.dumps(config, indent=2))
-        for old in list(out.glob("pytorch_model*.bin")) + list(out.glob("pytorch_model.bin.index.json")):
-            old.unlink()
-        save_state_dict(self.merged_state(), out, shards=2)
+        write_checkpoint(out, config, self.merged_state(), source=self.source_dir)
         torch.save({"step": self.step, "config": asdict(self.cfg), "model": self.model.state_dict(),
                     "optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(),
                     "history": self.history,

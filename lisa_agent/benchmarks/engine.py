@@ -1,9 +1,9 @@
 """Per-stage timings of the inference modes, measured in one process (``lisa-agent bench``).
 
-Shapes: ``tiny`` (a tiny checkpoint written to a temporary folder and loaded through the public
-loader), ``7b`` / ``13b`` (the LISA-7B / 13B architecture with SAM ViT-H and CLIP ViT-L/14 at random
-weights, built directly on the device: for GPU speed measurements without a download), or a real
-checkpoint with ``--model``.
+What is timed: a checkpoint (``--model``, default the bundled ``tabletop-tiny``), or with ``--shape``
+random weights: ``tiny`` (a tiny checkpoint written to a temporary folder and loaded through the
+public loader), ``7b`` / ``13b`` (the LISA-7B / 13B architecture with SAM ViT-H and CLIP ViT-L/14,
+built directly on the device: for GPU speed measurements without a download).
 """
 
 from __future__ import annotations
@@ -11,10 +11,19 @@ from __future__ import annotations
 import statistics
 import tempfile
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from ..config import EngineConfig
+from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..segmenter import LisaSegmenter
+
+#: the per-frame stages a result's timings_ms reports (zero when the frame was already encoded)
+ENCODER_STAGES = ("digest", "preprocess", "sam_encoder", "clip")
 
 LLAMA_SHAPES: dict[str, dict[str, Any]] = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -24,43 +33,39 @@ LLAMA_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_random_segmenter(shape: str, device: str, dtype: torch.dtype, mask_tta: str = "off"):  # noqa: ANN201
-    """A LISA-{7b,13b}-shaped segmenter with random weights, allocated directly on ``device``."""
+def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
+    """A LISA-{7b,13b}-shaped segmenter with random weights, allocated directly on the device and
+    assembled as a loaded checkpoint is (:func:`lisa_agent.loading.assemble`), with ``config``'s
+    device, dtype, quantization, SAM attention and mask augmentation (``checkpoint``: off)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from .loading import LisaConfig, build_model
-    from .modeling.clip import ClipPatchFeatures
-    from .modeling.sam import SAM_PRESETS
-    from .segmenter import LisaSegmenter
-    from .tiny import ADDED_TOKENS, train_tokenizer
-    from .tokenization import LisaTokenizer
+    from ..loading import LisaConfig, assemble, build_model, resolve_precision
+    from ..modeling.clip import ClipPatchFeatures
+    from ..modeling.sam import SAM_PRESETS
+    from ..segmenter import LisaSegmenter
+    from ..tiny import add_lisa_tokens, train_tokenizer
+    from ..tokenization import LisaTokenizer
 
+    if shape not in LLAMA_SHAPES:
+        raise InvalidArgumentError(f"unknown shape {shape!r}; choose one of {', '.join(LLAMA_SHAPES)}")
+    dtype, device = resolve_precision(config)
     cfg = LisaConfig.from_dict({**LLAMA_SHAPES[shape], "vision_tower": "openai/clip-vit-large-patch14",
                                 "bos_token_id": 1, "eos_token_id": 2})
     model = build_model(cfg, SAM_PRESETS["vit_h"], meta=True)
     model.to_empty(device=device)
     _random_init(model)
-    model.to(dtype)
-    from .loading import rebuild_buffers
-
-    rebuild_buffers(model, model.llm.config)
-    model.to(device)
     with torch.device(device):
         tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                  num_attention_heads=16, image_size=224, patch_size=14))
-    model.attach_vision(ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch"))
-    model.eval().requires_grad_(False)
-    if torch.device(device).type == "cuda":
-        from .modeling.sam_attention import use_sdpa_attention
-
-        use_sdpa_attention(model.sam)
+    vision = ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch")
+    assemble(model, vision, dtype=dtype, device=device, quantization=config.quantization,
+             sam_attention=config.sam_attention)
     tok = train_tokenizer()
-    from tokenizers import AddedToken
-
-    tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in ADDED_TOKENS])
-    added = {t: tok.token_to_id(t) for t in ADDED_TOKENS}
+    added = add_lisa_tokens(tok)
     tokenizer = LisaTokenizer(tok, "tokenizers", added, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    return LisaSegmenter(model, tokenizer, name=f"random-{shape}", mask_tta=mask_tta)
+    return LisaSegmenter(model, tokenizer, name=f"random-{shape}", quantization=config.quantization,
+                         cache_frames=config.cache_frames, config=config,
+                         mask_tta="off" if config.mask_tta == "checkpoint" else config.mask_tta)
 
 
 def _random_init(model: torch.nn.Module) -> None:
@@ -72,21 +77,19 @@ def _random_init(model: torch.nn.Module) -> None:
                 p.normal_(0.0, 0.02)
 
 
-def load_for_bench(model: str | None, shape: str, device: str, dtype: str,
-                   mask_tta: str = "checkpoint") -> tuple[Any, str]:
-    from .loading import DTYPES
-    from .segmenter import LisaSegmenter
+def load_for_bench(config: EngineConfig, shape: str | None = None) -> tuple[LisaSegmenter, str]:
+    """The engine to time and its name: ``config.model``, or with ``shape`` a tiny random checkpoint
+    (``tiny``, written to a temporary folder and loaded) or a random LISA-7B / 13B (``7b``, ``13b``)."""
+    from ..segmenter import LisaSegmenter
 
-    if model:
-        return LisaSegmenter.from_pretrained(model, device=device, dtype=dtype, mask_tta=mask_tta), model
+    if shape is None:
+        return LisaSegmenter.from_config(config), config.model
     if shape == "tiny":
-        from .tiny import make_tiny_checkpoint
+        from ..tiny import make_tiny_checkpoint
 
         folder = make_tiny_checkpoint(tempfile.mkdtemp(prefix="lisa-tiny-bench-"))
-        return LisaSegmenter.from_pretrained(folder, device=device, dtype=dtype, mask_tta=mask_tta), "tiny"
-    if shape not in LLAMA_SHAPES:
-        raise ValueError(f"unknown shape {shape!r}")
-    return build_random_segmenter(shape, device, DTYPES[dtype], "off" if mask_tta == "checkpoint" else mask_tta), shape
+        return LisaSegmenter.from_config(config.replace(model=str(folder))), "tiny"
+    return build_random_segmenter(shape, config), shape
 
 
 def _median_stages(runs: list[dict[str, float]]) -> dict[str, float]:
@@ -102,7 +105,7 @@ def time_mode(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, Any]:
     return {"median_ms": stages["total"], "stages_ms": stages, "runs": runs}
 
 
-def run_bench(seg, *, runs: int = 10, warmup: int = 2, new_tokens: int = 32, image_hw: tuple[int, int] = (480, 640),
+def run_bench(seg: LisaSegmenter, *, runs: int = 10, warmup: int = 2, new_tokens: int = 32, image_hw: tuple[int, int] = (480, 640),
               modes: tuple[str, ...] = ("fast", "chat", "reference"), reference_runs: int | None = None,
               query: str = "grab something to cut with") -> dict[str, Any]:
     """Median per-stage timings; every run starts from an uncached frame (encoders included)."""
@@ -127,16 +130,22 @@ def run_bench(seg, *, runs: int = 10, warmup: int = 2, new_tokens: int = 32, ima
         seg.clear_cache()
         results = seg.segment_batch(frame, [f"{query} {k}" for k in range(8)])
         total = sum(r.timings_ms["total"] for r in results) - 7 * sum(
-            results[0].timings_ms[k] for k in ("preprocess", "sam_encoder", "clip"))
+            results[0].timings_ms[k] for k in ENCODER_STAGES)
         return type("R", (), {"timings_ms": {"total": total}})()
 
     out["modes"]["fast_batch8"] = time_mode(batch8, runs, warmup)
+    if "fast" in modes:  # a further query on a frame already encoded: the handle from encode()
+        seg.clear_cache()
+        features = seg.encode(frame)
+        out["modes"]["fast_encoded"] = time_mode(lambda: seg.segment(features, query), runs, warmup)
     m = out["modes"]
     ratios = {}
     if "reference" in m and "chat" in m:
         ratios["reference_over_chat"] = round(m["reference"]["median_ms"] / m["chat"]["median_ms"], 2)
     if "chat" in m and "fast" in m:
         ratios["chat_over_fast"] = round(m["chat"]["median_ms"] / m["fast"]["median_ms"], 2)
+    if "fast_encoded" in m:
+        ratios["fast_over_fast_encoded"] = round(m["fast"]["median_ms"] / m["fast_encoded"]["median_ms"], 2)
     out["ratios"] = ratios
     return out
 

@@ -1,6 +1,7 @@
 """Measure what the server + client add over the in-process engine, and throughput under load.
 
-``lisa-agent bench`` can call :func:`measure_overhead` and :func:`measure_load`; both start a
+``python -m lisa_agent.benchmarks.server [--model M]`` prints both; :func:`measure_overhead` and
+:func:`measure_load` each start a
 :class:`~lisa_agent.serving.server.LisaServer` on a free 127.0.0.1 port and stop it afterwards.
 :class:`EchoBackend` is a model-free backend (one box mask, fixed answer) that isolates the
 transport cost; tests also use it where the model's speed would only slow them down.
@@ -15,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from ..frames import check_image, check_query
+from ..frames import Frame, as_frame, check_query
 from ..result import SegmentationResult
 
 
@@ -36,21 +37,22 @@ class EchoBackend:
     def info(self) -> dict[str, Any]:
         return {"model": "echo", "dtype": "none", "device": "cpu", "quantization": None}
 
-    def segment(self, image: np.ndarray, query: str, *, mode: str = "fast", frame_id: str | None = None,
+    def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
+                answer: str | None = None, frame_id: str | None = None, return_logits: bool = False,
                 **_: Any) -> SegmentationResult:
-        image = check_image(image)
+        frame = as_frame(image, frame_id)
         query = check_query(query)
         if self.gate is not None:
             self.gate.wait(30.0)
         if self.delay_s:
             time.sleep(self.delay_s)
         with self._lock:
-            self.calls.append((query, frame_id))
-        h, w = image.shape[:2]
+            self.calls.append((query, frame.frame_id))
+        h, w = frame.size
         mask = np.zeros((1, h, w), dtype=bool)
         mask[0, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = True
-        return SegmentationResult.from_masks(mask, [0.9], text="Sure, [SEG].", query=query, mode=mode,
-                                             image_size=(h, w), frame_id=frame_id, timings_ms={"total": 0.0})
+        return SegmentationResult.from_frame(frame, mask, [0.9], text="Sure, [SEG].", query=query, mode=mode,
+                                             timings_ms={"total": 0.0})
 
 
 def synthetic_frame(height: int = 480, width: int = 640, seed: int = 0) -> np.ndarray:
@@ -81,9 +83,9 @@ def measure_overhead(backend: Any, *, n: int = 30, height: int = 480, width: int
     transport: encoding, two socket hops, decoding, queueing and the result's RLE round trip. For
     JPEG the in-process baseline runs on the decoded JPEG frame.
     """
-    from .client import LisaClient
-    from .protocol import decode_image, encode_image
-    from .server import LisaServer
+    from ..serving.client import LisaClient
+    from ..serving.protocol import decode_image, encode_image
+    from ..serving.server import LisaServer
 
     frame = synthetic_frame(height, width)
     out: dict[str, Any] = {"frame": [height, width], "n": n}
@@ -106,8 +108,8 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
                  encoding: str = "raw", query: str = "the red object") -> dict[str, Any]:
     """Requests/s with ``clients`` threads each sending ``requests`` segment requests (one frame each
     thread, so features are shared within a thread's stream). Every request must be answered."""
-    from .client import LisaClient
-    from .server import LisaServer
+    from ..serving.client import LisaClient
+    from ..serving.server import LisaServer
 
     answered = [0] * clients
     errors: list[BaseException] = []
@@ -136,22 +138,25 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m lisa_agent.serving.bench [--model DIR] [--device cpu]``: print both measurements as JSON."""
+    """``python -m lisa_agent.benchmarks.server [--model M] [--device D] ...``: print both measurements as JSON."""
     import argparse
     import json
 
+    from ..config import add_engine_arguments, engine_config_from_args
+    from ..frames import SegmentBackend
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="checkpoint to serve (default: the model-free EchoBackend)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="fp32")
+    parser.add_argument("--echo", action="store_true", help="serve the model-free EchoBackend (transport cost only)")
     parser.add_argument("--n", type=int, default=30, help="requests per median")
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
-    if args.model is None:
-        backend: Any = EchoBackend()
+    backend: SegmentBackend
+    if args.echo:
+        backend = EchoBackend()
     else:
         from ..segmenter import LisaSegmenter
 
-        backend = LisaSegmenter.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+        backend = LisaSegmenter.from_config(engine_config_from_args(args))
     print(json.dumps({"overhead": measure_overhead(backend, n=args.n), "load_raw": measure_load(backend),
                       "load_jpeg": measure_load(backend, encoding="jpeg")}, indent=2))
     return 0

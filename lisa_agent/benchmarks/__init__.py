@@ -1,0 +1,6 @@
+"""Measurements, reported as medians and ratios from one run (never as timed assertions in tests).
+
+- :mod:`lisa_agent.benchmarks.engine`: per-stage timings of the engine's modes (``lisa-agent bench``).
+- :mod:`lisa_agent.benchmarks.server`: what the model server and client add over the in-process engine,
+  and throughput under concurrent clients (``python -m lisa_agent.benchmarks.server``).
+"""

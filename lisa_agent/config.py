@@ -1,0 +1,316 @@
+"""``EngineConfig``: the one declaration of the engine's options, their defaults, choices and help.
+
+Every door builds one: :meth:`LisaSegmenter.from_pretrained(model, **options)
+<lisa_agent.segmenter.LisaSegmenter.from_pretrained>` in Python, the command line's flags
+(:func:`add_engine_arguments`, used by every model-loading command and ``serve``), the ROS node's
+parameters and the launch file's arguments (:func:`engine_parameters`). Names, help texts, choices and
+defaults come from the fields below, so the doors cannot drift apart.
+
+Each option also has a *text form* (what a flag, a ROS parameter or a launch argument carries):
+``vision_tower`` / ``template`` ``""`` mean "the checkpoint's own", ``quantization`` ``none`` means
+none, ``presence_threshold`` is ``checkpoint``, ``off`` or a number. :meth:`EngineConfig.from_texts`
+and :meth:`EngineConfig.to_texts` convert.
+
+Nothing here imports torch: the CLI builds its parser and the launch file its arguments without it.
+``device="auto"`` and ``dtype="auto"`` are resolved when the model loads
+(:func:`lisa_agent.loading.resolve_precision`): CUDA when present, bf16 on CUDA and fp32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields, replace
+from typing import Any
+
+from .errors import InvalidArgumentError
+from .prompts import TEMPLATES
+
+#: Inference modes of :meth:`LisaSegmenter.segment <lisa_agent.segmenter.LisaSegmenter.segment>`.
+MODES = ("fast", "chat", "reference")
+#: Precision names (``auto``: bf16 on CUDA, fp32 on the CPU) and the aliases accepted for them.
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+_DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+#: LLM weight quantization, text form (``none`` is None).
+QUANTIZATIONS = ("none", "8bit", "4bit")
+#: Mask test-time augmentation -> the views SAM sees, as (flip rows, flip columns); the first is the frame.
+MASK_TTA_VIEWS: dict[str, tuple[tuple[bool, bool], ...]] = {
+    "off": ((False, False),),
+    "hflip": ((False, False), (False, True)),
+    "flips": ((False, False), (False, True), (True, False), (True, True)),
+}
+#: ``mask_tta`` values: ``checkpoint`` (what the checkpoint's config.json declares) or a view set.
+MASK_TTA_CHOICES = ("checkpoint", *MASK_TTA_VIEWS)
+#: SAM image-encoder attention implementations.
+SAM_ATTENTION = ("auto", "sdpa", "original")
+#: Conversation templates (``None``: the checkpoint's own).
+TEMPLATE_CHOICES = tuple(TEMPLATES)
+#: The default model: the bundled checkpoint, so every door works offline on a fresh machine.
+DEFAULT_MODEL = "tabletop-tiny"
+
+_DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+@dataclass(frozen=True)
+class Option:
+    """How one field appears outside Python: help text, choices (text form) and the text codec."""
+
+    help: str
+    parse: Callable[[str], Any]  # text -> value; raises ValueError with a message naming the problem
+    text: Callable[[Any], str] = str  # value -> text
+    choices: tuple[str, ...] | None = None
+    metavar: str | None = None
+
+
+def _optional(text: str) -> str | None:
+    return text.strip() or None
+
+
+def _none_text(value: Any) -> str:
+    return "" if value is None else str(value)
+
+
+def _quantization(text: str) -> str | None:
+    value = text.strip().lower()
+    return None if value in ("", "none") else value
+
+
+def _threshold(text: str) -> float | str | None:
+    value = text.strip().lower()
+    if value == "checkpoint":
+        return value
+    if value in ("off", "none", "false"):  # YAML (ROS parameters, launch files) reads a bare `off` as false
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"presence_threshold must be 'checkpoint', 'off' or a number in (0, 1); got {text!r}") from None
+
+
+def _threshold_text(value: Any) -> str:
+    return "off" if value is None else str(value)
+
+
+def _int(text: str) -> int:
+    try:
+        return int(str(text).strip())
+    except ValueError:
+        raise ValueError(f"expected a whole number; got {text!r}") from None
+
+
+def _option(default: Any, option: Option) -> Any:
+    return field(default=default, metadata={"option": option})
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Options of one :class:`~lisa_agent.segmenter.LisaSegmenter`, validated at construction.
+
+    Attributes:
+        model: Hub id (``xinlai/LISA-7B-v1``), local checkpoint folder, or a bundled short name
+            (``tabletop-tiny``, the default).
+        vision_tower: CLIP tower id or folder; None: the checkpoint config's ``vision_tower``.
+        device: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
+        dtype: ``auto`` (bf16 on CUDA, fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``.
+        quantization: None, ``8bit`` or ``4bit`` (bitsandbytes, CUDA only): LLaMA's decoder layers only.
+        template: conversation template (``llava_v1`` / ``llava_llama_2``); None: the checkpoint's.
+        mask_tta: mask test-time augmentation: ``checkpoint`` (what its config.json declares; off for
+            published LISA), ``off``, ``hflip`` or ``flips``.
+        presence_threshold: the presence gate of checkpoints that declare one: ``checkpoint`` (its own
+            threshold), a number in (0, 1), or None (off: every ``[SEG]`` keeps its mask).
+        sam_attention: SAM encoder attention: ``auto`` (sdpa on CUDA), ``sdpa`` or ``original``.
+        cache_frames: how many frames' image features the engine keeps.
+    """
+
+    model: str = _option(DEFAULT_MODEL, Option(
+        "Hub id (xinlai/LISA-7B-v1), local checkpoint folder, or a bundled model (tabletop-tiny)",
+        parse=str.strip, metavar="MODEL"))
+    vision_tower: str | None = _option(None, Option(
+        "CLIP vision tower id or folder (empty: the checkpoint's own)", parse=_optional, text=_none_text,
+        metavar="TOWER"))
+    device: str = _option("auto", Option(
+        "torch device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps",
+        parse=str.strip, metavar="DEVICE"))
+    dtype: str = _option("auto", Option(
+        "precision: auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16", parse=str.strip, choices=DTYPES))
+    quantization: str | None = _option(None, Option(
+        "LLM weight quantization: none, 8bit or 4bit (CUDA and bitsandbytes; LLaMA's decoder layers only)",
+        parse=_quantization, text=lambda v: "none" if v is None else str(v), choices=QUANTIZATIONS))
+    template: str | None = _option(None, Option(
+        f"conversation template: {' or '.join(TEMPLATE_CHOICES)} (empty: the checkpoint's own)",
+        parse=_optional, text=_none_text, metavar="TEMPLATE"))
+    mask_tta: str = _option("checkpoint", Option(
+        "mask test-time augmentation: checkpoint (what the checkpoint declares; off for published LISA), off, "
+        "hflip (+ the mirrored frame) or flips (+ mirrored, upside-down and both; for cameras looking down)",
+        parse=str.strip, choices=MASK_TTA_CHOICES))
+    presence_threshold: float | str | None = _option("checkpoint", Option(
+        "presence gate of checkpoints that have one: checkpoint (its own threshold), a number in (0, 1), or off",
+        parse=_threshold, text=_threshold_text, metavar="T"))
+    sam_attention: str = _option("auto", Option(
+        "SAM encoder attention: auto (sdpa on CUDA), sdpa (scaled_dot_product_attention) or original",
+        parse=str.strip, choices=SAM_ATTENTION))
+    cache_frames: int = _option(4, Option(
+        "how many frames' image features to keep for further queries", parse=_int, metavar="N"))
+
+    def __post_init__(self) -> None:
+        def put(name: str, value: Any) -> None:
+            object.__setattr__(self, name, value)
+
+        if isinstance(self.model, os.PathLike):
+            put("model", os.fspath(self.model))
+        if not isinstance(self.model, str) or not self.model.strip():
+            raise InvalidArgumentError(f"model must name a Hub id, a folder or a bundled model; got {self.model!r}")
+        for name in ("vision_tower", "template"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                value = os.fspath(value)
+            if value is not None and not isinstance(value, str):
+                raise InvalidArgumentError(f"{name} must be a string or None; got {type(value).__name__}")
+            put(name, (value.strip() or None) if isinstance(value, str) else None)
+        device = str(self.device).strip()  # also accepts a torch.device
+        if not _DEVICE.match(device):
+            raise InvalidArgumentError(f"unknown device {self.device!r}; use auto, cpu, cuda, cuda:N or mps")
+        put("device", device)
+        dtype = str(self.dtype).strip().removeprefix("torch.")  # also accepts a torch.dtype
+        dtype = _DTYPE_ALIASES.get(dtype, dtype)
+        if dtype not in DTYPES:
+            raise InvalidArgumentError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        put("dtype", dtype)
+        quant = self.quantization if self.quantization is None else _quantization(str(self.quantization))
+        if quant not in (None, *QUANTIZATIONS[1:]):
+            raise InvalidArgumentError(f"unknown quantization {self.quantization!r}; choose none, 8bit or 4bit")
+        put("quantization", quant)
+        if self.template is not None and self.template not in TEMPLATE_CHOICES:
+            raise InvalidArgumentError(f"unknown conversation template {self.template!r}; known: "
+                                       f"{', '.join(TEMPLATE_CHOICES)}")
+        if self.mask_tta not in MASK_TTA_CHOICES:
+            raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA_CHOICES)}; got {self.mask_tta!r}")
+        threshold = self.presence_threshold
+        if isinstance(threshold, str):
+            try:
+                threshold = _threshold(threshold)
+            except ValueError as exc:
+                raise InvalidArgumentError(str(exc)) from None
+        if threshold is not None and threshold != "checkpoint":
+            if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) \
+                    or not math.isfinite(threshold) or not 0.0 < float(threshold) < 1.0:
+                raise InvalidArgumentError("presence_threshold must be 'checkpoint', None (off) or a number in "
+                                           f"(0, 1); got {self.presence_threshold!r}")
+            threshold = float(threshold)
+        put("presence_threshold", threshold)
+        if self.sam_attention not in SAM_ATTENTION:
+            raise InvalidArgumentError(f"sam_attention must be one of {', '.join(SAM_ATTENTION)}; "
+                                       f"got {self.sam_attention!r}")
+        if isinstance(self.cache_frames, bool) or not isinstance(self.cache_frames, int) or self.cache_frames < 1:
+            raise InvalidArgumentError(f"cache_frames must be a whole number >= 1; got {self.cache_frames!r}")
+
+    # ------------------------------------------------------------------ text forms
+    @classmethod
+    def options(cls) -> list[tuple[str, Option, Any]]:
+        """Every field as ``(name, Option, default)``, in declaration order."""
+        out = []
+        for f in fields(cls):
+            default = f.default if f.default is not MISSING else None
+            out.append((f.name, f.metadata["option"], default))
+        return out
+
+    @classmethod
+    def from_texts(cls, values: Mapping[str, Any], **overrides: Any) -> EngineConfig:
+        """A config from text forms (flags, ROS parameters, launch arguments); unnamed fields keep
+        their defaults. Non-string values (a ROS integer or double parameter) are read as text."""
+        known = {name: option for name, option, _ in cls.options()}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InvalidArgumentError(f"unknown engine options {unknown}; known: {sorted(known)}")
+        kwargs: dict[str, Any] = {}
+        for name, value in values.items():
+            try:
+                kwargs[name] = known[name].parse(value if isinstance(value, str) else str(value))
+            except ValueError as exc:
+                raise InvalidArgumentError(f"{name}: {exc}") from None
+        return cls(**{**kwargs, **overrides})
+
+    def to_texts(self) -> dict[str, str]:
+        """Every field in its text form (``from_texts(c.to_texts()) == c``)."""
+        return {name: option.text(getattr(self, name)) for name, option, _ in self.options()}
+
+    def replace(self, **changes: Any) -> EngineConfig:
+        """A copy with ``changes`` applied (validated again)."""
+        return replace(self, **changes)
+
+    def describe(self) -> str:
+        """One line for logs: model, device, dtype and what differs from the defaults."""
+        defaults = EngineConfig().to_texts()
+        extra = [f"{k}={v}" for k, v in self.to_texts().items()
+                 if k not in ("model", "device", "dtype") and v != defaults[k]]
+        return f"{self.model!r} ({self.device}, {self.dtype}{', ' + ', '.join(extra) if extra else ''})"
+
+
+def flag(name: str) -> str:
+    """The command-line flag of field ``name`` (``mask_tta`` -> ``--mask-tta``)."""
+    return "--" + name.replace("_", "-")
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser, *, exclude: Iterable[str] = (),
+                         defaults: Mapping[str, Any] | None = None) -> None:
+    """Add one flag per :class:`EngineConfig` field (minus ``exclude``) to ``parser``.
+
+    Flags carry the field's help, choices and default (``defaults`` overrides a default where a
+    command has a reason to, and its help says so); :func:`engine_config_from_args` reads them back.
+    """
+    skip = set(exclude)
+    group = parser.add_argument_group("model options (lisa_agent.config.EngineConfig)")
+    for name, option, default in EngineConfig.options():
+        if name in skip:
+            continue
+        value = (defaults or {}).get(name, default)
+
+        def parse(text: str, option: Option = option) -> Any:
+            try:
+                return option.parse(text)
+            except ValueError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from None
+
+        shown = option.text(value) or "empty"
+        kwargs: dict[str, Any] = {"default": value, "help": f"{option.help} (default: {shown})",
+                                  "metavar": option.metavar}
+        if option.choices is not None:
+            kwargs["choices"] = option.choices
+            kwargs["metavar"] = None
+            kwargs["default"] = option.text(value)
+        else:
+            kwargs["type"] = parse
+        group.add_argument(flag(name), dest=f"engine_{name}", **kwargs)
+
+
+def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
+    """The :class:`EngineConfig` of the flags :func:`add_engine_arguments` added (plus ``overrides``)."""
+    values: dict[str, Any] = {}
+    texts: dict[str, str] = {}
+    for name, option, _ in EngineConfig.options():
+        if not hasattr(args, f"engine_{name}"):
+            continue
+        value = getattr(args, f"engine_{name}")
+        if option.choices is not None:
+            texts[name] = value
+        else:
+            values[name] = value
+    return EngineConfig.from_texts(texts, **{**values, **overrides})
+
+
+def engine_parameters() -> list[tuple[str, Any, str]]:
+    """``(name, default, description)`` of the engine's ROS node parameters and launch arguments.
+
+    Defaults are text forms (integers stay integers); the node declares them with dynamic typing
+    and reads them back with :meth:`EngineConfig.from_texts`, so ``-p presence_threshold:=0.3`` or a
+    launch argument's string both work.
+    """
+    out = []
+    for name, option, default in EngineConfig.options():
+        value = default if isinstance(default, int) and not isinstance(default, bool) else option.text(default)
+        choices = f" [{', '.join(option.choices)}]" if option.choices else ""
+        out.append((name, value, option.help + choices))
+    return out

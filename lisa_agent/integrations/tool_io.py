@@ -1,0 +1,142 @@
+"""What the LISA tools exchange with the calling language model: argument schemas and answer text.
+
+The schemas' field descriptions tell the model what to pass; :func:`describe_result` is the short
+text it reads back (the masks themselves travel in the tool's artifact). Kept apart from the tools
+(:mod:`lisa_agent.integrations.langchain`) so the wording can be read and tested on its own.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError
+
+from ..result import SegmentationResult
+
+__all__ = ["SERVICE_ADVICE", "ExplainObjectsInput", "SegmentObjectsInput", "describe_result", "validation_message"]
+
+
+class SegmentObjectsInput(BaseModel):
+    """Arguments the calling model passes to ``segment_objects``."""
+
+    query: str = Field(
+        description=(
+            "What to find, in natural language. Name the object ('the red mug') or describe it by "
+            "use or property ('something to cut with', 'the item that holds liquid'). One request "
+            "per call; the answer lists every object that matches."
+        ),
+    )
+    image: str | None = Field(
+        default=None,
+        description=(
+            "Optional image to look at: a local file path, an http(s) URL or a data URI "
+            "(data:image/png;base64,...). Leave it out to use the newest camera frame."
+        ),
+    )
+    mode: Literal["fast", "chat"] | None = Field(
+        default=None,
+        description=(
+            "'fast' (default): one quick pass that returns the masks. 'chat': the vision model "
+            "writes its own answer first (slower); use it when its wording matters."
+        ),
+    )
+
+
+class ExplainObjectsInput(BaseModel):
+    """Arguments the calling model passes to ``explain_objects``."""
+
+    query: str = Field(
+        description=(
+            "A question or instruction about the scene that needs reasoning, e.g. 'What here could "
+            "I use to cut the rope, and why?'. The answer explains and points at the objects."
+        ),
+    )
+    image: str | None = Field(
+        default=None,
+        description=(
+            "Optional image: a local file path, an http(s) URL or a data URI. Leave it out to use "
+            "the newest camera frame."
+        ),
+    )
+
+
+def describe_result(result: SegmentationResult, *, source: str, note: str = "", explain: bool = False,
+                    max_listed: int = 10) -> str:
+    """The short text an LLM reads: how many objects and, for each, bbox, share, centroid, 3D target.
+
+    Objects are numbered as the masks (``Object k`` is ``artifact["result"]["masks"][k - 1]``). Masks
+    with no pixels (LISA emitted ``[SEG]`` but nothing was segmented) do not count as found.
+    ``explain`` leads with LISA's answer (the ``explain_objects`` wording); at most ``max_listed``
+    objects are described, the rest are only counted. The frame's stamp and the result's
+    ``depth_note`` (why 3D points are missing) are included; ``note`` adds the tool's own.
+    """
+    h, w = result.image_size
+    found = [k for k, inst in enumerate(result.instances) if inst.area > 0]
+    answer = result.text.strip()
+    where = f"{source} ({w}x{h} px" + (f", stamp {result.stamp.seconds:.3f})" if result.stamp else ")")
+    if explain:
+        lines = [f"LISA answered: {answer!r}."]
+        lines.append(f"It points at {len(found)} object{'s' if len(found) != 1 else ''} in {where}"
+                     + ("." if found else "; no mask to report."))
+    elif found:
+        lines = [f"Found {len(found)} object{'s' if len(found) != 1 else ''} for \"{_short(result.query)}\" in "
+                 f"{where}. LISA answered: {answer!r}."]
+    else:
+        lines = [f"No object matched \"{_short(result.query)}\" in {where}."]
+        if answer:
+            lines.append(f"LISA answered: {answer!r}.")
+    empty = len(result.instances) - len(found)
+    if empty:
+        lines.append(f"{empty} of LISA's {len(result.instances)} mask(s) came out empty.")
+    for k in found[:max_listed]:
+        inst = result.instances[k]
+        cx, cy = inst.centroid
+        parts = [
+            f"Object {k + 1}: bbox [x1, y1, x2, y2] = [{', '.join(str(int(v)) for v in inst.bbox)}] px",
+            f"{_share(inst.area, h * w)} of the image",
+            f"centroid (x={cx:.1f}, y={cy:.1f}) px",
+            f"mask score {inst.score:.2f}",
+        ]
+        target = result.targets[k] if result.targets is not None else None
+        if target is not None and target.point is not None:
+            parts.append("3D point (x={:.3f}, y={:.3f}, z={:.3f}) m in the camera frame".format(*target.point))
+        elif target is not None:
+            parts.append(f"depth {target.depth_m:.3f} m")
+        lines.append(", ".join(parts) + ".")
+    if len(found) > max_listed:
+        lines.append(f"{len(found) - max_listed} more object(s) are in the artifact only.")
+    notes = [n for n in (note, result.depth_note) if n]
+    if notes:
+        lines.append("3D points unavailable or partial: " + "; ".join(notes) + ".")
+    return "\n".join(lines)
+
+
+def validation_message(error: ValidationError) -> str:
+    """What the model reads when its arguments do not fit the schema, with a call that would."""
+    problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())) or 'input'}: {e.get('msg')}"
+                         for e in error.errors())
+    return (f"Invalid arguments ({problems}). Call the tool with "
+            '{"query": "<what to find, e.g. something to cut with>"} and optionally "image" '
+            "(file path, http(s) URL or data URI).")
+
+
+#: What the calling model should do after a backend error, by ``LisaError.code``.
+SERVICE_ADVICE = {
+    "unavailable": "The vision model server is down or unreachable; retrying now will not help. Tell the "
+                   "user that the vision model is unavailable.",
+    "queue_full": "The vision model server is busy; wait a moment and call the tool again.",
+    "deadline_exceeded": "The vision model server was too slow; call the tool again.",
+    "superseded": "A newer camera frame replaced this request; call the tool again.",
+    "shutting_down": "The vision model server is shutting down. Tell the user that the vision model is "
+                     "unavailable.",
+}
+
+
+def _share(area: int, total: int) -> str:
+    pct = 100.0 * area / max(total, 1)
+    return f"{pct:.1f}%" if pct >= 1.0 else f"{pct:.2f}%"
+
+
+def _short(text: str, limit: int = 200) -> str:
+    """The query as echoed back to the model: at most ``limit`` characters."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."

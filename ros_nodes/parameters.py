@@ -1,0 +1,89 @@
+"""``lisa_node``'s parameters: the node's own (topics, QoS, scheduling) and the engine's, generated from
+:class:`lisa_agent.config.EngineConfig` so the names, defaults and help are the library's.
+
+Engine parameters are declared with dynamic typing and read back through
+:meth:`EngineConfig.from_texts`, so ``-p presence_threshold:=0.3``, ``-p cache_frames:=8`` and the
+launch file's string arguments all work. They are read-only (the model loads once).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rcl_interfaces.msg import ParameterDescriptor
+from rclpy.node import Node
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+
+from lisa_agent.config import EngineConfig, engine_parameters
+from lisa_agent.frames import DEPTH_TOLERANCE_S
+
+#: Modes the node offers (reference mode is for parity tests, not robots).
+MODES = ("fast", "chat")
+CAMERA_QOS = ("best_effort", "reliable")
+
+#: The node's own parameters: name -> (default, description, read_only). Topics, QoS and the backend
+#: are fixed at start; the rest may be changed at run time with ``ros2 param set``.
+NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
+    "image_topic": ("/camera/color/image_raw", "colour image topic (sensor_msgs/Image)", True),
+    "compressed": (False, "subscribe to sensor_msgs/CompressedImage on <image_topic>/compressed", True),
+    "depth_topic": ("", "aligned depth image (16UC1 mm or 32FC1 m); empty: no 3D target", True),
+    "camera_info_topic": ("", "CameraInfo of the depth image (intrinsics K); empty: no 3D target", True),
+    "instruction_topic": ("~/instruction", "std_msgs/String instructions; empty or 'stop' ends continuous mode", True),
+    "camera_qos": ("best_effort", "QoS of the camera subscriptions: best_effort (sensor data) or reliable", True),
+    "server": ("", "model server endpoint (tcp://host:port); when set, used instead of loading the model", True),
+    "server_timeout": (10.0, "seconds to wait for the model server per request", True),
+    "mode": ("fast", "fast (teacher-forced answer, one pass) or chat (generated answer)", False),
+    "max_new_tokens": (32, "answer length limit in chat mode", False),
+    "continuous": (False, "keep segmenting new frames with the last instruction until 'stop'", False),
+    "max_rate": (5.0, "continuous mode: at most this many frames per second (0: as fast as possible)", False),
+    "publish_overlay": (True, "publish ~/overlay and ~/overlay/compressed (rendered only with subscribers)", False),
+    "sync_tolerance": (DEPTH_TOLERANCE_S, "seconds between colour and depth stamps still treated as the same "
+                       "instant", False),
+}
+
+#: The engine's parameters, from :func:`lisa_agent.config.engine_parameters`: name -> (default, description).
+ENGINE_PARAMETERS: dict[str, tuple[Any, str]] = {name: (default, description)
+                                                 for name, default, description in engine_parameters()}
+
+
+def declare(node: Node) -> None:
+    """Declare every parameter on ``node`` and check the values it starts with (ValueError if unusable)."""
+    for name, (default, description, read_only) in NODE_PARAMETERS.items():
+        node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only))
+    for name, (default, description) in ENGINE_PARAMETERS.items():
+        node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=True,
+                                                                  dynamic_typing=True))
+    error = validate({name: node.get_parameter(name).value for name in NODE_PARAMETERS})
+    if error:
+        raise ValueError(error)
+    engine_config(node)  # an unusable engine option fails now, naming itself
+
+
+def engine_config(node: Node) -> EngineConfig:
+    """The :class:`EngineConfig` the node's engine parameters give (raises InvalidArgumentError)."""
+    return EngineConfig.from_texts({name: node.get_parameter(name).value for name in ENGINE_PARAMETERS})
+
+
+def validate(values: dict[str, Any]) -> str | None:
+    """An error message for unusable values of the node's own parameters, or None."""
+    if "mode" in values and values["mode"] not in MODES:
+        return f"mode must be one of {MODES}; got {values['mode']!r}"
+    if "camera_qos" in values and values["camera_qos"] not in CAMERA_QOS:
+        return f"camera_qos must be one of {CAMERA_QOS}; got {values['camera_qos']!r}"
+    if "max_rate" in values and not float(values["max_rate"]) >= 0:
+        return f"max_rate must be >= 0 (0: unlimited); got {values['max_rate']}"
+    if "sync_tolerance" in values and not float(values["sync_tolerance"]) >= 0:
+        return f"sync_tolerance must be >= 0 seconds; got {values['sync_tolerance']}"
+    if "max_new_tokens" in values and int(values["max_new_tokens"]) < 1:
+        return f"max_new_tokens must be >= 1; got {values['max_new_tokens']}"
+    return None
+
+
+def camera_qos(name: str) -> QoSProfile:
+    """The QoS of the camera subscriptions: ``reliable``, or best effort (what cameras publish)."""
+    reliability = ReliabilityPolicy.RELIABLE if name == "reliable" else ReliabilityPolicy.BEST_EFFORT
+    return QoSProfile(depth=2, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
+
+
+#: The QoS of the node's outputs and its instruction subscription.
+RELIABLE = QoSProfile(depth=10, reliability=ReliabilityPolicy.RELIABLE, history=HistoryPolicy.KEEP_LAST)
