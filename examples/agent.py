@@ -15,7 +15,8 @@ Chat model (chosen by environment variables):
 LISA backend (command-line options):
 
     --model ID_OR_DIR   run LISA in this process (Hub id such as xinlai/LISA-7B-v1, a local folder,
-                        or tabletop-tiny); --device / --dtype pick where and how
+                        or tabletop-tiny, the default); --device / --dtype / ... are the engine's
+                        options (lisa_agent.config.EngineConfig), as on every lisa-agent command
     --server ENDPOINT   use a running `lisa-agent serve` instead (e.g. tcp://127.0.0.1:5555)
 
 Examples::
@@ -75,21 +76,23 @@ def make_backend(args: argparse.Namespace) -> Any:
 
         return LisaClient(args.server)
     from lisa_agent import LisaSegmenter
+    from lisa_agent.config import engine_config_from_args
 
-    print(f"loading {args.model} on {args.device} ({args.dtype}) ...", file=sys.stderr)
-    return LisaSegmenter.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    config = engine_config_from_args(args)
+    print(f"loading {config.describe()} ...", file=sys.stderr)
+    return LisaSegmenter.from_config(config)
 
 
 def main(argv: list[str] | None = None) -> int:
+    from lisa_agent.config import add_engine_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("request", nargs="?", default=DEFAULT_REQUEST, help=f"what to ask (default: {DEFAULT_REQUEST!r})")
     parser.add_argument("--image", required=True, help="the camera frame: an image file, http(s) URL or data URI")
-    backend = parser.add_mutually_exclusive_group(required=True)
-    backend.add_argument("--model", help="LISA model: Hub id, local folder or tabletop-tiny (runs in this process)")
-    backend.add_argument("--server", help="endpoint of a running `lisa-agent serve`, e.g. tcp://127.0.0.1:5555")
-    parser.add_argument("--device", default="cpu", help="with --model: cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--dtype", default="fp32", help="with --model: fp32, bf16 or fp16 (default fp32)")
+    parser.add_argument("--server", help="endpoint of a running `lisa-agent serve`, e.g. tcp://127.0.0.1:5555 "
+                                         "(instead of loading --model in this process)")
     parser.add_argument("--overlay", help="write the masks over the frame to this PNG file")
+    add_engine_arguments(parser)
     args = parser.parse_args(argv)
 
     from langchain.agents import create_agent

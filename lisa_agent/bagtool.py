@@ -18,10 +18,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .errors import InvalidArgumentError, LisaError
-from .frames import Frame, SegmentBackend
+from .frames import Frame, SegmentBackend, Stamp
+
+if TYPE_CHECKING:
+    from rosbags.typesys.stores.latest import sensor_msgs__msg__CompressedImage, sensor_msgs__msg__Image
 
 IMAGE_TYPES = ("sensor_msgs/msg/Image", "sensor_msgs/msg/CompressedImage")
 
@@ -139,7 +142,9 @@ def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, 
                 report.frames += 1
                 if index % every or (max_frames is not None and report.processed >= max_frames):
                     continue
-                msg = typestore.deserialize_cdr(raw, conn.msgtype)
+                # the image topic's type is one of IMAGE_TYPES (checked above)
+                msg = cast("sensor_msgs__msg__Image | sensor_msgs__msg__CompressedImage",
+                           typestore.deserialize_cdr(raw, conn.msgtype))
                 header = msg.header
                 try:
                     rgb = compressed_to_rgb(msg) if conn.msgtype.endswith("CompressedImage") else image_to_rgb(msg)
@@ -148,8 +153,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, 
                     continue
                 t0 = time.perf_counter()
                 try:
-                    result = backend.segment(Frame(rgb, frame_id=str(header.frame_id), stamp=header.stamp), query,
-                                             mode=mode)
+                    frame = Frame(rgb, frame_id=str(header.frame_id), stamp=Stamp.of(header.stamp))
+                    result = backend.segment(frame, query, mode=mode)
                 except LisaError as exc:
                     report.skipped.append(f"frame {index}: {exc}")
                     continue

@@ -88,9 +88,9 @@ def render_overlay(
     out = image.astype(np.float32).copy()
     n = 0 if masks is None else len(masks)
     for k in range(n):
-        color = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
+        tint = np.array(PALETTE[k % len(PALETTE)], dtype=np.float32)
         m = masks[k]
-        out[m] = out[m] * (1.0 - alpha) + color * alpha
+        out[m] = out[m] * (1.0 - alpha) + tint * alpha
     canvas = np.clip(out, 0, 255).astype(np.uint8)
     for k in range(n):
         color = tuple(int(c) for c in PALETTE[k % len(PALETTE)])

@@ -171,12 +171,12 @@ def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
     return buf.tobytes()
 
 
-def _as_bytes(data: Any) -> bytes | memoryview:
+def _as_bytes(data: Any) -> bytes | bytearray | memoryview:
     """The raw bytes of a message's ``data`` (bytes, array.array, list of ints or numpy array)."""
     if isinstance(data, (bytes, bytearray, memoryview)):
         return data
     if isinstance(data, np.ndarray):
-        return memoryview(np.ascontiguousarray(data, dtype=np.uint8)).cast("B")
+        return np.ascontiguousarray(data, dtype=np.uint8).data.cast("B")
     try:
         return memoryview(data).cast("B")  # array.array('B') (rclpy)
     except TypeError:

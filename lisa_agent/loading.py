@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,11 @@ from .modeling.lisa import (
     to_published_key,
 )
 from .modeling.sam import SamSpec, infer_sam_spec
+
+if TYPE_CHECKING:
+    from transformers import CLIPVisionModel
+
+    from .modeling.clip import ClipPatchFeatures
 
 #: Short names for models shipped inside the package.
 BUNDLED_MODELS = {"tabletop-tiny": Path(__file__).resolve().parent / "assets" / "tabletop-tiny"}
@@ -271,7 +276,7 @@ def rebuild_buffers(model: LisaModel, llama_config: Any) -> None:
 
 
 # ------------------------------------------------------------------------- vision tower
-def load_vision_tower(name: str, checkpoint_dir: Path | None, dtype: torch.dtype) -> torch.nn.Module:
+def load_vision_tower(name: str, checkpoint_dir: Path | None, dtype: torch.dtype) -> CLIPVisionModel:
     """A transformers ``CLIPVisionModel`` from a folder (absolute or relative to the checkpoint) or Hub id."""
     from transformers import CLIPVisionModel
     from transformers.utils import logging as hf_logging
@@ -368,7 +373,7 @@ def build_model(config: LisaConfig, sam_spec: SamSpec, meta: bool = True) -> Lis
     return LisaModel(llama_cfg, sam_spec, config.mm_hidden_size, config.out_dim)
 
 
-def assemble(model: LisaModel, vision: torch.nn.Module, *, dtype: torch.dtype, device: torch.device,
+def assemble(model: LisaModel, vision: ClipPatchFeatures, *, dtype: torch.dtype, device: torch.device,
              quantization: str | None = None, sam_attention: str = "auto") -> LisaModel:
     """Make a model whose weights are in place ready for inference: cast to ``dtype`` (SAM's neck stays
     float32 under fp16, as in LISA), rebuild the buffers checkpoints do not carry, quantize the LLM,

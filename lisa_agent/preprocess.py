@@ -62,8 +62,9 @@ def clip_crop_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
 
 def clip_preprocess(image: np.ndarray, size: int) -> torch.Tensor:
     """HxWx3 uint8 RGB -> (1, 3, size, size) float32 CLIP input (shortest-side resize, center crop)."""
-    nh, nw, top, left = clip_crop_geometry(*image.shape[:2], size)
+    h, w = image.shape[:2]
+    nh, nw, top, left = clip_crop_geometry(h, w, size)
     resized = Image.fromarray(image).resize((nw, nh), Image.Resampling.BICUBIC)
-    crop = np.asarray(resized, dtype=np.float32)[top: top + size, left: left + size] / 255.0
+    crop: np.ndarray = np.asarray(resized, dtype=np.float32)[top: top + size, left: left + size] / 255.0
     crop = (crop - np.array(CLIP_MEAN, dtype=np.float32)) / np.array(CLIP_STD, dtype=np.float32)
     return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]

@@ -404,6 +404,7 @@ class LisaSegmenter:
             logits = view if logits is None else logits + view
             iou = iou_k.float() if iou is None else iou + iou_k.float()
             t_post += timer.lap()
+        assert logits is not None and iou is not None  # every view set has at least one view
         if len(self._views) > 1:  # mean of the views' logits (prompts are the same for every view)
             logits, iou = logits / len(self._views), iou / len(self._views)
         masks = (logits > 0).cpu()

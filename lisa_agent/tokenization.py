@@ -76,7 +76,9 @@ class LisaTokenizer:
             # tokenizer.json lists added tokens too; added_tokens.json wins where both exist.
             for t in tok.get_added_tokens_decoder().values():
                 if t.content not in added and t.content not in special.values():
-                    added[t.content] = tok.token_to_id(t.content)
+                    tid = tok.token_to_id(t.content)
+                    assert tid is not None  # the tokenizer's own added token has an id
+                    added[t.content] = tid
             return cls(tok, "tokenizers", added, special)
         raise CheckpointError(f"no tokenizer in {folder}: expected tokenizer.model (sentencepiece) or tokenizer.json")
 

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Set up a fresh virtual environment with every test dependency and run the whole test suite.
-# Usage: scripts/test.sh [pytest args...]      (VENV=path to reuse another environment)
+# Set up a fresh virtual environment with every test dependency, check the library's types (mypy) and
+# style (ruff), and run the whole test suite.
+# Usage: scripts/test.sh [pytest args...]      (VENV=path to reuse another environment; LINT=0 skips mypy/ruff)
+# The fast suite (under a minute): scripts/test.sh -m "not slow"
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -16,4 +18,8 @@ fi
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-87}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+if [ "${LINT:-1}" != 0 ]; then
+  "$VENV/bin/ruff" check lisa_agent ros_nodes tests launch examples scripts
+  "$VENV/bin/mypy"
+fi
 exec "$VENV/bin/python" -m pytest -q "$@"

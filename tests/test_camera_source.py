@@ -13,6 +13,8 @@ from ros_helpers import REPO, Probe, camera_info_msg, image_msg, ros_env, stamp
 from ros_nodes.camera_source import RosCameraSource
 from ros_nodes.conversions import to_image_msg
 
+pytestmark = pytest.mark.slow  # camera processes over real DDS
+
 DOMAIN = 90
 RNG = np.random.default_rng(5)
 

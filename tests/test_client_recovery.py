@@ -75,6 +75,7 @@ def serve(tiny_checkpoint):
     server.kill()
 
 
+@pytest.mark.slow  # kills and restarts a `lisa-agent serve` process, waiting out client timeouts
 def test_killed_server_is_reported_then_the_same_client_recovers_after_restart_and_sigterm_stops_it(serve):
     endpoint = serve.cmd[serve.cmd.index("--bind") + 1]
     serve.start()

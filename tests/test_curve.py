@@ -14,6 +14,7 @@ from lisa_agent.serving.protocol import ServerUnavailableError
 from lisa_agent.serving.security import create_keypair
 from lisa_agent.serving.server import LisaServer
 
+pytestmark = pytest.mark.slow  # waits out client timeouts against a CurveZMQ server
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):

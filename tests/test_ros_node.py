@@ -24,6 +24,8 @@ from std_msgs.msg import Header
 from lisa_agent.geometry import Intrinsics, deproject, mask_target
 from ros_nodes.conversions import compressed_to_rgb, encode_jpeg, image_to_array, to_image_msg
 
+pytestmark = pytest.mark.slow  # three lisa_node processes over real DDS
+
 DOMAIN = 88
 SIZE = (240, 320)  # H, W of the test camera
 K = [300.0, 0.0, 159.5, 0.0, 300.0, 119.5, 0.0, 0.0, 1.0]

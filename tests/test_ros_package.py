@@ -26,6 +26,8 @@ from ros_helpers import REPO, NodeProcess, Probe, image_msg, stamp
 
 from ros_nodes.lisa_node import ENGINE_PARAMETERS, NODE_PARAMETERS
 
+pytestmark = pytest.mark.slow  # colcon build and an installed node over real DDS
+
 LAUNCH = REPO / "launch" / "lisa.launch.py"
 DOMAIN = 89
 REQUIRED_ARGS = {"camera", "image_topic", "compressed", "depth", "camera_info_topic", "instruction_topic",

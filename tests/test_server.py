@@ -195,6 +195,7 @@ def test_queued_queries_on_one_frame_run_as_one_batch_with_the_same_answers(engi
         same_result(SegmentationResult.from_dict(replies[f"q{k}"]["result"]), engine.segment(image, q))
 
 
+@pytest.mark.slow  # 200 requests from 8 clients
 def test_load_8_clients_x_25_each_request_answered_once(engine_server):
     n_clients, n_requests, window = 8, 25, 4  # 8 x 4 in flight fits the queue of 32: nothing refused
     seen: dict[int, list[str]] = {k: [] for k in range(n_clients)}

@@ -16,6 +16,8 @@ from lisa_agent.data.queries import queries_for_scene
 from lisa_agent.data.tabletop import render_scene, split_seed
 from lisa_agent.evaluation.metrics import IoUMeter, score_query
 
+pytestmark = pytest.mark.slow  # evaluates the bundled model on held-out scenes
+
 N_SCENES = 10
 SIZE = (240, 320)
 # Measured on these 10 scenes with the shipped weights (stage 7, its declared mask augmentation "flips" and

@@ -13,6 +13,7 @@ from lisa_agent import LisaSegmenter
 from lisa_agent.data.tabletop import render_scene, split_seed
 from lisa_agent.training.vision_pretrain import LABELS, TowerShape, VisionPretrainConfig, patch_targets
 
+pytestmark = pytest.mark.slow  # trains a vision tower
 
 @pytest.mark.parametrize("size", [(240, 320), (320, 240), (224, 224)])
 def test_patch_targets_are_the_cover_of_each_label_inside_the_clip_crop(size):

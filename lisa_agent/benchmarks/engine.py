@@ -57,7 +57,8 @@ def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
     with torch.device(device):
         tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
                                                  num_attention_heads=16, image_size=224, patch_size=14))
-    vision = ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch")
+    # transformers wraps PreTrainedModel.to with functools.wraps, whose stub does not bind self
+    vision = ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch")  # type: ignore[arg-type]
     assemble(model, vision, dtype=dtype, device=device, quantization=config.quantization,
              sam_attention=config.sam_attention)
     tok = train_tokenizer()

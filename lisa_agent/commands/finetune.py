@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import cast
 
 from ..errors import InvalidArgumentError
 
@@ -118,8 +119,9 @@ def run(args: argparse.Namespace) -> int:
         from ..modeling.lisa import make_text_hidden_fcs
 
         torch.manual_seed(args.seed)
-        fcs = seg.model.text_hidden_fcs[0]
-        seg.model.text_hidden_fcs = make_text_hidden_fcs(fcs[0].in_features, fcs[2].out_features)
+        fcs = cast(torch.nn.Sequential, seg.model.text_hidden_fcs[0])  # Linear, ReLU, Linear, Dropout
+        first, last = cast(torch.nn.Linear, fcs[0]), cast(torch.nn.Linear, fcs[2])
+        seg.model.text_hidden_fcs = make_text_hidden_fcs(first.in_features, last.out_features)
     trainer = Trainer(seg, source, Path(args.out), cfg, val_data=args.val_data)
     start = 0
     if args.resume:

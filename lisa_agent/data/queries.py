@@ -60,7 +60,8 @@ class QuerySample:
     @property
     def gt_mask(self) -> np.ndarray:
         """H x W uint8 union of the target masks (0/1), the ReasonSeg-style ground truth."""
-        return self.masks.any(axis=0).astype(np.uint8) if len(self.masks) else np.zeros(self.masks.shape[1:], np.uint8)
+        return np.asarray(self.masks.any(axis=0)).astype(np.uint8) if len(self.masks) \
+            else np.zeros(self.masks.shape[1:], np.uint8)
 
     def to_dict(self) -> dict:
         """JSON-ready description without the masks."""

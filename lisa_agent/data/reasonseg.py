@@ -218,7 +218,7 @@ def _read_ours(image_path: Path, json_path: Path, image: np.ndarray, extra: dict
         for q in extra["queries"]:
             targets = [int(t) for t in q.get("targets", [])]
             tm = masks[targets] if targets else np.zeros((0, h, w), dtype=bool)
-            gt = tm.any(axis=0).astype(np.uint8) if targets else np.zeros((h, w), np.uint8)
+            gt = np.asarray(tm.any(axis=0)).astype(np.uint8) if targets else np.zeros((h, w), np.uint8)
             queries.append(Query(str(q["text"]), bool(q["is_sentence"]), str(q["subset"]), gt, tm, targets,
                                  q.get("answer"), bool(q.get("explanatory", False)), str(q.get("concept", ""))))
     except (KeyError, IndexError, TypeError, ValueError) as exc:

@@ -173,11 +173,11 @@ def fill_polygons(polygons: Sequence[np.ndarray | Sequence[Sequence[float]]], he
     """
     mask = np.zeros((height, width), dtype=np.uint8) if out is None else out
     for poly in polygons:
-        pts = np.asarray(poly, dtype=np.float64).astype(np.int32).reshape(1, -1, 2)
-        if pts.shape[1] == 0:
+        pts = np.asarray(poly, dtype=np.float64).astype(np.int32).reshape(-1, 2)
+        if len(pts) == 0:
             continue
-        cv2.polylines(mask, pts, True, value, 1)
-        cv2.fillPoly(mask, pts, value)
+        cv2.polylines(mask, [pts], True, value, 1)
+        cv2.fillPoly(mask, [pts], value)
     return mask
 
 

@@ -287,7 +287,7 @@ def render_scene(seed: int, size: tuple[int, int] | None = None, n_objects: int 
     light = rng.uniform(0, 2 * math.pi)
     for p in placed:
         off = p.length * 0.05
-        m = np.float32([[1, 0, off * math.cos(light)], [0, 1, off * math.sin(light)]])
+        m = np.array([[1, 0, off * math.cos(light)], [0, 1, off * math.sin(light)]], dtype=np.float32)
         shadow = cv2.warpAffine(p.fill.astype(np.float32), m, (w, h))
         sigma = max(p.length * 0.03, 0.8)
         shadow = cv2.GaussianBlur(shadow, (0, 0), sigma)

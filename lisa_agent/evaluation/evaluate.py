@@ -185,7 +185,7 @@ def _collect_stats(stats: dict[str, list[bool]], q: Query, sample: Sample, masks
         return
     stats["one_mask_rate"].append(len(masks) == 1)
     if sample.object_masks is not None and len(q.targets) == 1:
-        pred = masks.any(axis=0) if len(masks) else np.zeros(q.gt.shape, dtype=bool)
+        pred = np.asarray(masks.any(axis=0)) if len(masks) else np.zeros(q.gt.shape, dtype=bool)
         stats["right_object_rate"].append(right_object(pred, sample.object_masks, q.targets[0]))
     if q.explanatory and answer == "generated":
         tail = text.rsplit("[SEG]", 1)[-1].strip(" .") if "[SEG]" in text else ""
@@ -197,8 +197,8 @@ def _keep_worst(worst: list[tuple[float, int, _Failure]], n: int, order: int, sc
     key = (-score.iou, -order)
     if len(worst) >= n and key <= (worst[0][0], worst[0][1]):
         return
-    pred = masks.any(axis=0) if len(masks) else np.zeros(q.gt.shape, dtype=bool)
-    gt = q.target_masks.any(axis=0) if len(q.target_masks) else np.zeros(q.gt.shape, dtype=bool)
+    pred = np.asarray(masks.any(axis=0)) if len(masks) else np.zeros(q.gt.shape, dtype=bool)
+    gt = np.asarray(q.target_masks.any(axis=0)) if len(q.target_masks) else np.zeros(q.gt.shape, dtype=bool)
     fail = _Failure(score.iou, order, sample.image, text, str(getattr(result, "text", "")), q.subset, pred, gt,
                     sample.image_path.stem)
     item = (-score.iou, -order, fail)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -37,7 +37,21 @@ def presence_scores(segmenter: Any, samples: Iterable[Sample], *, prompt: str = 
     return out
 
 
-def gate_rates(scores: list[tuple[str, float | None]], threshold: float) -> dict[str, float | None]:
+class GateRates(TypedDict):
+    """The rates of :func:`gate_rates` at one threshold."""
+
+    threshold: float
+    declined: float | None
+    kept: float | None
+
+
+def _known(rate: float | None) -> float:
+    """A rate of a split that has the queries it counts (:func:`choose_threshold` checks both kinds)."""
+    assert rate is not None
+    return rate
+
+
+def gate_rates(scores: list[tuple[str, float | None]], threshold: float) -> GateRates:
     """``declined``: share of no-target queries declined at ``threshold``; ``kept``: share of queries with
     targets that keep their masks (None where the split has no such query)."""
     absent = [p for s, p in scores if s == "no_target"]
@@ -58,12 +72,13 @@ def choose_threshold(scores: list[tuple[str, float | None]], min_decline: float 
     candidates = sorted({min(max((a + b) / 2, 1e-4), 1 - 1e-4) for a, b in zip(edges, edges[1:], strict=False)})
     table = [gate_rates(scores, t) for t in candidates]
     if min_decline is None:
-        best = max(table, key=lambda r: ((r["declined"] + r["kept"]) / 2, -abs(r["threshold"] - 0.5)))
+        best = max(table, key=lambda r: ((_known(r["declined"]) + _known(r["kept"])) / 2,
+                                         -abs(r["threshold"] - 0.5)))
     else:
-        ok = [r for r in table if r["declined"] >= min_decline]
+        ok = [r for r in table if _known(r["declined"]) >= min_decline]
         if not ok:
             raise ValueError(f"no threshold declines {min_decline:.0%} of the no-target queries")
-        best = max(ok, key=lambda r: (r["kept"], -r["threshold"]))
+        best = max(ok, key=lambda r: (_known(r["kept"]), -r["threshold"]))
     return {**best, "criterion": "balanced" if min_decline is None else f"declined >= {min_decline}",
             "n_no_target": sum(s == "no_target" for s, _ in scores),
             "n_with_targets": sum(s != "no_target" for s, _ in scores), "table": table}

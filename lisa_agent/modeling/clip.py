@@ -2,8 +2,32 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Protocol, cast
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from transformers import CLIPVisionModel
+
+
+class _ClipEncoder(Protocol):
+    @property
+    def layers(self) -> nn.ModuleList: ...
+
+
+class _ClipVisionTransformer(Protocol):
+    """The parts of a CLIP vision transformer that :class:`ClipPatchFeatures` runs: transformers'
+    ``CLIPVisionModel`` itself (5.x) or its ``vision_model`` (4.x)."""
+
+    @property
+    def embeddings(self) -> nn.Module: ...
+
+    @property
+    def pre_layrnorm(self) -> nn.Module: ...
+
+    @property
+    def encoder(self) -> _ClipEncoder: ...
 
 
 class ClipPatchFeatures(nn.Module):
@@ -16,7 +40,7 @@ class ClipPatchFeatures(nn.Module):
     ``output_hidden_states=True`` followed by indexing.
     """
 
-    def __init__(self, tower: nn.Module, select_layer: int = -2, select_feature: str = "patch"):
+    def __init__(self, tower: CLIPVisionModel, select_layer: int = -2, select_feature: str = "patch"):
         super().__init__()
         if select_feature not in ("patch", "cls_patch"):
             raise ValueError(f"mm_vision_select_feature must be 'patch' or 'cls_patch', got {select_feature!r}")
@@ -30,12 +54,13 @@ class ClipPatchFeatures(nn.Module):
         self.select_layer = select_layer
         self.select_feature = select_feature
 
-    def _vision(self) -> nn.Module:
+    def _vision(self) -> _ClipVisionTransformer:
         return getattr(self.tower, "vision_model", self.tower)
 
     @property
     def image_size(self) -> int:
-        return int(self.tower.config.image_size)
+        # CLIP vision configs allow a (h, w) pair; LLaVA/LISA towers are square, with one int side.
+        return int(cast(int, self.tower.config.image_size))
 
     @property
     def hidden_size(self) -> int:

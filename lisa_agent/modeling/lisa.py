@@ -16,6 +16,8 @@ ours                        published checkpoint
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, cast
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -23,6 +25,9 @@ from torch.nn import functional as F
 from ..errors import CheckpointError
 from ..prompts import IMAGE_TOKEN_INDEX
 from .sam import SamSpec, build_sam
+
+if TYPE_CHECKING:
+    from .clip import ClipPatchFeatures
 
 #: (published prefix, our prefix); first match wins, so the specific ones come first.
 KEY_MAP: tuple[tuple[str, str], ...] = (
@@ -82,10 +87,10 @@ class LisaModel(nn.Module):
         self.mm_projector = nn.Linear(mm_hidden_size, hidden)
         self.sam = build_sam(sam_spec)
         self.text_hidden_fcs = make_text_hidden_fcs(hidden, out_dim)
-        self.vision: nn.Module | None = None
+        self.vision: ClipPatchFeatures | None = None
         self.sam_spec = sam_spec
 
-    def attach_vision(self, vision: nn.Module) -> None:
+    def attach_vision(self, vision: ClipPatchFeatures) -> None:
         """Attach a :class:`~lisa_agent.modeling.clip.ClipPatchFeatures` (not part of the checkpoint)."""
         self.vision = vision
 
@@ -150,8 +155,8 @@ class LisaModel(nn.Module):
         ``text_hidden_fcs`` outputs sent to the decoder as sparse embeddings, with the dense prompt
         set to ``no_mask_embed`` and ``multimask_output=False`` (first mask token), as LISA does.
         """
-        fcs = self.text_hidden_fcs[0]
-        prompts = fcs(seg_hidden.to(fcs[0].weight.dtype))
+        fcs = cast(nn.Sequential, self.text_hidden_fcs[0])  # see make_text_hidden_fcs
+        prompts = fcs(seg_hidden.to(cast(nn.Linear, fcs[0]).weight.dtype))
         pe = self.sam.prompt_encoder
         dec = self.sam.mask_decoder
         dtype = dec.iou_token.weight.dtype

@@ -9,11 +9,15 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from ..errors import CheckpointError
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
 PIXEL_MEAN = (123.675, 116.28, 103.53)
 PIXEL_STD = (58.395, 57.12, 57.375)
@@ -110,7 +114,7 @@ def infer_sam_spec(state: dict[str, torch.Tensor], prefix: str = "", decoder_num
     )
 
 
-def build_sam(spec: SamSpec) -> nn.Module:
+def build_sam(spec: SamSpec) -> Sam:
     """A ``segment_anything.modeling.Sam`` of the given shape (random init; load weights after)."""
     from segment_anything.modeling import ImageEncoderViT, MaskDecoder, PromptEncoder, Sam, TwoWayTransformer
 

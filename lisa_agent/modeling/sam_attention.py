@@ -10,9 +10,14 @@ state-dict keys; swap it in with :func:`use_sdpa_attention`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+if TYPE_CHECKING:
+    from segment_anything.modeling import Sam
 
 
 def _rel_index(q: int, k: int, device: torch.device) -> torch.Tensor:
@@ -35,6 +40,10 @@ class SdpaAttention(nn.Module):
     num_heads: int
     scale: float
     use_rel_pos: bool
+    qkv: nn.Linear
+    proj: nn.Linear
+    rel_pos_h: nn.Parameter
+    rel_pos_w: nn.Parameter
 
     def _indices(self, h: int, w: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.__dict__.setdefault("_rel_cache", {})
@@ -62,7 +71,7 @@ class SdpaAttention(nn.Module):
         return self.proj(out)
 
 
-def use_sdpa_attention(sam: nn.Module) -> int:
+def use_sdpa_attention(sam: Sam) -> int:
     """Switch every image-encoder attention of ``sam`` to :class:`SdpaAttention`; returns how many."""
     from segment_anything.modeling.image_encoder import Attention
 

@@ -23,7 +23,7 @@ import os
 import time
 import uuid
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -41,6 +41,9 @@ from .protocol import (
     parse_reply,
 )
 
+if TYPE_CHECKING:
+    import zmq
+
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 
 _Keys = tuple[bytes, bytes] | str | os.PathLike[str] | None
@@ -48,6 +51,9 @@ _Keys = tuple[bytes, bytes] | str | os.PathLike[str] | None
 
 class _ClientCore:
     """Request building, reply decoding and socket setup shared by the two clients."""
+
+    #: the ZeroMQ context the sockets come from, set by each client (a ``zmq.asyncio.Context``: async)
+    _ctx: zmq.Context[Any]
 
     def __init__(self, endpoint: str, timeout: float, retries: int, curve_server_key: Any,
                  curve_client_keys: _Keys) -> None:

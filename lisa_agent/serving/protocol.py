@@ -43,7 +43,7 @@ SUPPORTED_VERSIONS = (1,)
 
 OPS = ("segment", "info", "health")
 IMAGE_FORMATS = ("raw", "jpeg", "png")
-DEPTH_DTYPES = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
+DEPTH_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
 #: metres per depth unit when the header gives no ``scale``: uint16 depth is millimetres, float32 metres.
 DEFAULT_DEPTH_SCALE = {"uint16": 0.001, "float32": 1.0}
 

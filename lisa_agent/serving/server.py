@@ -24,6 +24,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,7 +170,11 @@ class LisaServer:
         self.limits = limits or Limits()
         self.queue = RequestQueue(max_queue)
         self.latest_only = latest_only
-        self.batch = batch and callable(getattr(backend, "segment_batch", None))
+        # segment_batch is optional (not part of SegmentBackend): fetched once, None when not used
+        segment_batch = getattr(backend, "segment_batch", None)
+        self._segment_batch: Callable[..., list[SegmentationResult]] | None = (
+            segment_batch if batch and callable(segment_batch) else None)
+        self.batch = self._segment_batch is not None
         self._curve_keys = security.load_keypair(curve_secret) if curve_secret is not None else None
         self._curve_allow = security.check_allow_dir(curve_allow) if curve_allow is not None else None
         self._stop = threading.Event()
@@ -449,10 +454,10 @@ class LisaServer:
             return
         decode_ms = (time.perf_counter() - t0) * 1e3
         results: list[SegmentationResult] | None = None
-        if len(live) > 1:
+        if len(live) > 1 and self._segment_batch is not None:  # more than one job only when batching
             try:
-                results = list(self.backend.segment_batch(frames[id(live[0])], [j.request.query for j in live],
-                                                          return_logits=False))
+                results = list(self._segment_batch(frames[id(live[0])], [j.request.query for j in live],
+                                                   return_logits=False))
                 if len(results) != len(live):
                     raise RuntimeError(f"segment_batch returned {len(results)} results for {len(live)} queries")
             except Exception as exc:  # noqa: BLE001 - fall back to one call per query

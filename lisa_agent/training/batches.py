@@ -186,11 +186,12 @@ def synthetic_scenes(split: str = "train", seed: int = 0, sizes: Sequence[tuple[
             question, answer = describe_scene(scene, rng)
             examples.append(Example(0, question, answer, no_masks))
         for _ in range(absent_seg):
-            q = no_target_query(scene, rng)
-            if q is None:
+            absent = no_target_query(scene, rng)
+            if absent is None:
                 continue
-            text = q.text if rng.random() < raw_prob else lisa_eval_prompt(q.text, q.is_sentence)
-            examples.append(Example(0, text, absent_answer(q.concept, q.text, named_prob, rng),
+            text = (absent.text if rng.random() < raw_prob
+                    else lisa_eval_prompt(absent.text, absent.is_sentence))
+            examples.append(Example(0, text, absent_answer(absent.concept, absent.text, named_prob, rng),
                                     np.zeros((1, *scene.image.shape[:2]), dtype=bool), present=(False,),
                                     text_loss=False))
         allowed = presence_categories(index // max(1, scenes_per_step), presence_curriculum)

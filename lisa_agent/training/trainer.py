@@ -185,6 +185,7 @@ class Trainer:
             if n == 0:
                 continue
             s = batch.image_of[b]
+            assert seg_states is not None  # each target mask has its [SEG] in the answer
             low, score, _ = m.decode_masks(seg_states[k:k + n], sam_emb[s: s + 1])
             k += n
             present = batch.present[b].to(dev) if batch.present else torch.ones(n, device=dev)
@@ -195,7 +196,8 @@ class Trainer:
                 continue
             logits = m.postprocess_masks(low[keep], batch.resized_hw[s], batch.original_hw[s])
             target = batch.masks[b].to(dev)[keep]
-            valid = None if batch.valid[b] is None else batch.valid[b].to(dev)
+            valid_b = batch.valid[b]
+            valid = None if valid_b is None else valid_b.to(dev)
             bce_terms.append(sigmoid_bce(logits, target, valid))
             dice_terms.append(dice(logits, target, valid))
         bce = torch.cat(bce_terms).mean() if bce_terms else ce.new_zeros(())
@@ -221,7 +223,8 @@ class Trainer:
             if masks is None or labels is None:
                 continue
             targets.append(dense_targets(masks, labels, batch.resized_hw[s], self.model.sam_spec.img_size,
-                                         tuple(sam_emb.shape[-2:])).to(sam_emb.device))
+                                         (sam_emb.shape[-2], sam_emb.shape[-1])).to(sam_emb.device))
+            assert self.aux_head is not None  # called only when the trainer has an aux head
             logits.append(self.aux_head(sam_emb[s: s + 1])[0])
         if not logits:
             return None
@@ -239,7 +242,8 @@ class Trainer:
             batch = collate([next(scenes) for _ in range(self.cfg.scenes_per_batch)], self.seg.tokenizer,
                             self.seg.template.name, self.seg.use_im_start_end, self.seg.sam_size,
                             self.seg.clip_size, self.seg.seg_token_id)
-            loss, parts = self.loss(batch)
+            loss, losses = self.loss(batch)
+            parts: dict[str, Any] = losses  # the step's losses, then its step, lr, seconds and validation
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.grad_clip:
@@ -271,6 +275,7 @@ class Trainer:
         from ..data.reasonseg import iter_samples
         from ..evaluation.evaluate import evaluate
 
+        assert self.val_data is not None, "validate() needs val_data"
         was_training = self.model.training
         self.model.eval()
         try:
@@ -278,7 +283,7 @@ class Trainer:
                               answer=self.cfg.val_answer)
         finally:
             self.model.train(was_training)
-        keep = {k: report[k] for k in ("gIoU", "cIoU", "n") if k in report}
+        keep: dict[str, Any] = {k: report[k] for k in ("gIoU", "cIoU", "n") if k in report}
         for name, sub in report.get("subsets", {}).items():
             keep[name] = {k: v for k, v in sub.items() if k in ("gIoU", "n", "right_object_rate")}
         return keep
@@ -308,6 +313,7 @@ class Trainer:
         out = Path(out_dir or self.out_dir)
         config = read_config(self.source_dir)
         vision = self.model.vision
+        assert vision is not None  # a LisaSegmenter's model always has its vision tower
         if self.cfg.method == "full" or (self.source_dir / config.get("vision_tower", "")).is_dir():
             src_proc = self.source_dir / config.get("vision_tower", "") / "preprocessor_config.json"
             # the tower may have been replaced (pretrain-vision --new-tower): its size decides the crop

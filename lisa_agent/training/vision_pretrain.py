@@ -199,7 +199,9 @@ def pretrain_vision(model: str | Path, out_dir: str | Path, config: VisionPretra
     seg = LisaSegmenter.from_pretrained(source, dtype="fp32", device="cpu")
     if config.new_tower is not None:
         replace_vision_tower(seg.model, config.new_tower, config.seed)
-        seg.clip_size = seg.model.vision.image_size
+        vision = seg.model.vision
+        assert vision is not None  # replace_vision_tower attached the new tower
+        seg.clip_size = vision.image_size
     torch.manual_seed(config.seed)
     pre = VisionPretrainer(seg.model, config, log)
     history = pre.fit()
