@@ -29,6 +29,7 @@ a backlog (replaced frames are counted as dropped).
 from __future__ import annotations
 
 import collections
+import re
 import sys
 import threading
 import time
@@ -107,6 +108,7 @@ class LisaNode(Node):
         self._bad_frame_seq = -1
         self._depth: collections.deque[tuple[int, Any]] = collections.deque(maxlen=30)
         self._camera_info: Any = None
+        self._depth_warned: tuple[str, float] = ("", 0.0)  # last depth warning and when (monotonic s)
         self._stopping = False
         self._worker: threading.Thread | None = None
         self._counts = {"frames_received": 0, "frames_processed": 0, "frames_dropped": 0, "frames_bad": 0,
@@ -321,9 +323,18 @@ class LisaNode(Node):
             return "error"
         inference_ms = (time.perf_counter() - t0) * 1000.0
         if result.depth_note:
-            log.warning(f"3D targets: {result.depth_note}", throttle_duration_sec=5.0)
+            self._warn_depth(result.depth_note)
         self._publish(req, arrival, frame, result, depth_missing, queue_ms, inference_ms)
         return "ok"
+
+    def _warn_depth(self, note: str) -> None:
+        """Log why 3D targets are missing: a new kind of reason at once, the same kind (numbers aside) at most
+        every 5 s."""
+        now = time.monotonic()
+        kind = re.sub(r"[0-9.]+", "#", note)
+        if kind != self._depth_warned[0] or now - self._depth_warned[1] >= 5.0:
+            self._depth_warned = (kind, now)
+            self.get_logger().warning(f"3D targets: {note}")
 
     def _with_depth(self, frame: Frame) -> tuple[Frame, str | None]:
         """``frame`` with the depth image closest in time to it (with that image's stamp: the engine
