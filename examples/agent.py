@@ -99,11 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     from langchain_core.messages import AIMessage, ToolMessage
 
     from lisa_agent.errors import LisaError
-    from lisa_agent.integrations.images import load_image
+    from lisa_agent.integrations.images import ImageAccess, load_image
     from lisa_agent.integrations.langchain import lisa_tools
 
     try:
-        frame = load_image(args.image)
+        frame = load_image(args.image, access=ImageAccess.anything())  # typed by the operator, not the model
         segmenter = make_backend(args)
     except LisaError as exc:
         print(f"error: {exc}", file=sys.stderr)

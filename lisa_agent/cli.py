@@ -4,12 +4,23 @@ A command module exposes ``add_arguments(parser)`` and ``run(args) -> int``; its
 in :data:`COMMANDS` here, so ``lisa-agent --help`` imports no command module. Modules are imported
 only when their command runs. Every command that loads a model takes the flags of
 :class:`lisa_agent.config.EngineConfig` (:func:`lisa_agent.config.add_engine_arguments`).
+
+Every failure is one line on stderr (``lisa-agent COMMAND: error: ...``) and an exit code:
+
+====  =====================================================================================
+0     success
+1     the command could not do its work: bad input, model or data (the line says what)
+2     bad usage: unknown flag or value (argparse's message)
+3     an unexpected internal error (a bug: the line names it; ``LISA_AGENT_TRACEBACK=1`` shows where)
+130   interrupted (Ctrl-C)
+====  =====================================================================================
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
@@ -62,11 +73,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(_load(args.command).run(args) or 0)
-    except LisaError as exc:
-        print(f"lisa-agent {args.command}: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         return 130
+    except (LisaError, OSError) as exc:  # OSError: a file or folder the command was pointed at
+        print(f"lisa-agent {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:
+        if os.environ.get("LISA_AGENT_TRACEBACK"):
+            raise
+        print(f"lisa-agent {args.command}: internal error: {type(exc).__name__}: {_one_line(exc)} "
+              "(a bug; LISA_AGENT_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 3
+
+
+def _one_line(exc: BaseException, limit: int = 2000) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -101,6 +101,13 @@ def _int(text: str) -> int:
         raise ValueError(f"expected a whole number; got {text!r}") from None
 
 
+def _float(text: str) -> float:
+    try:
+        return float(str(text).strip())
+    except (ValueError, OverflowError):
+        raise ValueError(f"expected a number; got {text!r}") from None
+
+
 def _option(default: Any, option: Option) -> Any:
     return field(default=default, metadata={"option": option})
 
@@ -123,6 +130,12 @@ class EngineConfig:
             threshold), a number in (0, 1), or None (off: every ``[SEG]`` keeps its mask).
         sam_attention: SAM encoder attention: ``auto`` (sdpa on CUDA), ``sdpa`` or ``original``.
         cache_frames: how many frames' image features the engine keeps.
+        max_masks: most ``[SEG]`` masks one answer may have: a forced answer with more is refused
+            (``LimitExceededError``, code ``too_large``) before the model runs; generation stops
+            emitting ``[SEG]`` after this many.
+        max_mask_megapixels: most mask pixels one answer may cost, masks x mirrored views x frame pixels
+            (each is a full-frame float mask): bounds the time and memory of one request; refused or
+            capped like ``max_masks``.
     """
 
     model: str = _option(DEFAULT_MODEL, Option(
@@ -154,6 +167,12 @@ class EngineConfig:
         parse=str.strip, choices=SAM_ATTENTION))
     cache_frames: int = _option(4, Option(
         "how many frames' image features to keep for further queries", parse=_int, metavar="N"))
+    max_masks: int = _option(16, Option(
+        "most [SEG] masks per answer: a forced answer with more is refused, generation stops at this many",
+        parse=_int, metavar="N"))
+    max_mask_megapixels: float = _option(256.0, Option(
+        "most mask megapixels per answer (masks x mirrored views x frame pixels), bounding one request's "
+        "time and memory", parse=_float, metavar="MPX"))
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -204,8 +223,14 @@ class EngineConfig:
         if self.sam_attention not in SAM_ATTENTION:
             raise InvalidArgumentError(f"sam_attention must be one of {', '.join(SAM_ATTENTION)}; "
                                        f"got {self.sam_attention!r}")
-        if isinstance(self.cache_frames, bool) or not isinstance(self.cache_frames, int) or self.cache_frames < 1:
-            raise InvalidArgumentError(f"cache_frames must be a whole number >= 1; got {self.cache_frames!r}")
+        for name in ("cache_frames", "max_masks"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgumentError(f"{name} must be a whole number >= 1; got {value!r}")
+        mpx = self.max_mask_megapixels
+        if isinstance(mpx, bool) or not isinstance(mpx, (int, float)) or not math.isfinite(mpx) or mpx <= 0:
+            raise InvalidArgumentError(f"max_mask_megapixels must be a positive number; got {mpx!r}")
+        put("max_mask_megapixels", float(mpx))
 
     # ------------------------------------------------------------------ text forms
     @classmethod
@@ -310,7 +335,8 @@ def engine_parameters() -> list[tuple[str, Any, str]]:
     """
     out = []
     for name, option, default in EngineConfig.options():
-        value = default if isinstance(default, int) and not isinstance(default, bool) else option.text(default)
+        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
+        value = default if numeric else option.text(default)
         choices = f" [{', '.join(option.choices)}]" if option.choices else ""
         out.append((name, value, option.help + choices))
     return out

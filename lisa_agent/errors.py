@@ -21,6 +21,18 @@ class InvalidImageError(LisaError, ValueError):
     code = "invalid_image"
 
 
+class ImageTooLargeError(InvalidImageError):
+    """The image is larger than the limit (a side over the maximum, or too many bytes)."""
+
+    code = "too_large"
+
+
+class LimitExceededError(LisaError, ValueError):
+    """A request asks for more work than the engine allows (masks per answer, mask pixels)."""
+
+    code = "too_large"
+
+
 class InvalidQueryError(LisaError, ValueError):
     """The query (instruction) is empty or not a string."""
 

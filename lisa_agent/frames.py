@@ -75,6 +75,10 @@ def check_query(query: object) -> str:
     text = query.strip()
     if not text:
         raise InvalidQueryError("query is empty: say what to segment, e.g. 'something to cut with'")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidQueryError(f"query is not valid Unicode text (a lone surrogate at character {exc.start})") from None
     return text
 
 

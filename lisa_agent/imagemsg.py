@@ -95,24 +95,32 @@ def image_to_rgb(msg: Any) -> np.ndarray:
     return np.ascontiguousarray(array[:, :, :3])
 
 
-def compressed_to_rgb(msg: Any) -> np.ndarray:
-    """A ``sensor_msgs/CompressedImage`` (JPEG or PNG, colour or grey) as HxWx3 uint8 RGB.
+def compressed_to_rgb(msg: Any, *, max_side: int | None = None) -> np.ndarray:
+    """A ``sensor_msgs/CompressedImage`` (JPEG or PNG, colour or grey, 8 or 16 bit) as HxWx3 uint8 RGB,
+    through the one decoder every door uses (:func:`lisa_agent.images.decode_image_bytes`; pixels as
+    encoded, no EXIF rotation). The size is read from the header first: a frame with a side over
+    ``max_side`` (default: the engine's largest) is refused before it is decoded.
 
     Raises:
         UnsupportedEncodingError: the bytes do not decode as an image (or are a compressed depth
             stream, which this node does not read).
+        MalformedImageError: the image is larger than ``max_side``.
     """
-    import cv2
+    from .errors import ImageTooLargeError, InvalidImageError
+    from .frames import MAX_SIDE
+    from .images import decode_image_bytes
 
     fmt = str(getattr(msg, "format", ""))
     if "compressedDepth" in fmt:
         raise UnsupportedEncodingError(f"compressed depth ({fmt!r}) is not a colour image")
-    data = np.frombuffer(_as_bytes(msg.data), dtype=np.uint8)
-    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
-    if decoded is None:
-        raise UnsupportedEncodingError(f"compressed image ({fmt or 'unknown format'}, {data.size} bytes) "
-                                       "does not decode as JPEG/PNG")
-    return np.ascontiguousarray(decoded[:, :, ::-1])
+    data = bytes(_as_bytes(msg.data))
+    label = f"compressed image ({fmt or 'unknown format'}, {len(data)} bytes)"
+    try:
+        return decode_image_bytes(data, max_side=MAX_SIDE if max_side is None else max_side, exif=False, label=label)
+    except ImageTooLargeError as exc:
+        raise MalformedImageError(str(exc)) from None
+    except InvalidImageError:
+        raise UnsupportedEncodingError(f"{label} does not decode as an image (JPEG, PNG, ...)") from None
 
 
 def depth_to_meters_array(msg: Any) -> np.ndarray:

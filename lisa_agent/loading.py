@@ -287,7 +287,12 @@ def load_vision_tower(name: str, checkpoint_dir: Path | None, dtype: torch.dtype
         candidates.insert(0, checkpoint_dir / name)
     for cand in candidates:
         if cand.is_dir():
-            return CLIPVisionModel.from_pretrained(str(cand), dtype=dtype).eval()
+            try:
+                return CLIPVisionModel.from_pretrained(str(cand), dtype=dtype).eval()
+            except Exception as exc:  # transformers / safetensors / json raise many types on damaged files
+                raise CheckpointError(f"cannot load the vision tower in {cand} ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); its files are "
+                                      "damaged or incomplete") from exc
     if not _HUB_ID.match(name):
         raise ModelNotFoundError(f"vision tower {name!r} is neither a folder nor a Hub id")
     try:

@@ -51,9 +51,10 @@ import numpy as np
 import torch
 
 from .config import MASK_TTA_VIEWS, MODES, EngineConfig
-from .errors import InvalidArgumentError, InvalidQueryError
+from .errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
 from .frames import Frame, as_frame, check_query
+from .generation import greedy_cached, greedy_reference
 from .loading import load_lisa, resolve_checkpoint, resolve_precision
 from .modeling.lisa import LisaModel
 from .preprocess import clip_preprocess, sam_preprocess
@@ -115,7 +116,7 @@ class LisaSegmenter:
     def __init__(self, model: LisaModel, tokenizer: LisaTokenizer, *, template: str = "llava_v1",
                  use_im_start_end: bool = True, name: str = "", quantization: str | None = None,
                  cache_frames: int = 4, presence_gate: dict[str, Any] | None = None, mask_tta: str = "off",
-                 config: EngineConfig | None = None):
+                 config: EngineConfig | None = None, max_masks: int = 16, max_mask_megapixels: float = 256.0):
         if mask_tta not in MASK_TTA_VIEWS:
             raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA_VIEWS)}; got {mask_tta!r}")
         self.model = model
@@ -138,6 +139,11 @@ class LisaSegmenter:
         self._views = MASK_TTA_VIEWS[mask_tta]
         self._mask_tta = mask_tta
         self._cache = FeatureCache(cache_frames)
+        #: per-answer mask limits (see EngineConfig.max_masks / max_mask_megapixels)
+        self.max_masks = int(max_masks)
+        self.max_mask_megapixels = float(max_mask_megapixels)
+        #: the model's context length: prompt, image tokens and answer together
+        self.max_positions = int(model.llm.config.max_position_embeddings)
         self._lock = threading.RLock()
         #: the options this engine was built from (None when built directly from a model)
         self.config = config
@@ -178,7 +184,8 @@ class LisaSegmenter:
         return cls(loaded.model, tokenizer, template=config.template or loaded.config.conv_template,
                    use_im_start_end=loaded.config.mm_use_im_start_end, name=config.model,
                    quantization=config.quantization, cache_frames=config.cache_frames, presence_gate=gate,
-                   mask_tta=mask_tta, config=config)
+                   mask_tta=mask_tta, config=config, max_masks=config.max_masks,
+                   max_mask_megapixels=config.max_mask_megapixels)
 
     @property
     def device(self) -> torch.device:
@@ -208,6 +215,10 @@ class LisaSegmenter:
             "presence_threshold": None if self.presence_gate is None else self.presence_gate["threshold"],
             "mask_tta": self._mask_tta,
             "cache_frames": self._cache.size,
+            "max_masks": self.max_masks,
+            "max_mask_megapixels": self.max_mask_megapixels,
+            "mask_views": len(self._views),
+            "max_positions": self.max_positions,
         }
 
     # ------------------------------------------------------------------ frames
@@ -327,6 +338,15 @@ class LisaSegmenter:
         prompts = [self._prompt(q) for q in queries]
         prompt_ids = [self.tokenizer.encode_prompt(p) for p in prompts]
         full_ids = [self.tokenizer.encode_prompt(self._prompt(q, answer=a)) for q, a in zip(queries, answers, strict=True)]
+        budget = self._mask_budget(feats)
+        for b, ids in enumerate(full_ids):  # refuse what does not fit before the model runs
+            self._room(feats, queries[b], len(ids))
+            n_seg = ids[len(prompt_ids[b]):].count(self.seg_token_id)
+            if n_seg > budget:
+                raise LimitExceededError(
+                    f"the answer {answers[b][:80]!r} has {n_seg} [SEG]; at most {budget} masks per answer on a "
+                    f"{feats.original_hw[0]}x{feats.original_hw[1]} frame with {len(self._views)} view(s) "
+                    f"(max_masks={self.max_masks}, max_mask_megapixels={self.max_mask_megapixels:g})")
         longest = max(len(x) for x in full_ids)
         # Right padding needs no attention mask: causal attention never looks at later (pad) positions.
         batch = torch.zeros(len(full_ids), longest, dtype=torch.long)
@@ -362,6 +382,25 @@ class LisaSegmenter:
                                         prompts_out[idx], timings))
         return results
 
+    def _room(self, feats: FrameFeatures, query: str, n_ids: int, refuse: bool = True) -> int:
+        """Positions left in the model's context after ``n_ids`` prompt ids with the image merged in;
+        refuses (InvalidQueryError) a prompt that does not fit with room for one more token."""
+        used = n_ids - 1 + feats.image_tokens.shape[1]  # the image placeholder becomes the image tokens
+        room = self.max_positions - used
+        if room < 1 and refuse:
+            raise InvalidQueryError(
+                f"the prompt is {used} tokens with the image's {feats.image_tokens.shape[1]}; this model reads at "
+                f"most {self.max_positions} (its max_position_embeddings), answer included: shorten the query "
+                f"(it is {len(query)} characters)")
+        return room
+
+    def _mask_budget(self, feats: FrameFeatures) -> int:
+        """Masks one answer may have on this frame: ``max_masks``, and the ``max_mask_megapixels`` they cost
+        (each is a full-frame float mask per mirrored view)."""
+        h, w = feats.original_hw
+        per_mask = len(self._views) * h * w / 1e6
+        return max(0, min(self.max_masks, int(self.max_mask_megapixels // per_mask)))
+
     def _declines(self, scores: torch.Tensor) -> bool:
         """True when the presence gate is on and every one of an answer's (>= 1) [SEG] scores is below it."""
         return (self.presence_gate is not None and len(scores) > 0
@@ -376,8 +415,10 @@ class LisaSegmenter:
         open_ids = self.tokenizer.encode_prompt(self._prompt(query, history))
         closed = self._prompt(query, history, answer=prefix)
         ids = self.tokenizer.encode_prompt(closed[: closed.rindex(prefix) + len(prefix)])
-        generated, _ = self._greedy_cached(torch.tensor([ids], device=self.device), feats, max_new_tokens,
-                                           banned=self.seg_token_id)
+        max_new_tokens = max(0, min(max_new_tokens, self._room(feats, query, len(ids), refuse=False)))
+        generated, _ = greedy_cached(self.model, torch.tensor([ids], device=self.device), feats.image_tokens,
+                                     max_new_tokens, eos=self.eos_token_id, seg=self.seg_token_id, max_segs=0,
+                                     banned=self.seg_token_id)
         if ids[: len(open_ids)] == open_ids:
             answer_ids = ids[len(open_ids):] + generated
             text = self.tokenizer.decode(answer_ids)
@@ -435,12 +476,17 @@ class LisaSegmenter:
             timer = _Timer(self.device)
             prompt = self._prompt(query, history)
             prompt_ids = self.tokenizer.encode_prompt(prompt)
+            room = self._room(feats, query, len(prompt_ids))
+            max_new_tokens = min(max_new_tokens, room)  # the answer ends where the model's context does
             ids = torch.tensor([prompt_ids], device=self.device)
             t_tok = timer.lap()
+            budget = self._mask_budget(feats)
             if mode == "chat":
-                generated, seg_states = self._greedy_cached(ids, feats, max_new_tokens)
+                generated, seg_states = greedy_cached(self.model, ids, feats.image_tokens, max_new_tokens,
+                                                      eos=self.eos_token_id, seg=self.seg_token_id, max_segs=budget)
             else:
-                generated, seg_states = self._greedy_reference(ids, feats, max_new_tokens)
+                generated, seg_states = greedy_reference(self.model, ids, feats.clip_pixels, max_new_tokens,
+                                                         eos=self.eos_token_id, seg=self.seg_token_id, max_segs=budget)
             t_llm = timer.lap()
             logits, masks, scores, prompts_out, t_dec, t_post = self._masks(feats, seg_states, return_logits)
             text = _clean(self.tokenizer.decode(generated))
@@ -452,56 +498,6 @@ class LisaSegmenter:
                 masks, scores, prompts_out = masks[keep], scores[keep], prompts_out[keep]
             return self._result(feats, cached, query, mode, prompt, prompt_ids, generated, text, logits, masks,
                                 scores, prompts_out, timings)
-
-    def _greedy_cached(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int,
-                       banned: int | None = None) -> tuple[list[int], torch.Tensor]:
-        llm = self.model.llm
-        embeds, _ = self.model.embed_with_image(ids, feats.image_tokens)
-        out = llm.model(inputs_embeds=embeds, use_cache=True)
-        cache = out.cache
-        last = out.last_hidden_state[:, -1]
-        generated: list[int] = []
-        seg_states: list[torch.Tensor] = []
-        embed = llm.get_input_embeddings()
-        for _ in range(max_new_tokens):
-            scores = llm.lm_head(last)
-            if banned is not None:
-                scores[..., banned] = float("-inf")
-            token = int(scores.argmax(dim=-1).item())
-            if token == self.eos_token_id:
-                break
-            if token == self.seg_token_id:
-                seg_states.append(last[0])
-            generated.append(token)
-            if len(generated) == max_new_tokens:
-                break
-            step = embed(torch.tensor([[token]], device=self.device))
-            out = llm.model(inputs_embeds=step, cache=cache, use_cache=True)
-            cache = out.cache
-            last = out.last_hidden_state[:, -1]
-        states = torch.stack(seg_states) if seg_states else last.new_zeros(0, last.shape[-1])
-        return generated, states
-
-    def _greedy_reference(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
-        """No KV cache, CLIP and the full sequence re-run every step (the public LISA code's cost)."""
-        llm = self.model.llm
-        generated: list[int] = []
-        for _ in range(max_new_tokens):
-            seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=self.device)], dim=1)
-            tokens = self.model.encode_clip(feats.clip_pixels)
-            embeds, _ = self.model.embed_with_image(seq, tokens)
-            hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
-            token = int(llm.lm_head(hidden[:, -1]).argmax(dim=-1).item())
-            if token == self.eos_token_id:
-                break
-            generated.append(token)
-        # One full pass over prompt + answer; the state before each [SEG] is its embedding.
-        seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=self.device)], dim=1)
-        embeds, merged = self.model.embed_with_image(seq, self.model.encode_clip(feats.clip_pixels))
-        hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
-        positions = [int(merged[0, j]) - 1 for j in range(ids.shape[1], seq.shape[1])
-                     if int(seq[0, j]) == self.seg_token_id]
-        return generated, hidden[positions] if positions else hidden.new_zeros(0, hidden.shape[-1])
 
 
 def _clean(text: str) -> str:

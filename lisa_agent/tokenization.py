@@ -58,8 +58,20 @@ class LisaTokenizer:
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> LisaTokenizer:
-        """Load from a checkpoint folder: ``tokenizer.model`` (preferred, as published) or ``tokenizer.json``."""
-        folder = Path(folder)
+        """Load from a checkpoint folder: ``tokenizer.model`` (preferred, as published) or ``tokenizer.json``.
+
+        Raises :class:`CheckpointError` naming the folder for a missing, corrupt or unreadable tokenizer."""
+        try:
+            return cls._load(Path(folder))
+        except CheckpointError:
+            raise
+        except Exception as exc:  # sentencepiece / tokenizers / json raise many types on corrupt files
+            raise CheckpointError(f"cannot read the tokenizer in {folder} ({type(exc).__name__}: "
+                                  f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); the checkpoint's tokenizer "
+                                  "files are damaged") from exc
+
+    @classmethod
+    def _load(cls, folder: Path) -> LisaTokenizer:
         special = _read_special_tokens(folder)
         added = _read_added_tokens(folder)
         if (folder / "tokenizer.model").is_file():

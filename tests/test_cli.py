@@ -35,7 +35,8 @@ def test_segment_reports_unreadable_image(tiny_checkpoint, tmp_path, capsys):
     (tmp_path / "bad.jpg").write_bytes(b"not a jpeg")
     rc = main(["segment", "--model", str(tiny_checkpoint), "--image", str(tmp_path / "bad.jpg"), "--query", "x"])
     assert rc == 1
-    assert "cannot read" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "bad.jpg' is not a readable image" in err and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_unknown_model_is_reported(tmp_path, capsys):

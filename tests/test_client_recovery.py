@@ -100,7 +100,7 @@ def test_killed_server_is_reported_then_the_same_client_recovers_after_restart_a
         after = client.segment(frame, "the cup", frame_id=4)
         assert after.text == before[0].text
         assert (after.masks == before[0].masks).all()
-        assert client.info()["protocol_version"] == 1
+        assert client.info()["protocol_version"] == 2
     finally:
         client.close()
 

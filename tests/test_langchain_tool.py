@@ -22,7 +22,7 @@ from langchain_core.messages import ToolMessage
 
 from lisa_agent.encoders import image_to_png, rle_to_mask
 from lisa_agent.geometry import Intrinsics, Target, depth_to_meters, mask_target
-from lisa_agent.integrations.images import load_image
+from lisa_agent.integrations.images import ImageAccess, load_image
 from lisa_agent.integrations.langchain import LisaExplainTool, LisaSegmentTool, describe_result, lisa_tools
 from lisa_agent.result import SegmentationResult
 
@@ -122,7 +122,8 @@ def test_named_image_reaches_the_engine_unchanged(
     }[form]
     # A camera with another frame is configured: the named image must win.
     other = np.zeros_like(frame)
-    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: other)
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: other, image_folders=[tmp_path],
+                           image_hosts=["127.0.0.1"])
     msg = _call(tool, {"query": QUERY, "image": ref})
     _assert_matches_engine(msg, tiny_segmenter.segment(frame, QUERY, mode="fast"))
     assert "camera" not in msg.content
@@ -137,8 +138,9 @@ def test_load_image_converts_gray_and_rgba_to_rgb(tmp_path: Path) -> None:
     rgba[..., 0] = 200
     rgba[..., 3] = 255
     Image.fromarray(rgba, mode="RGBA").save(tmp_path / "a.png")
-    g = load_image(str(tmp_path / "g.png"))
-    a = load_image(str(tmp_path / "a.png"))
+    access = ImageAccess.of([tmp_path])
+    g = load_image(str(tmp_path / "g.png"), access=access)
+    a = load_image(str(tmp_path / "a.png"), access=access)
     assert g.shape == (20, 30, 3) and g.dtype == np.uint8
     np.testing.assert_array_equal(g[..., 1], gray)
     assert a.shape == (20, 30, 3) and (a[..., 0] == 200).all() and (a[..., 1:] == 0).all()
@@ -320,7 +322,8 @@ def test_errors_become_actionable_messages(
 ) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "UNREADABLE").write_text("this is not a PNG")
-    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=(lambda: frame) if source else None)
+    tool = LisaSegmentTool(backend=tiny_segmenter, image_source=(lambda: frame) if source else None,
+                           image_folders=[tmp_path])
     msg = _call(tool, args)
     assert msg.status == "error"
     assert needle in msg.content

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
@@ -186,3 +190,38 @@ def test_rosbags_messages_decode_the_same():
     raw = bytes(serialize_message(make_image(RGB[:, :, ::-1], "bgr8", pad=3)))
     msg = store.deserialize_cdr(raw, "sensor_msgs/msg/Image")
     np.testing.assert_array_equal(image_to_rgb(msg), RGB)
+
+
+# ---------------------------------------------------------------------------------------------- fuzzing
+_ENCODINGS = ["rgb8", "bgr8", "rgba8", "bgra8", "mono8", "mono16", "16UC1", "32FC1", "8UC3", "yuv422", "", "RGB8"]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(encoding=st.sampled_from(_ENCODINGS), height=st.integers(-2, 40), width=st.integers(-2, 40),
+       step=st.integers(-4, 200), big=st.booleans(), data=st.binary(max_size=2000))
+def test_fuzz_image_messages_decode_or_raise_a_named_error(encoding, height, width, step, big, data):
+    """Any field values a publisher may send: a correctly shaped array, or one of the two named errors."""
+    msg = SimpleNamespace(encoding=encoding, height=height, width=width, step=step, is_bigendian=big, data=data)
+    for convert in (image_to_rgb, image_to_array, depth_to_meters_array):
+        try:
+            out = convert(msg)
+        except (UnsupportedEncodingError, MalformedImageError):
+            continue
+        assert out.shape[:2] == (height, width)
+        if convert is image_to_rgb:
+            assert out.dtype == np.uint8 and out.shape[2] == 3 and out.flags.c_contiguous
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(st.binary(max_size=3000),
+                      st.sampled_from([b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff"]).flatmap(
+                          lambda magic: st.binary(max_size=3000).map(lambda rest: magic + rest)),
+                      st.integers(0, 400).map(lambda n: encode_jpeg(RGB)[:n])),
+       fmt=st.sampled_from(["jpeg", "png", "rgb8; jpeg compressed bgr8", "16UC1; compressedDepth", ""]))
+def test_fuzz_compressed_images_decode_or_raise_a_named_error(data, fmt):
+    msg = SimpleNamespace(format=fmt, data=data)
+    try:
+        out = compressed_to_rgb(msg)
+    except (UnsupportedEncodingError, MalformedImageError):
+        return
+    assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8

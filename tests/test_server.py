@@ -195,9 +195,8 @@ def test_queued_queries_on_one_frame_run_as_one_batch_with_the_same_answers(engi
         same_result(SegmentationResult.from_dict(replies[f"q{k}"]["result"]), engine.segment(image, q))
 
 
-@pytest.mark.slow  # 200 requests from 8 clients
-def test_load_8_clients_x_25_each_request_answered_once(engine_server):
-    n_clients, n_requests, window = 8, 25, 4  # 8 x 4 in flight fits the queue of 32: nothing refused
+def test_load_8_clients_x_10_each_request_answered_once(engine_server):
+    n_clients, n_requests, window = 8, 10, 4  # 8 x 4 in flight fits the queue of 32: nothing refused
     seen: dict[int, list[str]] = {k: [] for k in range(n_clients)}
     failures: list[BaseException] = []
 
@@ -333,7 +332,7 @@ json_leaf = st.none() | st.booleans() | st.integers(-5, 5000) | st.text(max_size
 fuzz_headers = st.one_of(
     st.binary(max_size=80),
     st.fixed_dictionaries({}, optional={
-        "v": st.sampled_from([1, 0, "1"]), "id": st.one_of(st.text(max_size=6), st.integers(), st.none()),
+        "v": st.sampled_from([2, 1, "2"]), "id": st.one_of(st.text(max_size=6), st.integers(), st.none()),
         "op": st.sampled_from(["segment", "info", "health", "x"]), "query": json_leaf,
         "image": st.one_of(json_leaf, st.fixed_dictionaries({
             "format": st.sampled_from(["raw", "jpeg", "png", "tiff"]),
@@ -525,7 +524,7 @@ def near_valid_segment(draw):
     h, w = draw(st.integers(8, 40)), draw(st.integers(8, 40))
     image = np.full((h, w, 3), draw(st.integers(0, 255)), np.uint8)
     spec, data = encode_image(image, draw(st.sampled_from(["raw", "jpeg", "png"])))
-    header: dict[str, Any] = {"v": 1, "id": "n", "op": "segment", "query": draw(st.sampled_from(["cup", "", " "])),
+    header: dict[str, Any] = {"v": 2, "id": "n", "op": "segment", "query": draw(st.sampled_from(["cup", "", " "])),
                               "image": spec, "options": {"mode": draw(st.sampled_from(["fast", "chat", "x"]))}}
     if draw(st.booleans()):
         header["image"] = dict(spec, shape=draw(st.lists(st.integers(0, 50), min_size=2, max_size=4)))

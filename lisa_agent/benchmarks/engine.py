@@ -65,7 +65,8 @@ def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
     added = add_lisa_tokens(tok)
     tokenizer = LisaTokenizer(tok, "tokenizers", added, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     return LisaSegmenter(model, tokenizer, name=f"random-{shape}", quantization=config.quantization,
-                         cache_frames=config.cache_frames, config=config,
+                         cache_frames=config.cache_frames, config=config, max_masks=config.max_masks,
+                         max_mask_megapixels=config.max_mask_megapixels,
                          mask_tta="off" if config.mask_tta == "checkpoint" else config.mask_tta)
 
 

@@ -104,26 +104,47 @@ def measure_overhead(backend: Any, *, n: int = 30, height: int = 480, width: int
     return out
 
 
+def _rss_mb() -> float:
+    """This process's resident memory in MiB (Linux /proc; peak RSS elsewhere)."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
 def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: int = 480, width: int = 640,
                  encoding: str = "raw", query: str = "the red object") -> dict[str, Any]:
     """Requests/s with ``clients`` threads each sending ``requests`` segment requests (one frame each
-    thread, so features are shared within a thread's stream). Every request must be answered."""
+    thread, so features are shared within a thread's stream). Every request must be answered exactly once
+    (the request ids are checked); reports latency percentiles and the process's RSS before and after
+    (the server runs in this process)."""
     from ..serving.client import LisaClient
     from ..serving.server import LisaServer
 
     answered = [0] * clients
+    latencies: list[float] = []
     errors: list[BaseException] = []
+    lock = threading.Lock()
 
     def run(k: int, endpoint: str) -> None:
         frame = synthetic_frame(height, width, seed=k)
         try:
             with LisaClient(endpoint, timeout=120.0, retries=0) as client:
                 for _ in range(requests):
+                    t0 = time.perf_counter()
                     client.segment(frame, query, frame_id=f"load-{k}", encoding=encoding)
+                    with lock:
+                        latencies.append((time.perf_counter() - t0) * 1e3)
                     answered[k] += 1
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
+    rss_before = _rss_mb()
     with LisaServer(backend, "tcp://127.0.0.1:*", max_queue=max(clients * 2, 16)) as server:
         threads = [threading.Thread(target=run, args=(k, server.endpoint)) for k in range(clients)]
         t0 = time.perf_counter()
@@ -132,9 +153,17 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - t0
+        replies = server.health()["replies"]
     total = sum(answered)
+    ordered = sorted(latencies)
+
+    def pct(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 2) if ordered else float("nan")
+
     return {"clients": clients, "requests": clients * requests, "answered": total, "errors": [repr(e) for e in errors],
-            "seconds": round(elapsed, 3), "requests_per_s": round(total / elapsed, 2)}
+            "server_replies": replies, "seconds": round(elapsed, 3), "requests_per_s": round(total / elapsed, 2),
+            "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
+            "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(_rss_mb(), 1)}
 
 
 def main(argv: list[str] | None = None) -> int:

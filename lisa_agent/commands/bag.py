@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..config import add_engine_arguments
-from .common import load_segmenter
+from ..errors import InvalidArgumentError
+from .common import check_writable, load_segmenter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
     from ..bagtool import process_bag
     from ..frames import SegmentBackend
 
+    # what can fail fast fails before a model loads
+    if not Path(args.input).exists():
+        raise InvalidArgumentError(f"input bag {args.input} does not exist")
+    if Path(args.out).exists():
+        raise InvalidArgumentError(f"output {args.out} already exists; choose a new path (rosbag2 never overwrites)")
+    check_writable(Path(args.out) / "metadata.yaml", "--out")
     backend: SegmentBackend
     if args.server:
         from ..serving.client import LisaClient

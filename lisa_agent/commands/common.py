@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..config import engine_config_from_args
-from ..errors import InvalidImageError
+from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..segmenter import LisaSegmenter
@@ -24,16 +25,26 @@ def load_segmenter(args: argparse.Namespace, **overrides: Any) -> LisaSegmenter:
 
 
 def read_image(path: str | Path) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB; raises InvalidImageError naming the file when unreadable."""
-    from PIL import Image, UnidentifiedImageError
+    """An image file as HxWx3 uint8 RGB through the one decoder every door uses
+    (:func:`lisa_agent.images.read_image_file`: header-first size check, 16-bit, EXIF orientation)."""
+    from ..images import read_image_file
 
-    try:
-        with Image.open(path) as im:
-            return np.array(im.convert("RGB"))
-    except FileNotFoundError:
-        raise InvalidImageError(f"image file {str(path)!r} does not exist") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InvalidImageError(f"cannot read {str(path)!r} as an image: {exc}") from None
+    return read_image_file(path)
+
+
+def check_writable(path: str | Path | None, flag: str) -> None:
+    """Refuse (before any model loads) an output ``path`` that cannot be written: its folder missing and not
+    creatable, not writable, or the path itself a folder."""
+    if path is None:
+        return
+    target = Path(path)
+    if target.is_dir():
+        raise InvalidArgumentError(f"{flag} {str(target)!r} is a folder; give a file name")
+    folder = target.parent
+    while not folder.exists() and folder != folder.parent:  # the first existing ancestor must be writable
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise InvalidArgumentError(f"{flag} {str(target)!r} cannot be written: {str(folder)!r} is not a writable folder")
 
 
 def write_image(path: str | Path, image: np.ndarray) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from ..config import add_engine_arguments
-from .common import load_segmenter, write_image
+from .common import check_writable, load_segmenter, write_image
 
 DEFAULT_QUERY = "grab something to cut with"
 DEFAULT_SEED = 2
@@ -36,6 +36,8 @@ def run(args: argparse.Namespace) -> int:
         h, w = (int(v) for v in args.size.lower().split("x"))
     except ValueError:
         raise InvalidArgumentError(f"--size must look like 480x640, got {args.size!r}") from None
+    check_writable(args.out, "--out")
+    check_writable(args.image_out, "--image-out")
     scene = render_scene(split_seed("test", args.seed), size=(h, w))
     seg = load_segmenter(args)
     frame = Frame(scene.image, frame_id=f"tabletop test scene {args.seed}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..config import add_engine_arguments
 from ..errors import InvalidArgumentError
-from .common import load_segmenter
+from .common import check_writable, load_segmenter
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +51,9 @@ def run(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 1:
         raise InvalidArgumentError(f"--limit must be >= 1; got {args.limit}")
+    check_writable(args.out, "--out")
+    if args.failures_out is not None:
+        check_writable(Path(args.failures_out) / "overlay.png", "--failures-out")
     folder = resolve_data(args.data, args.split)
     if not list_images(folder):  # fail on a bad folder before loading the model
         raise InvalidArgumentError(f"no image + json pairs in {folder}")

@@ -11,7 +11,7 @@ import numpy as np
 from ..config import add_engine_arguments
 from ..frames import Frame
 from ..result import SegmentationResult
-from .common import load_segmenter, read_image, write_image
+from .common import check_writable, load_segmenter, read_image, write_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +27,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    check_writable(args.out, "--out")
+    check_writable(args.mask_out, "--mask-out")
     image = read_image(args.image)
     seg = load_segmenter(args)
     frame = Frame(image, frame_id=Path(args.image).name)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import threading
 
@@ -19,6 +20,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-side", type=int, default=4096, help="largest image side accepted (default %(default)s)")
     parser.add_argument("--max-frame-mb", type=float, default=64.0,
                         help="largest frame accepted, in MiB (default %(default)s)")
+    parser.add_argument("--max-pending-replies-mb", type=float, default=64.0, metavar="MB",
+                        help="replies held for a client that does not read them, at most; its oldest are dropped "
+                             "beyond (default %(default)s)")
     parser.add_argument("--curve-secret", default=None, metavar="FILE",
                         help="server .key_secret certificate: turn CurveZMQ encryption + authentication on")
     parser.add_argument("--curve-allow", default=None, metavar="DIR",
@@ -51,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
         security.check_allow_dir(args.curve_allow)
     if args.max_queue < 1:
         raise InvalidArgumentError(f"--max-queue must be at least 1; got {args.max_queue}")
-    if args.max_side < 8 or args.max_frame_mb <= 0:
-        raise InvalidArgumentError("--max-side must be >= 8 and --max-frame-mb > 0")
+    if args.max_side < 8:
+        raise InvalidArgumentError(f"--max-side must be at least 8; got {args.max_side}")
+    for flag, value in (("--max-frame-mb", args.max_frame_mb), ("--max-pending-replies-mb", args.max_pending_replies_mb)):
+        if not math.isfinite(value) or value <= 0 or value > 1024 * 1024:
+            raise InvalidArgumentError(f"{flag} must be a positive number of MiB (at most 1048576); got {value}")
 
     from ..segmenter import LisaSegmenter
 
@@ -61,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     limits = Limits(max_frame_bytes=int(args.max_frame_mb * 1024 * 1024), max_side=args.max_side)
     server = LisaServer(segmenter, args.bind, max_queue=args.max_queue, limits=limits,
                         curve_secret=args.curve_secret, curve_allow=args.curve_allow, insecure=args.insecure,
-                        latest_only=args.latest_only, batch=not args.no_batch)
+                        latest_only=args.latest_only, batch=not args.no_batch,
+                        max_pending_reply_bytes=int(args.max_pending_replies_mb * 1024 * 1024))
     stopping = threading.Event()
 
     def on_signal(signum: int, _frame: object) -> None:

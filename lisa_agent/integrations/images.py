@@ -1,54 +1,108 @@
 """Load the image an agent names (file path, http(s) URL or data URI) into an HxWx3 uint8 RGB array.
 
-This is the edge where strings chosen by a language model become frames, so every failure is an
+This is the edge where strings chosen by a language model become frames, so it reads only what it
+was allowed to (:class:`ImageAccess`: no files and no URLs unless the builder of the tool lists folders
+and hosts; data URIs carry their bytes and are always fine) and every failure is an
 :class:`~lisa_agent.errors.InvalidImageError` whose message says what was wrong and what to pass
-instead. Nothing here imports torch.
+instead. A refused path is refused before it is looked at, so the model cannot probe which files
+exist. Decoding is the library's one decoder (:func:`lisa_agent.images.decode_image_bytes`). Nothing
+here imports torch.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
+import ipaddress
+import socket
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..errors import InvalidImageError
-from ..frames import MAX_SIDE, check_image
+from ..images import MAX_IMAGE_BYTES, decode_image_bytes
 
-#: Largest encoded image accepted from a URL, a data URI or a file (bytes).
-MAX_IMAGE_BYTES = 32 * 1024 * 1024
-
-_HINT = "pass a readable image file path, an http(s) URL or a data URI (data:image/png;base64,...)"
+_HINT = "pass a data URI (data:image/png;base64,...), or leave the image out to use the camera frame"
 
 
-def load_image(
-    source: str,
-    *,
-    timeout: float = 10.0,
-    max_bytes: int = MAX_IMAGE_BYTES,
-    allow_files: bool = True,
-    allow_urls: bool = True,
-) -> np.ndarray:
+@dataclass(frozen=True)
+class ImageAccess:
+    """What a caller may name as an image: files under ``folders``, URLs on ``hosts``; data URIs always.
+
+    Attributes:
+        folders: local folders (resolved, symlinks followed) whose files may be read; empty: no files.
+        hosts: URL host names or addresses that may be fetched (every redirect hop too); ``"*"`` allows
+            any host. Empty: no URLs. A host that resolves to a loopback, private, link-local or
+            reserved address is refused unless it is listed as itself (``"127.0.0.1"``, ``"localhost"``,
+            ``"192.168.1.10"``) or ``"*"`` is given: an allowed public name cannot be pointed at the robot's
+            own network, and redirects to ``file:`` or elsewhere are never followed.
+    """
+
+    folders: tuple[Path, ...] = ()
+    hosts: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, folders: Iterable[str | Path] = (), hosts: Iterable[str] = ()) -> ImageAccess:
+        return cls(folders=tuple(Path(f).expanduser().resolve() for f in folders),
+                   hosts=tuple(h.strip().lower() for h in hosts if h.strip()))
+
+    @classmethod
+    def anything(cls) -> ImageAccess:
+        """Every file and every URL: for references a person types, never for a language model's."""
+        return cls(folders=(Path("/"),), hosts=("*",))
+
+    def check_file(self, path: Path) -> Path:
+        """``path`` resolved, if it lies in an allowed folder; else InvalidImageError (not saying whether it exists)."""
+        if not self.folders:
+            raise InvalidImageError("reading local image files is not enabled for this tool; " + _HINT)
+        resolved = path.expanduser().resolve()
+        if not any(resolved.is_relative_to(folder) for folder in self.folders):
+            raise InvalidImageError(f"{_short(str(path))} is outside the folders this tool may read; " + _HINT)
+        return resolved
+
+    def check_url(self, url: str) -> None:
+        """Refuse ``url`` unless it is http(s) to an allowed host (private addresses only when listed as such)."""
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https"):
+            raise InvalidImageError(f"{_short(url)}: only http(s) URLs are fetched; " + _HINT)
+        if not self.hosts:
+            raise InvalidImageError("fetching image URLs is not enabled for this tool; " + _HINT)
+        host = (parts.hostname or "").lower()
+        if "*" in self.hosts:
+            return
+        if host not in self.hosts:
+            raise InvalidImageError(f"the host of {_short(url)} is not one this tool may fetch from; " + _HINT)
+        if host == "localhost" or _is_address(host):
+            return  # listed as itself: an explicit choice
+        for address in _addresses(host, parts.port or (443 if parts.scheme == "https" else 80)):
+            if _private(address):
+                raise InvalidImageError(f"{host} resolves to the private address {address}; this tool may not "
+                                        "fetch from it")
+
+
+def load_image(source: str, *, access: ImageAccess | None = None, timeout: float = 10.0,
+               max_bytes: int = MAX_IMAGE_BYTES) -> np.ndarray:
     """Read ``source`` and return it as a C-contiguous HxWx3 uint8 RGB array.
 
     Args:
         source: a local file path (``~`` expanded, ``file://`` URLs accepted), an ``http://`` or
             ``https://`` URL, or a ``data:image/...;base64,...`` URI. Any format Pillow decodes
-            (PNG, JPEG, WebP, BMP, TIFF, ...); grayscale, palette and RGBA images are converted to
+            (PNG, JPEG, WebP, BMP, TIFF, ...); grayscale, 16-bit, palette and RGBA images are converted to
             RGB (alpha dropped) and the EXIF orientation is applied.
+        access: what may be read (default: data URIs only; :meth:`ImageAccess.anything` for trusted input).
         timeout: seconds to wait for a URL.
         max_bytes: largest encoded size accepted.
-        allow_files: read local files (turn off when the caller must not reach the file system).
-        allow_urls: fetch http(s) URLs (turn off when the caller must not reach the network).
 
     Raises:
-        InvalidImageError: unreadable, missing, too large, not an image, or a scheme not allowed.
+        InvalidImageError: unreadable, missing, too large, not an image, or not allowed.
     """
+    access = access or ImageAccess()
     if not isinstance(source, str) or not source.strip():
         raise InvalidImageError(f"image reference is empty: {_HINT}")
     ref = source.strip()
@@ -57,10 +111,8 @@ def load_image(
         data = _read_data_uri(ref, max_bytes)
         label = "the data URI"
     elif lowered.startswith(("http://", "https://")):
-        if not allow_urls:
-            raise InvalidImageError("fetching image URLs is disabled for this tool; pass a local file path or a "
-                                    "data URI, or omit the image to use the camera frame")
-        data = _read_url(ref, timeout, max_bytes)
+        access.check_url(ref)
+        data = _read_url(ref, access, timeout, max_bytes)
         label = f"the image at {_short(ref)}"
     else:
         if lowered.startswith("file://"):
@@ -68,63 +120,62 @@ def load_image(
         elif "://" in ref[:12]:
             scheme = ref.split("://", 1)[0]
             raise InvalidImageError(f"unsupported image scheme {scheme!r} in {_short(ref)}: {_HINT}")
-        if not allow_files:
-            raise InvalidImageError("reading local image files is disabled for this tool; pass an http(s) URL "
-                                    "or a data URI, or omit the image to use the camera frame")
-        data = _read_file(ref, max_bytes)
+        data = _read_file(access.check_file(Path(ref)), ref, max_bytes)
         label = f"the file {_short(ref)}"
-    return decode_image(data, label=label)
+    return decode_image_bytes(data, label=label)
 
 
-def decode_image(data: bytes, *, label: str = "the image") -> np.ndarray:
-    """Decode encoded image bytes (PNG, JPEG, ...) into an HxWx3 uint8 RGB array.
-
-    Raises:
-        InvalidImageError: the bytes are not an image Pillow can read, or the frame is too large.
-    """
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-            if max(w, h) > MAX_SIDE:
-                raise InvalidImageError(
-                    f"{label} is {h}x{w} pixels; each side must be at most {MAX_SIDE}: downscale it first")
-            img = ImageOps.exif_transpose(img)
-            rgb = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except InvalidImageError:
-        raise
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InvalidImageError(f"{label} is not a readable image ({exc}); {_HINT}") from exc
-    return check_image(rgb)
-
-
-def _read_file(path_text: str, max_bytes: int) -> bytes:
-    path = Path(path_text).expanduser()
+def _read_file(path: Path, shown: str, max_bytes: int) -> bytes:
     if not path.exists():
-        raise InvalidImageError(f"image file {_short(path_text)} does not exist; {_HINT}")
+        raise InvalidImageError(f"image file {_short(shown)} does not exist; {_HINT}")
     if not path.is_file():
-        raise InvalidImageError(f"{_short(path_text)} is not a file; {_HINT}")
+        raise InvalidImageError(f"{_short(shown)} is not a file; {_HINT}")
     size = path.stat().st_size
     if size > max_bytes:
-        raise InvalidImageError(f"image file {_short(path_text)} is {size} bytes; the limit is {max_bytes}")
+        raise InvalidImageError(f"image file {_short(shown)} is {size} bytes; the limit is {max_bytes}")
     try:
         return path.read_bytes()
     except OSError as exc:
-        raise InvalidImageError(f"cannot read image file {_short(path_text)}: {exc.strerror or exc}") from exc
+        raise InvalidImageError(f"cannot read image file {_short(shown)}: {exc.strerror or exc}") from exc
 
 
-def _read_url(url: str, timeout: float, max_bytes: int) -> bytes:
+class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow a redirect only to a URL the access rules allow (never to file:, never to an unlisted host)."""
+
+    def __init__(self, access: ImageAccess) -> None:
+        super().__init__()
+        self.access = access
+
+    def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> Any:
+        target = headers.get("location") or headers.get("uri")
+        if target:
+            newurl = urllib.parse.urljoin(req.full_url, target)
+            try:
+                self.access.check_url(newurl)
+            except InvalidImageError as exc:
+                raise InvalidImageError(f"{_short(req.full_url)} redirects to {_short(newurl)}, which is refused: "
+                                        f"{exc}") from None
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def _read_url(url: str, access: ImageAccess, timeout: float, max_bytes: int) -> bytes:
+    opener = urllib.request.build_opener(_CheckedRedirects(access))
     request = urllib.request.Request(url, headers={"User-Agent": "lisa-agent", "Accept": "image/*"})
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:  # noqa: S310 (scheme checked)
+        with opener.open(request, timeout=timeout) as response:
             data = response.read(max_bytes + 1)
+    except InvalidImageError:
+        raise
     except urllib.error.HTTPError as exc:
         raise InvalidImageError(f"fetching {_short(url)} failed: HTTP {exc.code} {exc.reason}; "
-                                "check the URL or pass a local file instead") from exc
+                                "check the URL or pass a data URI instead") from exc
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as exc:
         reason = getattr(exc, "reason", exc)
-        raise InvalidImageError(f"cannot fetch {_short(url)}: {reason}; check the URL or pass a local file "
+        if isinstance(reason, InvalidImageError):
+            raise reason from None
+        raise InvalidImageError(f"cannot fetch {_short(url)}: {reason}; check the URL or pass a data URI "
                                 "instead") from exc
     if len(data) > max_bytes:
         raise InvalidImageError(f"the image at {_short(url)} is larger than {max_bytes} bytes")
@@ -146,6 +197,27 @@ def _read_data_uri(uri: str, max_bytes: int) -> bytes:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidImageError(f"data URI payload is not valid base64 ({exc})") from exc
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def _addresses(host: str, port: int) -> list[str]:
+    try:
+        return sorted({str(info[4][0]) for info in socket.getaddrinfo(host, port, proto=socket.IPPROTO_TCP)})
+    except OSError as exc:
+        raise InvalidImageError(f"cannot resolve {host}: {exc}") from None
+
+
+def _private(address: str) -> bool:
+    ip = ipaddress.ip_address(address.split("%", 1)[0])
+    return ip.is_private or ip.is_loopback or ip.is_link_local or ip.is_reserved or ip.is_multicast or \
+        ip.is_unspecified
 
 
 def _short(text: str, limit: int = 120) -> str:

@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -49,7 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from ..errors import InvalidArgumentError, InvalidImageError, InvalidQueryError, LisaError
 from ..frames import DEPTH_TOLERANCE_S, AsyncSegmentBackend, Frame, SegmentBackend, check_query, intrinsics_of
 from ..result import SegmentationResult
-from .images import load_image
+from .images import ImageAccess, load_image
 from .tool_io import (
     SERVICE_ADVICE,
     ExplainObjectsInput,
@@ -117,7 +118,10 @@ class LisaSegmentTool(BaseTool):
         default_mode: mode used when the caller passes none (``fast`` or ``chat``).
         segment_options: extra keywords for ``backend.segment`` (e.g. ``max_new_tokens``, or
             ``answer`` to set the teacher-forced answer of fast mode).
-        allow_files / allow_urls: whether the model may name local files / http(s) URLs.
+        image_folders: folders whose image files the model may name (default: none, so no files).
+        image_hosts: URL hosts the model may name (default: none, so no URLs; ``"*"`` for any host);
+            redirects are followed only within them, and private addresses only when listed as such
+            (see :class:`lisa_agent.integrations.images.ImageAccess`). Data URIs are always accepted.
         url_timeout: seconds to wait for an image URL.
 
     Output (``invoke`` with a ToolCall returns a ``ToolMessage``): ``content`` is the text above;
@@ -153,8 +157,8 @@ class LisaSegmentTool(BaseTool):
     depth_tolerance_s: float = DEPTH_TOLERANCE_S
     default_mode: Literal["fast", "chat"] = "fast"
     segment_options: dict[str, Any] = Field(default_factory=dict)
-    allow_files: bool = True
-    allow_urls: bool = True
+    image_folders: list[str | Path] = Field(default_factory=list)
+    image_hosts: list[str] = Field(default_factory=list)
     url_timeout: float = 10.0
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
@@ -234,8 +238,8 @@ class LisaSegmentTool(BaseTool):
             raise InvalidArgumentError(f"mode must be 'fast' or 'chat'; got {mode!r}")
         t0 = time.perf_counter()
         if image is not None and image.strip() and image.strip().lower() not in ("none", "null", "camera"):
-            array = load_image(image, timeout=self.url_timeout, allow_files=self.allow_files,
-                               allow_urls=self.allow_urls)
+            access = ImageAccess.of(self.image_folders, self.image_hosts)
+            array = load_image(image, access=access, timeout=self.url_timeout)
             kind = "data URI" if image.lstrip()[:5].lower() == "data:" else repr(image.strip()[:80])
             return _ToolRequest(Frame(array), text, mode, f"the image {kind}", load_ms=_ms(t0))
         if self.image_source is None:
@@ -375,8 +379,8 @@ def lisa_tools(
         image_source: callable returning the current HxWx3 uint8 RGB frame (or ``(frame, stamp)``).
         explain: also return ``explain_objects`` (LISA's chat mode, for explanatory answers).
         **options: further :class:`LisaSegmentTool` fields shared by both tools (``async_backend``,
-            ``depth_source``, ``intrinsics``, ``depth_scale``, ``depth_tolerance_s``, ``segment_options``, ``allow_files``,
-            ``allow_urls``, ...).
+            ``depth_source``, ``intrinsics``, ``depth_scale``, ``depth_tolerance_s``, ``segment_options``,
+            ``image_folders``, ``image_hosts``, ...).
     """
     tools: list[BaseTool] = [LisaSegmentTool(backend=backend, image_source=image_source, **options)]
     if explain:

@@ -29,8 +29,8 @@ class SegmentObjectsInput(BaseModel):
     image: str | None = Field(
         default=None,
         description=(
-            "Optional image to look at: a local file path, an http(s) URL or a data URI "
-            "(data:image/png;base64,...). Leave it out to use the newest camera frame."
+            "Optional image to look at: a data URI (data:image/png;base64,...), or a local file path or "
+            "http(s) URL where this tool allows them. Leave it out to use the newest camera frame."
         ),
     )
     mode: Literal["fast", "chat"] | None = Field(
@@ -54,8 +54,8 @@ class ExplainObjectsInput(BaseModel):
     image: str | None = Field(
         default=None,
         description=(
-            "Optional image: a local file path, an http(s) URL or a data URI. Leave it out to use "
-            "the newest camera frame."
+            "Optional image: a data URI, or a local file path or http(s) URL where this tool allows them. "
+            "Leave it out to use the newest camera frame."
         ),
     )
 

@@ -1,4 +1,4 @@
-"""The LISA wire protocol, version 1: message layout, validation, image coding and typed error codes.
+"""The LISA wire protocol, version 2: message layout, validation, image coding and typed error codes.
 
 A request is a ZeroMQ multipart message (after the REQ-style empty delimiter frame)::
 
@@ -8,8 +8,12 @@ A request is a ZeroMQ multipart message (after the REQ-style empty delimiter fra
 
 A reply is a JSON header frame, optionally followed by raw frames (mask logits)::
 
-    {"v": 1, "id": <request id>, "ok": true, "result": {...}}
-    {"v": 1, "id": <request id>, "ok": false, "error": {"code": "...", "message": "..."}}
+    {"v": 2, "id": <request id>, "ok": true, "result": {...}}
+    {"v": 2, "id": <request id>, "ok": false, "error": {"code": "...", "message": "..."}}
+
+Version 2 (lisa-agent 0.2): results are the library's result schema (docs/result.md: per-mask
+``target`` instead of version 1's ``depth_m`` / ``point``), and requests may carry ``options.stamp``,
+``depth.stamp`` and ``depth.tolerance_s``. Version 1 clients are answered ``unsupported_version``.
 
 This module is pure Python + numpy (zmq is not imported here): the server and both clients use it,
 and it is what ``docs/protocol.md`` describes.
@@ -38,8 +42,8 @@ from ..errors import (
 from ..frames import DEPTH_TOLERANCE_S, Frame, Stamp
 
 #: Version of this wire format; a header with another ``v`` gets ``unsupported_version``.
-PROTOCOL_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+PROTOCOL_VERSION = 2
+SUPPORTED_VERSIONS = (2,)
 
 OPS = ("segment", "info", "health")
 IMAGE_FORMATS = ("raw", "jpeg", "png")
@@ -256,6 +260,27 @@ def parse_header(data: bytes, limits: Limits) -> dict[str, Any]:
     return header
 
 
+def _number(value: Any) -> float | None:
+    """``value`` as a finite float, or None when it is not a JSON number that fits one (bools, strings,
+    NaN, inf, and integers too large for a float such as 10**400 are all None)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        number = float(value)
+    except OverflowError:
+        return None
+    return number if math.isfinite(number) else None
+
+
+def _unicode(text: str) -> bool:
+    """True when ``text`` is valid Unicode (JSON's \\ud800 escapes give lone surrogates, which are not)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 def _check_stamp(value: Any, what: str, fail: Any) -> dict[str, int] | None:
     """``{"sec": int >= 0, "nanosec": int in [0, 1e9)}`` or null; anything else raises ``fail(message)``."""
     if value is None:
@@ -287,28 +312,31 @@ def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
     if isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= MAX_NEW_TOKENS:
         raise fail(f"options.max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}]; got {mnt!r}")
     answer = out.get("answer")
-    if answer is not None and (not isinstance(answer, str) or len(answer) > limits.max_query_chars):
-        raise fail(f"options.answer must be a string of at most {limits.max_query_chars} chars or null")
+    if answer is not None and (not isinstance(answer, str) or len(answer) > limits.max_query_chars
+                               or not _unicode(answer)):
+        raise fail(f"options.answer must be a (valid Unicode) string of at most {limits.max_query_chars} chars or null")
     for flag in ("return_logits", "latest_only"):
         value = out.setdefault(flag, False)
         if not isinstance(value, bool):
             raise fail(f"options.{flag} must be true or false; got {value!r}")
     fid = out.get("frame_id")
     if fid is not None:
-        if isinstance(fid, bool) or not isinstance(fid, (str, int)) or len(str(fid)) > MAX_ID_CHARS:
+        if isinstance(fid, bool) or not isinstance(fid, (str, int)) or len(str(fid)) > MAX_ID_CHARS \
+                or not _unicode(str(fid)):
             raise fail(f"options.frame_id must be a string (at most {MAX_ID_CHARS} chars), an integer or null")
         out["frame_id"] = str(fid)
     out["stamp"] = _check_stamp(out.get("stamp"), "options.stamp", fail)
     stream = out.get("stream")
-    if stream is not None and (not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS):
+    if stream is not None and (not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS
+                               or not _unicode(stream)):
         raise fail(f"options.stream must be a non-empty string of at most {MAX_ID_CHARS} chars")
     intr = out.get("intrinsics")
     if intr is not None:
-        if (not isinstance(intr, list) or len(intr) != 4
-                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in intr)
-                or intr[0] <= 0 or intr[1] <= 0):
-            raise fail(f"options.intrinsics must be [fx, fy, cx, cy] (pixels, fx, fy > 0); got {intr!r}")
-        out["intrinsics"] = [float(v) for v in intr]
+        numbers = [_number(v) for v in intr] if isinstance(intr, list) and len(intr) == 4 else []
+        values = [v for v in numbers if v is not None]
+        if len(values) != 4 or values[0] <= 0 or values[1] <= 0:
+            raise fail(f"options.intrinsics must be [fx, fy, cx, cy] (finite pixels, fx, fy > 0); got {intr!r:.200}")
+        out["intrinsics"] = values
     return out
 
 
@@ -350,10 +378,11 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
         if len(f) > limits.max_frame_bytes:
             raise _bad(f"frame {k} is {len(f)} bytes; the limit is {limits.max_frame_bytes}", rid, Code.TOO_LARGE)
     timeout_ms = header.get("timeout_ms")
-    if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
-                                   or not math.isfinite(timeout_ms) or timeout_ms <= 0):
-        raise _bad(f"timeout_ms must be a positive number of milliseconds or null; got {timeout_ms!r}", rid,
-                   Code.INVALID_ARGUMENT)
+    if timeout_ms is not None:
+        timeout_ms = _number(timeout_ms)
+        if timeout_ms is None or timeout_ms <= 0:
+            raise _bad(f"timeout_ms must be a positive, finite number of milliseconds or null; got "
+                       f"{header.get('timeout_ms')!r:.100}", rid, Code.INVALID_ARGUMENT)
     if op != "segment":
         if len(frames) != 1:
             raise _bad(f"op {op!r} takes only the header frame; got {len(frames)} frames", rid)
@@ -365,6 +394,8 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
                    Code.INVALID_QUERY)
     if len(query) > limits.max_query_chars:
         raise _bad(f"query is {len(query)} chars; the limit is {limits.max_query_chars}", rid, Code.INVALID_QUERY)
+    if not _unicode(query):
+        raise _bad("query is not valid Unicode text (it holds a lone surrogate)", rid, Code.INVALID_ARGUMENT)
     spec = _check_image_spec(header.get("image"), rid, limits)
     options = _check_options(header.get("options"), rid, limits)
     dspec = header.get("depth")
@@ -390,10 +421,10 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
             raise _bad(f"unknown depth fields {unknown}; known: {sorted(DEPTH_KEYS)}", rid, Code.INVALID_IMAGE)
         if dtype not in DEPTH_DTYPES:
             raise _bad(f"depth.dtype must be one of {sorted(DEPTH_DTYPES)}; got {dtype!r}", rid, Code.INVALID_IMAGE)
-        scale = dspec.get("scale", DEFAULT_DEPTH_SCALE[dtype])
-        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-            raise _bad(f"depth.scale must be a positive number (metres per unit); got {scale!r}", rid,
-                       Code.INVALID_IMAGE)
+        scale = _number(dspec.get("scale", DEFAULT_DEPTH_SCALE[dtype]))
+        if scale is None or scale <= 0:
+            raise _bad(f"depth.scale must be a positive, finite number (metres per unit); got "
+                       f"{dspec.get('scale')!r:.100}", rid, Code.INVALID_ARGUMENT)
         if "shape" in spec and list(dshape) != spec["shape"][:2]:
             raise _bad(f"depth shape {list(dshape)} does not match the image's {spec['shape'][:2]}", rid,
                        Code.INVALID_IMAGE)
@@ -402,11 +433,10 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
         if len(depth_data) != need:
             raise _bad(f"depth of shape {list(dshape)} {dtype} needs {need} bytes; the frame has {len(depth_data)}",
                        rid, Code.INVALID_IMAGE)
-        tolerance = dspec.get("tolerance_s", DEPTH_TOLERANCE_S)
-        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not math.isfinite(tolerance) \
-                or tolerance < 0:
-            raise _bad(f"depth.tolerance_s must be a non-negative number of seconds; got {tolerance!r}", rid,
-                       Code.INVALID_ARGUMENT)
+        tolerance = _number(dspec.get("tolerance_s", DEPTH_TOLERANCE_S))
+        if tolerance is None or tolerance < 0:
+            raise _bad(f"depth.tolerance_s must be a non-negative, finite number of seconds; got "
+                       f"{dspec.get('tolerance_s')!r:.100}", rid, Code.INVALID_ARGUMENT)
 
         def stamp_fail(message: str) -> ProtocolError:
             return _bad(message, rid, Code.INVALID_ARGUMENT)
@@ -422,27 +452,16 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
 _MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
 
 
-def _encoded_size(fmt: str, data: bytes) -> tuple[int, int] | None:
-    """(H, W) read from a JPEG / PNG header without decoding pixels, or None when unreadable."""
-    import io
-
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-        return h, w
-    except Exception:  # noqa: BLE001 - any parse failure means "not a readable image"
-        return None
-
-
 def decode_image(spec: dict[str, Any], data: bytes, limits: Limits | None = None) -> np.ndarray:
     """Decode an image frame into a writable HxWx3 uint8 RGB array.
 
-    JPEG / PNG: the size is read from the file header and checked against ``limits.max_side``
-    before any pixel is decoded (a decompression bomb costs nothing); EXIF orientation is ignored
-    so pixels arrive exactly as the client encoded them.
+    JPEG / PNG go through the one decoder every door uses (:func:`lisa_agent.images.decode_image_bytes`):
+    the size is read from the file header and checked against ``limits.max_side`` before any pixel is
+    decoded (a decompression bomb costs nothing); 16-bit and grey images are converted as everywhere;
+    EXIF orientation is ignored so pixels arrive exactly as the client encoded them.
     """
+    from ..images import decode_image_bytes
+
     limits = limits or Limits()
     fmt = spec["format"]
     if fmt == "raw":
@@ -451,24 +470,10 @@ def decode_image(spec: dict[str, Any], data: bytes, limits: Limits | None = None
     if not data.startswith(_MAGIC[fmt]):
         raise ProtocolError(Code.INVALID_IMAGE, f"image.format is {fmt!r} but the frame is not {fmt.upper()} data "
                                                 f"(starts with {data[:8]!r})")
-    size = _encoded_size(fmt, data)
-    if size is None:
-        raise ProtocolError(Code.INVALID_IMAGE, f"cannot read the {fmt.upper()} header: corrupt or truncated file")
-    if max(size) > limits.max_side:
-        raise ProtocolError(Code.TOO_LARGE, f"{fmt.upper()} image is {size[0]}x{size[1]}; each side must be at most "
-                                            f"{limits.max_side} pixels")
-    import cv2
-
-    flags = getattr(cv2, "IMREAD_COLOR_RGB", None)
-    buf = np.frombuffer(data, dtype=np.uint8)
-    if flags is not None:
-        image = cv2.imdecode(buf, flags | cv2.IMREAD_IGNORE_ORIENTATION)
-    else:  # OpenCV < 4.11: decode BGR, then swap
-        image = cv2.imdecode(buf, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
-        if image is not None:
-            image = np.ascontiguousarray(image[..., ::-1])
-    if image is None or image.ndim != 3 or image.shape[2] != 3:
-        raise ProtocolError(Code.INVALID_IMAGE, f"cannot decode the {fmt.upper()} image: corrupt or truncated file")
+    try:
+        image = decode_image_bytes(data, max_side=limits.max_side, exif=False, label=f"the {fmt.upper()} image")
+    except LisaError as exc:  # too_large or invalid_image, with the decoder's message
+        raise ProtocolError(exc.code, str(exc)) from None
     if "shape" in spec and list(image.shape) != spec["shape"]:
         raise ProtocolError(Code.INVALID_IMAGE, f"decoded {fmt.upper()} image has shape {list(image.shape)}; the "
                                                 f"header says {spec['shape']}")

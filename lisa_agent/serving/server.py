@@ -144,6 +144,9 @@ class LisaServer:
         latest_only: treat every request as ``latest_only`` (camera-stream servers).
         batch: run queued ``fast`` queries on one frame in one ``segment_batch`` call when the
             backend has it.
+        max_pending_reply_bytes: replies held for one peer that does not read them, at most (bytes,
+            beyond what ZeroMQ and the kernel buffer); the peer's oldest replies are dropped beyond it,
+            counted as ``replies_dropped`` in ``health`` and logged.
 
     Use ``with LisaServer(...) as server:`` or :meth:`start` / :meth:`stop`.
     """
@@ -160,6 +163,7 @@ class LisaServer:
         insecure: bool = False,
         latest_only: bool = False,
         batch: bool = True,
+        max_pending_reply_bytes: int = 64 * 1024 * 1024,
     ) -> None:
         if (curve_secret is None) != (curve_allow is None):
             raise InvalidArgumentError("CurveZMQ needs both curve_secret (server .key_secret) and curve_allow "
@@ -191,6 +195,13 @@ class LisaServer:
         self._worker: threading.Thread | None = None
         self._info: dict[str, Any] = {}
         self.endpoint: str = ""
+        if max_pending_reply_bytes < 1:
+            raise InvalidArgumentError(f"max_pending_reply_bytes must be positive; got {max_pending_reply_bytes}")
+        #: replies a peer has not taken yet (it does not read, or reads slowly), by peer identity:
+        #: at most this many bytes each; beyond, the peer's oldest replies are dropped (and counted)
+        self.max_pending_reply_bytes = int(max_pending_reply_bytes)
+        self._outbox: dict[bytes, collections.deque[tuple[list[bytes], int]]] = {}
+        self._outbox_bytes: collections.Counter[bytes] = collections.Counter()
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -224,6 +235,10 @@ class LisaServer:
             router.setsockopt(zmq.LINGER, 500)
             router.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a reconnecting client with a fixed identity takes over
             router.setsockopt(zmq.MAXMSGSIZE, 4 * self.limits.max_frame_bytes)
+            # replies to a peer that does not read wait in our outbox (bounded in bytes), not in ZeroMQ's
+            # pipe (bounded only in messages): a small pipe, and a send that fails instead of dropping
+            router.setsockopt(zmq.SNDHWM, 4)
+            router.setsockopt(zmq.ROUTER_MANDATORY, 1)
             if self._curve_keys is not None:
                 router.curve_publickey, router.curve_secretkey = self._curve_keys
                 router.curve_server = True
@@ -299,7 +314,9 @@ class LisaServer:
                     for job in self.queue.drain():
                         self._send_error(router, job.envelope, job.request.id, "segment",
                                          ProtocolError(Code.SHUTTING_DOWN, "server is shutting down; not run"))
-                events = dict(poller.poll(50))
+                events = dict(poller.poll(50 if not self._outbox else 5))
+                if self._outbox:
+                    self._flush(router)
                 if pull in events:
                     self._forward(pull, router)
                 if router in events:
@@ -322,9 +339,62 @@ class LisaServer:
 
         while True:
             try:
-                router.send_multipart(pull.recv_multipart(zmq.NOBLOCK))
+                frames = pull.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
+            self._deliver(router, frames)
+
+    def _deliver(self, router: Any, frames: list[bytes]) -> None:
+        """Send a reply (identity first) now, or keep it in the peer's outbox when the peer is not taking
+        replies; never blocks the socket loop."""
+        import zmq
+
+        peer = frames[0]
+        if peer in self._outbox:  # keep the order: behind what is already waiting
+            self._hold(peer, frames)
+            return
+        try:
+            router.send_multipart(frames, zmq.NOBLOCK)
+        except zmq.Again:
+            self._hold(peer, frames)
+        except zmq.ZMQError:  # the peer is gone (EHOSTUNREACH): nobody to answer
+            self._count("replies_unroutable")
+
+    def _hold(self, peer: bytes, frames: list[bytes]) -> None:
+        box = self._outbox.setdefault(peer, collections.deque())
+        size = sum(len(f) for f in frames)
+        box.append((frames, size))
+        self._outbox_bytes[peer] += size
+        dropped = 0
+        while self._outbox_bytes[peer] > self.max_pending_reply_bytes and len(box) > 1:
+            _, old = box.popleft()
+            self._outbox_bytes[peer] -= old
+            dropped += 1
+        if dropped:
+            with self._stats_lock:
+                self._stats["replies_dropped"] += dropped
+            log.warning("peer %s does not read its replies: dropped its %d oldest (%d bytes still waiting, limit %d)",
+                        peer.hex(), dropped, self._outbox_bytes[peer], self.max_pending_reply_bytes)
+
+    def _flush(self, router: Any) -> None:
+        """Send what waits in the outboxes, as far as each peer takes it."""
+        import zmq
+
+        for peer in list(self._outbox):
+            box = self._outbox[peer]
+            while box:
+                frames, size = box[0]
+                try:
+                    router.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                except zmq.ZMQError:
+                    self._count("replies_unroutable")
+                box.popleft()
+                self._outbox_bytes[peer] -= size
+            if not box:
+                del self._outbox[peer]
+                del self._outbox_bytes[peer]
 
     def _handle(self, router: Any, msg: list[bytes]) -> None:
         t0 = time.perf_counter()
@@ -351,7 +421,26 @@ class LisaServer:
             log.exception("error while handling a request")
             self._send_error(router, envelope, rid, op, RemoteError(Code.INTERNAL, f"{type(exc).__name__}: {exc}"), t0)
 
+    def _check_work(self, req: Request) -> None:
+        """Refuse (``too_large``) a forced answer with more ``[SEG]`` than the model allows on this frame,
+        before it is queued (the engine checks again, and bounds generated answers itself)."""
+        answer = req.options.get("answer")
+        max_masks = self._info.get("max_masks")
+        if answer is None or not isinstance(max_masks, int):
+            return
+        budget = max_masks
+        shape, mpx = req.image_spec.get("shape"), self._info.get("max_mask_megapixels")
+        if shape and isinstance(mpx, (int, float)):
+            per_mask = int(self._info.get("mask_views", 1)) * shape[0] * shape[1] / 1e6
+            budget = min(budget, int(mpx // per_mask))
+        n_seg = answer.count("[SEG]")
+        if n_seg > budget:
+            raise ProtocolError(Code.TOO_LARGE, f"options.answer has {n_seg} [SEG]; the model makes at most {budget} "
+                                                f"masks per answer on this frame (max_masks {max_masks}, "
+                                                f"max_mask_megapixels {mpx}); not run", req.id)
+
     def _enqueue(self, router: Any, envelope: list[bytes], req: Request, identity: bytes) -> None:
+        self._check_work(req)
         if req.options.get("stream") is None:
             req.options["stream"] = "peer:" + identity.hex()
         key = req.frame_key()
@@ -378,15 +467,23 @@ class LisaServer:
             "busy": self._busy,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "replies": stats,
+            "pending_reply_bytes": int(sum(self._outbox_bytes.values())),
         }
 
     def _count(self, key: str) -> None:
         with self._stats_lock:
             self._stats[key] += 1
 
+    def _emit(self, sock: Any, frames: list[bytes]) -> None:
+        """The worker hands replies to the socket thread (inproc); the socket thread delivers them."""
+        if sock is self._router:
+            self._deliver(sock, frames)
+        else:
+            sock.send_multipart(frames)
+
     def _send_ok(self, sock: Any, envelope: list[bytes], rid: Any, op: str, result: Any, t0: float | None = None,
                  extra: list[bytes] | None = None) -> None:
-        sock.send_multipart(envelope + encode_reply(rid, result, extra_frames=extra))
+        self._emit(sock, envelope + encode_reply(rid, result, extra_frames=extra))
         self._count("ok")
         if log.isEnabledFor(logging.DEBUG):
             ms = (time.perf_counter() - t0) * 1e3 if t0 is not None else float("nan")
@@ -394,7 +491,7 @@ class LisaServer:
 
     def _send_error(self, sock: Any, envelope: list[bytes], rid: Any, op: str, error: LisaError,
                     t0: float | None = None) -> None:
-        sock.send_multipart(envelope + encode_reply(rid, error=error))
+        self._emit(sock, envelope + encode_reply(rid, error=error))
         self._count(error.code)
         if log.isEnabledFor(logging.DEBUG):
             ms = (time.perf_counter() - t0) * 1e3 if t0 is not None else float("nan")

@@ -1,0 +1,79 @@
+"""Greedy decoding loops of the engine: with a KV cache (``chat``) and as the public LISA code does it
+(``reference``: no cache, CLIP and the whole sequence re-run for every token).
+
+Both return the generated token ids and, for every generated ``[SEG]``, the LLM's final post-norm hidden
+state at the position *before* it (the state whose prediction is ``[SEG]``): the mask decoder's prompts.
+At most ``max_segs`` ``[SEG]`` are emitted: once reached, ``[SEG]`` is barred and the answer goes on
+without more masks (the engine's per-answer mask budget).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .modeling.lisa import LisaModel
+
+
+def _bar(scores: torch.Tensor, token: int | None) -> None:
+    if token is not None:
+        scores[..., token] = float("-inf")
+
+
+def greedy_cached(model: LisaModel, ids: torch.Tensor, image_tokens: torch.Tensor, max_new_tokens: int, *,
+                  eos: int | None, seg: int, max_segs: int, banned: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """Greedy generation with a KV cache after ``ids`` (1, T) with the image's ``image_tokens`` merged in.
+
+    Returns (generated ids without EOS, (n_seg, H) hidden states of the ``[SEG]`` steps). ``banned``
+    is barred at every step (the decline answer bars ``[SEG]``)."""
+    llm = model.llm
+    embeds, _ = model.embed_with_image(ids, image_tokens)
+    out = llm.model(inputs_embeds=embeds, use_cache=True)
+    cache = out.cache
+    last = out.last_hidden_state[:, -1]
+    generated: list[int] = []
+    seg_states: list[torch.Tensor] = []
+    embed = llm.get_input_embeddings()
+    for _ in range(max_new_tokens):
+        scores = llm.lm_head(last)
+        _bar(scores, banned)
+        if len(seg_states) >= max_segs:
+            _bar(scores, seg)
+        token = int(scores.argmax(dim=-1).item())
+        if token == eos:
+            break
+        if token == seg:
+            seg_states.append(last[0])
+        generated.append(token)
+        if len(generated) == max_new_tokens:
+            break
+        step = embed(torch.tensor([[token]], device=ids.device))
+        out = llm.model(inputs_embeds=step, cache=cache, use_cache=True)
+        cache = out.cache
+        last = out.last_hidden_state[:, -1]
+    states = torch.stack(seg_states) if seg_states else last.new_zeros(0, last.shape[-1])
+    return generated, states
+
+
+def greedy_reference(model: LisaModel, ids: torch.Tensor, clip_pixels: torch.Tensor, max_new_tokens: int, *,
+                     eos: int | None, seg: int, max_segs: int) -> tuple[list[int], torch.Tensor]:
+    """What the public LISA code does: no KV cache, CLIP and the full sequence re-run every step, then one
+    more full pass for the ``[SEG]`` states. For parity tests and speed comparison only."""
+    llm = model.llm
+    generated: list[int] = []
+    for _ in range(max_new_tokens):
+        seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=ids.device)], dim=1)
+        embeds, _ = model.embed_with_image(seq, model.encode_clip(clip_pixels))
+        hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        scores = llm.lm_head(hidden[:, -1])
+        if generated.count(seg) >= max_segs:
+            _bar(scores, seg)
+        token = int(scores.argmax(dim=-1).item())
+        if token == eos:
+            break
+        generated.append(token)
+    # One full pass over prompt + answer; the state before each [SEG] is its embedding.
+    seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=ids.device)], dim=1)
+    embeds, merged = model.embed_with_image(seq, model.encode_clip(clip_pixels))
+    hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+    positions = [int(merged[0, j]) - 1 for j in range(ids.shape[1], seq.shape[1]) if int(seq[0, j]) == seg]
+    return generated, hidden[positions] if positions else hidden.new_zeros(0, hidden.shape[-1])

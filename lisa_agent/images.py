@@ -1,0 +1,119 @@
+"""The one image decoder every door uses: encoded bytes or a file -> HxWx3 uint8 RGB.
+
+The command line (``--image``), the LangChain tool (files, URLs, data URIs), the model server (JPEG /
+PNG frames) and the ROS ``CompressedImage`` path all decode through :func:`decode_image_bytes`, so an
+image means the same pixels whichever door it comes through:
+
+- the size is read from the file's header first and a frame over ``max_side`` is refused before a
+  single pixel is decoded (a 10000x10000 PNG costs nothing);
+- 16-bit images (grey or colour) keep their high byte (``v >> 8``), as OpenCV and image viewers do
+  (Pillow's own ``convert("RGB")`` clips them to white);
+- grey, palette, grey+alpha, RGBA and CMYK become RGB (alpha dropped);
+- the EXIF orientation is applied (photos come out upright) unless ``exif=False`` (the server's wire
+  format promises pixels exactly as the client encoded them).
+
+Errors are :class:`~lisa_agent.errors.InvalidImageError` naming the image, or
+:class:`~lisa_agent.errors.ImageTooLargeError` (a subclass, code ``too_large``) for oversized ones.
+Whether a frame is big enough to segment is the engine's question (:func:`lisa_agent.frames.check_image`).
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ImageTooLargeError, InvalidImageError
+from .frames import MAX_SIDE
+
+#: Largest encoded image file accepted (bytes).
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+
+
+def encoded_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) from an encoded image's header without decoding its pixels; None when unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+        return int(h), int(w)
+    except Exception:  # noqa: BLE001 - any parse failure means "not a readable image"
+        return None
+
+
+def decode_image_bytes(data: bytes, *, max_side: int = MAX_SIDE, exif: bool = True,
+                       label: str = "the image") -> np.ndarray:
+    """Decode an encoded image (PNG, JPEG, WebP, BMP, TIFF, GIF, ...) into C-contiguous HxWx3 uint8 RGB.
+
+    Args:
+        data: the file's bytes.
+        max_side: largest height or width accepted, checked on the header before decoding.
+        exif: apply the EXIF orientation.
+        label: how error messages name the image ("the file 'x.png'").
+
+    Raises:
+        ImageTooLargeError: a side is over ``max_side``.
+        InvalidImageError: not an image, truncated or corrupt.
+    """
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            w, h = img.size
+            if max(w, h) > max_side:
+                raise ImageTooLargeError(f"{label} is {h}x{w} pixels; each side must be at most {max_side}: "
+                                         "downscale it first")
+            if exif:
+                img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except ImageTooLargeError:
+        raise
+    except UnidentifiedImageError:
+        raise InvalidImageError(f"{label} is not a readable image (not a format Pillow knows)") from None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise InvalidImageError(f"{label} is not a readable image ({exc})") from exc
+    return np.ascontiguousarray(rgb)
+
+
+def _to_rgb(img: object) -> np.ndarray:
+    """A decoded PIL image as HxWx3 uint8 RGB (16-bit and float modes scaled, not clipped)."""
+    from PIL import Image
+
+    assert isinstance(img, Image.Image)
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        # 16-bit grey (PNG, TIFF); "I" holds 16-bit PNGs in older Pillow releases: keep the high byte
+        grey = np.asarray(img).astype(np.int64)
+        grey = (np.clip(grey, 0, 65535) >> 8).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    if img.mode == "F":  # float grey: 0..1 or 0..255
+        grey = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        scale = 255.0 if grey.max(initial=0.0) <= 1.0 else 1.0
+        grey = np.clip(np.round(grey * scale), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
+
+
+def read_image_file(path: str | Path, *, max_side: int = MAX_SIDE, max_bytes: int = MAX_IMAGE_BYTES,
+                    exif: bool = True) -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB (see :func:`decode_image_bytes`); errors name the file."""
+    path = Path(path).expanduser()
+    label = f"the file {_quote(str(path))}"
+    if not path.exists():
+        raise InvalidImageError(f"image file {_quote(str(path))} does not exist")
+    if not path.is_file():
+        raise InvalidImageError(f"{_quote(str(path))} is not a file")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise ImageTooLargeError(f"{label} is {size} bytes; the limit is {max_bytes}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidImageError(f"cannot read {label}: {exc.strerror or exc}") from exc
+    return decode_image_bytes(data, max_side=max_side, exif=exif, label=label)
+
+
+def _quote(text: str, limit: int = 120) -> str:
+    """A possibly long reference, quoted for an error message."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
