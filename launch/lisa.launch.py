@@ -35,6 +35,10 @@ NODE_ARGUMENTS = (
     ("continuous", "false", "keep segmenting new frames until 'stop'"),
     ("max_rate", "5.0", "continuous mode: frames per second at most"),
     ("publish_overlay", "true", "publish the overlay image for operators"),
+    ("tracker", "none", "continuous mode: none, flow or sam: a mask for every camera frame between reasoning steps"),
+    ("reason_every", "10", "with a tracker: run LISA at least every this many frames"),
+    ("reason_period_s", "0.0", "with a tracker: and at least every this many seconds (0: no time limit)"),
+    ("min_track_confidence", "0.5", "with a tracker: run LISA again below this tracking confidence"),
     ("namespace", "lisa", "namespace of the node"),
     ("node_name", "lisa_node", "name of the node"),
 )
@@ -44,8 +48,10 @@ ENGINE_ARGUMENTS = tuple((name, str(default), description) for name, default, de
 ARGUMENTS = NODE_ARGUMENTS + ENGINE_ARGUMENTS
 
 _BOOL = {"compressed", "continuous", "publish_overlay"}
-_FLOAT = {"max_rate"}
-_PASSTHROUGH = ("instruction_topic", "camera_qos", "server", "mode", *(name for name, _, _ in ENGINE_ARGUMENTS))
+_FLOAT = {"max_rate", "reason_period_s", "min_track_confidence"}
+_INT = {"reason_every"}
+_PASSTHROUGH = ("instruction_topic", "camera_qos", "server", "mode", "tracker",
+                *(name for name, _, _ in ENGINE_ARGUMENTS))
 
 
 def _as_bool(text: str) -> bool:
@@ -69,6 +75,8 @@ def node_parameters(values: dict) -> dict:
         params[name] = _as_bool(values[name])
     for name in _FLOAT:
         params[name] = float(values[name])
+    for name in _INT:
+        params[name] = int(values[name])
     return params
 
 

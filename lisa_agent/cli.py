@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "finetune": ("finetune", "train or fine-tune a LISA checkpoint"),
     "pretrain-vision": ("pretrain_vision", "pre-train a small checkpoint's vision tower on the tabletop world"),
     "eval": ("evaluate", "gIoU / cIoU on a ReasonSeg-layout split"),
+    "eval-video": ("eval_video", "mask IoU and cost per frame through video sequences, with a tracker between reasoning steps"),
     "calibrate-gate": ("calibrate_gate", "choose the presence gate's threshold on a validation split"),
     "resize-sam": ("resize_sam", "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune"),
     "serve": ("serve", "serve a model over ZeroMQ (protocol: docs/protocol.md)"),

@@ -30,6 +30,7 @@ from .geometry import Target, frame_targets
 
 if TYPE_CHECKING:  # pragma: no cover
     from .frames import Frame
+    from .tracking import TrackInfo  # noqa: F401 (the annotation of SegmentationResult.track)
 
 #: Version of the result schema (``schema_version`` in every result dict).
 RESULT_SCHEMA_VERSION = 1
@@ -90,6 +91,8 @@ class SegmentationResult:
             where the mask has no valid depth; None when the frame came without depth or its depth
             was refused.
         depth_note: why targets are missing (depth refused, intrinsics unknown, ...), else None.
+        track: for results of a stream (:class:`lisa_agent.tracking.StreamSegmenter`): ``reasoned`` or
+            ``tracked``, the tracker, the age of the reasoning step and per-mask confidence; else None.
     """
 
     masks: np.ndarray
@@ -109,6 +112,7 @@ class SegmentationResult:
     cached: bool = False
     targets: list[Target | None] | None = None
     depth_note: str | None = None
+    track: TrackInfo | None = None
 
     @classmethod
     def from_masks(cls, masks: np.ndarray, scores: Sequence[float], **kwargs: Any) -> SegmentationResult:
@@ -142,8 +146,8 @@ class SegmentationResult:
         Keys: ``schema_version``, ``text``, ``query``, ``mode``, ``image_size`` [H, W], ``frame_id``,
         ``stamp`` {sec, nanosec} or null, ``cached``, ``masks`` (per mask ``bbox`` [x1, y1, x2, y2]
         inclusive, ``area``, ``centroid`` [x, y], ``score``, ``target`` {depth_m, point, pixel,
-        valid_pixels} or null, and ``rle`` unless ``include_rle`` is False), ``depth_note`` and
-        ``timings_ms``. Doors add their own envelope keys beside these, never inside.
+        valid_pixels} or null, and ``rle`` unless ``include_rle`` is False), ``depth_note``, ``track``
+        (null outside a stream) and ``timings_ms``. Doors add their own envelope keys beside these, never inside.
         """
         masks = []
         for k, inst in enumerate(self.instances):
@@ -164,12 +168,14 @@ class SegmentationResult:
             "cached": bool(self.cached),
             "masks": masks,
             "depth_note": self.depth_note,
+            "track": None if self.track is None else self.track.to_dict(),
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentationResult:
         """Inverse of :meth:`to_dict` (masks decoded from their RLE)."""
+        from .tracking import TrackInfo
         h, w = (int(v) for v in d.get("image_size", (0, 0)))
         entries = d.get("masks", [])
         masks = (np.stack([rle_to_mask(m["rle"]) for m in entries]) if entries
@@ -189,7 +195,8 @@ class SegmentationResult:
         return cls(masks=masks, instances=instances, text=d.get("text", ""), query=d.get("query", ""),
                    mode=d.get("mode", ""), image_size=(h, w), timings_ms=dict(d.get("timings_ms", {})),
                    frame_id=d.get("frame_id"), stamp=Stamp.of(d.get("stamp")), cached=bool(d.get("cached", False)),
-                   targets=targets, depth_note=d.get("depth_note"))
+                   targets=targets, depth_note=d.get("depth_note"),
+                   track=None if d.get("track") is None else TrackInfo.from_dict(d["track"]))
 
     def label_mask(self) -> np.ndarray:
         """H x W uint8 label image: 0 background, k+1 where mask k is (later masks win)."""

@@ -270,6 +270,29 @@ class LisaSegmenter:
         """Forget all cached frame features."""
         self._cache.clear()
 
+    @torch.inference_mode()
+    def masks_from_prompts(self, image: np.ndarray | Frame, prompts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The masks that decoder ``prompts`` (N x D float32, a result's ``seg_embeddings``) give on ``image``:
+        SAM's encoder on the frame itself (no mirrored views, no CLIP, no language model) and the mask decoder.
+
+        What the ``sam`` tracker runs on every frame between reasoning steps. Returns (N x H x W bool masks,
+        N scores: the decoder's IoU prediction, or the presence probability for gated checkpoints).
+        """
+        frame = as_frame(image)
+        prompts_t = torch.as_tensor(np.asarray(prompts, dtype=np.float32), device=self.device)
+        h, w = frame.size
+        if prompts_t.ndim != 2 or len(prompts_t) == 0:
+            return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
+        with self._lock:
+            sam_in = sam_preprocess(frame.rgb, self.sam_size)
+            embedding = self.model.encode_sam(sam_in.pixels.to(self.device))
+            low_res, iou = self.model.decode_prompts(prompts_t, embedding)
+            logits = self.model.postprocess_masks(low_res, sam_in.resized_hw, (h, w))
+            scores = iou[:, 0].float()
+            if self.presence_gate is not None:
+                scores = scores.sigmoid()
+            return (logits > 0).cpu().numpy(), scores.cpu().numpy().astype(np.float32)
+
     # ------------------------------------------------------------------ public queries
     def segment(self, image: ImageInput, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
                 answer: str | None = None, frame_id: str | None = None,
@@ -465,7 +488,7 @@ class LisaSegmenter:
             feats.frame, masks.numpy(), scores.tolist(), text=text, query=query, mode=mode, prompt=prompt,
             input_ids=list(prompt_ids), timings_ms=timings, cached=cached,
             logits=None if logits is None else logits.numpy().astype(np.float32),
-            seg_embeddings=None if logits is None else prompts.numpy().astype(np.float32),
+            seg_embeddings=prompts.numpy().astype(np.float32),
             output_ids=[int(t) for t in output_ids])
 
     @torch.inference_mode()

@@ -47,6 +47,7 @@ from std_msgs.msg import String
 
 from lisa_agent.errors import InvalidImageError, InvalidQueryError, LisaError
 from lisa_agent.frames import Frame, SegmentBackend, Stamp
+from lisa_agent.tracking import StreamSegmenter
 
 from . import outputs, parameters
 from .backend import load_backend
@@ -81,6 +82,7 @@ class _Request:
     seq: int
     continuous: bool
     last_frame_seq: int = -1  # frames with seq <= this are not eligible for this request
+    stream: StreamSegmenter | None = None  # continuous with a tracker: masks for every frame
 
 
 class LisaNode(Node):
@@ -243,8 +245,21 @@ class LisaNode(Node):
         self._pub_diag.publish(out)
 
     # ------------------------------------------------------------------ worker
+    def _make_stream(self, req: _Request) -> StreamSegmenter:
+        """A background-reasoning stream for a continuous request with a tracker (parameters read now)."""
+        assert self._backend is not None
+        p = self.get_parameter
+        period = float(p("reason_period_s").value)
+        stream = StreamSegmenter(self._backend, str(p("tracker").value), reason_every=int(p("reason_every").value),
+                                 reason_period_s=period if period > 0 else None,
+                                 min_confidence=float(p("min_track_confidence").value), mode=str(p("mode").value),
+                                 max_new_tokens=int(p("max_new_tokens").value), background=True)
+        stream.set_instruction(req.text)
+        return stream
+
     def _work(self) -> None:
         last_start = 0.0
+        active_stream: StreamSegmenter | None = None
         while True:
             with self._cond:
                 job = None
@@ -253,7 +268,9 @@ class LisaNode(Node):
                     if (req is not None and latest is not None and latest.seq > req.last_frame_seq
                             and latest.seq != self._bad_frame_seq):
                         rate = float(self.get_parameter("max_rate").value)
-                        wait = (last_start + 1.0 / rate - time.monotonic()) if (req.continuous and rate > 0) else 0
+                        tracked = req.continuous and self.get_parameter("tracker").value != "none"
+                        wait = (last_start + 1.0 / rate - time.monotonic()) if (req.continuous and rate > 0
+                                                                                and not tracked) else 0
                         if wait <= 0:
                             job = (req, latest)
                             break
@@ -261,12 +278,20 @@ class LisaNode(Node):
                     else:
                         self._cond.wait(0.5)
                 if self._stopping:
+                    if active_stream is not None:
+                        active_stream.close(wait=False)
                     return
                 req, arrival = job
                 self._frame_taken = True
                 req.last_frame_seq = arrival.seq
                 if not req.continuous:
                     self._request = None
+            if active_stream is not None and active_stream is not req.stream:
+                active_stream.close(wait=False)  # the instruction changed or stopped: its reasoning thread ends
+                active_stream = None
+            if req.continuous and req.stream is None and self.get_parameter("tracker").value != "none":
+                req.stream = self._make_stream(req)
+            active_stream = req.stream or active_stream
             last_start = time.monotonic()
             try:
                 outcome = self._answer(req, arrival)
@@ -307,8 +332,14 @@ class LisaNode(Node):
         queue_ms = (self.get_clock().now().nanoseconds - arrival.received_ns) / 1e6
         assert self._backend is not None
         try:
-            result = self._backend.segment(frame, req.text, mode=str(self.get_parameter("mode").value),
-                                           max_new_tokens=int(self.get_parameter("max_new_tokens").value))
+            if req.stream is not None:
+                tracked = req.stream.process(frame)
+                if tracked is None:  # the first reasoning step is still running: nothing to publish yet
+                    return "ok"
+                result = tracked
+            else:
+                result = self._backend.segment(frame, req.text, mode=str(self.get_parameter("mode").value),
+                                               max_new_tokens=int(self.get_parameter("max_new_tokens").value))
         except InvalidImageError as exc:
             log.warning(f"frame {arrival.seq} ({_describe(header)}) skipped: {exc}")
             return "bad_frame"

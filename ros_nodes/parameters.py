@@ -16,6 +16,7 @@ from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from lisa_agent.config import EngineConfig, engine_parameters
 from lisa_agent.frames import DEPTH_TOLERANCE_S
+from lisa_agent.tracking import TRACKERS
 
 #: Modes the node offers (reference mode is for parity tests, not robots).
 MODES = ("fast", "chat")
@@ -39,6 +40,13 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "publish_overlay": (True, "publish ~/overlay and ~/overlay/compressed (rendered only with subscribers)", False),
     "sync_tolerance": (DEPTH_TOLERANCE_S, "seconds between colour and depth stamps still treated as the same "
                        "instant", False),
+    "tracker": ("none", "continuous mode: what gives every camera frame a mask between reasoning steps: none (only "
+                "the frames LISA looked at get one), flow (optical flow) or sam (the model's SAM); from the next "
+                "instruction", False),
+    "reason_every": (10, "with a tracker: run LISA at least every this many frames", False),
+    "reason_period_s": (0.0, "with a tracker: and at least every this many seconds (0: no time limit)", False),
+    "min_track_confidence": (0.5, "with a tracker: run LISA again when a mask's tracking confidence falls below this",
+                             False),
 }
 
 #: The engine's parameters, from :func:`lisa_agent.config.engine_parameters`: name -> (default, description).
@@ -76,6 +84,14 @@ def validate(values: dict[str, Any]) -> str | None:
         return f"sync_tolerance must be >= 0 seconds; got {values['sync_tolerance']}"
     if "max_new_tokens" in values and int(values["max_new_tokens"]) < 1:
         return f"max_new_tokens must be >= 1; got {values['max_new_tokens']}"
+    if "tracker" in values and values["tracker"] not in TRACKERS:
+        return f"tracker must be one of {TRACKERS}; got {values['tracker']!r}"
+    if "reason_every" in values and int(values["reason_every"]) < 1:
+        return f"reason_every must be >= 1; got {values['reason_every']}"
+    if "reason_period_s" in values and not float(values["reason_period_s"]) >= 0:
+        return f"reason_period_s must be >= 0 (0: no time limit); got {values['reason_period_s']}"
+    if "min_track_confidence" in values and not 0.0 <= float(values["min_track_confidence"]) <= 1.0:
+        return f"min_track_confidence must be in [0, 1]; got {values['min_track_confidence']}"
     return None
 
 

@@ -427,6 +427,51 @@ def test_30hz_stream_newest_frames_no_backlog_drops_counted(nodes, scene):
     assert len(answered) <= 1, answered
 
 
+def test_with_a_tracker_every_camera_frame_gets_a_mask(nodes):
+    """Continuous mode with tracker:=flow on a 10 Hz video (the synthetic tabletop video: an object slid
+    across the table under a panning camera): after LISA's first answer, every camera frame gets a mask
+    and a result, marked reasoned (LISA looked at it) or tracked (carried by optical flow), in order."""
+    from lisa_agent.data.video import render_sequence
+
+    probe = nodes.probe
+    settle(probe)
+    seq = render_sequence(20000003, n_frames=40, size=SIZE)
+    assert all(r.successful for r in _set_params(probe, "/lisa_node", continuous=True, tracker="flow",
+                                                 reason_every=10))
+    stamps: list[tuple[int, int]] = []
+    since_mask, since_result = probe.count("mask"), probe.count("result")
+    probe.say(seq.query)
+    try:
+        start = time.monotonic()
+        for i, pixels in enumerate(seq.frames):
+            header = fresh_header()
+            probe.pub_image.publish(image_msg(pixels, "rgb8", header))
+            stamps.append((header.stamp.sec, header.stamp.nanosec))
+            time.sleep(max(0.0, start + (i + 1) / 10.0 - time.monotonic()))
+        time.sleep(1.0)
+    finally:
+        probe.say("stop")
+        _set_params(probe, "/lisa_node", continuous=False, tracker="none")
+    index = {s: i for i, s in enumerate(stamps)}
+    masks = [index[(m.header.stamp.sec, m.header.stamp.nanosec)] for _, m in probe.received["mask"][since_mask:]
+             if (m.header.stamp.sec, m.header.stamp.nanosec) in index]
+    results = [json.loads(m.data) for _, m in probe.received["result"][since_result:]]
+    ours = [r for r in results if (r["stamp"]["sec"], r["stamp"]["nanosec"]) in index]
+    assert masks, "no mask at all"
+    first = masks[0]
+    assert masks == sorted(set(masks)), "one mask per frame, in order"
+    assert len(masks) >= 0.9 * (len(stamps) - first), f"masks for {len(masks)} of the {len(stamps) - first} frames"
+    # LISA reasons in the background on every 10th frame; each answer re-seeds the tracker, which carries it
+    # to the frame in hand (so the published results are "tracked", their age restarting at each step)
+    assert all(r["track"]["source"] == "tracked" for r in ours)
+    restarts = sum(1 for a, b in zip(ours, ours[1:], strict=False) if b["track"]["age_frames"] < a["track"]["age_frames"])
+    assert restarts >= 2, [r["track"]["age_frames"] for r in ours]
+    for r in ours:
+        assert_result_schema(r)
+        # the age counts frames since the one LISA looked at: up to 10, plus those that came while it thought
+        assert r["track"]["tracker"] == "flow" and 1 <= r["track"]["age_frames"] <= 30
+
+
 def test_nodes_shut_down_cleanly(nodes):
     """Last: every bad input above was survived; SIGINT ends both nodes with exit code 0."""
     assert nodes.raw.alive() and nodes.jpeg.alive() and nodes.remote.alive()
@@ -450,3 +495,4 @@ def test_unusable_settings_exit_with_a_clear_message(tmp_path, params, message):
     assert proc.proc.returncode == 1
     log = proc.log()
     assert message in log and "Traceback" not in log
+

@@ -5,6 +5,9 @@ Writes N tabletop scenes into DIR in the ReasonSeg layout (``tabletop_<seed>.jpg
 per scene. ``--split`` picks the seed range (train [0, 1e7), val [1e7, 2e7), test [2e7, 3e7)), so the
 splits never share a scene; scene i uses seed ``offset(split) + S + i``. DIR is written as given:
 for ``lisa-agent eval --data ROOT --split val`` write ``--out ROOT/val --split val``.
+
+``--video`` writes N synthetic video sequences instead (``--frames F`` each, default 60; see
+:mod:`lisa_agent.data.video` for the layout), for ``lisa-agent eval-video``.
 """
 
 from __future__ import annotations
@@ -40,9 +43,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-target", type=int, default=1, help="no-target queries per scene (default 1)")
     parser.add_argument("--p-implicit", type=float, default=0.5,
                         help="chance that an object's query is implicit (default %(default)s)")
+    parser.add_argument("--video", action="store_true",
+                        help="write video sequences (camera pan and zoom, an object slid across the table, a brief "
+                             "occlusion, a lighting change; per-frame ground truth) instead of still scenes")
+    parser.add_argument("--frames", type=int, default=60, help="--video: frames per sequence (default 60)")
+    parser.add_argument("--two-targets-every", type=int, default=0, metavar="K",
+                        help="--video: every K-th sequence has two targets that cross (default 0: none)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.video:
+        return _video(args)
     from ..data.queries import queries_for_scene
     from ..data.reasonseg import write_sample
     from ..data.tabletop import render_scene, split_seed
@@ -70,4 +81,17 @@ def run(args: argparse.Namespace) -> int:
     detail = ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
     first, last = split_seed(args.split, 0, args.seed), split_seed(args.split, args.n - 1, args.seed)
     print(f"wrote {args.n} scenes, {total} queries ({detail}) to {args.out} [split {args.split}, seeds {first}..{last}]")
+    return 0
+
+
+def _video(args: argparse.Namespace) -> int:
+    from ..data.video import make_video_split
+
+    if args.n < 1 or args.frames < 2 or args.two_targets_every < 0:
+        raise InvalidArgumentError("--n must be >= 1, --frames >= 2 and --two-targets-every >= 0")
+    size = parse_size(args.size) if args.size else (240, 320)
+    folders = make_video_split(args.out, args.n, split=args.split, seed=args.seed, n_frames=args.frames, size=size,
+                               two_targets_every=args.two_targets_every)
+    print(f"wrote {len(folders)} sequences of {args.frames} frames ({size[0]}x{size[1]}) to {args.out} "
+          f"[split {args.split}]")
     return 0

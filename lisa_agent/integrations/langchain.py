@@ -50,6 +50,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 from ..errors import InvalidArgumentError, InvalidImageError, InvalidQueryError, LisaError
 from ..frames import DEPTH_TOLERANCE_S, AsyncSegmentBackend, Frame, SegmentBackend, check_query, intrinsics_of
 from ..result import SegmentationResult
+from ..tracking import StreamSegmenter
 from .images import ImageAccess, load_image
 from .tool_io import (
     SERVICE_ADVICE,
@@ -123,6 +124,11 @@ class LisaSegmentTool(BaseTool):
             redirects are followed only within them, and private addresses only when listed as such
             (see :class:`lisa_agent.integrations.images.ImageAccess`). Data URIs are always accepted.
         url_timeout: seconds to wait for an image URL.
+        tracker: a session over the camera stream (``flow``, ``sam`` or ``none``; default None: every call
+            runs LISA): a call repeating the previous call's query on a newer camera frame is answered by the
+            tracker, carrying LISA's last masks to that frame, unless ``reason_every`` calls or
+            ``reason_period_s`` seconds have passed since LISA last ran, or the tracker lost confidence; the
+            text then says the masks were tracked and how old the reasoning is. Sync backends only.
 
     Output (``invoke`` with a ToolCall returns a ``ToolMessage``): ``content`` is the text above;
     ``artifact`` is a dict: ``result`` (the result schema, ``docs/result.md``: answer, per mask bbox,
@@ -160,10 +166,14 @@ class LisaSegmentTool(BaseTool):
     image_folders: list[str | Path] = Field(default_factory=list)
     image_hosts: list[str] = Field(default_factory=list)
     url_timeout: float = 10.0
+    tracker: Literal["none", "flow", "sam"] | None = None
+    reason_every: int = 10
+    reason_period_s: float | None = 2.0
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
     _lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
+    _stream: StreamSegmenter | None = PrivateAttr(default=None)
     #: Word the text as an explanation (LISA's answer first) rather than a search result.
     _explain: bool = False
 
@@ -182,6 +192,15 @@ class LisaSegmentTool(BaseTool):
         if value is not None and not _is_async_backend(value):
             raise ValueError(f"async_backend must have an async segment(...) method (AsyncLisaClient); "
                              f"got {type(value).__name__}")
+        return value
+
+    @field_validator("tracker")
+    @classmethod
+    def _check_tracker(cls, value: Any, info: Any) -> Any:
+        backend = info.data.get("backend")
+        if value is not None and backend is not None and _is_async_backend(backend):
+            raise ValueError("tracker needs a sync backend (LisaSegmenter or LisaClient); the session runs LISA "
+                             "and the tracker in the tool's thread")
         return value
 
     @field_validator("intrinsics")
@@ -291,8 +310,25 @@ class LisaSegmentTool(BaseTool):
     def _call_sync(self, request: _ToolRequest) -> SegmentationResult:
         # One query at a time per tool: engines and ZeroMQ sockets are not thread-safe.
         with self._lock:
+            if self.tracker is not None and request.source == "the newest camera frame":
+                return self._tracked(request)
             result: SegmentationResult = self.backend.segment(request.frame, request.query, **self._options(request))
             return result
+
+    def _tracked(self, request: _ToolRequest) -> SegmentationResult:
+        """The camera session: the tracker answers a repeated query, LISA a new one (or when due)."""
+        stream = self._stream
+        if stream is None or stream.mode != request.mode:
+            options = self._options(request)
+            stream = StreamSegmenter(self.backend, self.tracker or "flow", reason_every=self.reason_every,
+                                     reason_period_s=self.reason_period_s, mode=request.mode,
+                                     max_new_tokens=int(options.get("max_new_tokens", 32)))
+            self._stream = stream
+        if stream.instruction != request.query:
+            stream.set_instruction(request.query)
+        result = stream.process(request.frame)
+        assert result is not None  # synchronous: every frame gets an answer
+        return result
 
     async def _call_async(self, backend: AsyncSegmentBackend, request: _ToolRequest) -> SegmentationResult:
         return await backend.segment(request.frame, request.query, **self._options(request))

@@ -105,6 +105,10 @@ def describe_result(result: SegmentationResult, *, source: str, note: str = "", 
         lines.append(", ".join(parts) + ".")
     if len(found) > max_listed:
         lines.append(f"{len(found) - max_listed} more object(s) are in the artifact only.")
+    track = result.track
+    if track is not None and track.source == "tracked":
+        lines.append(f"The masks were tracked ({track.tracker}) from LISA's answer {track.age_frames} frame(s) / "
+                     f"{track.age_s:.2f} s ago; confidence {', '.join(f'{c:.2f}' for c in track.confidence)}.")
     notes = [n for n in (note, result.depth_note) if n]
     if notes:
         lines.append("3D points unavailable or partial: " + "; ".join(notes) + ".")

@@ -152,11 +152,17 @@ class LisaModel(nn.Module):
         """[SEG] hidden states (n, H) + one frame's SAM embedding (1, C, h, w) -> masks.
 
         Returns ``(low_res_logits (n, 1, 4h, 4w), iou_pred (n, 1), prompts (n, C))``; prompts are the
-        ``text_hidden_fcs`` outputs sent to the decoder as sparse embeddings, with the dense prompt
-        set to ``no_mask_embed`` and ``multimask_output=False`` (first mask token), as LISA does.
+        ``text_hidden_fcs`` outputs sent to the decoder as sparse embeddings (:meth:`decode_prompts`).
         """
         fcs = cast(nn.Sequential, self.text_hidden_fcs[0])  # see make_text_hidden_fcs
         prompts = fcs(seg_hidden.to(cast(nn.Linear, fcs[0]).weight.dtype))
+        low_res, iou = self.decode_prompts(prompts, image_embedding)
+        return low_res, iou, prompts
+
+    def decode_prompts(self, prompts: torch.Tensor, image_embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder prompts (n, C) (``text_hidden_fcs`` outputs) + one frame's SAM embedding (1, C, h, w) ->
+        ``(low_res_logits (n, 1, 4h, 4w), iou_pred (n, 1))``: sparse embeddings, the dense prompt set to
+        ``no_mask_embed`` and ``multimask_output=False`` (first mask token), as LISA does."""
         pe = self.sam.prompt_encoder
         dec = self.sam.mask_decoder
         dtype = dec.iou_token.weight.dtype
@@ -170,7 +176,7 @@ class LisaModel(nn.Module):
             dense_prompt_embeddings=dense,
             multimask_output=False,
         )
-        return low_res, iou, prompts
+        return low_res, iou
 
     def dense_pe(self, dtype: torch.dtype) -> torch.Tensor:
         """SAM's (1, C, h, w) positional encoding of the embedding grid, computed in the dtype of its

@@ -53,8 +53,11 @@ DEFAULT_DEPTH_SCALE = {"uint16": 0.001, "float32": 1.0}
 
 HEADER_KEYS = frozenset({"v", "id", "op", "query", "image", "depth", "options", "timeout_ms"})
 OPTION_KEYS = frozenset(
-    {"mode", "max_new_tokens", "answer", "return_logits", "frame_id", "stamp", "latest_only", "stream", "intrinsics"}
+    {"mode", "max_new_tokens", "answer", "return_logits", "frame_id", "stamp", "latest_only", "stream", "intrinsics",
+     "track"}
 )
+TRACK_KEYS = frozenset({"tracker", "reason_every", "reason_period_s", "min_confidence"})
+TRACKERS = ("none", "flow", "sam")
 DEPTH_KEYS = frozenset({"shape", "dtype", "scale", "stamp", "tolerance_s"})
 MAX_ID_CHARS = 128
 MAX_NEW_TOKENS = 1024
@@ -292,6 +295,32 @@ def _check_stamp(value: Any, what: str, fail: Any) -> dict[str, int] | None:
     return {"sec": value["sec"], "nanosec": value["nanosec"]}
 
 
+def _check_track(value: Any, fail: Any) -> dict[str, Any] | None:
+    """``options.track``: a stream of frames tracked between reasoning steps (see docs/protocol.md)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise fail(f"options.track must be an object {{tracker, reason_every, ...}} or null; got {value!r:.100}")
+    unknown = sorted(set(value) - TRACK_KEYS)
+    if unknown:
+        raise fail(f"unknown options.track fields {unknown}; known: {sorted(TRACK_KEYS)}")
+    tracker = value.get("tracker", "flow")
+    if tracker not in TRACKERS:
+        raise fail(f"options.track.tracker must be one of {list(TRACKERS)}; got {tracker!r:.50}")
+    every = value.get("reason_every", 10)
+    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 100_000:
+        raise fail(f"options.track.reason_every must be a whole number in [1, 100000]; got {every!r:.50}")
+    period = value.get("reason_period_s")
+    if period is not None:
+        period = _number(period)
+        if period is None or period <= 0:
+            raise fail("options.track.reason_period_s must be a positive, finite number of seconds or null")
+    confidence = _number(value.get("min_confidence", 0.5))
+    if confidence is None or not 0.0 <= confidence <= 1.0:
+        raise fail("options.track.min_confidence must be a number in [0, 1]")
+    return {"tracker": tracker, "reason_every": every, "reason_period_s": period, "min_confidence": confidence}
+
+
 def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
     if options is None:
         options = {}
@@ -326,6 +355,9 @@ def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
             raise fail(f"options.frame_id must be a string (at most {MAX_ID_CHARS} chars), an integer or null")
         out["frame_id"] = str(fid)
     out["stamp"] = _check_stamp(out.get("stamp"), "options.stamp", fail)
+    out["track"] = _check_track(out.get("track"), fail)
+    if out["track"] is not None and (out["mode"] not in ("fast", "chat") or out.get("answer") is not None):
+        raise fail("options.track works with mode fast or chat and no forced answer")
     stream = out.get("stream")
     if stream is not None and (not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS
                                or not _unicode(stream)):

@@ -63,7 +63,7 @@ class _Job:
     def batchable(self) -> bool:
         o = self.request.options
         return (o["mode"] == "fast" and o.get("answer") is None and not o["return_logits"]
-                and self.request.depth_spec is None)
+                and self.request.depth_spec is None and o.get("track") is None)
 
     def same_frame(self, other: _Job) -> bool:
         """Both requests are on the same pixels with the same frame id and stamp (one Frame serves both)."""
@@ -71,6 +71,46 @@ class _Job:
         return (self.key == other.key and a.image_spec == b.image_spec
                 and a.options.get("frame_id") == b.options.get("frame_id")
                 and a.options.get("stamp") == b.options.get("stamp"))
+
+
+class TrackSessions:
+    """The worker's tracked streams (``options.track``): a :class:`~lisa_agent.tracking.StreamSegmenter`
+    per stream id, re-made when the stream's tracker settings change, a new query re-seeding it. At most
+    ``max_sessions`` are kept (the least recently used go), and one idle for ``idle_s`` seconds is dropped."""
+
+    def __init__(self, backend: SegmentBackend, max_sessions: int = 64, idle_s: float = 120.0) -> None:
+        self.backend = backend
+        self.max_sessions = max_sessions
+        self.idle_s = idle_s
+        self._items: collections.OrderedDict[str, tuple[Any, tuple[Any, ...], float]] = collections.OrderedDict()
+
+    def process(self, stream: str, query: str, frame: Frame, track: dict[str, Any], *, mode: str,
+                max_new_tokens: int) -> SegmentationResult:
+        from ..tracking import StreamSegmenter
+
+        now = time.monotonic()
+        for key in [k for k, (_, _, seen) in self._items.items() if now - seen > self.idle_s]:
+            del self._items[key]
+        settings = (track["tracker"], track["reason_every"], track["reason_period_s"], track["min_confidence"], mode,
+                    max_new_tokens)
+        entry = self._items.pop(stream, None)
+        session = entry[0] if entry is not None and entry[1] == settings else None
+        if session is None:
+            session = StreamSegmenter(self.backend, track["tracker"], reason_every=track["reason_every"],
+                                      reason_period_s=track["reason_period_s"],
+                                      min_confidence=track["min_confidence"], mode=mode,
+                                      max_new_tokens=max_new_tokens)
+        if session.instruction != query.strip():
+            session.set_instruction(query)
+        self._items[stream] = (session, settings, now)
+        while len(self._items) > self.max_sessions:
+            self._items.popitem(last=False)
+        result = session.process(frame)
+        assert result is not None  # synchronous sessions answer every frame
+        return result
+
+    def __len__(self) -> int:
+        return len(self._items)
 
 
 class RequestQueue:
@@ -202,6 +242,8 @@ class LisaServer:
         self.max_pending_reply_bytes = int(max_pending_reply_bytes)
         self._outbox: dict[bytes, collections.deque[tuple[list[bytes], int]]] = {}
         self._outbox_bytes: collections.Counter[bytes] = collections.Counter()
+        #: tracked streams (``options.track``): one StreamSegmenter per client stream, used by the worker only
+        self._sessions = TrackSessions(backend)
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -564,10 +606,13 @@ class LisaServer:
         for k, job in enumerate(live):
             start = time.perf_counter()
             try:
+                o = job.request.options
                 if results is not None:
                     result = results[k]
+                elif o.get("track") is not None:
+                    result = self._sessions.process(job.request.stream or "", job.request.query, frames[id(job)],
+                                                    o["track"], mode=o["mode"], max_new_tokens=o["max_new_tokens"])
                 else:
-                    o = job.request.options
                     result = self.backend.segment(frames[id(job)], job.request.query, mode=o["mode"],
                                                   max_new_tokens=o["max_new_tokens"], answer=o.get("answer"),
                                                   return_logits=o["return_logits"])

@@ -1,0 +1,417 @@
+"""Masks at camera rate: a tracker carries LISA's masks from one reasoning step to the next.
+
+A camera gives 30 frames a second; LISA answers a few times a second on a robot's GPU and far slower on
+a CPU. :class:`StreamSegmenter` runs LISA (any :class:`~lisa_agent.frames.SegmentBackend`) when the
+instruction changes, every ``reason_every`` frames or ``reason_period_s`` seconds, or when the tracker's
+confidence drops below ``min_confidence``, and a :class:`Tracker` gives every frame in between a mask:
+
+- ``flow`` (:class:`FlowTracker`): pyramidal Lucas-Kanade optical flow of corner points inside each
+  mask, a similarity transform fitted with RANSAC, the mask warped by it. A few milliseconds a frame on
+  a CPU; confidence is the share of points that move together (occlusion and lighting lower it).
+- ``sam`` (:class:`SamTracker`): the loaded model's own SAM, prompted on each new frame with the
+  ``[SEG]`` prompt embeddings of the last reasoning step (what the decoder was told to segment): one SAM
+  encoder pass per frame (the frame itself, no mirrored views), no CLIP, no language model. Confidence
+  is the decoder's score (the presence probability for gated checkpoints). Needs the in-process engine.
+- ``none`` (:class:`HoldTracker`): the last reasoned masks, unchanged (what a node without tracking
+  publishes): the baseline.
+
+Every output is a :class:`~lisa_agent.result.SegmentationResult` for that frame (its size, id, stamp and
+depth targets), marked in ``result.track`` as ``reasoned`` or ``tracked`` with the age of its reasoning
+step. When LISA reasons again, its new masks are put in the order of the masks tracked so far (matched by
+overlap), so instance ``k`` stays the same object across re-seeding.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Protocol
+
+import cv2
+import numpy as np
+
+from .errors import InvalidArgumentError
+from .frames import Frame, SegmentBackend, as_frame, check_query
+from .result import SegmentationResult
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .segmenter import LisaSegmenter
+
+#: Tracker names (``StreamSegmenter(tracker=...)``, CLI ``--tracker``, ROS parameter ``tracker``).
+TRACKERS = ("none", "flow", "sam")
+
+
+@dataclass(frozen=True)
+class TrackInfo:
+    """How a stream result was made (``SegmentationResult.track``; the result schema's ``track``).
+
+    Attributes:
+        source: ``reasoned`` (LISA ran on this frame) or ``tracked`` (carried from its last reasoning).
+        tracker: the tracker's name.
+        age_frames: frames since the reasoning step the masks come from (0 when reasoned).
+        age_s: seconds since it (from the frames' stamps when both have one, else wall time).
+        confidence: per mask, the tracker's confidence in [0, 1] (1.0 for reasoned masks).
+        reasoned_stamp: the stamp of the frame LISA reasoned on, or None.
+    """
+
+    source: str
+    tracker: str
+    age_frames: int
+    age_s: float
+    confidence: tuple[float, ...]
+    reasoned_stamp: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "tracker": self.tracker, "age_frames": int(self.age_frames),
+                "age_s": round(float(self.age_s), 4), "confidence": [round(float(c), 4) for c in self.confidence],
+                "reasoned_stamp": self.reasoned_stamp}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrackInfo:
+        return cls(source=str(d["source"]), tracker=str(d["tracker"]), age_frames=int(d["age_frames"]),
+                   age_s=float(d["age_s"]), confidence=tuple(float(c) for c in d["confidence"]),
+                   reasoned_stamp=d.get("reasoned_stamp"))
+
+
+class Tracker(Protocol):
+    """Carries masks from the frame they were made on to later frames."""
+
+    name: str
+
+    def start(self, frame: Frame, result: SegmentationResult) -> None:
+        """Take ``result``'s masks (made on ``frame``) as the ones to follow."""
+        ...
+
+    def update(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        """The masks on ``frame`` (N x H x W bool, in the order of ``start``) and per-mask confidence (N,)."""
+        ...
+
+
+class HoldTracker:
+    """``none``: the reasoned masks, held unchanged (confidence 1): the no-tracking baseline."""
+
+    name = "none"
+
+    def __init__(self) -> None:
+        self._masks = np.zeros((0, 1, 1), bool)
+
+    def start(self, frame: Frame, result: SegmentationResult) -> None:
+        self._masks = np.asarray(result.masks, dtype=bool)
+
+    def update(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        h, w = frame.size
+        if self._masks.shape[1:] != (h, w):
+            masks = np.stack([cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST) > 0
+                              for m in self._masks]) if len(self._masks) else np.zeros((0, h, w), bool)
+        else:
+            masks = self._masks.copy()
+        return masks, np.ones(len(masks), np.float32)
+
+
+class FlowTracker:
+    """``flow``: Lucas-Kanade optical flow of corners in each mask, a RANSAC similarity, the mask warped.
+
+    Each mask is warped from the frame LISA made it on by the composition of the frame-to-frame
+    transforms (warping the previous frame's mask instead would round sub-pixel motion away, frame
+    after frame). Corners are found afresh on every frame inside the current mask.
+
+    Args:
+        max_points: corners tracked per mask.
+        min_points: fewer surviving points than this and the mask stays where it was, with confidence 0.
+        forward_backward_px: a point is kept when tracking it back lands within this many pixels.
+    """
+
+    name = "flow"
+
+    def __init__(self, max_points: int = 120, min_points: int = 6, forward_backward_px: float = 1.0) -> None:
+        self.max_points = max_points
+        self.min_points = min_points
+        self.fb = forward_backward_px
+        self._gray: np.ndarray | None = None
+        self._seeds = np.zeros((0, 1, 1), bool)  # the masks as LISA made them
+        self._warps: list[np.ndarray] = []  # per mask, 3x3 seed frame -> previous frame
+        self._masks = np.zeros((0, 1, 1), bool)  # per mask, on the previous frame
+        self._lk = {"winSize": (11, 11), "maxLevel": 3,
+                    "criteria": (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, 20, 0.03)}
+
+    @staticmethod
+    def _grey(frame: Frame) -> np.ndarray:
+        return cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
+
+    def start(self, frame: Frame, result: SegmentationResult) -> None:
+        self._gray = self._grey(frame)
+        self._seeds = np.asarray(result.masks, dtype=bool)
+        self._masks = self._seeds.copy()
+        self._warps = [np.eye(3) for _ in range(len(self._seeds))]
+
+    def _motion(self, prev: np.ndarray, gray: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray | None, float]:
+        """The 2x3 similarity that moves ``mask``'s corners from ``prev`` to ``gray``, and the share of
+        corners that agree with it (None, 0 when too few corners can be followed)."""
+        pts = cv2.goodFeaturesToTrack(prev, self.max_points, 0.001, 3, mask=mask.astype(np.uint8), blockSize=5)
+        if pts is None or len(pts) < self.min_points:
+            return None, 0.0
+        new, status, _ = cv2.calcOpticalFlowPyrLK(prev, gray, pts, None, **self._lk)  # type: ignore[call-overload]
+        back, status_back, _ = cv2.calcOpticalFlowPyrLK(gray, prev, new, None, **self._lk)  # type: ignore[call-overload]
+        good = (status[:, 0] == 1) & (status_back[:, 0] == 1) & \
+            (np.linalg.norm((back - pts)[:, 0], axis=1) < self.fb)
+        if int(good.sum()) < self.min_points:
+            return None, 0.0
+        matrix, inliers = cv2.estimateAffinePartial2D(pts[good], new[good], method=cv2.RANSAC,
+                                                      ransacReprojThreshold=1.0)
+        if matrix is None:
+            return None, 0.0
+        return matrix, float(inliers.sum()) / float(len(pts))
+
+    def update(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        gray = self._grey(frame)
+        prev = self._gray
+        h, w = gray.shape
+        n = len(self._seeds)
+        if prev is None or prev.shape != gray.shape or not n:
+            self._gray = gray
+            return np.zeros((n, h, w), bool), np.zeros(n, np.float32)
+        out = self._masks.copy()
+        conf = np.zeros(n, np.float32)
+        for k in range(n):
+            if not self._masks[k].any():
+                continue
+            matrix, conf[k] = self._motion(prev, gray, self._masks[k])
+            if matrix is None:
+                continue
+            self._warps[k] = np.vstack([matrix, [0.0, 0.0, 1.0]]) @ self._warps[k]
+            out[k] = cv2.warpAffine(self._seeds[k].astype(np.uint8), self._warps[k][:2], (w, h),
+                                    flags=cv2.INTER_NEAREST) > 0
+        self._gray, self._masks = gray, out
+        return out.copy(), conf
+
+
+class SamTracker:
+    """``sam``: the engine's SAM prompted on each frame with the last reasoning step's ``[SEG]`` prompts."""
+
+    name = "sam"
+
+    def __init__(self, engine: LisaSegmenter) -> None:
+        if not callable(getattr(engine, "masks_from_prompts", None)):
+            raise InvalidArgumentError("the sam tracker needs the in-process engine (LisaSegmenter): a remote "
+                                       "client has no SAM to prompt; use tracker='flow'")
+        self.engine = engine
+        self._prompts = np.zeros((0, 1), np.float32)
+
+    def start(self, frame: Frame, result: SegmentationResult) -> None:
+        if result.seg_embeddings is None and len(result):
+            raise InvalidArgumentError("the sam tracker needs the result's seg_embeddings (an in-process engine "
+                                       "result)")
+        self._prompts = np.zeros((0, 1), np.float32) if result.seg_embeddings is None else result.seg_embeddings
+
+    def update(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        masks, scores = self.engine.masks_from_prompts(frame, self._prompts)
+        return masks, np.clip(scores, 0.0, 1.0)
+
+
+def make_tracker(name: str, backend: Any = None) -> Tracker:
+    """The tracker called ``name`` (:data:`TRACKERS`); ``sam`` prompts ``backend`` (a LisaSegmenter)."""
+    if name == "none":
+        return HoldTracker()
+    if name == "flow":
+        return FlowTracker()
+    if name == "sam":
+        return SamTracker(backend)
+    raise InvalidArgumentError(f"tracker must be one of {', '.join(TRACKERS)}; got {name!r}")
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    union = int(np.logical_or(a, b).sum())
+    return int(np.logical_and(a, b).sum()) / union if union else 0.0
+
+
+def match_order(new: np.ndarray, old: np.ndarray, min_iou: float = 0.05) -> list[int]:
+    """The order of ``new`` masks (N x H x W) that keeps instance identity with ``old`` (M x H x W): new
+    masks matched (greedily, by overlap) to old ones take those positions, unmatched ones follow."""
+    if not len(old) or not len(new) or old.shape[1:] != new.shape[1:]:
+        return list(range(len(new)))
+    pairs = sorted(((_iou(n, o), i, j) for i, n in enumerate(new) for j, o in enumerate(old)), reverse=True)
+    slot: dict[int, int] = {}
+    taken: set[int] = set()
+    for score, i, j in pairs:
+        if score < min_iou:
+            break
+        if i not in slot and j not in taken:
+            slot[i] = j
+            taken.add(j)
+    matched = sorted(slot, key=lambda i: slot[i])
+    return matched + [i for i in range(len(new)) if i not in slot]
+
+
+def reorder(result: SegmentationResult, order: list[int]) -> SegmentationResult:
+    """``result`` with its masks (and everything per mask) in ``order``."""
+    if order == list(range(len(result))):
+        return result
+    pick = np.asarray(order, dtype=int)
+    return replace(result, masks=result.masks[pick], instances=[result.instances[i] for i in order],
+                   logits=None if result.logits is None else result.logits[pick],
+                   seg_embeddings=None if result.seg_embeddings is None else result.seg_embeddings[pick],
+                   targets=None if result.targets is None else [result.targets[i] for i in order])
+
+
+class StreamSegmenter:
+    """Masks for every frame of a stream: LISA now and then, a tracker in between (see the module docstring).
+
+    Args:
+        backend: the model (a LisaSegmenter or a LisaClient).
+        tracker: a :class:`Tracker` or its name (``none``, ``flow``, ``sam``).
+        reason_every: run LISA at least every this many frames (1: on every frame).
+        reason_period_s: and at least every this many seconds (None: no time limit).
+        min_confidence: run LISA on the next frame when a mask's tracking confidence falls below this.
+        mode, max_new_tokens: how LISA answers (``fast`` or ``chat``).
+        background: run LISA in a worker thread while the tracker keeps answering every frame (a live
+            camera); the masks it brings are carried to the current frame by the tracker. Off: LISA runs
+            on the frame that needs it, before :meth:`process` returns (evaluation, recorded data).
+
+    Use: :meth:`set_instruction`, then :meth:`process` on every frame.
+    """
+
+    def __init__(self, backend: SegmentBackend, tracker: Tracker | str = "flow", *, reason_every: int = 10,
+                 reason_period_s: float | None = None, min_confidence: float = 0.5, mode: str = "fast",
+                 max_new_tokens: int = 32, background: bool = False) -> None:
+        if isinstance(reason_every, bool) or not isinstance(reason_every, int) or reason_every < 1:
+            raise InvalidArgumentError(f"reason_every must be a whole number >= 1; got {reason_every!r}")
+        if reason_period_s is not None and not reason_period_s > 0:
+            raise InvalidArgumentError(f"reason_period_s must be > 0 seconds or None; got {reason_period_s!r}")
+        if not 0.0 <= min_confidence <= 1.0:
+            raise InvalidArgumentError(f"min_confidence must be in [0, 1]; got {min_confidence!r}")
+        if mode not in ("fast", "chat"):
+            raise InvalidArgumentError(f"mode must be fast or chat; got {mode!r}")
+        self.backend = backend
+        self.tracker = make_tracker(tracker, backend) if isinstance(tracker, str) else tracker
+        self.reason_every = reason_every
+        self.reason_period_s = reason_period_s
+        self.min_confidence = min_confidence
+        self.mode = mode
+        self.max_new_tokens = max_new_tokens
+        self.background = background
+        #: how many times LISA ran (the backend's segment calls)
+        self.lisa_calls = 0
+        self._instruction: str | None = None
+        self._changed = False
+        self._last: SegmentationResult | None = None  # the last reasoning step's result
+        self._last_frame: Frame | None = None
+        self._last_clock = 0.0
+        self._frames_since = 0
+        self._confidence = np.ones(0, np.float32)
+        self._previous_masks = np.zeros((0, 1, 1), bool)  # the masks given for the previous frame
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        #: background: the reasoning step in flight, the frame it is on, its instruction, the frame count then
+        self._pending: tuple[concurrent.futures.Future[SegmentationResult], Frame, str, int] | None = None
+        self._count = 0  # frames processed
+
+    # ------------------------------------------------------------------ instruction
+    def set_instruction(self, text: str | None) -> None:
+        """What to segment from the next frame on (None or empty: stop; nothing is segmented)."""
+        self._instruction = None if text is None or not str(text).strip() else check_query(text)
+        self._changed = True
+        self._last = None
+        self._previous_masks = np.zeros((0, 1, 1), bool)
+
+    @property
+    def instruction(self) -> str | None:
+        return self._instruction
+
+    # ------------------------------------------------------------------ frames
+    def process(self, image: Frame | np.ndarray) -> SegmentationResult | None:
+        """The masks for this frame: reasoned (LISA ran on it) or tracked; None without an instruction, or
+        (background mode) while the first reasoning step is still running."""
+        frame = as_frame(image)
+        if self._instruction is None:
+            return None
+        self._count += 1
+        if self.background:
+            return self._process_background(frame)
+        if self._due(frame):
+            result = self._seed(frame, self._reason(frame))
+            return self._previous(replace(result, track=self._info(frame, "reasoned", np.ones(len(result)))))
+        return self._track(frame)
+
+    def _due(self, frame: Frame) -> bool:
+        if self._last is None or self._changed:
+            return True
+        if self._frames_since + 1 >= self.reason_every:
+            return True
+        if self.reason_period_s is not None and self._seconds_since(frame) >= self.reason_period_s:
+            return True
+        return bool(len(self._confidence)) and float(self._confidence.min()) < self.min_confidence
+
+    def _reason(self, frame: Frame, instruction: str | None = None) -> SegmentationResult:
+        self.lisa_calls += 1
+        return self.backend.segment(frame, instruction or self._instruction or "", mode=self.mode,
+                                    max_new_tokens=self.max_new_tokens)
+
+    def _seed(self, frame: Frame, result: SegmentationResult) -> SegmentationResult:
+        """Take ``result`` (LISA on ``frame``) as the reasoning step to track from; instance order kept."""
+        result = reorder(result, match_order(result.masks, self._previous_masks))
+        self.tracker.start(frame, result)
+        self._last, self._last_frame = result, frame
+        self._last_clock = time.monotonic()
+        self._frames_since = 0
+        self._changed = False
+        self._confidence = np.ones(len(result), np.float32)
+        return result
+
+    def _track(self, frame: Frame) -> SegmentationResult:
+        assert self._last is not None
+        t0 = time.perf_counter()
+        masks, confidence = self.tracker.update(frame)
+        ms = (time.perf_counter() - t0) * 1000.0
+        self._frames_since += 1
+        self._confidence = np.asarray(confidence, np.float32)
+        last = self._last
+        result = SegmentationResult.from_frame(
+            frame, masks, [float(c) for c in confidence], text=last.text, query=last.query, mode=last.mode,
+            prompt=last.prompt, input_ids=last.input_ids, output_ids=last.output_ids,
+            seg_embeddings=last.seg_embeddings, cached=False, timings_ms={"track": ms, "total": ms},
+            track=self._info(frame, "tracked", confidence))
+        return self._previous(result)
+
+    def _previous(self, result: SegmentationResult) -> SegmentationResult:
+        self._previous_masks = np.asarray(result.masks, dtype=bool)
+        return result
+
+    def _seconds_since(self, frame: Frame) -> float:
+        last = self._last_frame
+        if last is not None and last.stamp is not None and frame.stamp is not None:
+            return (frame.stamp.ns - last.stamp.ns) / 1e9
+        return time.monotonic() - self._last_clock
+
+    def _info(self, frame: Frame, source: str, confidence: np.ndarray) -> TrackInfo:
+        last = self._last_frame
+        return TrackInfo(source=source, tracker=self.tracker.name,
+                         age_frames=0 if source == "reasoned" else self._frames_since,
+                         age_s=0.0 if source == "reasoned" else max(0.0, self._seconds_since(frame)),
+                         confidence=tuple(float(c) for c in confidence),
+                         reasoned_stamp=None if last is None or last.stamp is None else last.stamp.to_dict())
+
+    # ------------------------------------------------------------------ background reasoning
+    def _process_background(self, frame: Frame) -> SegmentationResult | None:
+        if self._pending is not None and self._pending[0].done():
+            future, reasoned_on, instruction, submitted = self._pending
+            self._pending = None
+            result = future.result()  # an error of LISA's surfaces here, to the caller
+            if instruction == self._instruction:  # not overtaken by a newer instruction
+                self._seed(reasoned_on, result)
+                self._frames_since = self._count - 1 - submitted  # frames since the one LISA looked at
+        if self._pending is None and self._due(frame):
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lisa-reason")
+            instruction = self._instruction or ""
+            self._changed = False
+            self._pending = (self._pool.submit(self._reason, frame, instruction), frame, instruction, self._count)
+        if self._last is None:
+            return None
+        return self._track(frame)
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the background worker (``wait``: until a reasoning step in progress has finished)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=wait)
+            self._pool = None
+            self._pending = None
