@@ -46,6 +46,10 @@ MASK_TTA_VIEWS: dict[str, tuple[tuple[bool, bool], ...]] = {
 MASK_TTA_CHOICES = ("checkpoint", *MASK_TTA_VIEWS)
 #: SAM image-encoder attention implementations.
 SAM_ATTENTION = ("auto", "sdpa", "original")
+#: Where 8-bit / 4-bit weights come from: ``auto`` (bitsandbytes where it runs on the device, else torchao).
+QUANT_BACKENDS = ("auto", "bitsandbytes", "torchao")
+#: Hot-path optimizations: ``auto`` (on where they apply) or ``off``.
+SWITCH = ("auto", "off")
 #: Conversation templates (``None``: the checkpoint's own).
 TEMPLATE_CHOICES = tuple(TEMPLATES)
 #: The default model: the bundled checkpoint, so every door works offline on a fresh machine.
@@ -122,7 +126,8 @@ class EngineConfig:
         vision_tower: CLIP tower id or folder; None: the checkpoint config's ``vision_tower``.
         device: ``auto`` (CUDA when present, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``.
         dtype: ``auto`` (bf16 on CUDA, fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``.
-        quantization: None, ``8bit`` or ``4bit`` (bitsandbytes, CUDA only): LLaMA's decoder layers only.
+        quantization: None, ``8bit`` or ``4bit``: LLaMA's decoder layers' weights only (``quant_backend``
+            says with what; 4-bit needs CUDA, 8-bit runs on the CPU too with torchao).
         template: conversation template (``llava_v1`` / ``llava_llama_2``); None: the checkpoint's.
         mask_tta: mask test-time augmentation: ``checkpoint`` (what its config.json declares; off for
             published LISA), ``off``, ``hflip`` or ``flips``.
@@ -136,6 +141,12 @@ class EngineConfig:
         max_mask_megapixels: most mask pixels one answer may cost, masks x mirrored views x frame pixels
             (each is a full-frame float mask): bounds the time and memory of one request; refused or
             capped like ``max_masks``.
+        quant_backend: ``auto`` (bitsandbytes where it runs on the device, else torchao), ``bitsandbytes``
+            (CUDA) or ``torchao`` (weight-only int8 / int4; int8 also on the CPU).
+        static_cache: ``auto`` (a KV cache allocated once per length bucket; with CUDA graphs also the
+            prompt and forced passes padded to buckets, fixed shapes) or ``off`` (the dynamic cache).
+        cuda_graphs: ``auto`` (capture the fixed-shape stages in CUDA graphs on CUDA) or ``off``.
+        overlap: ``auto`` (SAM's encoder on its own CUDA stream, overlapping CLIP and the LLM) or ``off``.
     """
 
     model: str = _option(DEFAULT_MODEL, Option(
@@ -150,7 +161,8 @@ class EngineConfig:
     dtype: str = _option("auto", Option(
         "precision: auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16", parse=str.strip, choices=DTYPES))
     quantization: str | None = _option(None, Option(
-        "LLM weight quantization: none, 8bit or 4bit (CUDA and bitsandbytes; LLaMA's decoder layers only)",
+        "LLM weight quantization: none, 8bit or 4bit (LLaMA's decoder layers only; 4bit needs CUDA, 8bit runs "
+        "on the CPU with torchao)",
         parse=_quantization, text=lambda v: "none" if v is None else str(v), choices=QUANTIZATIONS))
     template: str | None = _option(None, Option(
         f"conversation template: {' or '.join(TEMPLATE_CHOICES)} (empty: the checkpoint's own)",
@@ -173,6 +185,19 @@ class EngineConfig:
     max_mask_megapixels: float = _option(256.0, Option(
         "most mask megapixels per answer (masks x mirrored views x frame pixels), bounding one request's "
         "time and memory", parse=_float, metavar="MPX"))
+    quant_backend: str = _option("auto", Option(
+        "where quantized weights come from: auto (bitsandbytes where it runs on the device, else torchao), "
+        "bitsandbytes or torchao (int8 also on the CPU)", parse=str.strip, choices=QUANT_BACKENDS))
+    static_cache: str = _option("auto", Option(
+        "auto: a KV cache allocated once per length bucket (fixed shapes with CUDA graphs); off: the dynamic "
+        "cache, grown per token",
+        parse=str.strip, choices=SWITCH))
+    cuda_graphs: str = _option("auto", Option(
+        "auto: capture the fixed-shape stages (decode step, forced pass, CLIP, SAM encoder) in CUDA graphs on "
+        "CUDA; off: eager", parse=str.strip, choices=SWITCH))
+    overlap: str = _option("auto", Option(
+        "auto: SAM's image encoder on its own CUDA stream, overlapping CLIP and the language model; off: in turn",
+        parse=str.strip, choices=SWITCH))
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -220,6 +245,10 @@ class EngineConfig:
                                            f"(0, 1); got {self.presence_threshold!r}")
             threshold = float(threshold)
         put("presence_threshold", threshold)
+        for name, choices in (("quant_backend", QUANT_BACKENDS), ("static_cache", SWITCH), ("cuda_graphs", SWITCH),
+                              ("overlap", SWITCH)):
+            if getattr(self, name) not in choices:
+                raise InvalidArgumentError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.sam_attention not in SAM_ATTENTION:
             raise InvalidArgumentError(f"sam_attention must be one of {', '.join(SAM_ATTENTION)}; "
                                        f"got {self.sam_attention!r}")

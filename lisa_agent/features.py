@@ -46,6 +46,8 @@ class FrameFeatures:
         clip_pixels: (1, 3, s, s) CLIP input (kept for ``reference`` mode, which re-encodes per token).
         encode_ms: what computing them cost: ``digest``, ``preprocess``, ``sam_encoder``, ``clip``.
         views: the mirrored views encoded, as (flip rows, flip columns) pairs.
+        sam_ready: on CUDA with overlap, the event marking ``sam_embedding`` computed (on SAM's own
+            stream); wait for it before reading the embedding. None otherwise.
     """
 
     key: str
@@ -56,6 +58,7 @@ class FrameFeatures:
     clip_pixels: torch.Tensor
     encode_ms: dict[str, float] = field(default_factory=dict)
     views: tuple[tuple[bool, bool], ...] = ((False, False),)
+    sam_ready: torch.cuda.Event | None = None
 
     @property
     def original_hw(self) -> tuple[int, int]:

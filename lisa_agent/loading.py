@@ -10,6 +10,7 @@ it loads from ``vision_tower`` (a Hub id, a folder, or a folder relative to the 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable
@@ -34,6 +35,8 @@ if TYPE_CHECKING:
     from transformers import CLIPVisionModel
 
     from .modeling.clip import ClipPatchFeatures
+
+log = logging.getLogger(__name__)
 
 #: Short names for models shipped inside the package.
 BUNDLED_MODELS = {"tabletop-tiny": Path(__file__).resolve().parent / "assets" / "tabletop-tiny"}
@@ -323,12 +326,64 @@ def resolve_precision(config: EngineConfig) -> tuple[torch.dtype, torch.device]:
         dtype = "bf16" if tdevice.type == "cuda" else "fp32"
     tdtype = TORCH_DTYPES[dtype]
     if config.quantization is not None:
-        if tdevice.type != "cuda":
-            raise QuantizationError(f"{config.quantization} quantization needs a CUDA device (bitsandbytes); "
-                                    f"got {tdevice}")
-        if tdtype == torch.float32:
+        backend = resolve_quant_backend(config, tdevice)
+        if backend == "bitsandbytes" and tdevice.type != "cuda":
+            raise QuantizationError(f"{config.quantization} quantization with bitsandbytes needs a CUDA device; got "
+                                    f"{tdevice} (quant_backend torchao quantizes 8bit on the CPU)")
+        if backend == "torchao" and config.quantization == "4bit" and tdevice.type != "cuda":
+            raise QuantizationError("4bit weights with torchao need a CUDA device (its int4 kernels); use 8bit on "
+                                    f"the CPU; got {tdevice}")
+        if tdtype == torch.float32 and tdevice.type == "cuda":
             tdtype = torch.bfloat16
     return tdtype, tdevice
+
+
+def resolve_quant_backend(config: EngineConfig, device: torch.device) -> str | None:
+    """Where ``config``'s quantized weights come from: its ``quant_backend``, or for ``auto`` bitsandbytes when
+    it runs on ``device`` (a CUDA GPU its kernels were built for: the aarch64 wheels lacked Jetson Orin's sm_87)
+    and torchao otherwise (the CPU included). None without quantization."""
+    if config.quantization is None:
+        return None
+    if config.quant_backend != "auto":
+        return config.quant_backend
+    if device.type == "cuda" and _bitsandbytes_runs(device, config.quantization):
+        return "bitsandbytes"
+    return "torchao"
+
+
+def _bitsandbytes_runs(device: torch.device, quantization: str) -> bool:
+    """Whether a bitsandbytes layer of ``quantization`` imports and runs a forward pass on ``device``."""
+    try:
+        import bitsandbytes as bnb
+
+        with torch.no_grad():
+            if quantization == "8bit":
+                layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
+            else:
+                layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
+            layer = layer.to(device)
+            layer(torch.zeros(1, 64, dtype=torch.float16 if quantization == "8bit" else torch.bfloat16, device=device))
+            torch.cuda.synchronize(device)
+        return True
+    except Exception as exc:  # noqa: BLE001 - import errors, missing kernels for this GPU, ...
+        log.info("bitsandbytes does not run here (%s: %s); quantizing with torchao", type(exc).__name__, exc)
+        return False
+
+
+def quantize_llm_torchao(model: LisaModel, quantization: str) -> None:
+    """Weight-only int8 (CPU and CUDA) or int4 (CUDA, group size 128) for the LLaMA decoder layers' linear
+    layers with torchao, in place on the model's device; SAM, the projector, ``text_hidden_fcs``, embeddings
+    and ``lm_head`` stay as they are."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+
+        config = Int8WeightOnlyConfig() if quantization == "8bit" else Int4WeightOnlyConfig(group_size=128)
+        for layer in model.llm.model.layers:
+            quantize_(layer, config)
+    except Exception as exc:  # ImportError, or kernels this device lacks
+        raise QuantizationError(f"torchao cannot quantize to {quantization} here ({type(exc).__name__}: "
+                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); install lisa-agent[quant], "
+                                "or choose another quantization") from exc
 
 
 def quantize_llm(model: LisaModel, quantization: str, compute_dtype: torch.dtype, device: torch.device) -> None:
@@ -379,7 +434,8 @@ def build_model(config: LisaConfig, sam_spec: SamSpec, meta: bool = True) -> Lis
 
 
 def assemble(model: LisaModel, vision: ClipPatchFeatures, *, dtype: torch.dtype, device: torch.device,
-             quantization: str | None = None, sam_attention: str = "auto") -> LisaModel:
+             quantization: str | None = None, sam_attention: str = "auto",
+             quant_backend: str | None = "bitsandbytes") -> LisaModel:
     """Make a model whose weights are in place ready for inference: cast to ``dtype`` (SAM's neck stays
     float32 under fp16, as in LISA), rebuild the buffers checkpoints do not carry, quantize the LLM,
     move to ``device``, attach the CLIP features ``vision``, choose SAM's attention, freeze."""
@@ -387,9 +443,11 @@ def assemble(model: LisaModel, vision: ClipPatchFeatures, *, dtype: torch.dtype,
     if dtype == torch.float16:
         model.sam.image_encoder.neck.float()  # as LISA: the neck's LayerNorm2d overflows in fp16
     rebuild_buffers(model, model.llm.config)  # after the cast: rotary frequencies stay float32
-    if quantization:
+    if quantization and quant_backend == "bitsandbytes":
         quantize_llm(model, quantization, dtype, device)
     model.to(device)
+    if quantization and quant_backend == "torchao":
+        quantize_llm_torchao(model, quantization)
     model.attach_vision(vision.to(device))
     if sam_attention == "sdpa" or (sam_attention == "auto" and device.type == "cuda"):
         from .modeling.sam_attention import use_sdpa_attention
@@ -400,7 +458,8 @@ def assemble(model: LisaModel, vision: ClipPatchFeatures, *, dtype: torch.dtype,
 
 
 def load_lisa(folder: Path, *, vision_tower: str | None, dtype: torch.dtype, device: torch.device,
-              quantization: str | None = None, sam_attention: str = "auto") -> LoadedLisa:
+              quantization: str | None = None, sam_attention: str = "auto",
+              quant_backend: str | None = "bitsandbytes") -> LoadedLisa:
     """Read config and weights from ``folder``, build the model, load the CLIP tower; ready for inference."""
     from .modeling.clip import ClipPatchFeatures
 
@@ -423,5 +482,6 @@ def load_lisa(folder: Path, *, vision_tower: str | None, dtype: torch.dtype, dev
     if vision.hidden_size != config.mm_hidden_size:
         raise CheckpointError(f"vision tower width {vision.hidden_size} differs from mm_hidden_size "
                               f"{config.mm_hidden_size} in config.json")
-    assemble(model, vision, dtype=dtype, device=device, quantization=quantization, sam_attention=sam_attention)
+    assemble(model, vision, dtype=dtype, device=device, quantization=quantization, sam_attention=sam_attention,
+             quant_backend=quant_backend)
     return LoadedLisa(model=model, config=config, folder=folder)

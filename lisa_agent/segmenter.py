@@ -50,12 +50,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from .acceleration import GraphedStages, StaticDecoder, bucket
 from .config import MASK_TTA_VIEWS, MODES, EngineConfig
 from .errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
 from .frames import Frame, as_frame, check_query
 from .generation import greedy_cached, greedy_reference
-from .loading import load_lisa, resolve_checkpoint, resolve_precision
+from .loading import load_lisa, resolve_checkpoint, resolve_precision, resolve_quant_backend
 from .modeling.lisa import LisaModel
 from .preprocess import clip_preprocess, sam_preprocess
 from .prompts import DEFAULT_ANSWER, SEG_TOKEN, build_prompt, get_template
@@ -88,13 +89,16 @@ class Conversation:
 
 
 class _Timer:
+    """Wall time per stage; on CUDA it waits for the current stream only (work on other streams, such as
+    SAM's encoder overlapping the language model, goes on)."""
+
     def __init__(self, device: torch.device):
         self.sync = device.type == "cuda"
         self.t = time.perf_counter()
 
     def lap(self) -> float:
         if self.sync:
-            torch.cuda.synchronize()
+            torch.cuda.current_stream().synchronize()
         now = time.perf_counter()
         ms = (now - self.t) * 1000.0
         self.t = now
@@ -116,7 +120,9 @@ class LisaSegmenter:
     def __init__(self, model: LisaModel, tokenizer: LisaTokenizer, *, template: str = "llava_v1",
                  use_im_start_end: bool = True, name: str = "", quantization: str | None = None,
                  cache_frames: int = 4, presence_gate: dict[str, Any] | None = None, mask_tta: str = "off",
-                 config: EngineConfig | None = None, max_masks: int = 16, max_mask_megapixels: float = 256.0):
+                 config: EngineConfig | None = None, max_masks: int = 16, max_mask_megapixels: float = 256.0,
+                 static_cache: bool = False, cuda_graphs: bool = False, overlap: bool = False,
+                 quant_backend: str | None = None):
         if mask_tta not in MASK_TTA_VIEWS:
             raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA_VIEWS)}; got {mask_tta!r}")
         self.model = model
@@ -125,6 +131,8 @@ class LisaSegmenter:
         self.use_im_start_end = use_im_start_end
         self.name = name
         self.quantization = quantization
+        #: where the quantized weights came from (bitsandbytes / torchao), None without quantization
+        self.quant_backend = quant_backend if quantization else None
         try:
             self.seg_token_id = tokenizer.convert_tokens_to_ids(SEG_TOKEN)
         except KeyError:
@@ -144,6 +152,10 @@ class LisaSegmenter:
         self.max_mask_megapixels = float(max_mask_megapixels)
         #: the model's context length: prompt, image tokens and answer together
         self.max_positions = int(model.llm.config.max_position_embeddings)
+        self._decoder: StaticDecoder | None = None
+        self._stages: GraphedStages | None = None
+        self._sam_stream: torch.cuda.Stream | None = None
+        self.set_optimizations(static_cache=static_cache, cuda_graphs=cuda_graphs, overlap=overlap)
         self._lock = threading.RLock()
         #: the options this engine was built from (None when built directly from a model)
         self.config = config
@@ -169,8 +181,9 @@ class LisaSegmenter:
         """Load the checkpoint ``config.model`` with the options of ``config`` (see :class:`EngineConfig`)."""
         tdtype, tdevice = resolve_precision(config)
         folder = resolve_checkpoint(config.model)
+        backend = resolve_quant_backend(config, tdevice)
         loaded = load_lisa(folder, vision_tower=config.vision_tower, dtype=tdtype, device=tdevice,
-                           quantization=config.quantization, sam_attention=config.sam_attention)
+                           quantization=config.quantization, sam_attention=config.sam_attention, quant_backend=backend)
         tokenizer = LisaTokenizer.from_pretrained(folder)
         gate = loaded.config.presence_gate
         if config.presence_threshold is None:
@@ -185,7 +198,26 @@ class LisaSegmenter:
                    use_im_start_end=loaded.config.mm_use_im_start_end, name=config.model,
                    quantization=config.quantization, cache_frames=config.cache_frames, presence_gate=gate,
                    mask_tta=mask_tta, config=config, max_masks=config.max_masks,
-                   max_mask_megapixels=config.max_mask_megapixels)
+                   max_mask_megapixels=config.max_mask_megapixels, static_cache=config.static_cache == "auto",
+                   cuda_graphs=config.cuda_graphs == "auto" and tdevice.type == "cuda",
+                   overlap=config.overlap == "auto" and tdevice.type == "cuda", quant_backend=backend)
+
+    def set_optimizations(self, *, static_cache: bool, cuda_graphs: bool, overlap: bool,
+                          buckets: bool | None = None) -> None:
+        """Turn the hot-path optimizations on or off (:mod:`lisa_agent.acceleration`; ``bench --compare`` times
+        each): a static KV cache; CUDA graphs; SAM's encoder on its own CUDA stream, overlapping CLIP and the
+        language model; sequence lengths padded to buckets (``buckets``; None: on with graphs, which need
+        fixed shapes). Graphs and the stream need CUDA."""
+        cuda = self.device.type == "cuda"
+        self.static_cache = bool(static_cache)
+        self.cuda_graphs = bool(cuda_graphs) and cuda
+        self.overlap = bool(overlap) and cuda
+        self.buckets = self.cuda_graphs if buckets is None else bool(buckets)
+        self._decoder = (StaticDecoder(self.model.llm, graphs=self.cuda_graphs, pad=self.buckets)
+                         if self.static_cache else None)
+        sdpa = any(type(m).__name__ == "SdpaAttention" for m in self.model.sam.image_encoder.modules())
+        self._stages = GraphedStages(self.model, sam=sdpa) if self.cuda_graphs else None
+        self._sam_stream = torch.cuda.Stream(device=self.device) if self.overlap else None
 
     @property
     def device(self) -> torch.device:
@@ -207,6 +239,7 @@ class LisaSegmenter:
             "dtype": str(self.dtype).replace("torch.", ""),
             "device": str(self.device),
             "quantization": self.quantization,
+            "quant_backend": self.quant_backend,
             "template": self.template.name,
             "seg_token_id": self.seg_token_id,
             "sam_image_size": self.sam_size,
@@ -219,6 +252,10 @@ class LisaSegmenter:
             "max_mask_megapixels": self.max_mask_megapixels,
             "mask_views": len(self._views),
             "max_positions": self.max_positions,
+            "static_cache": self.static_cache,
+            "cuda_graphs": self.cuda_graphs,
+            "overlap": self.overlap,
+            "buckets": self.buckets,
         }
 
     # ------------------------------------------------------------------ frames
@@ -251,20 +288,37 @@ class LisaSegmenter:
                 return cached.for_frame(frame), {**zero, "digest": t_digest}, True
             timer = _Timer(self.device)
             sam_in = sam_preprocess(frame.rgb, self.sam_size)
-            clip_px = clip_preprocess(frame.rgb, self.clip_size).to(self.device)
-            pixels = mirrored_views(sam_in.pixels.to(self.device), sam_in.resized_hw, self._views)
+            clip_px = _upload(clip_preprocess(frame.rgb, self.clip_size), self.device)
+            pixels = mirrored_views(_upload(sam_in.pixels, self.device), sam_in.resized_hw, self._views)
             t_pre = timer.lap()
-            if self.device.type == "cuda" or len(pixels) == 1:
-                sam_emb = self.model.encode_sam(pixels)
-            else:  # on CPUs one view at a time is faster than a batch (114 vs 160 ms for 4 views, 2 cores)
-                sam_emb = torch.cat([self.model.encode_sam(pixels[k:k + 1]) for k in range(len(pixels))])
+            sam_emb, ready = self._encode_sam(pixels)
             t_sam = timer.lap()
-            tokens = self.model.encode_clip(clip_px)
+            tokens = self._stages.clip(clip_px) if self._stages is not None else self.model.encode_clip(clip_px)
             t_clip = timer.lap()
             timings = {"digest": t_digest, "preprocess": t_pre, "sam_encoder": t_sam, "clip": t_clip}
-            feats = FrameFeatures(key, frame, sam_in.resized_hw, sam_emb, tokens, clip_px, timings, self._views)
+            feats = FrameFeatures(key, frame, sam_in.resized_hw, sam_emb, tokens, clip_px, timings, self._views,
+                                  sam_ready=ready)
             self._cache.put(feats)
             return feats, timings, False
+
+    def _encode_sam(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """SAM image embeddings of ``pixels`` (V, 3, S, S): on the SAM stream when overlapping (returns the
+        event marking them ready), else on the current stream (None)."""
+        encode = self._stages.sam if self._stages is not None else self.model.encode_sam
+        if self._sam_stream is None:
+            if self.device.type == "cuda" or len(pixels) == 1:
+                return encode(pixels), None
+            # on CPUs one view at a time is faster than a batch (114 vs 160 ms for 4 views, 2 cores)
+            return torch.cat([encode(pixels[k:k + 1]) for k in range(len(pixels))]), None
+        stream = self._sam_stream
+        stream.wait_stream(torch.cuda.current_stream())  # the pixels were uploaded there
+        with torch.cuda.stream(stream):
+            embedding = encode(pixels)
+            ready = torch.cuda.Event()
+            ready.record(stream)
+        pixels.record_stream(stream)
+        embedding.record_stream(torch.cuda.current_stream())
+        return embedding, ready
 
     def clear_cache(self) -> None:
         """Forget all cached frame features."""
@@ -371,6 +425,10 @@ class LisaSegmenter:
                     f"{feats.original_hw[0]}x{feats.original_hw[1]} frame with {len(self._views)} view(s) "
                     f"(max_masks={self.max_masks}, max_mask_megapixels={self.max_mask_megapixels:g})")
         longest = max(len(x) for x in full_ids)
+        if self.buckets:  # a few fixed shapes: the padded length's bucket (image tokens included)
+            n_image = feats.image_tokens.shape[1]
+            longest = min(bucket(longest - 1 + n_image), self.max_positions) - n_image + 1
+            longest = max(longest, max(len(x) for x in full_ids))
         # Right padding needs no attention mask: causal attention never looks at later (pad) positions.
         batch = torch.zeros(len(full_ids), longest, dtype=torch.long)
         for b, ids in enumerate(full_ids):
@@ -378,7 +436,10 @@ class LisaSegmenter:
         batch = batch.to(self.device)
         embeds, merged = self.model.embed_with_image(batch, feats.image_tokens)
         t_tok = timer.lap()
-        hidden = self.model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        if self._stages is not None:
+            hidden = self._stages.llm_pass(embeds)
+        else:
+            hidden = self.model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
         t_llm = timer.lap()
         seg_rows, seg_cols, owners = [], [], []
         merged_pos = merged.tolist()  # one device->host copy, not one per [SEG]
@@ -404,6 +465,16 @@ class LisaSegmenter:
                                         None if logits is None else logits[idx], masks[idx], scores[idx],
                                         prompts_out[idx], timings))
         return results
+
+    def _greedy(self, ids: torch.Tensor, feats: FrameFeatures, max_new_tokens: int, *, max_segs: int,
+                banned: int | None = None) -> tuple[list[int], torch.Tensor]:
+        """Greedy generation after ``ids`` (1, T): into the static cache when it is on, else the dynamic one."""
+        if self._decoder is None:
+            return greedy_cached(self.model, ids, feats.image_tokens, max_new_tokens, eos=self.eos_token_id,
+                                 seg=self.seg_token_id, max_segs=max_segs, banned=banned)
+        embeds, _ = self.model.embed_with_image(ids, feats.image_tokens)
+        return self._decoder.generate(embeds, max_new_tokens, eos=self.eos_token_id, seg=self.seg_token_id,
+                                      max_segs=max_segs, banned=banned)
 
     def _room(self, feats: FrameFeatures, query: str, n_ids: int, refuse: bool = True) -> int:
         """Positions left in the model's context after ``n_ids`` prompt ids with the image merged in;
@@ -439,9 +510,8 @@ class LisaSegmenter:
         closed = self._prompt(query, history, answer=prefix)
         ids = self.tokenizer.encode_prompt(closed[: closed.rindex(prefix) + len(prefix)])
         max_new_tokens = max(0, min(max_new_tokens, self._room(feats, query, len(ids), refuse=False)))
-        generated, _ = greedy_cached(self.model, torch.tensor([ids], device=self.device), feats.image_tokens,
-                                     max_new_tokens, eos=self.eos_token_id, seg=self.seg_token_id, max_segs=0,
-                                     banned=self.seg_token_id)
+        generated, _ = self._greedy(torch.tensor([ids], device=self.device), feats, max_new_tokens, max_segs=0,
+                                    banned=self.seg_token_id)
         if ids[: len(open_ids)] == open_ids:
             answer_ids = ids[len(open_ids):] + generated
             text = self.tokenizer.decode(answer_ids)
@@ -454,6 +524,8 @@ class LisaSegmenter:
         """Decoder + postprocess. Returns (logits (n, H, W) float32 on the CPU or None, masks (n, H, W)
         bool, scores (n,), decoder prompts (n, D), decoder ms, postprocess ms); thresholded on the device
         so only booleans cross to the host unless logits are asked for."""
+        if feats.sam_ready is not None:  # SAM's encoder ran on its own stream, overlapping the LLM
+            torch.cuda.current_stream().wait_event(feats.sam_ready)
         timer = _Timer(self.device)
         if len(seg_states) == 0:
             h, w = feats.original_hw
@@ -505,8 +577,7 @@ class LisaSegmenter:
             t_tok = timer.lap()
             budget = self._mask_budget(feats)
             if mode == "chat":
-                generated, seg_states = greedy_cached(self.model, ids, feats.image_tokens, max_new_tokens,
-                                                      eos=self.eos_token_id, seg=self.seg_token_id, max_segs=budget)
+                generated, seg_states = self._greedy(ids, feats, max_new_tokens, max_segs=budget)
             else:
                 generated, seg_states = greedy_reference(self.model, ids, feats.clip_pixels, max_new_tokens,
                                                          eos=self.eos_token_id, seg=self.seg_token_id, max_segs=budget)
@@ -521,6 +592,13 @@ class LisaSegmenter:
                 masks, scores, prompts_out = masks[keep], scores[keep], prompts_out[keep]
             return self._result(feats, cached, query, mode, prompt, prompt_ids, generated, text, logits, masks,
                                 scores, prompts_out, timings)
+
+
+def _upload(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``x`` on ``device``: through pinned memory, without blocking, on CUDA."""
+    if device.type != "cuda":
+        return x.to(device)
+    return x.pin_memory().to(device, non_blocking=True)
 
 
 def _clean(text: str) -> str:

@@ -48,7 +48,7 @@ def test_bad_precision_arguments(tiny_checkpoint):
         LisaSegmenter.from_pretrained(tiny_checkpoint, dtype="fp8")
     with pytest.raises(InvalidArgumentError, match="unknown quantization"):
         LisaSegmenter.from_pretrained(tiny_checkpoint, quantization="3bit")
-    with pytest.raises(QuantizationError, match="needs a CUDA device"):
+    with pytest.raises(QuantizationError, match="4bit weights with torchao need a CUDA device"):
         LisaSegmenter.from_pretrained(tiny_checkpoint, quantization="4bit", device="cpu")
 
 

@@ -39,7 +39,7 @@ def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
     device, dtype, quantization, SAM attention and mask augmentation (``checkpoint``: off)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from ..loading import LisaConfig, assemble, build_model, resolve_precision
+    from ..loading import LisaConfig, assemble, build_model, resolve_precision, resolve_quant_backend
     from ..modeling.clip import ClipPatchFeatures
     from ..modeling.sam import SAM_PRESETS
     from ..segmenter import LisaSegmenter
@@ -59,14 +59,18 @@ def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
                                                  num_attention_heads=16, image_size=224, patch_size=14))
     # transformers wraps PreTrainedModel.to with functools.wraps, whose stub does not bind self
     vision = ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch")  # type: ignore[arg-type]
+    backend = resolve_quant_backend(config, device)
     assemble(model, vision, dtype=dtype, device=device, quantization=config.quantization,
-             sam_attention=config.sam_attention)
+             sam_attention=config.sam_attention, quant_backend=backend)
     tok = train_tokenizer()
     added = add_lisa_tokens(tok)
     tokenizer = LisaTokenizer(tok, "tokenizers", added, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
     return LisaSegmenter(model, tokenizer, name=f"random-{shape}", quantization=config.quantization,
                          cache_frames=config.cache_frames, config=config, max_masks=config.max_masks,
-                         max_mask_megapixels=config.max_mask_megapixels,
+                         max_mask_megapixels=config.max_mask_megapixels, quant_backend=backend,
+                         static_cache=config.static_cache == "auto",
+                         cuda_graphs=config.cuda_graphs == "auto" and device.type == "cuda",
+                         overlap=config.overlap == "auto" and device.type == "cuda",
                          mask_tta="off" if config.mask_tta == "checkpoint" else config.mask_tta)
 
 
@@ -104,19 +108,22 @@ def time_mode(fn: Callable[[], Any], runs: int, warmup: int) -> dict[str, Any]:
         fn()
     timings = [fn().timings_ms for _ in range(runs)]
     stages = _median_stages(timings)
-    return {"median_ms": stages["total"], "stages_ms": stages, "runs": runs}
+    return {"median_ms": stages["total"], "stages_ms": stages, "runs": runs, "samples": timings}
 
 
 def run_bench(seg: LisaSegmenter, *, runs: int = 10, warmup: int = 2, new_tokens: int = 32, image_hw: tuple[int, int] = (480, 640),
               modes: tuple[str, ...] = ("fast", "chat", "reference"), reference_runs: int | None = None,
               query: str = "grab something to cut with") -> dict[str, Any]:
-    """Median per-stage timings; every run starts from an uncached frame (encoders included)."""
+    """Median per-stage timings; every run starts from an uncached frame (encoders included). Reports the
+    settings in use and ``peak_memory_mb`` (CUDA: the most memory allocated; CPU: how far the process's
+    resident memory grew while timing)."""
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 255, size=(*image_hw, 3), dtype=np.uint8)
     seg.eos_token_id = -1  # benchmark: always generate exactly `new_tokens` tokens
+    memory = _MemoryProbe(seg.device)
     out: dict[str, Any] = {"device": _device_name(seg.device), "dtype": str(seg.dtype).replace("torch.", ""),
                            "new_tokens": new_tokens, "image_hw": list(image_hw),
-                           "mask_tta": getattr(seg, "mask_tta", "off"), "modes": {}}
+                           "mask_tta": getattr(seg, "mask_tta", "off"), "settings": settings(seg), "modes": {}}
 
     def once(mode: str) -> Callable[[], Any]:
         def call():  # noqa: ANN202
@@ -140,16 +147,124 @@ def run_bench(seg: LisaSegmenter, *, runs: int = 10, warmup: int = 2, new_tokens
         seg.clear_cache()
         features = seg.encode(frame)
         out["modes"]["fast_encoded"] = time_mode(lambda: seg.segment(features, query), runs, warmup)
-    m = out["modes"]
-    ratios = {}
-    if "reference" in m and "chat" in m:
-        ratios["reference_over_chat"] = round(m["reference"]["median_ms"] / m["chat"]["median_ms"], 2)
-    if "chat" in m and "fast" in m:
-        ratios["chat_over_fast"] = round(m["chat"]["median_ms"] / m["fast"]["median_ms"], 2)
-    if "fast_encoded" in m:
-        ratios["fast_over_fast_encoded"] = round(m["fast"]["median_ms"] / m["fast_encoded"]["median_ms"], 2)
-    out["ratios"] = ratios
+    out["ratios"] = _ratios(out["modes"])
+    out["peak_memory_mb"] = memory.peak_mb()
     return out
+
+
+def settings(seg: LisaSegmenter) -> dict[str, Any]:
+    """The engine's settings that change its speed: precision, quantization, the optimizations in use."""
+    sdpa = any(type(m).__name__ == "SdpaAttention" for m in seg.model.sam.image_encoder.modules())
+    return {"dtype": str(seg.dtype).replace("torch.", ""), "quantization": seg.quantization,
+            "quant_backend": seg.quant_backend, "static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs,
+            "overlap": seg.overlap, "buckets": seg.buckets, "sam_attention": "sdpa" if sdpa else "original", "mask_tta": seg.mask_tta}
+
+
+def compare(seg: LisaSegmenter, *, rounds: int = 3, **bench: Any) -> dict[str, Any]:
+    """``run_bench`` with the optimizations as configured, then with the levers that apply here turned off
+    one at a time, cumulatively (CUDA graphs, then the SAM stream overlap, then the static cache: eager),
+    in one process on the same weights: each lever's effect is a ratio of medians.
+
+    The settings take turns: ``rounds`` rounds each time every setting with a share of the runs, so a
+    machine that slows down for a while (other jobs, clocks) slows all of them alike; each setting's
+    medians are over all its runs. Returns ``{"runs": [{"levers_off": [...], "report": ...}, ...],
+    "ratios": {step: {mode: after/before}}}``.
+    """
+    start = {"static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs, "overlap": seg.overlap}
+    steps = [lever for lever in ("cuda_graphs", "overlap", "static_cache") if start[lever]]
+    settings_: list[tuple[list[str], dict[str, bool]]] = [([], dict(start))]
+    for lever in steps:
+        settings_.append(([*settings_[-1][0], lever], {**settings_[-1][1], lever: False}))
+    rounds = max(1, int(rounds))
+    share = {**bench, "runs": max(1, -(-int(bench.get("runs", 10)) // rounds))}
+    if bench.get("reference_runs"):
+        share["reference_runs"] = max(1, -(-int(bench["reference_runs"]) // rounds))
+    run_bench(seg, **{**bench, "runs": 1, "reference_runs": 1})  # untimed: the first timings of a process run cold
+    reports: list[list[dict[str, Any]]] = [[] for _ in settings_]
+    try:
+        for _ in range(rounds):
+            for k, (_, switches) in enumerate(settings_):
+                seg.set_optimizations(**switches)
+                reports[k].append(run_bench(seg, **share))
+    finally:
+        seg.set_optimizations(**start)
+    runs: list[dict[str, Any]] = [{"levers_off": off, "report": _merge(parts)}
+                                  for (off, _), parts in zip(settings_, reports, strict=True)]
+    ratios: dict[str, dict[str, float]] = {}
+    for before, after in zip(runs, runs[1:], strict=False):
+        lever = after["levers_off"][-1]
+        ratios[f"{lever} (slower without it)"] = {
+            mode: round(after["report"]["modes"][mode]["median_ms"] / before["report"]["modes"][mode]["median_ms"], 3)
+            for mode in before["report"]["modes"]}
+    if len(runs) > 1:
+        ratios["all (eager over optimised)"] = {
+            mode: round(runs[-1]["report"]["modes"][mode]["median_ms"] / runs[0]["report"]["modes"][mode]["median_ms"],
+                        3) for mode in runs[0]["report"]["modes"]}
+    return {"runs": runs, "ratios": ratios}
+
+
+def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """One report from several of the same setting: medians over all their runs, the highest peak memory."""
+    out = {**reports[0], "modes": {}, "peak_memory_mb": max(r["peak_memory_mb"] for r in reports)}
+    for mode in reports[0]["modes"]:
+        samples = [t for r in reports for t in r["modes"][mode]["samples"]]
+        stages = _median_stages(samples)
+        out["modes"][mode] = {"median_ms": stages["total"], "stages_ms": stages, "runs": len(samples),
+                              "samples": samples}
+    out["ratios"] = _ratios(out["modes"])
+    return out
+
+
+def _ratios(modes: dict[str, Any]) -> dict[str, float]:
+    """The modes' ratios of medians: reference / chat, chat / fast, fast / fast on an encoded frame."""
+    return {name: round(modes[a]["median_ms"] / modes[b]["median_ms"], 2) for name, a, b in (
+        ("reference_over_chat", "reference", "chat"), ("chat_over_fast", "chat", "fast"),
+        ("fast_over_fast_encoded", "fast", "fast_encoded")) if a in modes and b in modes}
+
+
+class _MemoryProbe:
+    """Peak memory while timing: CUDA's most allocated bytes (reset at start), or the growth of this
+    process's resident memory (read from /proc on Linux; the peak since start elsewhere)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            self.device = device
+        else:
+            try:  # Linux: reset the resident set's high-water mark so the peak is this run's
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass
+        self.start = _rss_mb()
+
+    def peak_mb(self) -> float:
+        if self.cuda:
+            return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
+        return round(max(0.0, _peak_rss_mb() - self.start), 1)
+
+
+def _rss_mb() -> float:
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return _peak_rss_mb()
+
+
+def _peak_rss_mb() -> float:
+    try:
+        for line in open("/proc/self/status").read().splitlines():
+            if line.startswith("VmHWM:"):  # the high-water mark of the resident set
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def _device_name(device: torch.device) -> str:
@@ -163,7 +278,8 @@ def _device_name(device: torch.device) -> str:
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"device {report['device']}  shape {report.get('shape')}  dtype {report['dtype']}  "
              f"new tokens {report['new_tokens']}  frame {report['image_hw'][0]}x{report['image_hw'][1]}  "
-             f"mask tta {report.get('mask_tta', 'off')}"]
+             f"mask tta {report.get('mask_tta', 'off')}  peak memory {report.get('peak_memory_mb', float('nan'))} MB",
+             "settings: " + ", ".join(f"{k} {v}" for k, v in report.get("settings", {}).items())]
     stages = sorted({s for m in report["modes"].values() for s in m["stages_ms"]} - {"total"})
     lines.append(f"{'mode':<12}{'median ms':>11}" + "".join(f"{s:>13}" for s in stages))
     for name, m in report["modes"].items():

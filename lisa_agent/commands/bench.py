@@ -18,14 +18,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated in chat/reference")
     parser.add_argument("--image-size", default="480x640", help="HxW of the synthetic frame")
+    parser.add_argument("--compare", action="store_true",
+                        help="also time with each optimization that applies here turned off (CUDA graphs, the SAM "
+                             "stream overlap, the static cache), in one run: each lever's effect as a ratio")
     add_engine_arguments(parser)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="with --compare: the settings take turns this many times, each with a share of the runs")
     parser.add_argument("--json", action="store_true")
 
 
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmarks.engine import format_table, load_for_bench, run_bench
+    from ..benchmarks.engine import compare, format_table, load_for_bench, run_bench
     from ..config import engine_config_from_args
     from ..errors import InvalidArgumentError
 
@@ -39,8 +44,22 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--image-size must look like 480x640, got {args.image_size!r}") from None
     torch.manual_seed(0)
     seg, shape = load_for_bench(config, args.shape)
-    report = run_bench(seg, runs=args.runs, warmup=args.warmup, new_tokens=args.new_tokens, image_hw=(h, w),
-                       modes=tuple(args.mode or ("fast", "chat", "reference")), reference_runs=args.reference_runs)
+    bench = {"runs": args.runs, "warmup": args.warmup, "new_tokens": args.new_tokens, "image_hw": (h, w),
+             "modes": tuple(args.mode or ("fast", "chat", "reference")), "reference_runs": args.reference_runs}
+    if args.compare:
+        result = compare(seg, rounds=args.rounds, **bench)
+        for run_ in result["runs"]:
+            run_["report"]["shape"] = shape
+        if args.json:
+            print(json.dumps(result))
+        else:
+            for run_ in result["runs"]:
+                print(f"--- off: {', '.join(run_['levers_off']) or 'nothing (as configured)'}")
+                print(format_table(run_["report"]))
+            for step, ratios in result["ratios"].items():
+                print(f"{step}: " + ", ".join(f"{mode} {r:.2f}x" for mode, r in ratios.items()))
+        return 0
+    report = run_bench(seg, **bench)
     report["shape"] = shape
     print(json.dumps(report) if args.json else format_table(report))
     return 0
