@@ -264,3 +264,22 @@ def test_the_tool_answers_a_repeated_query_from_the_tracker(model, sequence):
         from lisa_agent.serving.client import AsyncLisaClient
 
         LisaSegmentTool(backend=AsyncLisaClient("tcp://127.0.0.1:9"), tracker="flow")
+
+
+def test_the_client_asks_the_server_to_track_its_stream(tiny_segmenter):
+    """LisaClient.segment(track=...): the same session through the client, results carry ``track``."""
+    from lisa_agent.errors import InvalidArgumentError
+    from lisa_agent.serving.client import LisaClient
+    from lisa_agent.serving.server import LisaServer
+
+    seq = render_sequence(SEED, n_frames=6, size=(96, 128))
+    track = {"tracker": "none", "reason_every": 2, "min_confidence": 0.0}  # none: hold the last masks
+    with LisaServer(tiny_segmenter, "tcp://127.0.0.1:*") as server, LisaClient(server.endpoint, timeout=30) as client:
+        results = [client.segment(pixels, "the hammer", track=track) for pixels in seq.frames[:5]]
+        untracked = client.segment(seq.frames[0], "the hammer")
+        with pytest.raises(InvalidArgumentError, match="tracker"):
+            client.segment(seq.frames[0], "the hammer", track={"tracker": "kalman"})
+    assert [r.track.source for r in results] == ["reasoned", "tracked", "reasoned", "tracked", "reasoned"]
+    assert untracked.track is None
+    for tracked, reasoned in ((results[1], results[0]), (results[3], results[2])):
+        assert np.array_equal(tracked.masks, reasoned.masks)  # the last reasoned masks, held

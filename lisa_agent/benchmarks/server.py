@@ -2,7 +2,9 @@
 
 ``python -m lisa_agent.benchmarks.server [--model M]`` prints both; :func:`measure_overhead` and
 :func:`measure_load` each start a
-:class:`~lisa_agent.serving.server.LisaServer` on a free 127.0.0.1 port and stop it afterwards.
+:class:`~lisa_agent.serving.server.LisaServer` on a free 127.0.0.1 port and stop it afterwards (or
+measure a running server given its ``endpoint``). ``--ray-replicas 1,2`` adds the same measurements
+through a Ray Serve deployment on a local Ray instance (:func:`measure_ray`), once per replica count.
 :class:`EchoBackend` is a model-free backend (one box mask, fixed answer) that isolates the
 transport cost; tests also use it where the model's speed would only slow them down.
 """
@@ -76,21 +78,30 @@ def _median_ms(fn: Any, n: int) -> float:
 
 
 def measure_overhead(backend: Any, *, n: int = 30, height: int = 480, width: int = 640,
-                     query: str = "the red object", encodings: tuple[str, ...] = ("raw", "jpeg")) -> dict[str, Any]:
+                     query: str = "the red object", encodings: tuple[str, ...] = ("raw", "jpeg"),
+                     endpoint: str | None = None) -> dict[str, Any]:
     """Median milliseconds of ``backend.segment`` in-process vs through server + client, per encoding.
 
     Features are cached on both sides (same ``frame_id`` every call), so the difference is the
     transport: encoding, two socket hops, decoding, queueing and the result's RLE round trip. For
-    JPEG the in-process baseline runs on the decoded JPEG frame.
+    JPEG the in-process baseline runs on the decoded JPEG frame. ``server_engine_ms`` is the median of
+    the engine time the server itself reports (``timings_ms.total``), and ``transport_ms`` what the
+    round trip adds to it: the overhead when the serving process runs the engine at another speed
+    than this one (a Ray replica has its own CPU threads). ``endpoint``: measure that running server
+    (``tcp://`` or ``http://``) instead of starting a :class:`~lisa_agent.serving.server.LisaServer`.
     """
+    import contextlib
+
     from ..serving.client import LisaClient
     from ..serving.protocol import decode_image, encode_image
     from ..serving.server import LisaServer
 
     frame = synthetic_frame(height, width)
     out: dict[str, Any] = {"frame": [height, width], "n": n}
-    with LisaServer(backend, "tcp://127.0.0.1:*", max_queue=4) as server, \
-            LisaClient(server.endpoint, timeout=60.0, retries=0) as client:
+    with contextlib.ExitStack() as stack:
+        if endpoint is None:
+            endpoint = stack.enter_context(LisaServer(backend, "tcp://127.0.0.1:*", max_queue=4)).endpoint
+        client = stack.enter_context(LisaClient(endpoint, timeout=60.0, retries=0))
         for enc in encodings:
             spec, data = encode_image(frame, enc)
             image = decode_image(spec, data)
@@ -98,9 +109,16 @@ def measure_overhead(backend: Any, *, n: int = 30, height: int = 480, width: int
             backend.segment(image, query, frame_id=fid)  # warm the feature cache
             client.segment(frame, query, frame_id=fid, encoding=enc)
             local = _median_ms(lambda image=image, fid=fid: backend.segment(image, query, frame_id=fid), n)
-            remote = _median_ms(lambda enc=enc, fid=fid: client.segment(frame, query, frame_id=fid, encoding=enc), n)
+            engine_totals: list[float] = []
+
+            def served(enc: str = enc, fid: str = fid, totals: list[float] = engine_totals) -> None:
+                totals.append(float(client.segment(frame, query, frame_id=fid, encoding=enc).timings_ms["total"]))
+
+            remote = _median_ms(served, n)
+            server_engine = statistics.median(engine_totals)
             out[enc] = {"engine_ms": round(local, 3), "served_ms": round(remote, 3),
-                        "overhead_ms": round(remote - local, 3), "frame_bytes": len(data)}
+                        "overhead_ms": round(remote - local, 3), "server_engine_ms": round(server_engine, 3),
+                        "transport_ms": round(remote - server_engine, 3), "frame_bytes": len(data)}
     return out
 
 
@@ -118,11 +136,14 @@ def _rss_mb() -> float:
 
 
 def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: int = 480, width: int = 640,
-                 encoding: str = "raw", query: str = "the red object") -> dict[str, Any]:
+                 encoding: str = "raw", query: str = "the red object", endpoint: str | None = None) -> dict[str, Any]:
     """Requests/s with ``clients`` threads each sending ``requests`` segment requests (one frame each
     thread, so features are shared within a thread's stream). Every request must be answered exactly once
     (the request ids are checked); reports latency percentiles and the process's RSS before and after
-    (the server runs in this process)."""
+    (the server runs in this process). ``endpoint``: load that running server instead (``backend`` unused;
+    ``server_replies`` is then None)."""
+    import contextlib
+
     from ..serving.client import LisaClient
     from ..serving.server import LisaServer
 
@@ -145,15 +166,19 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
             errors.append(exc)
 
     rss_before = _rss_mb()
-    with LisaServer(backend, "tcp://127.0.0.1:*", max_queue=max(clients * 2, 16)) as server:
-        threads = [threading.Thread(target=run, args=(k, server.endpoint)) for k in range(clients)]
+    with contextlib.ExitStack() as stack:
+        server = None
+        if endpoint is None:
+            server = stack.enter_context(LisaServer(backend, "tcp://127.0.0.1:*", max_queue=max(clients * 2, 16)))
+            endpoint = server.endpoint
+        threads = [threading.Thread(target=run, args=(k, endpoint)) for k in range(clients)]
         t0 = time.perf_counter()
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - t0
-        replies = server.health()["replies"]
+        replies = server.health()["replies"] if server is not None else None
     total = sum(answered)
     ordered = sorted(latencies)
 
@@ -164,6 +189,51 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
             "server_replies": replies, "seconds": round(elapsed, 3), "requests_per_s": round(total / elapsed, 2),
             "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
             "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(_rss_mb(), 1)}
+
+
+def measure_ray(backend: Any, config: Any = None, *, replicas: tuple[int, ...] = (1, 2), n: int = 30,
+                clients: int = 8, requests: int = 25, replica_cpus: float = 1.0,
+                backend_factory: Any = None) -> dict[str, Any]:
+    """:func:`measure_overhead` and :func:`measure_load` (raw frames) through a Ray Serve deployment of
+    ``config`` (each replica's engine) or ``backend_factory``, once per replica count, on a local Ray
+    instance started here with this machine's CPUs and shut down afterwards. ``backend`` is the
+    in-process baseline of the overhead. Each replica reserves ``replica_cpus`` CPUs (its torch threads)."""
+    import contextlib
+    import os
+    import sys
+
+    import ray
+    from ray import serve
+
+    from ..serving import ray_app
+
+    out: dict[str, Any] = {"replica_cpus": replica_cpus, "cpus": os.cpu_count()}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
+    port = _free_port()  # Serve keeps the HTTP port of its first start
+    try:
+        for count in replicas:
+            app = ray_app.lisa_app(config, replicas=count, num_cpus=replica_cpus, backend_factory=backend_factory,
+                                   settings=ray_app.ReplicaSettings(max_queue=max(clients * 2, 16)))
+            url = ray_app.deploy(app, http_port=port, name=f"bench{count}", route_prefix=f"/bench{count}")
+            try:
+                out[str(count)] = {"endpoint": url,
+                                   "overhead": measure_overhead(backend, n=n, encodings=("raw", "jpeg"), endpoint=url),
+                                   "load_raw": measure_load(backend, clients=clients, requests=requests, endpoint=url)}
+            finally:
+                serve.delete(f"bench{count}")
+    finally:
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's shutdown chatter: keep stdout for the report
+            serve.shutdown()
+            ray.shutdown()
+    return out
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -177,17 +247,30 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--echo", action="store_true", help="serve the model-free EchoBackend (transport cost only)")
     parser.add_argument("--n", type=int, default=30, help="requests per median")
+    parser.add_argument("--ray-replicas", default="", metavar="N[,M...]",
+                        help="also measure a Ray Serve deployment with these replica counts, e.g. 1,2 (needs "
+                             "lisa-agent[ray]; a local Ray instance is started and stopped)")
+    parser.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs per Ray replica (default %(default)s)")
     add_engine_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        counts = tuple(int(v) for v in args.ray_replicas.split(",") if v.strip())
+    except ValueError:
+        parser.error(f"--ray-replicas takes replica counts like 1,2; got {args.ray_replicas!r}")
     backend: SegmentBackend
+    config = engine_config_from_args(args)
     if args.echo:
         backend = EchoBackend()
     else:
         from ..segmenter import LisaSegmenter
 
-        backend = LisaSegmenter.from_config(engine_config_from_args(args))
-    print(json.dumps({"overhead": measure_overhead(backend, n=args.n), "load_raw": measure_load(backend),
-                      "load_jpeg": measure_load(backend, encoding="jpeg")}, indent=2))
+        backend = LisaSegmenter.from_config(config)
+    report: dict[str, Any] = {"overhead": measure_overhead(backend, n=args.n), "load_raw": measure_load(backend),
+                              "load_jpeg": measure_load(backend, encoding="jpeg")}
+    if counts:
+        report["ray"] = measure_ray(backend, config, replicas=counts, n=args.n, replica_cpus=args.replica_cpus,
+                                    backend_factory=EchoBackend if args.echo else None)
+    print(json.dumps(report, indent=2))
     return 0
 
 

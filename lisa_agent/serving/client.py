@@ -1,10 +1,22 @@
 """Clients of the model server: :class:`LisaClient` (blocking) and :class:`AsyncLisaClient` (asyncio).
 
-Both follow the ZeroMQ guide's "Lazy Pirate" pattern on a DEALER socket: send, poll for the reply
-up to ``timeout`` seconds, and when nothing comes close the socket (linger 0), open a fresh one
-and resend, ``retries`` times; then raise :class:`~lisa_agent.serving.protocol.ServerUnavailableError`.
-Every call waits at most ``timeout * (retries + 1)`` seconds. Replies are matched by request id,
-so a late reply to an earlier call can never be mistaken for the current one.
+The endpoint's scheme picks the transport:
+
+- ``tcp://`` (``ipc://``, ...): ``lisa-agent serve`` over ZeroMQ. Both clients follow the ZeroMQ guide's
+  "Lazy Pirate" pattern on a DEALER socket: send, poll for the reply up to ``timeout`` seconds, and
+  when nothing comes close the socket (linger 0), open a fresh one and resend, ``retries`` times;
+  then raise :class:`~lisa_agent.serving.protocol.ServerUnavailableError`. Every call waits at most
+  ``timeout * (retries + 1)`` seconds. Replies are matched by request id, so a late reply to an
+  earlier call can never be mistaken for the current one.
+- ``http://`` / ``https://``: the Ray Serve deployment (``lisa-agent serve --engine ray``,
+  ``http://HOST:8000/lisa``), the same messages as JSON bodies
+  (:mod:`~lisa_agent.serving.http_transport`). One kept-alive connection per client; an attempt that
+  gets no reply within ``timeout`` (connection refused or dropped, a timeout) or an answer from Ray
+  Serve instead of the deployment (``500`` when the replica running the request died, ``408``) is
+  retried on a fresh connection, ``retries`` times, then ``ServerUnavailableError``. Serve's
+  backpressure (``503``: every replica and its queue full) is ``ServerBusyError``, like ``queue_full``.
+  Each request carries the client's stream as ``x-session-id``, so Serve's session affinity keeps a
+  client's frames on one replica. The asyncio client runs each exchange in a worker thread.
 
 Server errors are raised as the same classes the engine raises in-process (``invalid_image`` ->
 :class:`~lisa_agent.errors.InvalidImageError`, ...) or as
@@ -13,12 +25,15 @@ Server errors are raised as the same classes the engine raises in-process (``inv
 ``SupersededError``), so local and remote models are handled alike.
 
 A client object holds one socket: use one client per thread (or per asyncio task that awaits in
-sequence).
+sequence). An HTTP client's exchanges are serialized by a lock, so sharing one is safe but not faster.
 """
 
 from __future__ import annotations
 
+import asyncio
+import http.client
 import itertools
+import logging
 import os
 import time
 import uuid
@@ -31,7 +46,19 @@ from ..errors import InvalidArgumentError
 from ..frames import Frame, as_frame, check_query
 from ..result import SegmentationResult
 from . import security
+from .http_transport import (
+    CONTENT_TYPE,
+    REQUEST_ID_HEADER,
+    SESSION_HEADER,
+    HttpExchange,
+    decode_http_reply,
+    encode_http_request,
+    is_http_endpoint,
+)
 from .protocol import (
+    Code,
+    RemoteError,
+    ServerBusyError,
     ServerUnavailableError,
     build_header,
     encode_depth,
@@ -45,6 +72,11 @@ if TYPE_CHECKING:
     import zmq
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
+#: HTTP statuses Ray Serve answers for a deployment that could not (a replica died mid-request, a
+#: request timeout, a gateway in between failing): the request is sent again
+RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
+
+log = logging.getLogger("lisa_agent.serving.client")
 
 _Keys = tuple[bytes, bytes] | str | os.PathLike[str] | None
 
@@ -52,8 +84,9 @@ _Keys = tuple[bytes, bytes] | str | os.PathLike[str] | None
 class _ClientCore:
     """Request building, reply decoding and socket setup shared by the two clients."""
 
-    #: the ZeroMQ context the sockets come from, set by each client (a ``zmq.asyncio.Context``: async)
-    _ctx: zmq.Context[Any]
+    #: the ZeroMQ context the sockets come from, set by each client (a ``zmq.asyncio.Context``: async);
+    #: None for an HTTP endpoint
+    _ctx: zmq.Context[Any] | None
 
     def __init__(self, endpoint: str, timeout: float, retries: int, curve_server_key: Any,
                  curve_client_keys: _Keys) -> None:
@@ -65,6 +98,11 @@ class _ClientCore:
             raise InvalidArgumentError("CurveZMQ needs both curve_server_key (the server's public key or .key "
                                        "file) and curve_client_keys (this client's .key_secret file or "
                                        "(public, secret) pair)")
+        #: the HTTP connection of an ``http://`` / ``https://`` endpoint; None for ZeroMQ endpoints
+        self._http = HttpExchange(endpoint) if is_http_endpoint(endpoint) else None
+        if self._http is not None and curve_server_key is not None:
+            raise InvalidArgumentError("CurveZMQ keys apply to ZeroMQ endpoints (tcp://...); an http:// endpoint has "
+                                       "no CurveZMQ: reach it over https:// or a private network")
         self.endpoint = endpoint
         self.timeout = float(timeout)
         self.retries = int(retries)
@@ -84,6 +122,7 @@ class _ClientCore:
         import zmq
 
         if self._sock is None:
+            assert self._ctx is not None  # ZeroMQ endpoints only
             self._sock = self._ctx.socket(zmq.DEALER)
             self._configure(self._sock)
         return self._sock
@@ -92,6 +131,8 @@ class _ClientCore:
         if self._sock is not None:
             self._sock.close(linger=0)
             self._sock = None
+        if self._http is not None:
+            self._http.reset()
 
     def _configure(self, sock: Any) -> None:
         import zmq
@@ -105,7 +146,8 @@ class _ClientCore:
     def _segment_message(self, image: Frame | np.ndarray, query: str, *, mode: str, max_new_tokens: int,
                          answer: str | None, frame_id: str | int | None, depth: np.ndarray | None,
                          depth_scale: float | None, intrinsics: Any, encoding: str, quality: int,
-                         deadline_s: float | None, return_logits: bool, latest_only: bool) -> tuple[str, list[bytes]]:
+                         deadline_s: float | None, return_logits: bool, latest_only: bool,
+                         track: dict[str, Any] | None = None) -> tuple[str, list[bytes]]:
         check_query(query)
         frame = as_frame(image, frame_id)
         if depth is not None or intrinsics is not None:  # the keyword form of a Frame's depth
@@ -130,6 +172,8 @@ class _ClientCore:
             options["return_logits"] = True
         if latest_only:
             options["latest_only"] = True
+        if track is not None:
+            options["track"] = dict(track)
         if frame.intrinsics is not None:
             k = frame.intrinsics
             options["intrinsics"] = [k.fx, k.fy, k.cx, k.cy]
@@ -167,32 +211,84 @@ class _ClientCore:
             f"{self.timeout:g} s: is `lisa-agent serve` running there (and, with CurveZMQ, is this client's key "
             "allow-listed)?")
 
+    def _http_call(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        """One request to an HTTP endpoint, with this client's timeout and retries (blocking; see the
+        module docstring): the reply and its frames, or the server's error raised as a local exception."""
+        assert self._http is not None
+        body = encode_http_request(frames)
+        headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE, SESSION_HEADER: self.stream,
+                   REQUEST_ID_HEADER: rid}
+        last = "no attempt"
+        for attempt in range(self.retries + 1):
+            if attempt:
+                log.warning("LISA server %s: %s on %r id=%s; retrying (attempt %d of %d)", self.endpoint, last, op,
+                            rid, attempt + 1, self.retries + 1)
+            try:
+                status, data = self._http.post(body, headers, self.timeout)
+            except TimeoutError:
+                last = f"no reply within {self.timeout:g} s"
+                continue
+            except (OSError, http.client.HTTPException) as exc:
+                last = f"{type(exc).__name__}: {exc}"
+                time.sleep(min(0.05 * 2 ** attempt, 0.5))  # refused at once: give a restarting server a moment
+                continue
+            decoded = decode_http_reply(data)
+            if decoded is not None:
+                reply, rframes = decoded
+                if reply.get("id") != rid and not (reply.get("id") is None and not reply.get("ok")):
+                    raise RemoteError(Code.INTERNAL, f"{self.endpoint} answered request {rid!r} with the reply to "
+                                                     f"{reply.get('id')!r}")
+                if not reply.get("ok"):
+                    raise error_from_reply(reply.get("error"))
+                return reply, rframes
+            text = " ".join(data[:300].decode("utf-8", "replace").split()) or "(empty body)"
+            if status == 503 and "backpressure" in text.lower():
+                raise ServerBusyError(Code.QUEUE_FULL, f"{self.endpoint} is busy (Ray Serve: {text}); nothing was run, "
+                                                       "retry later")
+            if status not in RETRY_STATUSES:
+                raise ServerUnavailableError(
+                    f"{self.endpoint} answered {op!r} with HTTP {status} ({text}), not a LISA reply: is the route right "
+                    "(`lisa-agent serve --engine ray` serves http://HOST:PORT/lisa)?")
+            last = f"HTTP {status} ({text})"
+            self._http.reset()
+            time.sleep(min(0.05 * 2 ** attempt, 0.5))
+        raise ServerUnavailableError(
+            f"no reply from the LISA server at {self.endpoint} to {op!r} after {self.retries + 1} attempt(s) of "
+            f"{self.timeout:g} s (last: {last}): is `lisa-agent serve --engine ray` running there?")
+
 
 class LisaClient(_ClientCore):
     """Blocking client of ``lisa-agent serve``.
 
     Args:
-        endpoint: the server's endpoint, e.g. ``tcp://127.0.0.1:5557``.
-        timeout: seconds to wait for each reply before resetting the socket and retrying.
+        endpoint: the server's endpoint: ``tcp://127.0.0.1:5557`` (``lisa-agent serve``, ZeroMQ) or
+            ``http://HOST:8000/lisa`` (``lisa-agent serve --engine ray``, Ray Serve's HTTP ingress).
+        timeout: seconds to wait for each reply before resetting the socket (connection) and retrying.
         retries: extra attempts after the first; then :class:`ServerUnavailableError`.
-        curve_server_key: the server's public key (40-char Z85) or its ``.key`` file (CurveZMQ).
+        curve_server_key: the server's public key (40-char Z85) or its ``.key`` file (CurveZMQ; ZeroMQ only).
         curve_client_keys: this client's ``.key_secret`` file or a (public, secret) pair.
 
     Example::
 
         with LisaClient("tcp://127.0.0.1:5557") as client:
             result = client.segment(frame, "something to cut with")   # a SegmentationResult
+        with LisaClient("http://gpu-cluster:8000/lisa") as client:     # the same, from a Ray Serve cluster
+            result = client.segment(frame, "something to cut with")
     """
 
     def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, retries: int = 2,
                  curve_server_key: str | bytes | os.PathLike[str] | None = None,
                  curve_client_keys: _Keys = None) -> None:
         super().__init__(endpoint, timeout, retries, curve_server_key, curve_client_keys)
-        import zmq
+        self._ctx = None
+        if self._http is None:
+            import zmq
 
-        self._ctx = zmq.Context.instance()
+            self._ctx = zmq.Context.instance()
 
     def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        if self._http is not None:
+            return self._http_call(rid, op, frames)
         import zmq
 
         for _attempt in range(self.retries + 1):
@@ -215,7 +311,7 @@ class LisaClient(_ClientCore):
                 answer: str | None = None, frame_id: str | None = None, depth: np.ndarray | None = None,
                 depth_scale: float | None = None, intrinsics: Any = None, encoding: str = "raw",
                 quality: int = 90, deadline_s: float | None = None, return_logits: bool = False,
-                latest_only: bool = False) -> SegmentationResult:
+                latest_only: bool = False, track: dict[str, Any] | None = None) -> SegmentationResult:
         """Segment ``image`` (a :class:`~lisa_agent.frames.Frame` or HxWx3 uint8 RGB) for ``query`` on the server.
 
         Args mirror :meth:`LisaSegmenter.segment`, plus:
@@ -229,6 +325,10 @@ class LisaClient(_ClientCore):
                 queued after this many seconds; default: ``timeout``.
             latest_only: a newer ``latest_only`` frame from this client supersedes this one while it
                 is still queued (``SupersededError``): for camera streams.
+            track: follow the query's masks along this client's stream between reasoning steps on the
+                server (``{"tracker": "flow"|"sam"|"none", "reason_every": K, "reason_period_s": T,
+                "min_confidence": C}``, all optional; docs/tracking.md); the result's ``track`` says whether
+                LISA reasoned on this frame or a tracker carried its masks.
 
         Returns the same :class:`SegmentationResult` type as the engine (masks decoded from RLE;
         ``timings_ms`` adds ``server_queue``, ``server_decode`` and ``client_roundtrip``).
@@ -237,7 +337,7 @@ class LisaClient(_ClientCore):
         rid, frames = self._segment_message(
             image, query, mode=mode, max_new_tokens=max_new_tokens, answer=answer, frame_id=frame_id, depth=depth,
             depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
-            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only)
+            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only, track=track)
         reply, rframes = self._request(rid, "segment", frames)
         return self._result(reply, rframes, t0)
 
@@ -281,11 +381,15 @@ class AsyncLisaClient(_ClientCore):
                  curve_server_key: str | bytes | os.PathLike[str] | None = None,
                  curve_client_keys: _Keys = None) -> None:
         super().__init__(endpoint, timeout, retries, curve_server_key, curve_client_keys)
-        import zmq.asyncio
+        self._ctx = None
+        if self._http is None:
+            import zmq.asyncio
 
-        self._ctx = zmq.asyncio.Context()
+            self._ctx = zmq.asyncio.Context()
 
     async def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
+        if self._http is not None:  # http.client in a worker thread; its lock keeps exchanges one at a time
+            return await asyncio.to_thread(self._http_call, rid, op, frames)
         import zmq
 
         for _attempt in range(self.retries + 1):
@@ -308,13 +412,14 @@ class AsyncLisaClient(_ClientCore):
                       answer: str | None = None, frame_id: str | None = None,
                       depth: np.ndarray | None = None, depth_scale: float | None = None, intrinsics: Any = None,
                       encoding: str = "raw", quality: int = 90, deadline_s: float | None = None,
-                      return_logits: bool = False, latest_only: bool = False) -> SegmentationResult:
+                      return_logits: bool = False, latest_only: bool = False,
+                      track: dict[str, Any] | None = None) -> SegmentationResult:
         """See :meth:`LisaClient.segment`."""
         t0 = time.perf_counter()
         rid, frames = self._segment_message(
             image, query, mode=mode, max_new_tokens=max_new_tokens, answer=answer, frame_id=frame_id, depth=depth,
             depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
-            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only)
+            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only, track=track)
         reply, rframes = await self._request(rid, "segment", frames)
         return self._result(reply, rframes, t0)
 
@@ -331,7 +436,7 @@ class AsyncLisaClient(_ClientCore):
     def close(self) -> None:
         """Close the socket and the client's context (idempotent)."""
         self._reset()
-        if not self._ctx.closed:
+        if self._ctx is not None and not self._ctx.closed:
             self._ctx.term()
 
     async def __aenter__(self) -> AsyncLisaClient:

@@ -1,0 +1,255 @@
+"""The wire protocol over HTTP: the form the Ray Serve deployment speaks (``lisa-agent serve --engine ray``).
+
+A request is one ``POST`` to the deployment's route (``http://HOST:8000/lisa``) whose JSON body holds
+the ZeroMQ message's frames: the protocol header as an object, and the other frames (the image, the
+depth) base64-encoded, in order::
+
+    {"header": {"v": 2, "id": "7", "op": "segment", "query": "the cup", "image": {...}, ...},
+     "frames": ["<base64 of frame 1: the image bytes>", "<base64 of frame 2: the depth bytes>"]}
+
+``info`` and ``health`` have no ``frames`` (or ``[]``). The server turns the body back into the
+ZeroMQ message's frames (:func:`decode_http_request`) and validates them with
+:func:`~lisa_agent.serving.protocol.parse_request`, so a malformed request gets the same typed error
+over HTTP as over ZeroMQ.
+
+A reply's body is the ZeroMQ reply's frame 0, the protocol reply object, plus ``frames`` (base64)
+when the ZeroMQ reply has more frames (the logits of ``return_logits``; a ``logits`` descriptor's
+``"frame": 1`` is ``frames[0]``)::
+
+    {"v": 2, "id": "7", "ok": true, "result": {...}}
+    {"v": 2, "id": "7", "ok": false, "error": {"code": "invalid_image", "message": "..."}}
+
+The HTTP status follows the outcome (:func:`http_status`: 200, 400, 409, 413, 500, 503, 504), for
+proxies and dashboards; clients read the body. A reply that is not a protocol reply comes from
+Ray Serve itself, not from the deployment: ``500`` when the replica running the request died,
+``503`` with "backpressure" when every replica and Serve's queue are full, ``404`` for a route
+where nothing is deployed.
+
+Headers the client sends: ``x-session-id`` (the client's stream name: Ray Serve's session affinity
+keeps a stream on one replica) and ``x-request-id`` (the request id; Serve's logs show it).
+
+:class:`HttpExchange` is the client side of one connection (standard library ``http.client``,
+kept alive between requests). Nothing here imports Ray, ZeroMQ or torch.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import http.client
+import json
+import ssl
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+from ..errors import InvalidArgumentError
+from .protocol import Code, Limits, ProtocolError, RemoteError, parse_header
+
+#: Ray Serve's session-affinity header (its default; a cluster may rename it with
+#: ``RAY_SERVE_SESSION_ID_HEADER_KEY``): the client's stream name.
+SESSION_HEADER = "x-session-id"
+#: Ray Serve logs a request under this id; the client sends the protocol request id.
+REQUEST_ID_HEADER = "x-request-id"
+CONTENT_TYPE = "application/json"
+BODY_KEYS = frozenset({"header", "frames"})
+#: frames after the header a request may carry (image, depth)
+MAX_REQUEST_FRAMES = 2
+
+_STATUS = {
+    Code.BAD_REQUEST: 400, Code.UNSUPPORTED_VERSION: 400, Code.UNKNOWN_OP: 400, Code.INVALID_IMAGE: 400,
+    Code.INVALID_QUERY: 400, Code.INVALID_ARGUMENT: 400, Code.TOO_LARGE: 413, Code.SUPERSEDED: 409,
+    Code.QUEUE_FULL: 503, Code.SHUTTING_DOWN: 503, Code.DEADLINE_EXCEEDED: 504,
+}
+
+
+def is_http_endpoint(endpoint: str) -> bool:
+    """True for ``http://`` and ``https://`` endpoints (the Ray Serve deployment), False for ZeroMQ ones."""
+    return isinstance(endpoint, str) and endpoint.lower().startswith(("http://", "https://"))
+
+
+def http_status(code: str | None) -> int:
+    """The HTTP status of a reply: 200 for success (``code`` None), else by error code (500 for engine
+    and unknown codes)."""
+    if code is None:
+        return 200
+    return _STATUS.get(code, 500)
+
+
+def max_body_bytes(limits: Limits) -> int:
+    """The largest request body a server reads: two frames of ``limits.max_frame_bytes`` in base64 and
+    a header of ``limits.max_header_bytes`` written with JSON escapes (6 bytes a character at most)."""
+    return 2 * (4 * ((limits.max_frame_bytes + 2) // 3)) + 6 * limits.max_header_bytes + 4096
+
+
+# ------------------------------------------------------------------------------------- requests
+
+
+def encode_http_request(frames: Sequence[bytes]) -> bytes:
+    """Client side: the JSON body of a request message (``frames[0]`` the header JSON, the rest raw)."""
+    encoded = b",".join(b'"' + base64.b64encode(bytes(f)) + b'"' for f in frames[1:])
+    return b'{"header":' + bytes(frames[0]) + b',"frames":[' + encoded + b"]}"
+
+
+def decode_http_request(body: bytes, limits: Limits | None = None) -> list[bytes]:
+    """Server side: the ZeroMQ frames of a request body (header JSON first, then the decoded frames),
+    ready for :func:`~lisa_agent.serving.protocol.parse_request`.
+
+    Raises :class:`~lisa_agent.serving.protocol.ProtocolError`: ``too_large`` for a body over
+    :func:`max_body_bytes`, ``bad_request`` for a body that is not ``{"header": {...}, "frames": [...]}``
+    or frames that are not base64, and the header's own errors (``unsupported_version``, ...) with
+    its id, exactly as :func:`~lisa_agent.serving.protocol.parse_header` raises them.
+    """
+    limits = limits or Limits()
+    if len(body) > max_body_bytes(limits):
+        raise ProtocolError(Code.TOO_LARGE, f"request body is {len(body)} bytes; the limit is "
+                                            f"{max_body_bytes(limits)} (frames of at most {limits.max_frame_bytes} "
+                                            "bytes, base64-encoded)")
+    try:
+        doc = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ProtocolError(Code.BAD_REQUEST, f"request body is not UTF-8 JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise ProtocolError(Code.BAD_REQUEST, 'request body must be a JSON object {"header": {...}, "frames": '
+                                              f'["<base64>", ...]}}; got {type(doc).__name__}')
+    unknown = sorted(set(doc) - BODY_KEYS)
+    if unknown or "header" not in doc:
+        raise ProtocolError(Code.BAD_REQUEST, f'request body must have "header" (and "frames"); got keys '
+                                              f"{sorted(doc)}")
+    head = json.dumps(doc["header"], separators=(",", ":")).encode("utf-8")  # ASCII: escapes kept as escapes
+    rid = parse_header(head, limits)["id"]  # the header's own typed errors, and a valid id for the ones below
+    encoded = doc.get("frames", [])
+    if encoded is None:
+        encoded = []
+    if not isinstance(encoded, list) or not all(isinstance(f, str) for f in encoded):
+        raise ProtocolError(Code.BAD_REQUEST, 'request "frames" must be a list of base64 strings', rid)
+    if len(encoded) > MAX_REQUEST_FRAMES:
+        raise ProtocolError(Code.BAD_REQUEST, f"a request has at most {MAX_REQUEST_FRAMES} frames after the header "
+                                              f"(image, depth); got {len(encoded)}", rid)
+    frames = [head]
+    for k, text in enumerate(encoded):
+        try:
+            frames.append(base64.b64decode(text, validate=True))
+        except (binascii.Error, ValueError):
+            raise ProtocolError(Code.BAD_REQUEST, f"frames[{k}] is not base64 (RFC 4648, standard alphabet, "
+                                                  "padded)", rid) from None
+    return frames
+
+
+# --------------------------------------------------------------------------------------- replies
+
+
+def encode_http_reply(frames: Sequence[bytes]) -> bytes:
+    """Server side: the JSON body of a reply message (:func:`~lisa_agent.serving.protocol.encode_reply`'s
+    frames): frame 0 with any further frames added as base64 ``frames``."""
+    head = bytes(frames[0])
+    if len(frames) == 1:
+        return head
+    encoded = b",".join(b'"' + base64.b64encode(bytes(f)) + b'"' for f in frames[1:])
+    return head[:-1] + b',"frames":[' + encoded + b"]}"
+
+
+def decode_http_reply(body: bytes) -> tuple[dict[str, Any], list[bytes]] | None:
+    """Client side: (reply object, reply frames) of a body the LISA deployment sent, the frames as the
+    ZeroMQ client gets them (``frames[k]`` is frame k; ``frames[0]`` the body); None when the body is
+    not a protocol reply (Ray Serve answered for the deployment: a dead replica, backpressure, a wrong
+    route). Raises :class:`~lisa_agent.serving.protocol.RemoteError` for a protocol reply whose
+    ``frames`` are damaged."""
+    try:
+        reply = json.loads(body)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(reply, dict) or "ok" not in reply or "v" not in reply:
+        return None
+    extra = reply.pop("frames", None) or []
+    frames = [bytes(body)]
+    try:
+        frames += [base64.b64decode(f, validate=True) for f in extra]
+    except (binascii.Error, ValueError, TypeError):
+        raise RemoteError(Code.INTERNAL, "server reply carries frames that are not base64") from None
+    return reply, frames
+
+
+# ---------------------------------------------------------------------------------------- client
+
+
+class HttpExchange:
+    """One kept-alive HTTP/1.1 connection to ``endpoint`` that POSTs request bodies (thread-safe: one
+    exchange at a time).
+
+    ``post`` gives the server ``timeout`` seconds in all for connecting, sending and each read of the
+    reply; it raises ``TimeoutError`` / ``OSError`` / ``http.client.HTTPException`` when the exchange
+    fails and then drops the connection, so the next call starts on a fresh one. A kept-alive
+    connection the server closed while it was idle is reopened once, within the same ``timeout``.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        parts = urlsplit(endpoint)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise InvalidArgumentError(f"an HTTP endpoint looks like http://HOST:PORT/ROUTE; got {endpoint!r}")
+        try:
+            port = parts.port
+        except ValueError:
+            raise InvalidArgumentError(f"the port of {endpoint!r} is not a number in 0..65535") from None
+        self.endpoint = endpoint
+        self.https = scheme == "https"
+        self.host = parts.hostname
+        self.port = port or (443 if self.https else 80)
+        self.path = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        self._conn: http.client.HTTPConnection | None = None
+        self._served = 0  # replies read on the current connection
+        self._lock = threading.Lock()
+
+    def reset(self) -> None:
+        """Close the connection (the next ``post`` opens a new one). Idempotent."""
+        conn, self._conn = self._conn, None
+        self._served = 0
+        if conn is not None:
+            conn.close()
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            if self.https:
+                self._conn = http.client.HTTPSConnection(self.host, self.port, context=ssl.create_default_context())
+            else:
+                self._conn = http.client.HTTPConnection(self.host, self.port)
+            self._served = 0
+        return self._conn
+
+    @staticmethod
+    def _budget(conn: http.client.HTTPConnection, end: float) -> None:
+        remaining = end - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError("timed out")
+        conn.timeout = remaining  # used to connect
+        if conn.sock is not None:
+            conn.sock.settimeout(remaining)  # and for each send / receive from here on
+
+    def post(self, body: bytes, headers: dict[str, str], timeout: float) -> tuple[int, bytes]:
+        """POST ``body`` and return (HTTP status, reply body)."""
+        with self._lock:
+            end = time.monotonic() + timeout
+            while True:
+                conn = self._connection()
+                reused = self._served > 0
+                try:
+                    self._budget(conn, end)
+                    conn.request("POST", self.path, body=body, headers=headers)
+                    self._budget(conn, end)
+                    response = conn.getresponse()
+                    data = response.read()
+                except (ConnectionResetError, BrokenPipeError, http.client.RemoteDisconnected):
+                    self.reset()
+                    if reused and time.monotonic() < end:
+                        continue  # the server closed the idle kept-alive connection: once more on a fresh one
+                    raise
+                except BaseException:
+                    self.reset()
+                    raise
+                self._served += 1
+                if response.will_close:
+                    self.reset()
+                return response.status, data
