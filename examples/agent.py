@@ -17,7 +17,8 @@ LISA backend (command-line options):
     --model ID_OR_DIR   run LISA in this process (Hub id such as xinlai/LISA-7B-v1, a local folder,
                         or tabletop-tiny, the default); --device / --dtype / ... are the engine's
                         options (lisa_agent.config.EngineConfig), as on every lisa-agent command
-    --server ENDPOINT   use a running `lisa-agent serve` instead (e.g. tcp://127.0.0.1:5555)
+    --server ENDPOINT   use a running `lisa-agent serve` instead (tcp://127.0.0.1:5555, or http://HOST:8000/lisa
+                        for `serve --engine ray`)
 
 Examples::
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("request", nargs="?", default=DEFAULT_REQUEST, help=f"what to ask (default: {DEFAULT_REQUEST!r})")
     parser.add_argument("--image", required=True, help="the camera frame: an image file, http(s) URL or data URI")
     parser.add_argument("--server", help="endpoint of a running `lisa-agent serve`, e.g. tcp://127.0.0.1:5555 "
-                                         "(instead of loading --model in this process)")
+                                         "or http://HOST:8000/lisa (Ray Serve; instead of loading --model here)")
     parser.add_argument("--overlay", help="write the masks over the frame to this PNG file")
     add_engine_arguments(parser)
     args = parser.parse_args(argv)

@@ -16,7 +16,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sensor_msgs/Image or CompressedImage topic to segment")
     parser.add_argument("--query", required=True, help="what to segment, e.g. 'something to cut with'")
     parser.add_argument("--out", required=True, help="output bag folder (must not exist)")
-    parser.add_argument("--server", default="", help="model server endpoint instead of --model (tcp://host:port)")
+    parser.add_argument("--server", default="",
+                        help="model server endpoint instead of --model (tcp://host:port, or a Ray Serve deployment's "
+                             "http://host:8000/lisa)")
     parser.add_argument("--mode", default="fast", choices=["fast", "chat"])
     parser.add_argument("--prefix", default="/lisa", help="namespace of the written topics (default /lisa)")
     parser.add_argument("--every", type=int, default=1, help="segment every N-th frame (default 1)")
