@@ -39,6 +39,7 @@ NODE_ARGUMENTS = (
     ("reason_every", "10", "with a tracker: run LISA at least every this many frames"),
     ("reason_period_s", "0.0", "with a tracker: and at least every this many seconds (0: no time limit)"),
     ("min_track_confidence", "0.5", "with a tracker: run LISA again below this tracking confidence"),
+    ("foxglove_port", "0", "Foxglove live view on this port (loopback; instructions on /lisa/instruction); 0: off"),
     ("namespace", "lisa", "namespace of the node"),
     ("node_name", "lisa_node", "name of the node"),
 )
@@ -49,7 +50,7 @@ ARGUMENTS = NODE_ARGUMENTS + ENGINE_ARGUMENTS
 
 _BOOL = {"compressed", "continuous", "publish_overlay"}
 _FLOAT = {"max_rate", "reason_period_s", "min_track_confidence"}
-_INT = {"reason_every"}
+_INT = {"reason_every", "foxglove_port"}
 _PASSTHROUGH = ("instruction_topic", "camera_qos", "server", "mode", "tracker",
                 *(name for name, _, _ in ENGINE_ARGUMENTS))
 

@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "resize-sam": ("resize_sam", "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune"),
     "serve": ("serve", "serve a model over ZeroMQ (protocol: docs/protocol.md)"),
     "bag": ("bag", "run LISA over a rosbag2 (sqlite3 or MCAP) and write results into a new bag"),
+    "console": ("console", "teleoperation web console: live frames, instructions, masks, target (docs/console.md)"),
 }
 
 

@@ -14,8 +14,10 @@ or sensor_msgs/CompressedImage on ``<image_topic>/compressed`` with ``compressed
 Publications (:mod:`ros_nodes.publishing`), in the node's namespace, each stamped with the source
 frame's header: ``~/mask``, ``~/overlay``, ``~/overlay/compressed``, ``~/answer``, ``~/result`` (the
 library's result schema plus the node's envelope), ``~/target_point``, ``~/markers``,
-``~/detections``; and ``/diagnostics``. Parameters: :mod:`ros_nodes.parameters` (the engine's come
-from :class:`lisa_agent.config.EngineConfig`).
+``~/detections``; and ``/diagnostics``. With ``foxglove_port`` set, the same outputs also go to a
+Foxglove live view (:class:`lisa_agent.console.foxglove.FoxglovePublisher`, foxglove-sdk) that takes
+instructions from Foxglove's Publish panel (``/lisa/instruction``, ``{"data": "..."}``). Parameters:
+:mod:`ros_nodes.parameters` (the engine's come from :class:`lisa_agent.config.EngineConfig`).
 
 The node translates: each frame becomes a :class:`lisa_agent.frames.Frame` (pixels, the header's
 frame_id and stamp, the depth image closest in time with its own stamp, intrinsics from CameraInfo);
@@ -139,6 +141,7 @@ class LisaNode(Node):
         self.create_subscription(String, str(self.get_parameter("instruction_topic").value),
                                  self.instruction_callback, parameters.RELIABLE)
         self._outputs = ResultPublisher(self)
+        self._foxglove = self._start_foxglove()
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", parameters.RELIABLE)
         self.create_timer(1.0, self.diagnostics_callback)
 
@@ -158,6 +161,30 @@ class LisaNode(Node):
                                f"{self._image_topic}, instructions on "
                                f"{self.resolve_topic_name(str(self.get_parameter('instruction_topic').value))}")
 
+    def _start_foxglove(self) -> Any:
+        """The Foxglove live view when ``foxglove_port`` is set (ValueError when it cannot start), else None."""
+        port = int(self.get_parameter("foxglove_port").value)
+        if not port:
+            return None
+        host = str(self.get_parameter("foxglove_host").value)
+        try:
+            from lisa_agent.console.foxglove import FoxglovePublisher
+        except ImportError as exc:
+            raise ValueError(f"foxglove_port needs foxglove-sdk (pip install 'lisa-agent[console]'): {exc}") from None
+        try:
+            publisher = FoxglovePublisher(port=port, host=host, on_instruction=self._foxglove_instruction,
+                                          name=self.get_fully_qualified_name())
+        except Exception as exc:  # the port is taken, the address is not this machine's, ...
+            raise ValueError(f"foxglove_port {port}: the Foxglove server cannot start on {host}: {exc}") from None
+        self._outputs.foxglove = publisher
+        self.get_logger().info(f"Foxglove live view on ws://{host}:{publisher.port}; instructions from its Publish "
+                               "panel on /lisa/instruction")
+        return publisher
+
+    def _foxglove_instruction(self, text: str) -> None:
+        """An instruction typed in Foxglove: handled as one on the instruction topic."""
+        self.instruction_callback(String(data=text))
+
     def start(self) -> None:
         """Start the inference worker thread (after :meth:`load_backend`)."""
         if self._backend is None:
@@ -173,6 +200,8 @@ class LisaNode(Node):
             self._cond.notify_all()
         if self._worker is not None:
             self._worker.join(timeout)
+        if self._foxglove is not None:
+            self._foxglove.close()
 
     @property
     def counters(self) -> dict[str, int]:

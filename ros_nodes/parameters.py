@@ -47,6 +47,11 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "reason_period_s": (0.0, "with a tracker: and at least every this many seconds (0: no time limit)", False),
     "min_track_confidence": (0.5, "with a tracker: run LISA again when a mask's tracking confidence falls below this",
                              False),
+    "foxglove_port": (0, "Foxglove live view (foxglove-sdk WebSocket server) on this port: the answered frames, masks "
+                      "as ImageAnnotations, answers and 3D targets; instructions from Foxglove's Publish panel on "
+                      "/lisa/instruction ({\"data\": \"...\"}); 0: off", True),
+    "foxglove_host": ("127.0.0.1", "address the Foxglove server binds (its protocol has no authentication: keep "
+                      "loopback unless the network is trusted)", True),
 }
 
 #: The engine's parameters, from :func:`lisa_agent.config.engine_parameters`: name -> (default, description).
@@ -92,6 +97,8 @@ def validate(values: dict[str, Any]) -> str | None:
         return f"reason_period_s must be >= 0 (0: no time limit); got {values['reason_period_s']}"
     if "min_track_confidence" in values and not 0.0 <= float(values["min_track_confidence"]) <= 1.0:
         return f"min_track_confidence must be in [0, 1]; got {values['min_track_confidence']}"
+    if "foxglove_port" in values and not 0 <= int(values["foxglove_port"]) <= 65535:
+        return f"foxglove_port must be in [0, 65535] (0: off); got {values['foxglove_port']}"
     return None
 
 

@@ -4,7 +4,10 @@
 both rendered only when someone subscribes), ``~/answer`` (String), ``~/result`` (String: the result
 schema plus the node's envelope, :func:`ros_nodes.outputs.result_json`), ``~/target_point``
 (PointStamped, the first mask's 3D point when there is one), ``~/markers`` (MarkerArray) and
-``~/detections`` (vision_msgs/Detection2DArray, only where vision_msgs is installed).
+``~/detections`` (vision_msgs/Detection2DArray, only where vision_msgs is installed). With the node's
+``foxglove_port`` set, the same frame and result also go to a Foxglove live view
+(:class:`lisa_agent.console.foxglove.FoxglovePublisher`: the frame, the masks as ImageAnnotations, the answer,
+the result and the 3D targets).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from sensor_msgs.msg import CompressedImage, Image
 from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
+from lisa_agent.frames import Stamp
 from lisa_agent.result import SegmentationResult
 
 from . import outputs
@@ -37,6 +41,8 @@ class ResultPublisher:
         self.point = node.create_publisher(PointStamped, "~/target_point", RELIABLE)
         self.markers = node.create_publisher(MarkerArray, "~/markers", RELIABLE)
         self.detections = None
+        #: a lisa_agent.console.foxglove.FoxglovePublisher when the node's foxglove_port is set
+        self.foxglove: Any = None
         if outputs.HAVE_VISION_MSGS:
             self.detections = node.create_publisher(outputs.Detection2DArray, "~/detections", RELIABLE)
 
@@ -64,3 +70,18 @@ class ResultPublisher:
         if self.detections is not None:
             self.detections.publish(outputs.detections_msg(header, result))
         self.result.publish(String(data=outputs.result_json(result, report, depth_missing=depth_missing)))
+        if self.foxglove is not None:
+            self._publish_foxglove(result, rgb, source_header, report)
+
+    def _publish_foxglove(self, result: SegmentationResult, rgb: np.ndarray, source_header: Any,
+                          report: outputs.FrameReport) -> None:
+        """The frame and its result on the Foxglove live view, stamped with the source frame's stamp."""
+        from lisa_agent.console.core import answer_message, is_declined, mask_labels
+
+        stamp = Stamp(int(source_header.stamp.sec), int(source_header.stamp.nanosec))
+        self.foxglove.publish_image(encode_jpeg(rgb), stamp, str(source_header.frame_id))
+        self.foxglove.publish_result(result, mask_labels(result.text, len(result)), request=report.request,
+                                     declined=is_declined(result), message=answer_message(result),
+                                     latency_ms=report.latency_ms,
+                                     envelope={"request": report.request, "frame_seq": report.frame_seq,
+                                               "latency_ms": round(report.latency_ms, 3)})

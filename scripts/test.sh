@@ -14,6 +14,14 @@ fi
 # torch/torchvision first, pinned: segment-anything imports torchvision, which must match torch.
 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
 "$VENV/bin/pip" install -q -e ".[test]"
+# The console's browser test drives Debian's chromium through chromedriver (tests/test_console.py).
+if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+    echo "installing chromium and chromium-driver (apt-get) for the console's browser test"
+    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver; } \
+      >/dev/null || echo "could not install chromium + chromium-driver: the console's browser test cannot run" >&2
+  fi
+fi
 # DDS discovery stays on this machine; the Hub is never contacted.
 export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-87}

@@ -38,3 +38,9 @@ def tiny_segmenter(tiny_checkpoint: Path):
 
     torch.manual_seed(0)
     return LisaSegmenter.from_pretrained(tiny_checkpoint, dtype="fp32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Async tests run on asyncio only (trio, pulled in by selenium, is not a backend we support)."""
+    return "asyncio"

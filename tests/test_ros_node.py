@@ -472,6 +472,70 @@ def test_with_a_tracker_every_camera_frame_gets_a_mask(nodes):
         assert r["track"]["tracker"] == "flow" and 1 <= r["track"]["age_frames"] <= 30
 
 
+def test_foxglove_option_shows_the_node_in_foxglove_and_takes_its_instructions(scene, tiny_checkpoint, tmp_path):
+    """foxglove_port: a Foxglove WebSocket server in the node; an instruction published from a Foxglove client
+    on /lisa/instruction is answered on the next camera frame, and its masks arrive as image annotations."""
+    import asyncio
+    import socket
+
+    from test_console import FoxgloveClient, annotation_polygons, polygons_mask
+
+    with socket.socket() as probe_socket:  # a free port (0 turns the option off)
+        probe_socket.bind(("127.0.0.1", 0))
+        port = probe_socket.getsockname()[1]
+    node = NodeProcess({"model": TRAINED_MODEL or str(tiny_checkpoint), "device": "cpu", "dtype": "fp32",
+                        "camera_qos": "reliable", "image_topic": "/fox/image", "foxglove_port": port}, DOMAIN,
+                       tmp_path / "lisa_fox.log", name="lisa_fox")
+    probe = Probe(DOMAIN, node_ns="/lisa_fox", image_topic="/fox/image", name="fox_probe")
+    header = fresh_header()
+    frame = image_msg(scene.image, "rgb8", header)
+    stamp_ns = header.stamp.sec * 10**9 + header.stamp.nanosec
+
+    async def session():
+        async with FoxgloveClient(f"ws://127.0.0.1:{port}") as fox:
+            await fox.wait_channels({"/lisa/image", "/lisa/annotations", "/lisa/answer", "/lisa/result"})
+            assert "clientPublish" in fox.info["capabilities"]
+            for topic in ("/lisa/annotations", "/lisa/answer", "/lisa/image"):
+                await fox.subscribe(topic)
+            channel = await fox.advertise("/lisa/instruction")
+            await asyncio.sleep(0.3)
+            await fox.publish(channel, json.dumps({"data": scene.query.text}).encode())
+            got: dict = {}
+            deadline = time.monotonic() + 90
+            while not {"/lisa/annotations", "/lisa/answer", "/lisa/image"} <= set(got):
+                probe.pub_image.publish(frame)  # the camera, over DDS, until the node answers
+                try:
+                    topic, log_time, message = await fox.next_message(0.5)
+                except asyncio.TimeoutError:
+                    assert time.monotonic() < deadline, f"no answer in Foxglove; got {sorted(got)}"
+                    continue
+                if log_time == stamp_ns:
+                    got[topic] = message
+            return got
+
+    try:
+        probe.wait_ready(timeout=120, node_name="lisa_fox", process=node)
+        got = asyncio.run(session())
+    finally:
+        probe.close()
+        code = node.stop()
+    assert code == 0, node.log()[-3000:]
+    assert "Traceback" not in node.log()
+    image = got["/lisa/image"]
+    assert image.format == "jpeg" and image.frame_id == FRAME
+    answer = got["/lisa/answer"]
+    annotations = got["/lisa/annotations"]
+    polygons = annotation_polygons(annotations)
+    if "[SEG]" in answer["data"]:
+        assert polygons
+        for polygon in polygons:
+            assert (polygon >= 0).all() and (polygon[:, 0] <= SIZE[1]).all() and (polygon[:, 1] <= SIZE[0]).all()
+        if TRAINED_MODEL:
+            assert iou(polygons_mask(polygons, SIZE), scene.query.gt_mask > 0) >= 0.5
+    else:
+        assert not polygons and answer["declined"]
+
+
 def test_nodes_shut_down_cleanly(nodes):
     """Last: every bad input above was survived; SIGINT ends both nodes with exit code 0."""
     assert nodes.raw.alive() and nodes.jpeg.alive() and nodes.remote.alive()

@@ -1,0 +1,153 @@
+"""``lisa-agent console``: the teleoperation web console (and optionally a Foxglove live view and an MCAP recording).
+
+::
+
+    lisa-agent console --source synthetic                      # offline: a rendered tabletop, the bundled model
+    lisa-agent console --source camera:0 --model xinlai/LISA-7B-v1 --device cuda
+    lisa-agent console --source video:run.mp4 --server tcp://gpu-box:5557 --foxglove-port 8765 --record run.mcap
+    lisa-agent console --source synthetic --bind 0.0.0.0       # other machines: needs the printed token
+
+See docs/console.md for the page, the API, the token and Foxglove.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from typing import Any
+
+from ..config import add_engine_arguments
+from ..errors import InvalidArgumentError
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 480x640 (HxW); got {text!r}") from None
+    return h, w
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a whole number; got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535]; got {value}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--source", default="synthetic",
+                        help="frames: synthetic[:N] (a slowly changing rendered tabletop scene, offline; N the test "
+                             "scene, default 2), camera:N (OpenCV camera N), video:FILE (looped), ros:TOPIC "
+                             "(sensor_msgs Image, or CompressedImage for a topic ending in /compressed; needs rclpy) or "
+                             "server:tcp://HOST:PORT (the synthetic scene answered by the model behind lisa-agent "
+                             "serve; --model is then unused) (default: synthetic)")
+    parser.add_argument("--server", default=None, metavar="ENDPOINT",
+                        help="use the model behind lisa-agent serve at ENDPOINT (tcp://HOST:PORT) with any source "
+                             "instead of loading --model")
+    parser.add_argument("--server-timeout", type=float, default=60.0,
+                        help="seconds to wait for the model server per request (default 60)")
+    parser.add_argument("--port", type=_port, default=8080, help="web page and API port (default 8080; 0: any free)")
+    parser.add_argument("--bind", default="127.0.0.1",
+                        help="address to serve on (default 127.0.0.1: this machine only; any other address needs "
+                             "the access token)")
+    parser.add_argument("--token", default=os.environ.get("LISA_CONSOLE_TOKEN") or None,
+                        help="access token (at least 12 characters), required on every request; default: "
+                             "$LISA_CONSOLE_TOKEN, else none on loopback and a new one printed at start for any "
+                             "other --bind")
+    parser.add_argument("--foxglove-port", type=_port, default=None, metavar="PORT",
+                        help="also serve a Foxglove WebSocket live view on PORT (0: any free port; default: off)")
+    parser.add_argument("--foxglove-bind", default="127.0.0.1",
+                        help="address of the Foxglove server (default 127.0.0.1; its protocol has no authentication)")
+    parser.add_argument("--record", default=None, metavar="FILE",
+                        help="record the session (frames, masks, answers, targets, instructions) to this MCAP file")
+    parser.add_argument("--mode", default="chat", choices=["chat", "fast"],
+                        help="the page's initial mode: chat (default: the model words its answer, naming what it "
+                             "segments) or fast (teacher-forced 'Sure, [SEG].', one pass)")
+    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit in chat mode (default 48)")
+    parser.add_argument("--fps", type=float, default=10.0, help="frame rate of the synthetic source (default 10)")
+    parser.add_argument("--size", type=_size, default=(480, 640), help="synthetic frame size HxW (default 480x640)")
+    parser.add_argument("--tracker", default="flow", choices=["flow", "none"],
+                        help="what carries an answer's masks to the frames after it (and, with the continuous "
+                             "switch on, between LISA's reasoning steps): flow (optical flow) or none (held still) "
+                             "(default flow)")
+    parser.add_argument("--reason-every", type=int, default=50,
+                        help="continuous switch: LISA answers again at least every this many frames (default 50)")
+    add_engine_arguments(parser)
+
+
+def _endpoint(args: argparse.Namespace, kind: str, arg: str) -> str | None:
+    if args.server and kind == "server" and args.server != arg:
+        raise InvalidArgumentError(f"--server {args.server} and --source server:{arg} name two model servers")
+    return args.server or (arg if kind == "server" else None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..console.core import ConsoleCore, ConsoleError
+    from ..console.sources import open_source, parse_source
+    from .common import check_writable, load_segmenter
+
+    kind, arg = parse_source(args.source)  # a bad --source fails before any model loads
+    endpoint = _endpoint(args, kind, arg)
+    check_writable(args.record, "--record")
+    if not 1 <= args.max_new_tokens <= 1024:
+        raise InvalidArgumentError(f"--max-new-tokens must be in [1, 1024]; got {args.max_new_tokens}")
+    if args.reason_every < 1:
+        raise InvalidArgumentError(f"--reason-every must be >= 1; got {args.reason_every}")
+    try:
+        from ..console.web import ConsoleServer
+        if args.foxglove_port is not None or args.record:
+            from ..console.foxglove import FoxglovePublisher
+    except ImportError as exc:
+        raise ConsoleError(f"the console needs its extra: pip install 'lisa-agent[console]' ({exc})") from None
+
+    backend: Any
+    if endpoint:
+        try:
+            from ..serving.client import LisaClient
+        except ImportError as exc:
+            raise ConsoleError(f"a model server needs pip install 'lisa-agent[server]' ({exc})") from None
+        backend = LisaClient(endpoint, timeout=args.server_timeout)
+        model_name = f"model server {endpoint}"
+    else:
+        backend = load_segmenter(args)
+        model_name = f"model {args.engine_model}"
+    source = open_source(args.source, fps=args.fps, size=args.size)
+    core = ConsoleCore(backend, source, mode=args.mode, max_new_tokens=args.max_new_tokens, tracker=args.tracker,
+                       reason_every=args.reason_every, model_name=model_name)
+    server = ConsoleServer(core, host=args.bind, port=args.port, token=args.token)
+    foxglove = None
+    try:
+        if args.foxglove_port is not None or args.record:
+            foxglove = FoxglovePublisher(port=args.foxglove_port, host=args.foxglove_bind, record=args.record,
+                                         on_instruction=lambda text: core.ask(text))
+            core.add_listener(foxglove.console_listener)
+
+        def started() -> None:
+            print(f"lisa-agent console: {source.describe()}; {model_name}", flush=True)
+            print(f"open {server.url}", flush=True)
+            if server.require_token:
+                print(f"access token: {server.token} (every request needs it; from another machine use this "
+                      f"machine's address in the URL)", flush=True)
+            if foxglove is not None and foxglove.port is not None:
+                print(f"Foxglove: ws://{args.foxglove_bind}:{foxglove.port} (publish {{\"data\": \"...\"}} on "
+                      "/lisa/instruction to ask)", flush=True)
+            if foxglove is not None and foxglove.recording is not None:
+                print(f"recording to {foxglove.recording}", flush=True)
+
+        asyncio.run(server.serve_forever(on_started=started))
+    finally:
+        core.close()
+        if foxglove is not None:
+            foxglove.close()
+            if foxglove.recording is not None:
+                print(f"recorded {foxglove.recording}", file=sys.stderr, flush=True)
+        close = getattr(backend, "close", None)
+        if endpoint and callable(close):
+            close()
+    return 0

@@ -1,0 +1,447 @@
+"""The console's web server (aiohttp): the page, its API and the WebSocket (``docs/console.md``).
+
+Routes: ``GET /`` the page and ``GET /static/NAME`` its assets (package data, no CDN); ``GET /api/state``;
+``POST /api/instruction`` ``{"text", "mode"}`` -> the result schema plus the console's envelope;
+``POST /api/target`` ``{"index"}`` or ``{"point": [x, y]}``; ``POST /api/continuous`` ``{"on"}``;
+``GET /api/frame.jpg`` the newest frame; ``GET /ws`` a WebSocket pushing frames (binary JPEG) and
+results, state changes and errors (JSON text).
+
+Model calls run in a thread pool (:meth:`ConsoleCore.ask` blocks), never on the event loop, so the page
+keeps its live view while a query runs. Bad input gets a JSON error (``{"error": {"code", "message"}}``)
+with a 4xx status; nothing a client sends stops the server.
+
+Access: bound to a loopback address, the console answers this machine only (and checks the ``Host``
+header, so a web page elsewhere cannot reach it through DNS rebinding). Bound to any other address it
+needs a token (``--token``, or one generated and printed at start), checked on every request and
+WebSocket: ``Authorization: Bearer TOKEN``, ``?token=TOKEN``, or the cookie the page gets when opened
+with ``?token=``. Cross-origin requests (an ``Origin`` other than the console's own) and POSTs that are
+not ``application/json`` are refused, so another site cannot drive the robot through the operator's browser.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import hmac
+import ipaddress
+import json
+import logging
+import secrets
+import threading
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from aiohttp import WSMsgType, web
+from yarl import URL
+
+from ..errors import InvalidArgumentError, LisaError
+from .core import (
+    MAX_PENDING,
+    Answer,
+    BusyError,
+    ConsoleCore,
+    FrameEvent,
+    NoFrameError,
+    SupersededError,
+    UnknownTargetError,
+    error_code,
+)
+
+log = logging.getLogger("lisa_agent.console")
+
+#: The page's files (package data).
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+ASSETS = {"index.html": "text/html", "console.js": "text/javascript", "console.css": "text/css",
+          "favicon.svg": "image/svg+xml"}
+#: Largest request body (bytes): an instruction is at most MAX_INSTRUCTION_CHARS characters.
+MAX_BODY_BYTES = 64 * 1024
+#: Text messages kept for a WebSocket client that reads slowly (older ones are dropped).
+WS_BACKLOG = 64
+TOKEN_COOKIE = "lisa_console_token"
+MIN_TOKEN_CHARS = 12
+_SECURITY_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cache-Control": "no-store",
+}
+_CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; "
+        "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
+_STATUS = {"invalid_query": 400, "invalid_argument": 400, "too_large": 413, "unknown_target": 404, "no_frame": 503,
+           "busy": 429, "superseded": 409}
+
+
+def is_loopback(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": code, "message": " ".join(str(message).split())[:2000]}},
+                             status=status, headers=_SECURITY_HEADERS)
+
+
+def _dumps(payload: Any) -> str:
+    return json.dumps(payload, allow_nan=False, separators=(",", ":"))
+
+
+class _Client:
+    """One WebSocket client: its own sender task, the newest frame only, a bounded backlog of JSON messages."""
+
+    def __init__(self, ws: web.WebSocketResponse) -> None:
+        self.ws = ws
+        self.texts: collections.deque[str] = collections.deque(maxlen=WS_BACKLOG)
+        self.frame: bytes | None = None
+        self.wake = asyncio.Event()
+
+    def push_text(self, text: str) -> None:
+        self.texts.append(text)
+        self.wake.set()
+
+    def push_frame(self, jpeg: bytes) -> None:
+        self.frame = jpeg  # a slow client skips frames; it never builds a backlog of them
+        self.wake.set()
+
+    async def run(self) -> None:
+        try:
+            while not self.ws.closed:
+                await self.wake.wait()
+                self.wake.clear()
+                while self.texts and not self.ws.closed:
+                    await self.ws.send_str(self.texts.popleft())
+                if self.frame is not None and not self.ws.closed:
+                    frame, self.frame = self.frame, None
+                    await self.ws.send_bytes(frame)
+        except (ConnectionError, RuntimeError, asyncio.CancelledError):
+            pass  # the client went away (possibly mid-frame): its handler cleans up
+
+
+class ConsoleServer:
+    """The console's HTTP server over a :class:`ConsoleCore`.
+
+    Args:
+        core: the console (started or not; :meth:`start` starts it).
+        host: address to bind; loopback needs no token, anything else does.
+        port: TCP port (0: any free port; :attr:`port` tells which after :meth:`start`).
+        token: the access token; None: none on loopback, a generated one elsewhere (:attr:`token`).
+    """
+
+    def __init__(self, core: ConsoleCore, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None) -> None:
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+            raise InvalidArgumentError(f"port must be in [0, 65535]; got {port!r}")
+        if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
+            raise InvalidArgumentError(f"token must be at least {MIN_TOKEN_CHARS} printable characters without spaces")
+        self.core = core
+        self.host = host
+        self.port = port
+        self.require_token = token is not None or not is_loopback(host)
+        self.token = token or (secrets.token_urlsafe(24) if self.require_token else None)
+        self._allowed_hosts = {"127.0.0.1", "localhost", "::1", host.strip("[]").lower()}
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_PENDING + 2,
+                                                           thread_name_prefix="lisa-console-model")
+        self._clients: set[_Client] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._thread: threading.Thread | None = None
+        self._stopped: asyncio.Event | None = None
+
+    # ------------------------------------------------------------------ application
+    def app(self) -> web.Application:
+        """The aiohttp application (routes and middlewares)."""
+        app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[self._errors, self._guard])
+        app.router.add_get("/", self._index)
+        app.router.add_get("/static/{name}", self._static)
+        app.router.add_get("/api/state", self._state)
+        app.router.add_get("/api/frame.jpg", self._frame)
+        app.router.add_post("/api/instruction", self._instruction)
+        app.router.add_post("/api/target", self._target)
+        app.router.add_post("/api/continuous", self._continuous)
+        app.router.add_get("/ws", self._websocket)
+        return app
+
+    @web.middleware
+    async def _errors(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                      ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status < 400:
+                raise
+            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
+            return _error(exc.status, code, exc.text or exc.reason)
+        except (LisaError, ValueError) as exc:
+            code = error_code(exc)
+            return _error(_STATUS.get(code, 500), code, str(exc))
+        except (ConnectionError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # a bug: answer, log, keep serving
+            log.exception("console: %s %s failed", request.method, request.path)
+            return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+
+    @web.middleware
+    async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                     ) -> web.StreamResponse:
+        if not self.require_token and (request.url.host or "").strip("[]").lower() not in self._allowed_hosts:
+            return _error(403, "forbidden_host", f"host {request.host!r} is not this console's loopback address")
+        origin = request.headers.get("Origin")
+        if origin is not None:
+            seen = URL(origin)
+            if origin == "null" or (seen.host, seen.port) != (request.url.host, request.url.port):
+                return _error(403, "cross_origin", "requests from another site's pages are refused")
+        from_query = False
+        if self.require_token:
+            offered = self._offered_token(request)
+            if offered is None or not hmac.compare_digest(offered.encode(), str(self.token).encode()):
+                return _error(401, "unauthorized", "this console needs its access token: open the URL printed at "
+                              "its start (…/?token=…) or send 'Authorization: Bearer TOKEN'")
+            from_query = request.query.get("token") is not None
+        if request.method == "POST" and request.content_type != "application/json":
+            return _error(415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)")
+        response = await handler(request)
+        if from_query and self.token is not None and not isinstance(response, web.WebSocketResponse):
+            response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="Strict", path="/")
+        return response
+
+    @staticmethod
+    def _offered_token(request: web.Request) -> str | None:
+        auth = request.headers.get("Authorization", "")
+        if auth.lower().startswith("bearer "):
+            return auth[7:].strip()
+        for value in (request.headers.get("X-Lisa-Token"), request.query.get("token"), request.cookies.get(TOKEN_COOKIE)):
+            if value:
+                return value
+        return None
+
+    # ------------------------------------------------------------------ page
+    async def _index(self, request: web.Request) -> web.StreamResponse:
+        return self._asset("index.html")
+
+    async def _static(self, request: web.Request) -> web.StreamResponse:
+        return self._asset(request.match_info["name"])
+
+    def _asset(self, name: str) -> web.StreamResponse:
+        kind = ASSETS.get(name)
+        if kind is None:
+            return _error(404, "not_found", f"no asset {name!r}")
+        body = (STATIC_DIR / name).read_bytes()
+        headers = {**_SECURITY_HEADERS, "Content-Security-Policy": _CSP, "Cache-Control": "no-cache"}
+        return web.Response(body=body, content_type=kind, charset="utf-8" if kind.startswith("text/") else None,
+                            headers=headers)
+
+    # ------------------------------------------------------------------ API
+    async def _body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()  # larger than MAX_BODY_BYTES: aiohttp answers 413
+        try:
+            body = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise InvalidArgumentError(f"malformed JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise InvalidArgumentError(f"the body must be a JSON object; got {type(body).__name__}")
+        return body
+
+    @staticmethod
+    def _only(body: dict[str, Any], allowed: set[str]) -> None:
+        unknown = sorted(set(body) - allowed)
+        if unknown:
+            raise InvalidArgumentError(f"unknown keys {unknown}; allowed: {sorted(allowed)}")
+
+    async def _state(self, request: web.Request) -> web.Response:
+        return web.json_response(self.core.state(), dumps=_dumps, headers=_SECURITY_HEADERS)
+
+    async def _frame(self, request: web.Request) -> web.Response:
+        latest = self.core.latest_frame()
+        if latest is None:
+            raise NoFrameError("no frame yet")
+        return web.Response(body=latest.jpeg, content_type="image/jpeg", headers=_SECURITY_HEADERS)
+
+    async def _instruction(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._only(body, {"text", "mode"})
+        if "text" not in body:
+            raise InvalidArgumentError('the body needs "text": the instruction, e.g. "grab something to cut with"')
+        text, mode = self.core.check_instruction(body["text"], body.get("mode"))
+        answer: Answer = await asyncio.get_running_loop().run_in_executor(self._pool, self.core.ask, text, mode)
+        target = self.core.target()
+        return web.json_response(answer.to_dict(None if target is None or target["request"] != answer.request
+                                                else target["index"]), dumps=_dumps, headers=_SECURITY_HEADERS)
+
+    async def _target(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._only(body, {"index", "point"})
+        if "index" in body and "point" in body:
+            raise InvalidArgumentError('give "index" or "point", not both')
+        if "point" in body:
+            point = body["point"]
+            if not isinstance(point, list) or len(point) != 2 or not all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) for v in point):
+                raise UnknownTargetError(f"point must be [x, y] in pixels; got {point!r}")
+            state = self.core.choose_target(point=(float(point[0]), float(point[1])))
+        elif "index" in body:
+            state = self.core.choose_target(index=body["index"]) if body["index"] is not None \
+                else self.core.choose_target()
+        else:
+            raise InvalidArgumentError('the body needs "index" (a mask number, or null to clear) or "point": [x, y]')
+        state.pop("last_result", None)
+        return web.json_response(state, dumps=_dumps, headers=_SECURITY_HEADERS)
+
+    async def _continuous(self, request: web.Request) -> web.Response:
+        body = await self._body(request)
+        self._only(body, {"on"})
+        if not isinstance(body.get("on"), bool):
+            raise InvalidArgumentError('the body needs "on": true or false')
+        state = await asyncio.get_running_loop().run_in_executor(self._pool, self.core.set_continuous, body["on"])
+        state.pop("last_result", None)
+        return web.json_response(state, dumps=_dumps, headers=_SECURITY_HEADERS)
+
+    # ------------------------------------------------------------------ WebSocket
+    async def _websocket(self, request: web.Request) -> web.StreamResponse:
+        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_BODY_BYTES)
+        await ws.prepare(request)
+        client = _Client(ws)
+        client.push_text(_dumps({"type": "hello", "state": self.core.state()}))
+        latest = self.core.latest_frame()
+        if latest is not None:
+            client.push_frame(latest.jpeg)
+        self._clients.add(client)
+        sender = asyncio.get_running_loop().create_task(client.run())
+        try:
+            async for msg in ws:
+                if msg.type == WSMsgType.TEXT and msg.data.strip() == '{"type":"ping"}':
+                    client.push_text(_dumps({"type": "pong"}))
+                elif msg.type == WSMsgType.ERROR:
+                    break
+                # anything else a client sends is ignored: the API is HTTP
+        except (ConnectionError, asyncio.CancelledError):
+            pass
+        finally:
+            self._clients.discard(client)
+            sender.cancel()
+            if not ws.closed:
+                await ws.close()
+        return ws
+
+    def _on_core(self, kind: str, payload: Any) -> None:
+        """Core listener (the core's threads): serialize once, hand to the loop."""
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            return
+        if kind == "frame":
+            assert isinstance(payload, FrameEvent)
+            data: str | bytes = payload.jpeg
+        elif kind == "answer":
+            assert isinstance(payload, Answer)
+            target = self.core.target()
+            index = None if target is None or target["request"] != payload.request else target["index"]
+            data = _dumps({"type": "result", "result": payload.to_dict(index)})
+        elif kind == "state":
+            data = _dumps({"type": "state", "state": payload})
+        elif kind == "error":
+            data = _dumps({"type": "error", "error": payload})
+        else:
+            return
+        try:
+            loop.call_soon_threadsafe(self._broadcast, data)
+        except RuntimeError:  # the loop closed meanwhile
+            pass
+
+    def _broadcast(self, data: str | bytes) -> None:
+        for client in list(self._clients):
+            if isinstance(data, bytes):
+                client.push_frame(data)
+            else:
+                client.push_text(data)
+
+    # ------------------------------------------------------------------ running
+    @property
+    def url(self) -> str:
+        """The page's address (with the token when one is needed)."""
+        host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+        host = f"[{host}]" if ":" in host and not host.startswith("[") else host
+        return f"http://{host}:{self.port}/" + (f"?token={self.token}" if self.require_token else "")
+
+    async def start(self) -> None:
+        """Start the core and serve (returns once listening; :attr:`port` is then the bound port)."""
+        self._loop = asyncio.get_running_loop()
+        self._stopped = asyncio.Event()
+        self.core.add_listener(self._on_core)
+        self.core.start()
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
+        await site.start()
+        addresses = self._runner.addresses
+        if addresses:
+            self.port = int(addresses[0][1])
+
+    async def stop(self) -> None:
+        """Close every WebSocket and stop serving (the core keeps running; close it yourself)."""
+        self.core.remove_listener(self._on_core)
+        for client in list(self._clients):
+            await client.ws.close(code=1001, message=b"console stopping")
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._stopped is not None:
+            self._stopped.set()
+
+    async def serve_forever(self, on_started: Callable[[], None] | None = None) -> None:
+        """Start (then call ``on_started``), and serve until :meth:`request_stop` (or cancellation)."""
+        await self.start()
+        if on_started is not None:
+            on_started()
+        assert self._stopped is not None
+        try:
+            await self._stopped.wait()
+        finally:
+            if self._runner is not None:
+                await self.stop()
+
+    def request_stop(self) -> None:
+        """Ask a server running in another thread (:meth:`serve_forever`, :meth:`start_in_thread`) to stop."""
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(lambda: self._stopped.set() if self._stopped else None)
+
+    def start_in_thread(self, timeout: float = 30.0) -> ConsoleServer:
+        """Serve from a thread of its own (tests, embedding); returns once listening."""
+        started = threading.Event()
+        failure: list[BaseException] = []
+
+        async def main() -> None:
+            try:
+                await self.start()
+            except BaseException as exc:
+                failure.append(exc)
+                started.set()
+                return
+            started.set()
+            assert self._stopped is not None
+            await self._stopped.wait()
+            await self.stop()
+
+        self._thread = threading.Thread(target=lambda: asyncio.run(main()), name="lisa-console-web", daemon=True)
+        self._thread.start()
+        if not started.wait(timeout):
+            raise TimeoutError(f"the console did not start within {timeout:g} s")
+        if failure:
+            raise failure[0]
+        return self
+
+    def stop_thread(self, timeout: float = 10.0) -> None:
+        """Stop a server started with :meth:`start_in_thread`."""
+        self.request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout)
+            self._thread = None
+
+
+__all__ = ["ConsoleServer", "is_loopback", "STATIC_DIR", "BusyError", "SupersededError"]
