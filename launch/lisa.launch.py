@@ -30,7 +30,7 @@ NODE_ARGUMENTS = (
     ("camera_info_topic", "", "CameraInfo topic (default: <camera>/camera_info when depth is set)"),
     ("instruction_topic", "~/instruction", "std_msgs/String instructions"),
     ("camera_qos", "best_effort", "best_effort (cameras) or reliable"),
-    ("server", "", "model server endpoint; when set, no model is loaded in the node"),
+    ("server", "", "model server endpoint (tcp://HOST:PORT or a Ray Serve http:// address); when set, no model is loaded in the node"),
     ("mode", "fast", "fast or chat"),
     ("continuous", "false", "keep segmenting new frames until 'stop'"),
     ("max_rate", "5.0", "continuous mode: frames per second at most"),

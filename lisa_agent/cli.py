@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval-video": ("eval_video", "mask IoU and cost per frame through video sequences, with a tracker between reasoning steps"),
     "calibrate-gate": ("calibrate_gate", "choose the presence gate's threshold on a validation split"),
     "resize-sam": ("resize_sam", "copy a checkpoint with SAM's input size multiplied (finer image grid), to fine-tune"),
-    "serve": ("serve", "serve a model over ZeroMQ (protocol: docs/protocol.md)"),
+    "serve": ("serve", "serve a model over ZeroMQ, or over HTTP on Ray Serve replicas (docs/protocol.md, docs/ray.md)"),
     "bag": ("bag", "run LISA over a rosbag2 (sqlite3 or MCAP) and write results into a new bag"),
     "console": ("console", "teleoperation web console: live frames, instructions, masks, target (docs/console.md)"),
 }

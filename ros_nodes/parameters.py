@@ -31,7 +31,7 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "camera_info_topic": ("", "CameraInfo of the depth image (intrinsics K); empty: no 3D target", True),
     "instruction_topic": ("~/instruction", "std_msgs/String instructions; empty or 'stop' ends continuous mode", True),
     "camera_qos": ("best_effort", "QoS of the camera subscriptions: best_effort (sensor data) or reliable", True),
-    "server": ("", "model server endpoint (tcp://host:port); when set, used instead of loading the model", True),
+    "server": ("", "model server endpoint (tcp://host:port, or http://host:8000/lisa for a Ray Serve deployment); when set, used instead of loading the model", True),
     "server_timeout": (10.0, "seconds to wait for the model server per request", True),
     "mode": ("fast", "fast (teacher-forced answer, one pass) or chat (generated answer)", False),
     "max_new_tokens": (32, "answer length limit in chat mode", False),

@@ -233,6 +233,7 @@ def test_source_specs_are_parsed_or_refused_with_the_accepted_forms():
     assert parse_source("video:/tmp/run.mp4") == ("video", "/tmp/run.mp4")
     assert parse_source("ros:/camera/color/image_raw") == ("ros", "/camera/color/image_raw")
     assert parse_source("server:tcp://127.0.0.1:5557") == ("server", "tcp://127.0.0.1:5557")
+    assert parse_source("server:http://10.0.0.2:8000/lisa") == ("server", "http://10.0.0.2:8000/lisa")
     for bad in ("webcam", "camera:front", "camera:", "video:", "server:127.0.0.1:5557", "synthetic:x", ""):
         with pytest.raises(InvalidArgumentError, match="synthetic|camera|server|needs"):
             parse_source(bad)

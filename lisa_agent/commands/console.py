@@ -46,9 +46,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "scene, default 2), camera:N (OpenCV camera N), video:FILE (looped), ros:TOPIC "
                              "(sensor_msgs Image, or CompressedImage for a topic ending in /compressed; needs rclpy) or "
                              "server:tcp://HOST:PORT (the synthetic scene answered by the model behind lisa-agent "
-                             "serve; --model is then unused) (default: synthetic)")
+                             "serve, or server:http://HOST:8000/lisa behind serve --engine ray; --model is then unused) (default: synthetic)")
     parser.add_argument("--server", default=None, metavar="ENDPOINT",
-                        help="use the model behind lisa-agent serve at ENDPOINT (tcp://HOST:PORT) with any source "
+                        help="use the model behind lisa-agent serve at ENDPOINT (tcp://HOST:PORT; http://HOST:8000/lisa for serve --engine ray) with any source "
                              "instead of loading --model")
     parser.add_argument("--server-timeout", type=float, default=60.0,
                         help="seconds to wait for the model server per request (default 60)")

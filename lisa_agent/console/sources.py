@@ -320,8 +320,8 @@ def parse_source(spec: str) -> tuple[str, str]:
         raise InvalidArgumentError(f"source {kind}: needs its argument; use {forms}")
     if kind == "camera" and not arg.strip().isdigit():
         raise InvalidArgumentError(f"camera:N takes a camera index (camera:0); got {text!r}")
-    if kind == "server" and not arg.strip().startswith(("tcp://", "ipc://")):
-        raise InvalidArgumentError(f"server: takes a model server endpoint (server:tcp://127.0.0.1:5557); got {text!r}")
+    if kind == "server" and not arg.strip().startswith(("tcp://", "ipc://", "http://", "https://")):
+        raise InvalidArgumentError(f"server: takes a model server endpoint (server:tcp://127.0.0.1:5557, or a Ray Serve deployment's server:http://127.0.0.1:8000/lisa); got {text!r}")
     if kind == "ros" and not arg.strip().startswith("/") and not arg.strip()[0].isalpha():
         raise InvalidArgumentError(f"ros: takes a topic name (ros:/camera/color/image_raw); got {text!r}")
     return kind, arg.strip()
