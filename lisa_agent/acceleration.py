@@ -10,6 +10,9 @@
 - **CUDA graphs** (CUDA only): the decode step of each cache length, the forced ``fast`` pass of each
   (batch, bucket) shape, CLIP and SAM's image encoder are captured once at first use (:class:`Graphed`)
   and replayed; a capture that fails is logged once and that stage stays eager (never an error).
+- **torch.compile** (opt-in, any device; :class:`CompiledEncoders`): SAM's and CLIP's image encoders
+  compiled with inductor, once per input shape at first use (minutes for SAM ViT-H). A compilation that
+  fails is logged once and that encoder stays eager. Compiled encoders replace their CUDA graphs.
 
 Nothing here changes numbers beyond float rounding: it changes shapes, memory addresses and launches.
 """
@@ -278,3 +281,55 @@ class GraphedStages:
         if not self.sam_enabled:
             return self.model.encode_sam(pixels)
         return self._run(("sam image encoder", tuple(pixels.shape), pixels.dtype), self.model.encode_sam, pixels)
+
+
+class CompiledEncoders:
+    """SAM's and CLIP's image encoders through ``torch.compile`` (static shapes: each new input shape
+    compiles once, at its first call).
+
+    ``clip(pixels)``: (B, 3, C, C) -> CLIP patch tokens; ``sam(pixels)``: (V, 3, S, S) -> (V, 256, s, s) SAM
+    embeddings, as :meth:`LisaModel.encode_clip` / :meth:`LisaModel.encode_sam` return them. An encoder
+    whose compilation or compiled run fails is logged once and runs eagerly from then on (never an error).
+    ``backend`` is ``torch.compile``'s (``inductor`` by default).
+    """
+
+    def __init__(self, model: Any, *, backend: Any = "inductor", mode: str | None = None) -> None:
+        self.model = model
+        self._compiled = {
+            "clip": torch.compile(model.encode_clip, backend=backend, mode=mode, dynamic=False),
+            "sam": torch.compile(model.encode_sam, backend=backend, mode=mode, dynamic=False),
+        }
+        self._eager = {"clip": model.encode_clip, "sam": model.encode_sam}
+        #: names of the encoders whose compilation failed (they run eagerly)
+        self.failed: set[str] = set()
+
+    def _run(self, name: str, pixels: torch.Tensor) -> torch.Tensor:
+        if name not in self.failed:
+            try:
+                return self._compiled[name](pixels)
+            except Exception as exc:  # noqa: BLE001 - an encoder that cannot be compiled runs eagerly
+                self.failed.add(name)
+                log.warning("torch.compile of the %s encoder failed (%s); it runs eagerly", name, _why(exc))
+        return self._eager[name](pixels)
+
+    def clip(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run("clip", pixels)
+
+    def sam(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._run("sam", pixels)
+
+
+def _why(exc: BaseException) -> str:
+    """``Type: first line`` of an exception and, when it wraps another (a compiler backend's), of the root."""
+    def line(e: BaseException) -> str:
+        text = next((t.strip() for t in str(e).splitlines() if t.strip()), "")
+        return f"{type(e).__name__}: {text[:200]}" if text else type(e).__name__
+
+    root, seen = exc, {id(exc)}
+    while True:  # torch's BackendCompilerFailed keeps the backend's error as inner_exception
+        inner = getattr(root, "inner_exception", None) or root.__cause__
+        if not isinstance(inner, BaseException) or id(inner) in seen:
+            break
+        root = inner
+        seen.add(id(root))
+    return line(exc) if root is exc else f"{line(exc)} <- {line(root)}"

@@ -50,6 +50,8 @@ SAM_ATTENTION = ("auto", "sdpa", "original")
 QUANT_BACKENDS = ("auto", "bitsandbytes", "torchao")
 #: Hot-path optimizations: ``auto`` (on where they apply) or ``off``.
 SWITCH = ("auto", "off")
+#: torch.compile of the image encoders: opt-in.
+COMPILE = ("off", "on")
 #: Conversation templates (``None``: the checkpoint's own).
 TEMPLATE_CHOICES = tuple(TEMPLATES)
 #: The default model: the bundled checkpoint, so every door works offline on a fresh machine.
@@ -147,6 +149,9 @@ class EngineConfig:
             prompt and forced passes padded to buckets, fixed shapes) or ``off`` (the dynamic cache).
         cuda_graphs: ``auto`` (capture the fixed-shape stages in CUDA graphs on CUDA) or ``off``.
         overlap: ``auto`` (SAM's encoder on its own CUDA stream, overlapping CLIP and the LLM) or ``off``.
+        compile: ``off`` (the default) or ``on``: SAM's and CLIP's image encoders through ``torch.compile``
+            (inductor; each new frame size compiles at its first frame, minutes for SAM ViT-H; needs a C++
+            compiler on the CPU). Replaces those encoders' CUDA graphs.
     """
 
     model: str = _option(DEFAULT_MODEL, Option(
@@ -198,6 +203,9 @@ class EngineConfig:
     overlap: str = _option("auto", Option(
         "auto: SAM's image encoder on its own CUDA stream, overlapping CLIP and the language model; off: in turn",
         parse=str.strip, choices=SWITCH))
+    compile: str = _option("off", Option(
+        "on: SAM's and CLIP's image encoders through torch.compile (each frame size compiles at its first "
+        "frame: minutes for SAM ViT-H); off: not compiled", parse=str.strip, choices=COMPILE))
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -246,7 +254,7 @@ class EngineConfig:
             threshold = float(threshold)
         put("presence_threshold", threshold)
         for name, choices in (("quant_backend", QUANT_BACKENDS), ("static_cache", SWITCH), ("cuda_graphs", SWITCH),
-                              ("overlap", SWITCH)):
+                              ("overlap", SWITCH), ("compile", COMPILE)):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.sam_attention not in SAM_ATTENTION:

@@ -43,14 +43,14 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
 
-from .acceleration import GraphedStages, StaticDecoder, bucket
+from .acceleration import CompiledEncoders, GraphedStages, StaticDecoder, bucket
 from .config import MASK_TTA_VIEWS, MODES, EngineConfig
 from .errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
@@ -105,6 +105,23 @@ class _Timer:
         return ms
 
 
+class OptimizationSwitches(TypedDict):
+    """Keyword arguments of :meth:`LisaSegmenter.set_optimizations` (and of the constructor)."""
+
+    static_cache: bool
+    cuda_graphs: bool
+    overlap: bool
+    compile: bool
+
+
+def optimization_switches(config: EngineConfig, device: torch.device) -> OptimizationSwitches:
+    """The :meth:`LisaSegmenter.set_optimizations` switches ``config`` asks for on ``device`` (CUDA graphs and
+    the SAM stream only on CUDA)."""
+    cuda = device.type == "cuda"
+    return {"static_cache": config.static_cache == "auto", "cuda_graphs": config.cuda_graphs == "auto" and cuda,
+            "overlap": config.overlap == "auto" and cuda, "compile": config.compile == "on"}
+
+
 class LisaSegmenter:
     """LISA inference engine. Build with :meth:`from_pretrained`; thread-safe (one call at a time).
 
@@ -122,7 +139,7 @@ class LisaSegmenter:
                  cache_frames: int = 4, presence_gate: dict[str, Any] | None = None, mask_tta: str = "off",
                  config: EngineConfig | None = None, max_masks: int = 16, max_mask_megapixels: float = 256.0,
                  static_cache: bool = False, cuda_graphs: bool = False, overlap: bool = False,
-                 quant_backend: str | None = None):
+                 compile: bool = False, quant_backend: str | None = None):
         if mask_tta not in MASK_TTA_VIEWS:
             raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA_VIEWS)}; got {mask_tta!r}")
         self.model = model
@@ -155,7 +172,9 @@ class LisaSegmenter:
         self._decoder: StaticDecoder | None = None
         self._stages: GraphedStages | None = None
         self._sam_stream: torch.cuda.Stream | None = None
-        self.set_optimizations(static_cache=static_cache, cuda_graphs=cuda_graphs, overlap=overlap)
+        self._compiled: CompiledEncoders | None = None
+        self._compiled_kept: CompiledEncoders | None = None
+        self.set_optimizations(static_cache=static_cache, cuda_graphs=cuda_graphs, overlap=overlap, compile=compile)
         self._lock = threading.RLock()
         #: the options this engine was built from (None when built directly from a model)
         self.config = config
@@ -198,16 +217,16 @@ class LisaSegmenter:
                    use_im_start_end=loaded.config.mm_use_im_start_end, name=config.model,
                    quantization=config.quantization, cache_frames=config.cache_frames, presence_gate=gate,
                    mask_tta=mask_tta, config=config, max_masks=config.max_masks,
-                   max_mask_megapixels=config.max_mask_megapixels, static_cache=config.static_cache == "auto",
-                   cuda_graphs=config.cuda_graphs == "auto" and tdevice.type == "cuda",
-                   overlap=config.overlap == "auto" and tdevice.type == "cuda", quant_backend=backend)
+                   max_mask_megapixels=config.max_mask_megapixels, quant_backend=backend,
+                   **optimization_switches(config, tdevice))
 
     def set_optimizations(self, *, static_cache: bool, cuda_graphs: bool, overlap: bool,
-                          buckets: bool | None = None) -> None:
+                          buckets: bool | None = None, compile: bool = False) -> None:
         """Turn the hot-path optimizations on or off (:mod:`lisa_agent.acceleration`; ``bench --compare`` times
         each): a static KV cache; CUDA graphs; SAM's encoder on its own CUDA stream, overlapping CLIP and the
         language model; sequence lengths padded to buckets (``buckets``; None: on with graphs, which need
-        fixed shapes). Graphs and the stream need CUDA."""
+        fixed shapes); the image encoders through ``torch.compile`` (``compile``; compiled once and kept
+        when turned off and on again). Graphs and the stream need CUDA."""
         cuda = self.device.type == "cuda"
         self.static_cache = bool(static_cache)
         self.cuda_graphs = bool(cuda_graphs) and cuda
@@ -218,6 +237,10 @@ class LisaSegmenter:
         sdpa = any(type(m).__name__ == "SdpaAttention" for m in self.model.sam.image_encoder.modules())
         self._stages = GraphedStages(self.model, sam=sdpa) if self.cuda_graphs else None
         self._sam_stream = torch.cuda.Stream(device=self.device) if self.overlap else None
+        self.compile = bool(compile)
+        if self.compile and self._compiled_kept is None:
+            self._compiled_kept = CompiledEncoders(self.model)
+        self._compiled = self._compiled_kept if self.compile else None
 
     @property
     def device(self) -> torch.device:
@@ -256,6 +279,7 @@ class LisaSegmenter:
             "cuda_graphs": self.cuda_graphs,
             "overlap": self.overlap,
             "buckets": self.buckets,
+            "compile": self.compile,
         }
 
     # ------------------------------------------------------------------ frames
@@ -293,7 +317,7 @@ class LisaSegmenter:
             t_pre = timer.lap()
             sam_emb, ready = self._encode_sam(pixels)
             t_sam = timer.lap()
-            tokens = self._stages.clip(clip_px) if self._stages is not None else self.model.encode_clip(clip_px)
+            tokens = self._encoder("clip")(clip_px)
             t_clip = timer.lap()
             timings = {"digest": t_digest, "preprocess": t_pre, "sam_encoder": t_sam, "clip": t_clip}
             feats = FrameFeatures(key, frame, sam_in.resized_hw, sam_emb, tokens, clip_px, timings, self._views,
@@ -301,10 +325,18 @@ class LisaSegmenter:
             self._cache.put(feats)
             return feats, timings, False
 
+    def _encoder(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The ``clip`` or ``sam`` image encoder to run: compiled, else graphed, else eager."""
+        if self._compiled is not None:
+            return self._compiled.clip if name == "clip" else self._compiled.sam
+        if self._stages is not None:
+            return self._stages.clip if name == "clip" else self._stages.sam
+        return self.model.encode_clip if name == "clip" else self.model.encode_sam
+
     def _encode_sam(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """SAM image embeddings of ``pixels`` (V, 3, S, S): on the SAM stream when overlapping (returns the
         event marking them ready), else on the current stream (None)."""
-        encode = self._stages.sam if self._stages is not None else self.model.encode_sam
+        encode = self._encoder("sam")
         if self._sam_stream is None:
             if self.device.type == "cuda" or len(pixels) == 1:
                 return encode(pixels), None

@@ -193,6 +193,64 @@ def test_4bit_on_the_cpu_is_refused_with_a_reason(tiny_checkpoint):
         LisaSegmenter.from_pretrained(tiny_checkpoint, quantization="8bit", device="cpu", quant_backend="bitsandbytes")
 
 
+# ---------------------------------------------------------------------------------------- torch.compile
+
+
+@pytest.mark.slow
+def test_compiled_encoders_give_the_eager_masks_and_are_kept_across_switches(taught):
+    """``compile="on"``: SAM's and CLIP's encoders through torch.compile (inductor, compiled here on the CPU)
+    give the eager path's tokens, [SEG] states and masks; the compiled code really ran (nothing fell back)."""
+    seg = taught
+    frame = random_frame(60, 80, seed=11)  # not in the feature cache: the encoders run
+    try:
+        seg.set_optimizations(static_cache=True, cuda_graphs=False, overlap=False, compile=False)
+        eager = seg.segment(frame, QUERY, mode="chat", max_new_tokens=16, return_logits=True)
+        seg.clear_cache()
+        seg.set_optimizations(static_cache=True, cuda_graphs=False, overlap=False, compile=True)
+        assert seg.info()["compile"] is True
+        compiled = seg.segment(frame, QUERY, mode="chat", max_new_tokens=16, return_logits=True)
+        kept = seg._compiled
+        assert kept is not None and kept.failed == set()  # both encoders ran compiled
+        seg.set_optimizations(static_cache=True, cuda_graphs=False, overlap=False, compile=False)
+        seg.set_optimizations(static_cache=True, cuda_graphs=False, overlap=False, compile=True)
+        assert seg._compiled is kept  # turned off and on again: not compiled a second time
+    finally:
+        seg.set_optimizations(static_cache=True, cuda_graphs=False, overlap=False, compile=False)
+        seg.clear_cache()
+    assert eager.text.count("[SEG]") == 2
+    _assert_same(compiled, eager)
+
+
+def test_an_encoder_that_cannot_compile_runs_eagerly_with_a_warning(tiny_segmenter, caplog):
+    from lisa_agent.acceleration import CompiledEncoders
+
+    def broken_backend(graph_module, example_inputs):  # noqa: ANN001, ANN202 - torch.compile's backend protocol
+        raise RuntimeError("no compiler for this graph")
+
+    model = tiny_segmenter.model
+    encoders = CompiledEncoders(model, backend=broken_backend)
+    clip_px = torch.rand(1, 3, tiny_segmenter.clip_size, tiny_segmenter.clip_size)
+    sam_px = torch.rand(1, 3, tiny_segmenter.sam_size, tiny_segmenter.sam_size)
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="lisa_agent.acceleration"):
+        tokens, emb = encoders.clip(clip_px), encoders.sam(sam_px)
+        torch.testing.assert_close(tokens, model.encode_clip(clip_px))
+        torch.testing.assert_close(emb, model.encode_sam(sam_px))
+        encoders.clip(clip_px)  # a second call goes straight to the eager encoder: warned once
+    assert encoders.failed == {"clip", "sam"}
+    warnings = [r.getMessage() for r in caplog.records if "torch.compile" in r.getMessage()]
+    assert len(warnings) == 2 and all("runs eagerly" in w and "no compiler" in w for w in warnings)
+
+
+def test_compile_is_off_by_default_and_validated(tiny_checkpoint):
+    from lisa_agent.config import EngineConfig
+    from lisa_agent.errors import InvalidArgumentError
+
+    assert EngineConfig().compile == "off"
+    assert LisaSegmenter.from_pretrained(tiny_checkpoint).info()["compile"] is False
+    with pytest.raises(InvalidArgumentError, match="compile must be one of off, on; got 'max'"):
+        EngineConfig(compile="max")
+
+
 # ---------------------------------------------------------------------------------------- the bench
 
 

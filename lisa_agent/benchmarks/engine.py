@@ -42,7 +42,7 @@ def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
     from ..loading import LisaConfig, assemble, build_model, resolve_precision, resolve_quant_backend
     from ..modeling.clip import ClipPatchFeatures
     from ..modeling.sam import SAM_PRESETS
-    from ..segmenter import LisaSegmenter
+    from ..segmenter import LisaSegmenter, optimization_switches
     from ..tiny import add_lisa_tokens, train_tokenizer
     from ..tokenization import LisaTokenizer
 
@@ -68,10 +68,8 @@ def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
     return LisaSegmenter(model, tokenizer, name=f"random-{shape}", quantization=config.quantization,
                          cache_frames=config.cache_frames, config=config, max_masks=config.max_masks,
                          max_mask_megapixels=config.max_mask_megapixels, quant_backend=backend,
-                         static_cache=config.static_cache == "auto",
-                         cuda_graphs=config.cuda_graphs == "auto" and device.type == "cuda",
-                         overlap=config.overlap == "auto" and device.type == "cuda",
-                         mask_tta="off" if config.mask_tta == "checkpoint" else config.mask_tta)
+                         mask_tta="off" if config.mask_tta == "checkpoint" else config.mask_tta,
+                         **optimization_switches(config, device))
 
 
 def _random_init(model: torch.nn.Module) -> None:
@@ -157,21 +155,23 @@ def settings(seg: LisaSegmenter) -> dict[str, Any]:
     sdpa = any(type(m).__name__ == "SdpaAttention" for m in seg.model.sam.image_encoder.modules())
     return {"dtype": str(seg.dtype).replace("torch.", ""), "quantization": seg.quantization,
             "quant_backend": seg.quant_backend, "static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs,
-            "overlap": seg.overlap, "buckets": seg.buckets, "sam_attention": "sdpa" if sdpa else "original", "mask_tta": seg.mask_tta}
+            "overlap": seg.overlap, "buckets": seg.buckets, "compile": seg.compile,
+            "sam_attention": "sdpa" if sdpa else "original", "mask_tta": seg.mask_tta}
 
 
 def compare(seg: LisaSegmenter, *, rounds: int = 3, **bench: Any) -> dict[str, Any]:
     """``run_bench`` with the optimizations as configured, then with the levers that apply here turned off
-    one at a time, cumulatively (CUDA graphs, then the SAM stream overlap, then the static cache: eager),
-    in one process on the same weights: each lever's effect is a ratio of medians.
+    one at a time, cumulatively (torch.compile when on, CUDA graphs, then the SAM stream overlap, then the
+    static cache: eager), in one process on the same weights: each lever's effect is a ratio of medians.
 
     The settings take turns: ``rounds`` rounds each time every setting with a share of the runs, so a
     machine that slows down for a while (other jobs, clocks) slows all of them alike; each setting's
     medians are over all its runs. Returns ``{"runs": [{"levers_off": [...], "report": ...}, ...],
     "ratios": {step: {mode: after/before}}}``.
     """
-    start = {"static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs, "overlap": seg.overlap}
-    steps = [lever for lever in ("cuda_graphs", "overlap", "static_cache") if start[lever]]
+    start = {"static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs, "overlap": seg.overlap,
+             "compile": seg.compile}
+    steps = [lever for lever in ("compile", "cuda_graphs", "overlap", "static_cache") if start[lever]]
     settings_: list[tuple[list[str], dict[str, bool]]] = [([], dict(start))]
     for lever in steps:
         settings_.append(([*settings_[-1][0], lever], {**settings_[-1][1], lever: False}))
