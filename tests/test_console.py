@@ -618,6 +618,16 @@ def test_browser_asks_sees_the_knife_and_chooses_it(live, browser, tmp_path):
                                      .get_attribute("class") and "knife" in d.find_element(By.ID, "target").text)
     browser.save_screenshot(str(tmp_path / "console.png"))
     assert (tmp_path / "console.png").stat().st_size > 10_000
+    try:  # a phone held upright: the layout stacks, nothing runs off the side, the controls stay usable
+        browser.set_window_size(390, 844)
+        WebDriverWait(browser, 10).until(lambda d: d.execute_script("return window.innerWidth") <= 400)
+        assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth + 1")
+        live_view, box = browser.find_element(By.ID, "overlay"), browser.find_element(By.ID, "instruction")
+        assert box.is_displayed() and box.size["width"] >= 250
+        assert box.location["y"] >= live_view.location["y"] + live_view.size["height"] - 1  # stacked below
+        browser.save_screenshot(str(tmp_path / "console-phone.png"))
+    finally:
+        browser.set_window_size(1280, 760)
     assert not _severe_console_errors(browser)
 
 
