@@ -118,6 +118,14 @@ def _option(default: Any, option: Option) -> Any:
     return field(default=default, metadata={"option": option})
 
 
+def mask_budget(max_masks: int, max_mask_megapixels: float, views: int, height: int, width: int) -> int:
+    """Masks one answer may have on a ``height`` x ``width`` frame: at most ``max_masks``, and at most
+    ``max_mask_megapixels`` of masks x mirrored ``views`` x frame pixels (each mask is a full-frame float
+    image per view). 0 when even one mask would cost more."""
+    per_mask = max(1, int(views)) * int(height) * int(width) / 1e6
+    return max(0, min(int(max_masks), int(float(max_mask_megapixels) // per_mask)))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Options of one :class:`~lisa_agent.segmenter.LisaSegmenter`, validated at construction.

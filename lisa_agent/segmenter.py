@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from .acceleration import CompiledEncoders, GraphedStages, StaticDecoder, bucket
-from .config import MASK_TTA_VIEWS, MODES, EngineConfig
+from .config import MASK_TTA_VIEWS, MODES, EngineConfig, mask_budget
 from .errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
 from .frames import Frame, as_frame, check_query
@@ -523,9 +523,7 @@ class LisaSegmenter:
     def _mask_budget(self, feats: FrameFeatures) -> int:
         """Masks one answer may have on this frame: ``max_masks``, and the ``max_mask_megapixels`` they cost
         (each is a full-frame float mask per mirrored view)."""
-        h, w = feats.original_hw
-        per_mask = len(self._views) * h * w / 1e6
-        return max(0, min(self.max_masks, int(self.max_mask_megapixels // per_mask)))
+        return mask_budget(self.max_masks, self.max_mask_megapixels, len(self._views), *feats.original_hw)
 
     def _declines(self, scores: torch.Tensor) -> bool:
         """True when the presence gate is on and every one of an answer's (>= 1) [SEG] scores is below it."""

@@ -20,7 +20,7 @@ from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
 from lisa_agent.cli import main
 from lisa_agent.errors import InvalidQueryError, LimitExceededError
 from lisa_agent.serving.client import LisaClient
-from lisa_agent.serving.protocol import Code, build_header, encode_depth, encode_image
+from lisa_agent.serving.protocol import Code, ProtocolError, Request, build_header, encode_depth, encode_image
 from lisa_agent.serving.server import LisaServer
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -77,6 +77,22 @@ def test_1_the_mask_work_per_request_is_bounded_by_frame_pixels_times_views(tiny
     assert len(seg.segment(frame, "two", answer="[SEG] [SEG]")) == 2
     with pytest.raises(LimitExceededError, match="at most 2 masks per answer on a 480x640 frame with 2 view"):
         seg.segment(frame, "three", answer="[SEG] [SEG] [SEG]")
+
+
+def test_1_one_mask_budget_for_the_engine_and_both_servers():
+    from lisa_agent.config import mask_budget
+
+    assert mask_budget(16, 256.0, 4, 480, 640) == 16  # 1.23 Mpx a mask: 208 fit, max_masks caps
+    assert mask_budget(16, 1.5, 2, 480, 640) == 2  # 0.61 Mpx a mask
+    assert mask_budget(16, 1.0, 1, 1080, 1920) == 0  # not even one
+    req = Request(id=7, op="segment", image_spec={"format": "raw", "shape": [480, 640, 3]},
+                  options={"answer": "[SEG] [SEG] [SEG]"})
+    info = {"max_masks": 16, "max_mask_megapixels": 1.5, "mask_views": 2}
+    with pytest.raises(ProtocolError, match="has 3 \\[SEG\\]; the model makes at most 2 masks") as exc:
+        req.check_mask_budget(info)
+    assert (exc.value.code, exc.value.request_id) == ("too_large", 7)
+    Request(id=8, op="segment", image_spec={"format": "jpeg"}, options={"answer": "[SEG] [SEG] [SEG]"}
+            ).check_mask_budget(info)  # size unknown before decoding: max_masks only; the engine checks again
 
 
 def test_1_generation_stops_emitting_seg_at_the_limit(tiny_checkpoint):

@@ -23,13 +23,14 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import xxhash
 
-from ..config import MODES
+from ..config import MODES, mask_budget
 from ..errors import (
     CheckpointError,
     InvalidArgumentError,
@@ -200,6 +201,26 @@ class Request:
 
     def image(self, limits: Limits) -> np.ndarray:
         return decode_image(self.image_spec, self.image_data, limits)
+
+    def check_mask_budget(self, info: Mapping[str, Any]) -> None:
+        """Refuse (``too_large``) a forced answer (``options.answer``) with more ``[SEG]`` than the engine
+        described by ``info`` (its ``info()``: ``max_masks``, ``max_mask_megapixels``, ``mask_views``) makes
+        on this frame, so a server can refuse it before queueing (the engine checks again, and bounds
+        generated answers itself). A frame whose size is not in its spec (JPEG, PNG) is held to
+        ``max_masks`` here."""
+        answer = self.options.get("answer")
+        max_masks = info.get("max_masks")
+        if answer is None or not isinstance(max_masks, int):
+            return
+        budget = max_masks
+        shape, mpx = self.image_spec.get("shape"), info.get("max_mask_megapixels")
+        if shape and isinstance(mpx, (int, float)):
+            budget = mask_budget(max_masks, mpx, int(info.get("mask_views", 1)), shape[0], shape[1])
+        n_seg = answer.count("[SEG]")
+        if n_seg > budget:
+            raise ProtocolError(Code.TOO_LARGE, f"options.answer has {n_seg} [SEG]; the model makes at most {budget} "
+                                                f"masks per answer on this frame (max_masks {max_masks}, "
+                                                f"max_mask_megapixels {mpx}); not run", self.id)
 
     def depth(self, shape: tuple[int, int]) -> np.ndarray | None:
         """The depth frame as HxW float32 metres (NaN where unknown), or None without depth."""

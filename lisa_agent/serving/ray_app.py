@@ -286,26 +286,8 @@ class LisaDeployment:
 
     # --------------------------------------------------------------------------------- segment
 
-    def _check_work(self, req: Request) -> None:
-        """Refuse (``too_large``) a forced answer with more ``[SEG]`` than the engine makes on this frame,
-        before it is queued (the engine checks again)."""
-        answer = req.options.get("answer")
-        max_masks = self._info.get("max_masks")
-        if answer is None or not isinstance(max_masks, int):
-            return
-        budget = max_masks
-        shape, mpx = req.image_spec.get("shape"), self._info.get("max_mask_megapixels")
-        if shape and isinstance(mpx, (int, float)):
-            per_mask = int(self._info.get("mask_views", 1)) * shape[0] * shape[1] / 1e6
-            budget = min(budget, int(mpx // per_mask))
-        n_seg = answer.count("[SEG]")
-        if n_seg > budget:
-            raise ProtocolError(Code.TOO_LARGE, f"options.answer has {n_seg} [SEG]; the model makes at most {budget} "
-                                                f"masks per answer on this frame (max_masks {max_masks}, "
-                                                f"max_mask_megapixels {mpx}); not run", req.id)
-
     async def _segment(self, req: Request, received: float, peer: str) -> Response:
-        self._check_work(req)
+        req.check_mask_budget(self._info)
         if req.options.get("stream") is None:
             req.options["stream"] = peer
         stream = req.stream or peer
