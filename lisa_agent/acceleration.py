@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
+from .generation import greedy_loop
+
 log = logging.getLogger(__name__)
 
 #: Sequence lengths are padded up to a multiple of this.
@@ -222,27 +224,13 @@ class StaticDecoder:
             self._set_length(cache, n)
         token_buf = torch.zeros(1, 1, dtype=torch.long, device=device)
         position_buf = torch.zeros(1, 1, dtype=torch.long, device=device)
-        generated: list[int] = []
-        seg_states: list[torch.Tensor] = []
-        for i in range(max_new_tokens):
-            scores = llm.lm_head(last)
-            if banned is not None:
-                scores[..., banned] = float("-inf")
-            if len(seg_states) >= max_segs:
-                scores[..., seg] = float("-inf")
-            token = int(scores.argmax(dim=-1).item())
-            if token == eos:
-                break
-            if token == seg:
-                seg_states.append(last[0])
-            generated.append(token)
-            if len(generated) == max_new_tokens:
-                break
+
+        def step(token: int, i: int) -> torch.Tensor:  # fixed input buffers: what a captured graph reads
             token_buf.fill_(token)
             position_buf.fill_(n + i)
-            last = self._step(length, cache, token_buf, position_buf)
-        states = torch.stack(seg_states) if seg_states else last.new_zeros(0, last.shape[-1])
-        return generated, states
+            return self._step(length, cache, token_buf, position_buf)
+
+        return greedy_loop(llm, last, step, max_new_tokens, eos=eos, seg=seg, max_segs=max_segs, banned=banned)
 
 
 class _Recapture(Exception):

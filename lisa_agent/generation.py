@@ -9,6 +9,9 @@ without more masks (the engine's per-answer mask budget).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 
 from .modeling.lisa import LisaModel
@@ -19,21 +22,16 @@ def _bar(scores: torch.Tensor, token: int | None) -> None:
         scores[..., token] = float("-inf")
 
 
-def greedy_cached(model: LisaModel, ids: torch.Tensor, image_tokens: torch.Tensor, max_new_tokens: int, *,
-                  eos: int | None, seg: int, max_segs: int, banned: int | None = None) -> tuple[list[int], torch.Tensor]:
-    """Greedy generation with a KV cache after ``ids`` (1, T) with the image's ``image_tokens`` merged in.
-
-    Returns (generated ids without EOS, (n_seg, H) hidden states of the ``[SEG]`` steps). ``banned``
-    is barred at every step (the decline answer bars ``[SEG]``)."""
-    llm = model.llm
-    embeds, _ = model.embed_with_image(ids, image_tokens)
-    out = llm.model(inputs_embeds=embeds, use_cache=True)
-    cache = out.cache
-    last = out.last_hidden_state[:, -1]
+def greedy_loop(llm: Any, last: torch.Tensor, step: Callable[[int, int], torch.Tensor], max_new_tokens: int, *,
+                eos: int | None, seg: int, max_segs: int, banned: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """The greedy loop of every cached decoder (the dynamic cache here, the static one in
+    :mod:`lisa_agent.acceleration`): from ``last`` (1, H), the final hidden state after the prompt, pick
+    each token (``banned`` barred; ``[SEG]`` barred once ``max_segs`` were emitted), stop at ``eos`` or
+    ``max_new_tokens``, and feed each token with ``step(token, i)`` (the i-th generated token; returns the
+    next (1, H) state). Returns (generated ids without EOS, (n_seg, H) hidden states of the ``[SEG]`` steps)."""
     generated: list[int] = []
     seg_states: list[torch.Tensor] = []
-    embed = llm.get_input_embeddings()
-    for _ in range(max_new_tokens):
+    for i in range(max_new_tokens):
         scores = llm.lm_head(last)
         _bar(scores, banned)
         if len(seg_states) >= max_segs:
@@ -46,12 +44,31 @@ def greedy_cached(model: LisaModel, ids: torch.Tensor, image_tokens: torch.Tenso
         generated.append(token)
         if len(generated) == max_new_tokens:
             break
-        step = embed(torch.tensor([[token]], device=ids.device))
-        out = llm.model(inputs_embeds=step, cache=cache, use_cache=True)
-        cache = out.cache
-        last = out.last_hidden_state[:, -1]
+        last = step(token, i)
     states = torch.stack(seg_states) if seg_states else last.new_zeros(0, last.shape[-1])
     return generated, states
+
+
+def greedy_cached(model: LisaModel, ids: torch.Tensor, image_tokens: torch.Tensor, max_new_tokens: int, *,
+                  eos: int | None, seg: int, max_segs: int, banned: int | None = None) -> tuple[list[int], torch.Tensor]:
+    """Greedy generation with a KV cache after ``ids`` (1, T) with the image's ``image_tokens`` merged in.
+
+    Returns (generated ids without EOS, (n_seg, H) hidden states of the ``[SEG]`` steps). ``banned``
+    is barred at every step (the decline answer bars ``[SEG]``)."""
+    llm = model.llm
+    embeds, _ = model.embed_with_image(ids, image_tokens)
+    out = llm.model(inputs_embeds=embeds, use_cache=True)
+    cache = out.cache
+    embed = llm.get_input_embeddings()
+
+    def step(token: int, _: int) -> torch.Tensor:
+        nonlocal cache
+        out = llm.model(inputs_embeds=embed(torch.tensor([[token]], device=ids.device)), cache=cache, use_cache=True)
+        cache = out.cache
+        return out.last_hidden_state[:, -1]
+
+    return greedy_loop(llm, out.last_hidden_state[:, -1], step, max_new_tokens, eos=eos, seg=seg,
+                       max_segs=max_segs, banned=banned)
 
 
 def greedy_reference(model: LisaModel, ids: torch.Tensor, clip_pixels: torch.Tensor, max_new_tokens: int, *,
