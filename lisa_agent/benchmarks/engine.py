@@ -18,6 +18,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import InvalidArgumentError
+from .process import peak_rss_mb, rss_mb
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..segmenter import LisaSegmenter
@@ -237,34 +238,12 @@ class _MemoryProbe:
                     f.write("5")
             except OSError:
                 pass
-        self.start = _rss_mb()
+        self.start = rss_mb()
 
     def peak_mb(self) -> float:
         if self.cuda:
             return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-        return round(max(0.0, _peak_rss_mb() - self.start), 1)
-
-
-def _rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status").read().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    return _peak_rss_mb()
-
-
-def _peak_rss_mb() -> float:
-    try:
-        for line in open("/proc/self/status").read().splitlines():
-            if line.startswith("VmHWM:"):  # the high-water mark of the resident set
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        return round(max(0.0, peak_rss_mb() - self.start), 1)
 
 
 def _device_name(device: torch.device) -> str:

@@ -20,6 +20,7 @@ import numpy as np
 
 from ..frames import Frame, as_frame, check_query
 from ..result import SegmentationResult
+from .process import rss_mb
 
 
 class EchoBackend:
@@ -122,19 +123,6 @@ def measure_overhead(backend: Any, *, n: int = 30, height: int = 480, width: int
     return out
 
 
-def _rss_mb() -> float:
-    """This process's resident memory in MiB (Linux /proc; peak RSS elsewhere)."""
-    try:
-        for line in open("/proc/self/status").read().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-
-
 def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: int = 480, width: int = 640,
                  encoding: str = "raw", query: str = "the red object", endpoint: str | None = None) -> dict[str, Any]:
     """Requests/s with ``clients`` threads each sending ``requests`` segment requests (one frame each
@@ -165,7 +153,7 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors.append(exc)
 
-    rss_before = _rss_mb()
+    rss_before = rss_mb()
     with contextlib.ExitStack() as stack:
         server = None
         if endpoint is None:
@@ -188,7 +176,7 @@ def measure_load(backend: Any, *, clients: int = 8, requests: int = 25, height: 
     return {"clients": clients, "requests": clients * requests, "answered": total, "errors": [repr(e) for e in errors],
             "server_replies": replies, "seconds": round(elapsed, 3), "requests_per_s": round(total / elapsed, 2),
             "latency_ms_p50": pct(0.5), "latency_ms_p95": pct(0.95),
-            "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(_rss_mb(), 1)}
+            "rss_mb_before": round(rss_before, 1), "rss_mb_after": round(rss_mb(), 1)}
 
 
 def measure_ray(backend: Any, config: Any = None, *, replicas: tuple[int, ...] = (1, 2), n: int = 30,
