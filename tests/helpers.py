@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import threading
+from collections.abc import Iterator
+from typing import Any
+
 import numpy as np
 import torch
 
@@ -68,3 +74,34 @@ def assert_result_schema(payload: dict) -> dict:
     decoded = json.loads(text)
     jsonschema.Draft202012Validator(schema).validate(decoded)
     return decoded
+
+
+@contextlib.contextmanager
+def serve_png(body: bytes, redirects: dict[str, str] | None = None) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` answering every GET with ``body`` as image/png, except the paths in
+    ``redirects`` (path -> Location, answered 302); stops when the block ends."""
+    targets = dict(redirects or {})
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            if self.path in targets:
+                self.send_response(302)
+                self.send_header("Location", targets[self.path])
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()

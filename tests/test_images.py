@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import base64
-import http.server
 import io
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from helpers import serve_png
 from PIL import Image
 
 from lisa_agent.commands.common import read_image
@@ -152,32 +151,9 @@ def test_files_only_inside_the_allowed_folders_symlinks_resolved(tmp_path):
 def web(tmp_path: Path) -> Iterator[str]:
     """http://127.0.0.1:PORT serving /frame.png, and redirects /to-file and /to-other."""
     body = _png(Image.new("RGB", (16, 16), (5, 6, 7)))
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            targets = {"/to-file": "file:///etc/passwd", "/to-other": "http://example.invalid/frame.png",
-                       "/to-self": "/frame.png"}
-            if self.path in targets:
-                self.send_response(302)
-                self.send_header("Location", targets[self.path])
-                self.end_headers()
-                return
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_png(body, {"/to-file": "file:///etc/passwd", "/to-other": "http://example.invalid/frame.png",
+                          "/to-self": "/frame.png"}) as url:
+        yield url
 
 
 def test_urls_only_on_allowed_hosts_and_redirects_stay_within_them(web):

@@ -9,15 +9,13 @@ same pixels, and that every failure becomes an actionable message instead of an 
 from __future__ import annotations
 
 import base64
-import http.server
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
-from helpers import assert_result_schema
+from helpers import assert_result_schema, serve_png
 from langchain_core.messages import ToolMessage
 
 from lisa_agent.encoders import image_to_png, rle_to_mask
@@ -390,27 +388,8 @@ def _closed_port() -> int:
 @pytest.fixture
 def http_image(frame: np.ndarray) -> Iterator[str]:
     """An http:// URL on 127.0.0.1 serving the frame as PNG (stops after the test)."""
-    body = image_to_png(frame)
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802
-            self.send_response(200)
-            self.send_header("Content-Type", "image/png")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: Any) -> None:
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}/frame.png"
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serve_png(image_to_png(frame)) as url:
+        yield f"{url}/frame.png"
 
 
 @pytest.fixture
