@@ -15,4 +15,9 @@ for quant in none 4bit; do
   timeout 240 "$VENV/bin/lisa-agent" bench --shape 7b --device cuda --quantization "$quant" --runs 20 \
       --reference-runs 3 --new-tokens 8 --compare --json > "$OUT/bench_7b_$quant.json" 2> "$OUT/bench_7b_$quant.err"
 done
+# Optional, when time is left (compiling SAM ViT-H takes minutes): COMPILE=1 adds torch.compile's effect.
+if [ "${COMPILE:-0}" = 1 ]; then
+  timeout 600 "$VENV/bin/lisa-agent" bench --shape 7b --device cuda --compile on --runs 20 --mode fast \
+      --compare --json > "$OUT/bench_7b_compile.json" 2> "$OUT/bench_7b_compile.err"
+fi
 tail -n 5 "$OUT"/*.txt
