@@ -52,6 +52,8 @@ QUANT_BACKENDS = ("auto", "bitsandbytes", "torchao")
 SWITCH = ("auto", "off")
 #: torch.compile of the image encoders: opt-in.
 COMPILE = ("off", "on")
+#: Where frames are resized and normalised: PIL on the CPU (``exact``) or torch on the engine's device.
+PREPROCESS = ("auto", "exact", "device")
 #: Conversation templates (``None``: the checkpoint's own).
 TEMPLATE_CHOICES = tuple(TEMPLATES)
 #: The default model: the bundled checkpoint, so every door works offline on a fresh machine.
@@ -160,6 +162,9 @@ class EngineConfig:
         compile: ``off`` (the default) or ``on``: SAM's and CLIP's image encoders through ``torch.compile``
             (inductor; each new frame size compiles at its first frame, minutes for SAM ViT-H; needs a C++
             compiler on the CPU). Replaces those encoders' CUDA graphs.
+        preprocess: ``auto`` (``device`` with CUDA, ``exact`` on the CPU), ``exact`` (PIL on the CPU, as the
+            published code: bit-exact inputs) or ``device`` (the frame uploaded once as uint8, resized and
+            normalised by torch on the engine's device; within one grey level of PIL).
     """
 
     model: str = _option(DEFAULT_MODEL, Option(
@@ -214,6 +219,10 @@ class EngineConfig:
     compile: str = _option("off", Option(
         "on: SAM's and CLIP's image encoders through torch.compile (each frame size compiles at its first "
         "frame: minutes for SAM ViT-H); off: not compiled", parse=str.strip, choices=COMPILE))
+    preprocess: str = _option("auto", Option(
+        "where frames are resized and normalised: auto (device with CUDA, exact on the CPU), exact (PIL on the "
+        "CPU, as the published code) or device (uploaded once as uint8, resized by torch there; within one "
+        "grey level of PIL)", parse=str.strip, choices=PREPROCESS))
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -262,7 +271,8 @@ class EngineConfig:
             threshold = float(threshold)
         put("presence_threshold", threshold)
         for name, choices in (("quant_backend", QUANT_BACKENDS), ("static_cache", SWITCH), ("cuda_graphs", SWITCH),
-                              ("overlap", SWITCH), ("compile", COMPILE)):
+                              ("overlap", SWITCH), ("compile", COMPILE),
+                              ("preprocess", PREPROCESS)):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.sam_attention not in SAM_ATTENTION:

@@ -58,7 +58,13 @@ from .frames import Frame, as_frame, check_query
 from .generation import greedy_cached, greedy_reference
 from .loading import load_lisa, resolve_checkpoint, resolve_precision, resolve_quant_backend
 from .modeling.lisa import LisaModel
-from .preprocess import clip_preprocess, sam_preprocess
+from .preprocess import (
+    SamInput,
+    clip_preprocess,
+    clip_preprocess_tensor,
+    sam_preprocess,
+    sam_preprocess_tensor,
+)
 from .prompts import DEFAULT_ANSWER, SEG_TOKEN, build_prompt, get_template
 from .result import SegmentationResult
 from .tokenization import LisaTokenizer
@@ -112,6 +118,7 @@ class OptimizationSwitches(TypedDict):
     cuda_graphs: bool
     overlap: bool
     compile: bool
+    device_preprocess: bool
 
 
 def optimization_switches(config: EngineConfig, device: torch.device) -> OptimizationSwitches:
@@ -119,7 +126,8 @@ def optimization_switches(config: EngineConfig, device: torch.device) -> Optimiz
     the SAM stream only on CUDA)."""
     cuda = device.type == "cuda"
     return {"static_cache": config.static_cache == "auto", "cuda_graphs": config.cuda_graphs == "auto" and cuda,
-            "overlap": config.overlap == "auto" and cuda, "compile": config.compile == "on"}
+            "overlap": config.overlap == "auto" and cuda, "compile": config.compile == "on",
+            "device_preprocess": config.preprocess == "device" or (config.preprocess == "auto" and cuda)}
 
 
 class LisaSegmenter:
@@ -139,7 +147,7 @@ class LisaSegmenter:
                  cache_frames: int = 4, presence_gate: dict[str, Any] | None = None, mask_tta: str = "off",
                  config: EngineConfig | None = None, max_masks: int = 16, max_mask_megapixels: float = 256.0,
                  static_cache: bool = False, cuda_graphs: bool = False, overlap: bool = False,
-                 compile: bool = False, quant_backend: str | None = None):
+                 compile: bool = False, device_preprocess: bool = False, quant_backend: str | None = None):
         if mask_tta not in MASK_TTA_VIEWS:
             raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA_VIEWS)}; got {mask_tta!r}")
         self.model = model
@@ -174,7 +182,8 @@ class LisaSegmenter:
         self._sam_stream: torch.cuda.Stream | None = None
         self._compiled: CompiledEncoders | None = None
         self._compiled_kept: CompiledEncoders | None = None
-        self.set_optimizations(static_cache=static_cache, cuda_graphs=cuda_graphs, overlap=overlap, compile=compile)
+        self.set_optimizations(static_cache=static_cache, cuda_graphs=cuda_graphs, overlap=overlap, compile=compile,
+                               device_preprocess=device_preprocess)
         self._lock = threading.RLock()
         #: the options this engine was built from (None when built directly from a model)
         self.config = config
@@ -221,12 +230,14 @@ class LisaSegmenter:
                    **optimization_switches(config, tdevice))
 
     def set_optimizations(self, *, static_cache: bool, cuda_graphs: bool, overlap: bool,
-                          buckets: bool | None = None, compile: bool = False) -> None:
+                          buckets: bool | None = None, compile: bool = False,
+                          device_preprocess: bool = False) -> None:
         """Turn the hot-path optimizations on or off (:mod:`lisa_agent.acceleration`; ``bench --compare`` times
         each): a static KV cache; CUDA graphs; SAM's encoder on its own CUDA stream, overlapping CLIP and the
         language model; sequence lengths padded to buckets (``buckets``; None: on with graphs, which need
         fixed shapes); the image encoders through ``torch.compile`` (``compile``; compiled once and kept
-        when turned off and on again). Graphs and the stream need CUDA."""
+        when turned off and on again); frames resized and normalised on the device (``device_preprocess``:
+        uploaded once as uint8). Graphs and the stream need CUDA."""
         cuda = self.device.type == "cuda"
         self.static_cache = bool(static_cache)
         self.cuda_graphs = bool(cuda_graphs) and cuda
@@ -241,6 +252,7 @@ class LisaSegmenter:
         if self.compile and self._compiled_kept is None:
             self._compiled_kept = CompiledEncoders(self.model)
         self._compiled = self._compiled_kept if self.compile else None
+        self.device_preprocess = bool(device_preprocess)
 
     @property
     def device(self) -> torch.device:
@@ -280,6 +292,7 @@ class LisaSegmenter:
             "overlap": self.overlap,
             "buckets": self.buckets,
             "compile": self.compile,
+            "device_preprocess": self.device_preprocess,
         }
 
     # ------------------------------------------------------------------ frames
@@ -311,9 +324,9 @@ class LisaSegmenter:
             if cached is not None:
                 return cached.for_frame(frame), {**zero, "digest": t_digest}, True
             timer = _Timer(self.device)
-            sam_in = sam_preprocess(frame.rgb, self.sam_size)
-            clip_px = _upload(clip_preprocess(frame.rgb, self.clip_size), self.device)
-            pixels = mirrored_views(_upload(sam_in.pixels, self.device), sam_in.resized_hw, self._views)
+            sam_in, clip_px = self._preprocess(frame.rgb)
+            assert clip_px is not None  # asked for (clip=True)
+            pixels = mirrored_views(sam_in.pixels, sam_in.resized_hw, self._views)
             t_pre = timer.lap()
             sam_emb, ready = self._encode_sam(pixels)
             t_sam = timer.lap()
@@ -324,6 +337,18 @@ class LisaSegmenter:
                                   sam_ready=ready)
             self._cache.put(feats)
             return feats, timings, False
+
+    def _preprocess(self, rgb: np.ndarray, clip: bool = True) -> tuple[SamInput, torch.Tensor | None]:
+        """SAM's input (pixels on the device) and CLIP's (on the device; None unless ``clip``) for an HxWx3
+        uint8 RGB frame: with PIL on the CPU, or by torch on the device from one uint8 upload."""
+        if self.device_preprocess:
+            host = rgb if rgb.flags.c_contiguous and rgb.flags.writeable else np.array(rgb)  # torch wants writable
+            frame = _upload(torch.from_numpy(host), self.device).permute(2, 0, 1)[None]
+            return (sam_preprocess_tensor(frame, self.sam_size),
+                    clip_preprocess_tensor(frame, self.clip_size) if clip else None)
+        sam_in = sam_preprocess(rgb, self.sam_size)
+        sam_in = SamInput(_upload(sam_in.pixels, self.device), sam_in.resized_hw, sam_in.original_hw)
+        return sam_in, _upload(clip_preprocess(rgb, self.clip_size), self.device) if clip else None
 
     def _encoder(self, name: str) -> Callable[[torch.Tensor], torch.Tensor]:
         """The ``clip`` or ``sam`` image encoder to run: compiled, else graphed, else eager."""
@@ -370,8 +395,8 @@ class LisaSegmenter:
         if prompts_t.ndim != 2 or len(prompts_t) == 0:
             return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
         with self._lock:
-            sam_in = sam_preprocess(frame.rgb, self.sam_size)
-            embedding = self.model.encode_sam(sam_in.pixels.to(self.device))
+            sam_in, _ = self._preprocess(frame.rgb, clip=False)
+            embedding = self.model.encode_sam(sam_in.pixels)
             low_res, iou = self.model.decode_prompts(prompts_t, embedding)
             logits = self.model.postprocess_masks(low_res, sam_in.resized_hw, (h, w))
             scores = iou[:, 0].float()

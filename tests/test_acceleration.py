@@ -186,6 +186,29 @@ def test_torchao_int8_masks_match_full_precision_on_the_cpu(tabletop):
     assert len(ious) >= 8 and min(ious) >= 0.9 and float(np.mean(ious)) >= 0.97
 
 
+@pytest.mark.slow
+def test_device_preprocessing_finds_the_same_objects_as_pil(tabletop):
+    """``preprocess="device"`` (torch resizing on the engine's device, here the CPU) against the published
+    PIL preprocessing on validation scenes: the same answers, the same masks up to boundary pixels."""
+    from lisa_agent.data.queries import queries_for_scene
+    from lisa_agent.data.tabletop import render_scene, split_seed
+
+    on_device = LisaSegmenter.from_pretrained("tabletop-tiny", preprocess="device")
+    assert on_device.info()["device_preprocess"] is True and tabletop.info()["device_preprocess"] is False
+    ious, same_text, compared = [], 0, 0
+    for k in range(3):
+        scene = render_scene(split_seed("val", 50 + k), size=(240, 320))
+        for q in queries_for_scene(scene)[:4]:
+            exact = tabletop.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
+            ours = on_device.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
+            compared += 1
+            same_text += exact.text == ours.text
+            if len(exact.masks) and len(ours.masks) == len(exact.masks):
+                ious.extend(iou(a, b) for a, b in zip(exact.masks, ours.masks, strict=True))
+    assert compared == 12 and same_text >= 11
+    assert len(ious) >= 8 and min(ious) >= 0.9 and float(np.mean(ious)) >= 0.97
+
+
 def test_4bit_on_the_cpu_is_refused_with_a_reason(tiny_checkpoint):
     with pytest.raises(QuantizationError, match="4bit weights with torchao need a CUDA device"):
         LisaSegmenter.from_pretrained(tiny_checkpoint, quantization="4bit", device="cpu")

@@ -66,3 +66,60 @@ def test_masks_have_the_frame_size(tiny_segmenter, hw):
     np.testing.assert_array_equal(res.masks, res.logits > 0)
     assert res.seg_embeddings.shape == (1, tiny_segmenter.model.sam_spec.prompt_embed_dim)
     assert res.image_size == hw
+
+
+# ------------------------------------------------------------------------ on the device (preprocess="device")
+
+
+def _scene(hw: tuple[int, int]) -> np.ndarray:
+    from PIL import Image
+
+    from lisa_agent.data.tabletop import render_scene
+
+    image = render_scene(2, size=(480, 640)).image
+    return image if hw == (480, 640) else np.asarray(Image.fromarray(image).resize((hw[1], hw[0])))
+
+
+@pytest.mark.parametrize("hw", [(480, 640), (1080, 1920), (640, 480), (123, 457)])
+def test_device_preprocessing_is_within_one_grey_level_of_pil(hw):
+    from lisa_agent.preprocess import clip_preprocess_tensor, sam_preprocess_tensor
+
+    frame = _scene(hw) if hw[0] >= 480 else random_frame(*hw, seed=5)
+    on_device = torch.from_numpy(frame.copy()).permute(2, 0, 1)[None]
+    for size in (1024, 512):
+        ours, theirs = sam_preprocess_tensor(on_device, size), sam_preprocess(frame, size)
+        assert (ours.resized_hw, ours.original_hw) == (theirs.resized_hw, theirs.original_hw)
+        assert ours.pixels.shape == theirs.pixels.shape == (1, 3, size, size)
+        nh, nw = ours.resized_hw
+        assert torch.all(ours.pixels[..., nh:, :] == 0) and torch.all(ours.pixels[..., :, nw:] == 0)
+        levels = (ours.pixels - theirs.pixels).abs() * 57.12  # grey levels (the smallest SAM std is 57.12)
+        assert float(levels.max()) <= 1.0 + 1e-3
+    std = torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    levels = (clip_preprocess_tensor(on_device, 224) - clip_preprocess(frame, 224)).abs() * std * 255
+    off = float((levels > 1.0 + 1e-3).float().mean())
+    if hw[0] >= 480:  # rendered scenes: like camera frames, smooth
+        assert off <= 1e-3 and float(levels.max()) <= 5
+    else:  # noise enlarged: bicubic overshoots, which PIL clips after each of its two passes and torch once
+        assert off <= 0.02
+
+
+def test_preprocess_option_auto_is_exact_on_the_cpu_and_device_is_reported(tiny_checkpoint):
+    from lisa_agent import LisaSegmenter
+    from lisa_agent.config import EngineConfig
+    from lisa_agent.errors import InvalidArgumentError
+
+    assert EngineConfig().preprocess == "auto"
+    assert LisaSegmenter.from_pretrained(tiny_checkpoint).info()["device_preprocess"] is False
+    exact = LisaSegmenter.from_pretrained(tiny_checkpoint, preprocess="exact")
+    on_device = LisaSegmenter.from_pretrained(tiny_checkpoint, preprocess="device")
+    assert on_device.info()["device_preprocess"] is True
+    frame = random_frame(96, 128, seed=4)
+    first = exact.segment(frame, "the mug", answer="Sure, [SEG] and [SEG].")
+    second = on_device.segment(frame, "the mug", answer="Sure, [SEG] and [SEG].")
+    np.testing.assert_allclose(second.seg_embeddings, first.seg_embeddings, atol=1e-3)  # CLIP's tokens agree
+    assert float(np.mean(second.masks == first.masks)) >= 0.99
+    # the sam tracker's path (SAM only) too
+    masks, _ = on_device.masks_from_prompts(frame, first.seg_embeddings)
+    assert masks.shape == (2, 96, 128) and float(np.mean(masks == first.masks)) >= 0.99
+    with pytest.raises(InvalidArgumentError, match="preprocess must be one of auto, exact, device; got 'gpu'"):
+        EngineConfig(preprocess="gpu")

@@ -157,6 +157,7 @@ def settings(seg: LisaSegmenter) -> dict[str, Any]:
     return {"dtype": str(seg.dtype).replace("torch.", ""), "quantization": seg.quantization,
             "quant_backend": seg.quant_backend, "static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs,
             "overlap": seg.overlap, "buckets": seg.buckets, "compile": seg.compile,
+            "device_preprocess": seg.device_preprocess,
             "sam_attention": "sdpa" if sdpa else "original", "mask_tta": seg.mask_tta}
 
 
@@ -171,8 +172,9 @@ def compare(seg: LisaSegmenter, *, rounds: int = 3, **bench: Any) -> dict[str, A
     "ratios": {step: {mode: after/before}}}``.
     """
     start = {"static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs, "overlap": seg.overlap,
-             "compile": seg.compile}
-    steps = [lever for lever in ("compile", "cuda_graphs", "overlap", "static_cache") if start[lever]]
+             "compile": seg.compile, "device_preprocess": seg.device_preprocess}
+    steps = [lever for lever in ("compile", "cuda_graphs", "overlap", "device_preprocess", "static_cache")
+             if start[lever]]
     settings_: list[tuple[list[str], dict[str, bool]]] = [([], dict(start))]
     for lever in steps:
         settings_.append(([*settings_[-1][0], lever], {**settings_[-1][1], lever: False}))
