@@ -8,7 +8,8 @@
   length, so decoding overwrites the pads. Outputs equal the dynamic cache's (tested on the CPU, padded and
   not). Padding only pays where shapes must be fixed: on the CPU it is off unless asked for.
 - **CUDA graphs** (CUDA only): the decode step of each cache length, the forced ``fast`` pass of each
-  (batch, bucket) shape, CLIP and SAM's image encoder are captured once at first use (:class:`Graphed`)
+  (batch, bucket) shape, CLIP, SAM's image encoder and its mask decoder (per mask count) are captured once
+  at first use (:class:`Graphed`)
   and replayed; a capture that fails is logged once and that stage stays eager (never an error).
 - **torch.compile** (opt-in, any device; :class:`CompiledEncoders`): SAM's and CLIP's image encoders
   compiled with inductor, once per input shape at first use (minutes for SAM ViT-H). A compilation that
@@ -241,8 +242,9 @@ class GraphedStages:
     """CUDA graphs of the engine's fixed-shape stages, captured at first use per shape (CUDA only).
 
     ``llm_pass(embeds)``: the LLM's forced pass (batch, bucket, H) -> last hidden state; ``clip(pixels)``;
-    ``sam(pixels)``: SAM's image encoder (only with the SDPA attention, whose indices live on the device).
-    Each returns a fresh tensor (cloned from the graph's static output) or runs eagerly where capture failed.
+    ``sam(pixels)``: SAM's image encoder (only with the SDPA attention, whose indices live on the device);
+    ``decode_masks(seg_states, embedding)``: ``text_hidden_fcs`` and SAM's mask decoder, per number of masks.
+    Each returns fresh tensors (cloned from the graph's static outputs) or runs eagerly where capture failed.
     """
 
     def __init__(self, model: Any, *, sam: bool) -> None:
@@ -264,6 +266,19 @@ class GraphedStages:
 
     def clip(self, pixels: torch.Tensor) -> torch.Tensor:
         return self._run(("clip", tuple(pixels.shape), pixels.dtype), self.model.encode_clip, pixels)
+
+    def decode_masks(self, seg_states: torch.Tensor,
+                     embedding: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`LisaModel.decode_masks` ((n, H) [SEG] states, (1, C, h, w) embedding -> low-res logits,
+        IoU predictions, prompts), one graph per (n, dtype)."""
+        key = ("mask decoder", tuple(seg_states.shape), tuple(embedding.shape), seg_states.dtype)
+        if key not in self._graphs:
+            self._graphs[key] = Graphed.capture(str(key[0]), self.model.decode_masks, seg_states, embedding)
+        graphed = self._graphs[key]
+        if graphed is None:
+            return self.model.decode_masks(seg_states, embedding)
+        low_res, iou, prompts = graphed(seg_states, embedding)
+        return low_res.clone(), iou.clone(), prompts.clone()
 
     def sam(self, pixels: torch.Tensor) -> torch.Tensor:
         if not self.sam_enabled:

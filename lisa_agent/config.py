@@ -211,8 +211,8 @@ class EngineConfig:
         "cache, grown per token",
         parse=str.strip, choices=SWITCH))
     cuda_graphs: str = _option("auto", Option(
-        "auto: capture the fixed-shape stages (decode step, forced pass, CLIP, SAM encoder) in CUDA graphs on "
-        "CUDA; off: eager", parse=str.strip, choices=SWITCH))
+        "auto: capture the fixed-shape stages (decode step, forced pass, CLIP, SAM encoder, mask decoder) in CUDA "
+        "graphs on CUDA; off: eager", parse=str.strip, choices=SWITCH))
     overlap: str = _option("auto", Option(
         "auto: SAM's image encoder on its own CUDA stream, overlapping CLIP and the language model; off: in turn",
         parse=str.strip, choices=SWITCH))

@@ -230,14 +230,15 @@ class LisaSegmenter:
                    **optimization_switches(config, tdevice))
 
     def set_optimizations(self, *, static_cache: bool, cuda_graphs: bool, overlap: bool,
-                          buckets: bool | None = None, compile: bool = False,
-                          device_preprocess: bool = False) -> None:
+                          buckets: bool | None = None, compile: bool | None = None,
+                          device_preprocess: bool | None = None) -> None:
         """Turn the hot-path optimizations on or off (:mod:`lisa_agent.acceleration`; ``bench --compare`` times
         each): a static KV cache; CUDA graphs; SAM's encoder on its own CUDA stream, overlapping CLIP and the
         language model; sequence lengths padded to buckets (``buckets``; None: on with graphs, which need
         fixed shapes); the image encoders through ``torch.compile`` (``compile``; compiled once and kept
         when turned off and on again); frames resized and normalised on the device (``device_preprocess``:
-        uploaded once as uint8). Graphs and the stream need CUDA."""
+        uploaded once as uint8). ``compile`` and ``device_preprocess`` stay as they are when None. Graphs and
+        the stream need CUDA."""
         cuda = self.device.type == "cuda"
         self.static_cache = bool(static_cache)
         self.cuda_graphs = bool(cuda_graphs) and cuda
@@ -248,11 +249,12 @@ class LisaSegmenter:
         sdpa = any(type(m).__name__ == "SdpaAttention" for m in self.model.sam.image_encoder.modules())
         self._stages = GraphedStages(self.model, sam=sdpa) if self.cuda_graphs else None
         self._sam_stream = torch.cuda.Stream(device=self.device) if self.overlap else None
-        self.compile = bool(compile)
+        self.compile = bool(getattr(self, "compile", False) if compile is None else compile)
         if self.compile and self._compiled_kept is None:
             self._compiled_kept = CompiledEncoders(self.model)
         self._compiled = self._compiled_kept if self.compile else None
-        self.device_preprocess = bool(device_preprocess)
+        self.device_preprocess = bool(getattr(self, "device_preprocess", False) if device_preprocess is None
+                                      else device_preprocess)
 
     @property
     def device(self) -> torch.device:
@@ -588,8 +590,9 @@ class LisaSegmenter:
             return (empty if keep_logits else None, empty.bool(), torch.zeros(0),
                     torch.zeros(0, self.model.sam_spec.prompt_embed_dim), 0.0, 0.0)
         logits, iou, t_dec, t_post = None, None, 0.0, 0.0
+        decode = self._stages.decode_masks if self._stages is not None else self.model.decode_masks
         for k, flip in enumerate(self._views):
-            low_res, iou_k, prompts = self.model.decode_masks(seg_states, feats.sam_embedding[k:k + 1])
+            low_res, iou_k, prompts = decode(seg_states, feats.sam_embedding[k:k + 1])
             t_dec += timer.lap()
             view = mirror(self.model.postprocess_masks(low_res, feats.resized_hw, feats.original_hw), flip)
             logits = view if logits is None else logits + view

@@ -317,7 +317,9 @@ def test_cuda_graphs_and_overlap_equal_eager_on_cuda(tiny_checkpoint):
     fast = [seg.segment(FRAME, QUERY, mode=m, answer=ANSWER if m == "fast" else None, max_new_tokens=32,
                         return_logits=True) for m in ("fast", "chat", "fast", "chat")]  # captures, then replays
     batch = seg.segment_batch(FRAME, [QUERY, "grab something to cut with"], return_logits=True)
-    seg.set_optimizations(static_cache=False, cuda_graphs=False, overlap=False)
+    captured = {key[0] for key, graph in seg._stages._graphs.items() if graph is not None}
+    assert {"llm forced pass", "clip", "mask decoder"} <= captured, captured
+    seg.set_optimizations(static_cache=False, cuda_graphs=False, overlap=False)  # preprocessing stays as it was
     seg.clear_cache()
     eager = [seg.segment(FRAME, QUERY, mode=m, answer=ANSWER if m == "fast" else None, max_new_tokens=32,
                          return_logits=True) for m in ("fast", "chat")]
