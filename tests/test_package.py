@@ -40,3 +40,11 @@ def test_cli_help_lists_every_command():
                          check=True).stdout
     for cmd in ("demo", "segment", "bench", "make-tiny", "make-data", "finetune", "eval", "serve", "bag"):
         assert cmd in out
+
+
+def test_a_command_that_loads_the_model_prints_no_library_noise(tmp_path):
+    """stderr carries what a user needs (nothing here), not other libraries' import-time chatter."""
+    out = subprocess.run([sys.executable, "-m", "lisa_agent.cli", "demo", "--mode", "fast", "--out",
+                          str(tmp_path / "overlay.png")], capture_output=True, text=True, check=True)
+    assert "knife" in out.stdout
+    assert "Enum subclass" not in out.stderr, out.stderr
