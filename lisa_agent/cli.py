@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 from .errors import LisaError
+from .noise import quiet_library_noise
 
 #: command name -> (module under lisa_agent.commands, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -67,28 +67,6 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-#: Lines other libraries log while a command loads a model that tell its user nothing (logger, text): where
-#: torchao is installed transformers imports it, and it registers enums torch.compile now handles itself.
-_NOISE = (("torch.utils._pytree", "is an Enum subclass and is now natively supported by torch.compile"),)
-
-
-class _DropLine(logging.Filter):
-    def __init__(self, text: str) -> None:
-        super().__init__()
-        self.text = text
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return self.text not in record.getMessage()
-
-
-def _quiet_noise() -> None:
-    """Drop the :data:`_NOISE` lines (only those) for the commands' run."""
-    for name, text in _NOISE:
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropLine) and f.text == text for f in logger.filters):
-            logger.addFilter(_DropLine(text))
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
@@ -96,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    _quiet_noise()
+    quiet_library_noise()
     try:
         return int(_load(args.command).run(args) or 0)
     except KeyboardInterrupt:

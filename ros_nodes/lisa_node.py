@@ -49,6 +49,7 @@ from std_msgs.msg import String
 
 from lisa_agent.errors import InvalidImageError, InvalidQueryError, LisaError
 from lisa_agent.frames import Frame, SegmentBackend, Stamp
+from lisa_agent.noise import quiet_library_noise
 from lisa_agent.tracking import StreamSegmenter
 
 from . import outputs, parameters
@@ -464,6 +465,7 @@ def _describe(header: Any) -> str:
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``ros2 run lisa_agent lisa_node`` and ``python -m ros_nodes.lisa_node``."""
+    quiet_library_noise()
     rclpy.init(args=args)
     node = None
     code = 0
