@@ -162,51 +162,43 @@ def tabletop():
     return LisaSegmenter.from_pretrained("tabletop-tiny")
 
 
+def _assert_same_objects(reference: LisaSegmenter, other: LisaSegmenter, first_seed: int) -> None:
+    """``other`` answers 12 chat queries on 3 validation scenes as ``reference`` does: at least 11 answers the
+    same, and the masks of matching answers with IoU mean >= 0.97, min >= 0.9 (at least 8 of them)."""
+    from lisa_agent.data.queries import queries_for_scene
+    from lisa_agent.data.tabletop import render_scene, split_seed
+
+    ious, same_text, compared = [], 0, 0
+    for k in range(3):
+        scene = render_scene(split_seed("val", first_seed + k), size=(240, 320))
+        for q in queries_for_scene(scene)[:4]:
+            ours = reference.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
+            theirs = other.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
+            compared += 1
+            same_text += ours.text == theirs.text
+            if len(ours.masks) and len(theirs.masks) == len(ours.masks):
+                ious.extend(iou(a, b) for a, b in zip(ours.masks, theirs.masks, strict=True))
+    assert compared == 12 and same_text >= 11
+    assert len(ious) >= 8 and min(ious) >= 0.9 and float(np.mean(ious)) >= 0.97
+
+
 @pytest.mark.slow
 def test_torchao_int8_masks_match_full_precision_on_the_cpu(tabletop):
     """The public code's users report blank masks with quantized LISA: our int8 path (torchao, weight-only,
     the LLM's decoder layers) must find the same objects as fp32 on validation scenes."""
-    from lisa_agent.data.queries import queries_for_scene
-    from lisa_agent.data.tabletop import render_scene, split_seed
-
     int8 = LisaSegmenter.from_pretrained("tabletop-tiny", quantization="8bit")
     assert int8.info()["quant_backend"] == "torchao"
     assert "Int8" in type(int8.model.llm.model.layers[0].mlp.down_proj.weight).__name__  # really quantized
-    ious, same_text, compared = [], 0, 0
-    for k in range(3):
-        scene = render_scene(split_seed("val", 40 + k), size=(240, 320))
-        for q in queries_for_scene(scene)[:4]:
-            full = tabletop.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
-            quant = int8.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
-            compared += 1
-            same_text += full.text == quant.text
-            if len(full.masks) and len(quant.masks) == len(full.masks):
-                ious.extend(iou(a, b) for a, b in zip(full.masks, quant.masks, strict=True))
-    assert compared == 12 and same_text >= 11
-    assert len(ious) >= 8 and min(ious) >= 0.9 and float(np.mean(ious)) >= 0.97
+    _assert_same_objects(tabletop, int8, first_seed=40)
 
 
 @pytest.mark.slow
 def test_device_preprocessing_finds_the_same_objects_as_pil(tabletop):
     """``preprocess="device"`` (torch resizing on the engine's device, here the CPU) against the published
     PIL preprocessing on validation scenes: the same answers, the same masks up to boundary pixels."""
-    from lisa_agent.data.queries import queries_for_scene
-    from lisa_agent.data.tabletop import render_scene, split_seed
-
     on_device = LisaSegmenter.from_pretrained("tabletop-tiny", preprocess="device")
     assert on_device.info()["device_preprocess"] is True and tabletop.info()["device_preprocess"] is False
-    ious, same_text, compared = [], 0, 0
-    for k in range(3):
-        scene = render_scene(split_seed("val", 50 + k), size=(240, 320))
-        for q in queries_for_scene(scene)[:4]:
-            exact = tabletop.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
-            ours = on_device.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
-            compared += 1
-            same_text += exact.text == ours.text
-            if len(exact.masks) and len(ours.masks) == len(exact.masks):
-                ious.extend(iou(a, b) for a, b in zip(exact.masks, ours.masks, strict=True))
-    assert compared == 12 and same_text >= 11
-    assert len(ious) >= 8 and min(ious) >= 0.9 and float(np.mean(ious)) >= 0.97
+    _assert_same_objects(tabletop, on_device, first_seed=50)
 
 
 def test_4bit_on_the_cpu_is_refused_with_a_reason(tiny_checkpoint):
