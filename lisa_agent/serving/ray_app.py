@@ -49,8 +49,9 @@ from starlette.responses import Response
 from .. import __version__, errors
 from ..config import EngineConfig
 from ..errors import InvalidArgumentError, LisaError
-from ..frames import Frame, SegmentBackend
+from ..frames import SegmentBackend
 from ..result import SegmentationResult
+from .execution import Job, TrackSessions, run_on_one_frame
 from .http_transport import CONTENT_TYPE, decode_http_request, encode_http_reply, http_status
 from .protocol import (
     OPS,
@@ -62,10 +63,8 @@ from .protocol import (
     RemoteError,
     Request,
     encode_reply,
-    logits_frames,
     parse_request,
 )
-from .server import TrackSessions, _Job
 
 log = logging.getLogger("lisa_agent.serving.ray")
 
@@ -142,7 +141,7 @@ class _Item:
 
     __slots__ = ("job", "state", "superseded")
 
-    def __init__(self, job: _Job) -> None:
+    def __init__(self, job: Job) -> None:
         self.job = job
         self.state = "queued"
         self.superseded = asyncio.Event()
@@ -293,7 +292,7 @@ class LisaDeployment:
         stream = req.stream or peer
         key = req.frame_key()
         deadline = received + req.timeout_ms / 1000.0 if req.timeout_ms is not None else None
-        item = _Item(_Job([], req, key, received, deadline))
+        item = _Item(Job([], req, key, received, deadline))
         superseded: list[_Item] = []
         with self._lock:
             if req.options["latest_only"] or self.settings.latest_only:
@@ -371,74 +370,30 @@ class LisaDeployment:
                 replies[id(item)] = reply
         return [replies[id(item)] for item in items]
 
-    def _run_group(self, jobs: list[_Job], now: float) -> list[_Reply]:
+    def _run_group(self, jobs: list[Job], now: float) -> list[_Reply]:
         """Replies for requests on one frame (several only when they can run as one batch)."""
-        t0 = time.perf_counter()
-        try:
-            image = jobs[0].request.image(self.limits)
-        except LisaError as exc:
-            return [encode_reply(job.request.id, error=exc) for job in jobs]
-        replies: dict[int, _Reply] = {}
-        frames: dict[int, Frame] = {}
-        live = []
-        for job in jobs:
-            try:
-                frames[id(job)] = job.request.frame(image)
-                live.append(job)
-            except LisaError as exc:
-                replies[id(job)] = encode_reply(job.request.id, error=exc)
-        decode_ms = (time.perf_counter() - t0) * 1e3
         self._busy_since = time.monotonic()
         try:
-            results: list[SegmentationResult] | None = None
-            if len(live) > 1 and self._segment_batch is not None:
-                try:
-                    results = list(self._segment_batch(frames[id(live[0])], [j.request.query for j in live],
-                                                       return_logits=False))
-                    if len(results) != len(live):
-                        raise RuntimeError(f"segment_batch returned {len(results)} results for {len(live)} queries")
-                    with self._lock:
-                        self._batches["calls"] += 1
-                        self._batches["requests"] += len(live)
-                except Exception as exc:  # noqa: BLE001 - fall back to one call per query
-                    log.warning("segment_batch failed on %d queries (%s: %s); running them one by one", len(live),
-                                type(exc).__name__, exc)
-                    results = None
-            for k, job in enumerate(live):
-                replies[id(job)] = self._run_one(job, frames[id(job)], None if results is None else results[k],
-                                                 now, decode_ms)
+            run = run_on_one_frame(jobs, backend=self.backend, segment_batch=self._segment_batch,
+                                   sessions=self._sessions, limits=self.limits, now=now)
         finally:
             self._busy_since = None
-        return [replies[id(job)] for job in jobs]
-
-    def _run_one(self, job: _Job, frame: Frame, result: SegmentationResult | None, now: float,
-                 decode_ms: float) -> _Reply:
-        request, o = job.request, job.request.options
-        try:
-            if result is None:
-                if o.get("track") is not None:
-                    result = self._sessions.process(request.stream or "", request.query, frame, o["track"],
-                                                    mode=o["mode"], max_new_tokens=o["max_new_tokens"])
-                else:
-                    result = self.backend.segment(frame, request.query, mode=o["mode"],
-                                                  max_new_tokens=o["max_new_tokens"], answer=o.get("answer"),
-                                                  return_logits=o["return_logits"])
-            payload = result.to_dict()
-            payload["timings_ms"]["server_queue"] = round((now - job.received) * 1e3, 3)
-            payload["timings_ms"]["server_decode"] = round(decode_ms, 3)
-            desc, extra = logits_frames(result) if o["return_logits"] else (None, [])
-            if desc is not None:
-                payload["logits"] = desc
-            self._failures = 0
-            return encode_reply(request.id, payload, extra_frames=extra)
-        except LisaError as exc:
-            self._failures = 0
-            return encode_reply(request.id, error=exc)
-        except Exception as exc:  # noqa: BLE001 - the model failing must not kill the replica
-            log.exception("backend failed on request %s", request.id)
-            self._failures += 1
-            self._last_failure = f"{type(exc).__name__}: {exc}"[:300]
-            return encode_reply(request.id, error=RemoteError(Code.INTERNAL, f"{type(exc).__name__}: {exc}"))
+        with self._lock:
+            if run.batched:
+                self._batches["calls"] += 1
+                self._batches["requests"] += run.batched
+        replies = []
+        for outcome in run.outcomes:
+            if outcome.model_failed:
+                self._failures += 1
+                self._last_failure = str(outcome.error)[:300]
+            elif outcome.ran:
+                self._failures = 0
+            if outcome.error is not None:
+                replies.append(encode_reply(outcome.job.request.id, error=outcome.error))
+            else:
+                replies.append(encode_reply(outcome.job.request.id, outcome.payload, extra_frames=outcome.extra))
+        return replies
 
 
 def _retrieve(task: asyncio.Future[Any]) -> None:

@@ -6,7 +6,8 @@ stale ``latest_only`` frames. The worker thread owns the model: it decodes the i
 requests past their deadline, runs the backend (batching queued ``fast`` queries on one frame when
 the backend has ``segment_batch``) and hands the reply back to the socket thread over an inproc
 PUSH/PULL pair (ZeroMQ sockets are not shared between threads). Every request gets exactly one
-reply.
+reply. Running requests on the model is :func:`lisa_agent.serving.execution.run_on_one_frame`, shared with
+the Ray Serve replica.
 
 ``backend`` is a :class:`~lisa_agent.frames.SegmentBackend` (``segment(frame, query, **options) ->
 SegmentationResult`` and ``info() -> dict``; ``segment_batch(frame, queries, return_logits=...)``
@@ -25,14 +26,14 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from .. import __version__
 from ..errors import InvalidArgumentError, LisaError
-from ..frames import Frame, SegmentBackend
+from ..frames import SegmentBackend
 from ..result import SegmentationResult
 from . import security
+from .execution import Job, TrackSessions, run_on_one_frame
 from .protocol import (
     OPS,
     PROTOCOL_VERSION,
@@ -43,74 +44,12 @@ from .protocol import (
     RemoteError,
     Request,
     encode_reply,
-    logits_frames,
     parse_request,
 )
 
 log = logging.getLogger("lisa_agent.serving")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
-
-
-@dataclass
-class _Job:
-    envelope: list[bytes]
-    request: Request
-    key: str
-    received: float  # time.monotonic()
-    deadline: float | None  # time.monotonic() or None
-
-    def batchable(self) -> bool:
-        o = self.request.options
-        return (o["mode"] == "fast" and o.get("answer") is None and not o["return_logits"]
-                and self.request.depth_spec is None and o.get("track") is None)
-
-    def same_frame(self, other: _Job) -> bool:
-        """Both requests are on the same pixels with the same frame id and stamp (one Frame serves both)."""
-        a, b = self.request, other.request
-        return (self.key == other.key and a.image_spec == b.image_spec
-                and a.options.get("frame_id") == b.options.get("frame_id")
-                and a.options.get("stamp") == b.options.get("stamp"))
-
-
-class TrackSessions:
-    """The worker's tracked streams (``options.track``): a :class:`~lisa_agent.tracking.StreamSegmenter`
-    per stream id, re-made when the stream's tracker settings change, a new query re-seeding it. At most
-    ``max_sessions`` are kept (the least recently used go), and one idle for ``idle_s`` seconds is dropped."""
-
-    def __init__(self, backend: SegmentBackend, max_sessions: int = 64, idle_s: float = 120.0) -> None:
-        self.backend = backend
-        self.max_sessions = max_sessions
-        self.idle_s = idle_s
-        self._items: collections.OrderedDict[str, tuple[Any, tuple[Any, ...], float]] = collections.OrderedDict()
-
-    def process(self, stream: str, query: str, frame: Frame, track: dict[str, Any], *, mode: str,
-                max_new_tokens: int) -> SegmentationResult:
-        from ..tracking import StreamSegmenter
-
-        now = time.monotonic()
-        for key in [k for k, (_, _, seen) in self._items.items() if now - seen > self.idle_s]:
-            del self._items[key]
-        settings = (track["tracker"], track["reason_every"], track["reason_period_s"], track["min_confidence"], mode,
-                    max_new_tokens)
-        entry = self._items.pop(stream, None)
-        session = entry[0] if entry is not None and entry[1] == settings else None
-        if session is None:
-            session = StreamSegmenter(self.backend, track["tracker"], reason_every=track["reason_every"],
-                                      reason_period_s=track["reason_period_s"],
-                                      min_confidence=track["min_confidence"], mode=mode,
-                                      max_new_tokens=max_new_tokens)
-        if session.instruction != query.strip():
-            session.set_instruction(query)
-        self._items[stream] = (session, settings, now)
-        while len(self._items) > self.max_sessions:
-            self._items.popitem(last=False)
-        result = session.process(frame)
-        assert result is not None  # synchronous sessions answer every frame
-        return result
-
-    def __len__(self) -> int:
-        return len(self._items)
 
 
 class RequestQueue:
@@ -120,14 +59,14 @@ class RequestQueue:
         if maxsize < 1:
             raise InvalidArgumentError(f"max_queue must be at least 1; got {maxsize}")
         self.maxsize = maxsize
-        self._items: collections.deque[_Job] = collections.deque()
+        self._items: collections.deque[Job] = collections.deque()
         self._cond = threading.Condition()
 
     def __len__(self) -> int:
         with self._cond:
             return len(self._items)
 
-    def put(self, job: _Job) -> bool:
+    def put(self, job: Job) -> bool:
         """Append ``job``; False (nothing queued) when the queue is full."""
         with self._cond:
             if len(self._items) >= self.maxsize:
@@ -136,7 +75,7 @@ class RequestQueue:
             self._cond.notify()
             return True
 
-    def supersede(self, stream: str, key: str) -> list[_Job]:
+    def supersede(self, stream: str, key: str) -> list[Job]:
         """Remove and return queued jobs of ``stream`` for another frame than ``key``."""
         with self._cond:
             old = [j for j in self._items if j.request.stream == stream and j.key != key]
@@ -144,7 +83,7 @@ class RequestQueue:
                 self._items.remove(j)
             return old
 
-    def get(self, timeout: float, batch: bool) -> list[_Job]:
+    def get(self, timeout: float, batch: bool) -> list[Job]:
         """Wait up to ``timeout`` s for a job; with ``batch``, also take the queued jobs that can run
         in one ``segment_batch`` call with it (same frame, fast mode). [] on timeout."""
         with self._cond:
@@ -161,7 +100,7 @@ class RequestQueue:
                 jobs += same
             return jobs
 
-    def drain(self) -> list[_Job]:
+    def drain(self) -> list[Job]:
         with self._cond:
             items = list(self._items)
             self._items.clear()
@@ -470,7 +409,7 @@ class LisaServer:
         key = req.frame_key()
         now = time.monotonic()
         deadline = now + req.timeout_ms / 1000.0 if req.timeout_ms is not None else None
-        job = _Job(envelope, req, key, now, deadline)
+        job = Job(envelope, req, key, now, deadline)
         if req.options["latest_only"] or self.latest_only:
             for old in self.queue.supersede(req.stream or "", key):
                 self._send_error(router, old.envelope, old.request.id, "segment", ProtocolError(
@@ -544,7 +483,7 @@ class LisaServer:
         finally:
             push.close()
 
-    def _run(self, push: Any, jobs: list[_Job]) -> None:
+    def _run(self, push: Any, jobs: list[Job]) -> None:
         now = time.monotonic()
         live = []
         for job in jobs:
@@ -557,57 +496,12 @@ class LisaServer:
                 live.append(job)
         if not live:
             return
-        t0 = time.perf_counter()
-        try:
-            image = live[0].request.image(self.limits)
-        except LisaError as exc:
-            for job in live:
-                self._send_error(push, job.envelope, job.request.id, "segment", exc)
-            return
-        frames: dict[int, Frame] = {}
-        for job in list(live):
-            try:
-                frames[id(job)] = job.request.frame(image)
-            except LisaError as exc:
-                self._send_error(push, job.envelope, job.request.id, "segment", exc)
-                live.remove(job)
-        if not live:
-            return
-        decode_ms = (time.perf_counter() - t0) * 1e3
-        results: list[SegmentationResult] | None = None
-        if len(live) > 1 and self._segment_batch is not None:  # more than one job only when batching
-            try:
-                results = list(self._segment_batch(frames[id(live[0])], [j.request.query for j in live],
-                                                   return_logits=False))
-                if len(results) != len(live):
-                    raise RuntimeError(f"segment_batch returned {len(results)} results for {len(live)} queries")
-            except Exception as exc:  # noqa: BLE001 - fall back to one call per query
-                log.warning("segment_batch failed on %d queries (%s: %s); running them one by one", len(live),
-                            type(exc).__name__, exc)
-                results = None
-        for k, job in enumerate(live):
-            start = time.perf_counter()
-            try:
-                o = job.request.options
-                if results is not None:
-                    result = results[k]
-                elif o.get("track") is not None:
-                    result = self._sessions.process(job.request.stream or "", job.request.query, frames[id(job)],
-                                                    o["track"], mode=o["mode"], max_new_tokens=o["max_new_tokens"])
-                else:
-                    result = self.backend.segment(frames[id(job)], job.request.query, mode=o["mode"],
-                                                  max_new_tokens=o["max_new_tokens"], answer=o.get("answer"),
-                                                  return_logits=o["return_logits"])
-                payload = result.to_dict()
-                payload["timings_ms"]["server_queue"] = round((now - job.received) * 1e3, 3)
-                payload["timings_ms"]["server_decode"] = round(decode_ms, 3)
-                desc, extra = logits_frames(result) if job.request.options["return_logits"] else (None, [])
-                if desc is not None:
-                    payload["logits"] = desc
-                self._send_ok(push, job.envelope, job.request.id, "segment", payload, start, extra)
-            except LisaError as exc:
-                self._send_error(push, job.envelope, job.request.id, "segment", exc, start)
-            except Exception as exc:  # noqa: BLE001 - the model failing must not kill the server
-                log.exception("backend failed on request %s", job.request.id)
-                self._send_error(push, job.envelope, job.request.id, "segment",
-                                 RemoteError(Code.INTERNAL, f"{type(exc).__name__}: {exc}"), start)
+        run = run_on_one_frame(live, backend=self.backend, segment_batch=self._segment_batch,
+                               sessions=self._sessions, limits=self.limits, now=now)
+        for outcome in run.outcomes:
+            job = outcome.job
+            if outcome.error is not None:
+                self._send_error(push, job.envelope, job.request.id, "segment", outcome.error, outcome.started)
+            else:
+                self._send_ok(push, job.envelope, job.request.id, "segment", outcome.payload, outcome.started,
+                              outcome.extra)

@@ -1,0 +1,177 @@
+"""Running ``segment`` requests on the model: what both servers (the ZeroMQ one in
+:mod:`~lisa_agent.serving.server` and the Ray Serve replica in :mod:`~lisa_agent.serving.ray_app`) do once a
+request has left their queue.
+
+:func:`run_on_one_frame` decodes the frame once for requests on the same pixels, turns each into a
+:class:`~lisa_agent.frames.Frame`, answers them with one ``segment_batch`` call where the backend has it
+(falling back to one call each if the batch fails), with a tracking session for ``options.track``, or with
+``segment``; and builds each reply's payload: the result schema plus ``server_queue`` / ``server_decode``
+timings and, with ``return_logits``, the logits frames. Nothing here raises: every request gets an
+:class:`Outcome`.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import LisaError
+from ..frames import Frame, SegmentBackend
+from ..result import SegmentationResult
+from .protocol import Code, Limits, RemoteError, Request, logits_frames
+
+log = logging.getLogger("lisa_agent.serving")
+
+
+@dataclass
+class Job:
+    """A validated ``segment`` request waiting for the model: ``envelope`` the ZeroMQ routing frames
+    (empty on Ray Serve), ``key`` the digest of its frame's pixels."""
+
+    envelope: list[bytes]
+    request: Request
+    key: str
+    received: float  # time.monotonic()
+    deadline: float | None  # time.monotonic() or None
+
+    def batchable(self) -> bool:
+        o = self.request.options
+        return (o["mode"] == "fast" and o.get("answer") is None and not o["return_logits"]
+                and self.request.depth_spec is None and o.get("track") is None)
+
+    def same_frame(self, other: Job) -> bool:
+        """Both requests are on the same pixels with the same frame id and stamp (one Frame serves both)."""
+        a, b = self.request, other.request
+        return (self.key == other.key and a.image_spec == b.image_spec
+                and a.options.get("frame_id") == b.options.get("frame_id")
+                and a.options.get("stamp") == b.options.get("stamp"))
+
+
+class TrackSessions:
+    """The worker's tracked streams (``options.track``): a :class:`~lisa_agent.tracking.StreamSegmenter`
+    per stream id, re-made when the stream's tracker settings change, a new query re-seeding it. At most
+    ``max_sessions`` are kept (the least recently used go), and one idle for ``idle_s`` seconds is dropped."""
+
+    def __init__(self, backend: SegmentBackend, max_sessions: int = 64, idle_s: float = 120.0) -> None:
+        self.backend = backend
+        self.max_sessions = max_sessions
+        self.idle_s = idle_s
+        self._items: collections.OrderedDict[str, tuple[Any, tuple[Any, ...], float]] = collections.OrderedDict()
+
+    def process(self, stream: str, query: str, frame: Frame, track: dict[str, Any], *, mode: str,
+                max_new_tokens: int) -> SegmentationResult:
+        from ..tracking import StreamSegmenter
+
+        now = time.monotonic()
+        for key in [k for k, (_, _, seen) in self._items.items() if now - seen > self.idle_s]:
+            del self._items[key]
+        settings = (track["tracker"], track["reason_every"], track["reason_period_s"], track["min_confidence"], mode,
+                    max_new_tokens)
+        entry = self._items.pop(stream, None)
+        session = entry[0] if entry is not None and entry[1] == settings else None
+        if session is None:
+            session = StreamSegmenter(self.backend, track["tracker"], reason_every=track["reason_every"],
+                                      reason_period_s=track["reason_period_s"],
+                                      min_confidence=track["min_confidence"], mode=mode,
+                                      max_new_tokens=max_new_tokens)
+        if session.instruction != query.strip():
+            session.set_instruction(query)
+        self._items[stream] = (session, settings, now)
+        while len(self._items) > self.max_sessions:
+            self._items.popitem(last=False)
+        result = session.process(frame)
+        assert result is not None  # synchronous sessions answer every frame
+        return result
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class Outcome:
+    """What became of one :class:`Job`: ``payload`` (the reply's result) and ``extra`` (logits frames), or
+    ``error``. ``ran``: the model was asked (the frame decoded); ``model_failed``: it raised something
+    unexpected (``error`` is then ``internal``); ``started``: ``time.perf_counter()`` when the model began
+    on this request (None when it never did)."""
+
+    job: Job
+    payload: dict[str, Any] | None = None
+    extra: list[bytes] = field(default_factory=list)
+    error: LisaError | None = None
+    ran: bool = False
+    model_failed: bool = False
+    started: float | None = None
+
+
+@dataclass
+class FrameRun:
+    """:func:`run_on_one_frame`'s answer: an :class:`Outcome` per job in the jobs' order, and how many of
+    them one ``segment_batch`` call answered (0: none)."""
+
+    outcomes: list[Outcome]
+    batched: int = 0
+
+
+def run_on_one_frame(jobs: list[Job], *, backend: SegmentBackend,
+                     segment_batch: Callable[..., Any] | None, sessions: TrackSessions, limits: Limits,
+                     now: float) -> FrameRun:
+    """Answer ``jobs``, requests on one frame (several only when they are :meth:`Job.batchable` and
+    :meth:`Job.same_frame`), with ``backend``; ``now`` (``time.monotonic()``) is when they left the queue."""
+    t0 = time.perf_counter()
+    outcomes = {id(job): Outcome(job) for job in jobs}
+    try:
+        image = jobs[0].request.image(limits)
+    except LisaError as exc:
+        for outcome in outcomes.values():
+            outcome.error = exc
+        return FrameRun(list(outcomes.values()))
+    frames: dict[int, Frame] = {}
+    for job in jobs:
+        try:
+            frames[id(job)] = job.request.frame(image)
+        except LisaError as exc:
+            outcomes[id(job)].error = exc
+    live = [job for job in jobs if id(job) in frames]
+    decode_ms = (time.perf_counter() - t0) * 1e3
+    results: list[SegmentationResult] | None = None
+    if len(live) > 1 and segment_batch is not None:
+        try:
+            results = list(segment_batch(frames[id(live[0])], [j.request.query for j in live], return_logits=False))
+            if len(results) != len(live):
+                raise RuntimeError(f"segment_batch returned {len(results)} results for {len(live)} queries")
+        except Exception as exc:  # noqa: BLE001 - fall back to one call per query
+            log.warning("segment_batch failed on %d queries (%s: %s); running them one by one", len(live),
+                        type(exc).__name__, exc)
+            results = None
+    for k, job in enumerate(live):
+        outcome = outcomes[id(job)]
+        outcome.ran, outcome.started = True, time.perf_counter()
+        request, o = job.request, job.request.options
+        try:
+            if results is not None:
+                result = results[k]
+            elif o.get("track") is not None:
+                result = sessions.process(request.stream or "", request.query, frames[id(job)], o["track"],
+                                          mode=o["mode"], max_new_tokens=o["max_new_tokens"])
+            else:
+                result = backend.segment(frames[id(job)], request.query, mode=o["mode"],
+                                         max_new_tokens=o["max_new_tokens"], answer=o.get("answer"),
+                                         return_logits=o["return_logits"])
+            payload = result.to_dict()
+            payload["timings_ms"]["server_queue"] = round((now - job.received) * 1e3, 3)
+            payload["timings_ms"]["server_decode"] = round(decode_ms, 3)
+            desc, extra = logits_frames(result) if o["return_logits"] else (None, [])
+            if desc is not None:
+                payload["logits"] = desc
+            outcome.payload, outcome.extra = payload, extra
+        except LisaError as exc:
+            outcome.error = exc
+        except Exception as exc:  # noqa: BLE001 - the model failing must not kill the server
+            log.exception("backend failed on request %s", request.id)
+            outcome.error = RemoteError(Code.INTERNAL, f"{type(exc).__name__}: {exc}")
+            outcome.model_failed = True
+    return FrameRun([outcomes[id(job)] for job in jobs], len(live) if results is not None else 0)
