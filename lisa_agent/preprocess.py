@@ -21,6 +21,7 @@ separable passes where torch clips once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 import torch
@@ -79,6 +80,13 @@ def clip_preprocess(image: np.ndarray, size: int) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(crop.transpose(2, 0, 1)))[None]
 
 
+@lru_cache(maxsize=16)
+def _constants(values: tuple[float, ...], device: torch.device) -> torch.Tensor:
+    """``values`` as a (1, 3, 1, 1) float32 tensor on ``device``, made once per device (not per frame: on
+    CUDA each new small tensor is a synchronous copy)."""
+    return torch.tensor(values, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+
 def _resize_like_pil(frame: torch.Tensor, hw: tuple[int, int], mode: str) -> torch.Tensor:
     """(1, 3, H, W) uint8 -> (1, 3, h, w) float32 whole grey levels in [0, 255]: antialiased ``mode``
     (bilinear / bicubic) resizing, rounded as PIL's uint8 result is."""
@@ -92,9 +100,7 @@ def sam_preprocess_tensor(frame: torch.Tensor, size: int) -> SamInput:
     h, w = int(frame.shape[2]), int(frame.shape[3])
     nh, nw = sam_resized_size(h, w, size)
     x = _resize_like_pil(frame, (nh, nw), "bilinear")
-    mean = torch.tensor(PIXEL_MEAN, device=frame.device).view(1, 3, 1, 1)
-    std = torch.tensor(PIXEL_STD, device=frame.device).view(1, 3, 1, 1)
-    x = (x - mean) / std
+    x = (x - _constants(PIXEL_MEAN, frame.device)) / _constants(PIXEL_STD, frame.device)
     padded = F.pad(x, (0, size - nw, 0, size - nh))
     return SamInput(pixels=padded, resized_hw=(nh, nw), original_hw=(h, w))
 
@@ -104,6 +110,4 @@ def clip_preprocess_tensor(frame: torch.Tensor, size: int) -> torch.Tensor:
     h, w = int(frame.shape[2]), int(frame.shape[3])
     nh, nw, top, left = clip_crop_geometry(h, w, size)
     x = _resize_like_pil(frame, (nh, nw), "bicubic")[:, :, top: top + size, left: left + size] / 255.0
-    mean = torch.tensor(CLIP_MEAN, device=frame.device).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=frame.device).view(1, 3, 1, 1)
-    return ((x - mean) / std).contiguous()
+    return ((x - _constants(CLIP_MEAN, frame.device)) / _constants(CLIP_STD, frame.device)).contiguous()
