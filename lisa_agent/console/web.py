@@ -24,7 +24,6 @@ import asyncio
 import collections
 import concurrent.futures
 import hmac
-import ipaddress
 import json
 import logging
 import secrets
@@ -37,6 +36,7 @@ from aiohttp import WSMsgType, web
 from yarl import URL
 
 from ..errors import InvalidArgumentError, LisaError
+from ..serving.security import is_loopback_host
 from .core import (
     MAX_PENDING,
     Answer,
@@ -73,15 +73,8 @@ _STATUS = {"invalid_query": 400, "invalid_argument": 400, "too_large": 413, "unk
            "busy": 429, "superseded": 409}
 
 
-def is_loopback(host: str) -> bool:
-    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1)."""
-    name = host.strip().strip("[]").lower()
-    if name == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(name).is_loopback
-    except ValueError:
-        return False
+#: ``localhost`` and loopback addresses: the serving layer's rule (:func:`~lisa_agent.serving.security.is_loopback_host`).
+is_loopback = is_loopback_host
 
 
 def _error(status: int, code: str, message: str) -> web.Response:

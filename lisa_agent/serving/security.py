@@ -18,6 +18,17 @@ from ..errors import InvalidArgumentError
 KeyPair = tuple[bytes, bytes]
 
 
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback addresses (127.0.0.0/8, ::1; brackets and case ignored)."""
+    name = host.strip().strip("[]").lower()
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def is_loopback_endpoint(endpoint: str) -> bool:
     """True when a bind endpoint is reachable only from this machine.
 
@@ -29,13 +40,7 @@ def is_loopback_endpoint(endpoint: str) -> bool:
         return True
     if not endpoint.startswith("tcp://"):
         return False
-    host = urlsplit(endpoint).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(urlsplit(endpoint).hostname or "")
 
 
 def check_bind(endpoint: str, *, curve: bool, insecure: bool) -> None:
