@@ -182,6 +182,8 @@ class LisaSegmenter:
         self._sam_stream: torch.cuda.Stream | None = None
         self._compiled: CompiledEncoders | None = None
         self._compiled_kept: CompiledEncoders | None = None
+        self.compile = False
+        self.device_preprocess = False
         self.set_optimizations(static_cache=static_cache, cuda_graphs=cuda_graphs, overlap=overlap, compile=compile,
                                device_preprocess=device_preprocess)
         self._lock = threading.RLock()
@@ -249,12 +251,11 @@ class LisaSegmenter:
         sdpa = any(type(m).__name__ == "SdpaAttention" for m in self.model.sam.image_encoder.modules())
         self._stages = GraphedStages(self.model, sam=sdpa) if self.cuda_graphs else None
         self._sam_stream = torch.cuda.Stream(device=self.device) if self.overlap else None
-        self.compile = bool(getattr(self, "compile", False) if compile is None else compile)
+        self.compile = self.compile if compile is None else bool(compile)
         if self.compile and self._compiled_kept is None:
             self._compiled_kept = CompiledEncoders(self.model)
         self._compiled = self._compiled_kept if self.compile else None
-        self.device_preprocess = bool(getattr(self, "device_preprocess", False) if device_preprocess is None
-                                      else device_preprocess)
+        self.device_preprocess = self.device_preprocess if device_preprocess is None else bool(device_preprocess)
 
     @property
     def device(self) -> torch.device:

@@ -113,6 +113,8 @@ def test_preprocess_option_auto_is_exact_on_the_cpu_and_device_is_reported(tiny_
     exact = LisaSegmenter.from_pretrained(tiny_checkpoint, preprocess="exact")
     on_device = LisaSegmenter.from_pretrained(tiny_checkpoint, preprocess="device")
     assert on_device.info()["device_preprocess"] is True
+    on_device.set_optimizations(static_cache=False, cuda_graphs=False, overlap=False)  # not named: kept
+    assert on_device.info()["device_preprocess"] is True and on_device.info()["static_cache"] is False
     frame = random_frame(96, 128, seed=4)
     first = exact.segment(frame, "the mug", answer="Sure, [SEG] and [SEG].")
     second = on_device.segment(frame, "the mug", answer="Sure, [SEG] and [SEG].")
