@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .generation import greedy_loop
+from .generation import decoder_pass, greedy_loop
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,7 @@ class StaticDecoder:
 
     def _eager_step(self, cache: Any, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         embeds = self.llm.get_input_embeddings()(token)
-        out = self.llm.model(inputs_embeds=embeds, cache=cache, use_cache=True, position_ids=position)
-        return out.last_hidden_state[:, -1]
+        return decoder_pass(self.llm.model, embeds, cache, position)[:, -1]
 
     def _step(self, length: int, cache: Any, token: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
         if not (self.graphs and token.is_cuda):
@@ -218,9 +217,8 @@ class StaticDecoder:
         cache = self._cache(length)
         cache.reset()
         prefill = min(bucket(n), length) if self.pad else n
-        out = llm.model(inputs_embeds=pad_length(embeds, prefill), cache=cache, use_cache=True,
-                        position_ids=torch.arange(prefill, device=device)[None])
-        last = out.last_hidden_state[:, n - 1]
+        last = decoder_pass(llm.model, pad_length(embeds, prefill), cache,
+                            torch.arange(prefill, device=device)[None])[:, n - 1]
         if self.pad:
             self._set_length(cache, n)
         token_buf = torch.zeros(1, 1, dtype=torch.long, device=device)
@@ -260,7 +258,7 @@ class GraphedStages:
 
     def llm_pass(self, embeds: torch.Tensor) -> torch.Tensor:
         def run(x: torch.Tensor) -> torch.Tensor:
-            return self.model.llm.model(inputs_embeds=x, use_cache=False).last_hidden_state
+            return decoder_pass(self.model.llm.model, x)
 
         return self._run(("llm forced pass", tuple(embeds.shape), embeds.dtype), run, embeds)
 

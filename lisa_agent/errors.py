@@ -61,3 +61,9 @@ class QuantizationError(LisaError):
     """8-bit / 4-bit quantization was asked for where it cannot run (no CUDA, no bitsandbytes)."""
 
     code = "quantization_unavailable"
+
+
+class DependencyError(LisaError):
+    """An installed library is a version lisa-agent does not support (transformers older than the pin)."""
+
+    code = "dependency_unsupported"

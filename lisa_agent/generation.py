@@ -5,16 +5,49 @@ Both return the generated token ids and, for every generated ``[SEG]``, the LLM'
 state at the position *before* it (the state whose prediction is ``[SEG]``): the mask decoder's prompts.
 At most ``max_segs`` ``[SEG]`` are emitted: once reached, ``[SEG]`` is barred and the answer goes on
 without more masks (the engine's per-answer mask budget).
+
+Every pass through the LLaMA decoder stack goes through :func:`decoder_pass`, which hands the KV cache
+over under the keyword the installed transformers takes (``past_key_values`` up to 5.23, ``cache`` from
+5.24): a keyword a forward does not know is swallowed by its ``**kwargs`` and the model then decodes
+without its cache, silently (transformers 5.17 answered "Sure, [SEG] mug mug mug ...").
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
+from .errors import DependencyError
 from .modeling.lisa import LisaModel
+
+
+@functools.cache
+def cache_keyword(forward: Callable[..., Any]) -> str:
+    """The keyword under which the decoder ``forward`` (a transformers ``LlamaModel.forward``) takes its KV
+    cache: ``cache`` (transformers >= 5.24) or ``past_key_values`` (before; deprecated from 5.24)."""
+    params = inspect.signature(forward).parameters
+    for name in ("cache", "past_key_values"):
+        if name in params:
+            return name
+    raise DependencyError(f"{getattr(forward, '__qualname__', forward)} takes its KV cache under no keyword we "
+                          f"know (cache, past_key_values): its parameters are {', '.join(params)}")
+
+
+def decoder_pass(body: Any, inputs_embeds: torch.Tensor, cache: Any = None,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The LLaMA decoder stack ``body`` (``llm.model``) over ``inputs_embeds`` (B, T, H) -> final post-norm
+    hidden states (B, T, H). With ``cache`` (a transformers ``Cache``), its keys and values are read and the
+    new ones written into it in place; ``position_ids`` (1, T) default to the positions after the cache's."""
+    kwargs: dict[str, Any] = {"inputs_embeds": inputs_embeds, "use_cache": cache is not None}
+    if cache is not None:
+        kwargs[cache_keyword(type(body).forward)] = cache
+    if position_ids is not None:
+        kwargs["position_ids"] = position_ids
+    return body(**kwargs).last_hidden_state
 
 
 def _bar(scores: torch.Tensor, token: int | None) -> None:
@@ -55,20 +88,18 @@ def greedy_cached(model: LisaModel, ids: torch.Tensor, image_tokens: torch.Tenso
 
     Returns (generated ids without EOS, (n_seg, H) hidden states of the ``[SEG]`` steps). ``banned``
     is barred at every step (the decline answer bars ``[SEG]``)."""
+    from transformers import DynamicCache
+
     llm = model.llm
     embeds, _ = model.embed_with_image(ids, image_tokens)
-    out = llm.model(inputs_embeds=embeds, use_cache=True)
-    cache = out.cache
+    cache = DynamicCache(config=llm.config)  # ours, filled in place: no output field to read it back from
+    last = decoder_pass(llm.model, embeds, cache)[:, -1]
     embed = llm.get_input_embeddings()
 
     def step(token: int, _: int) -> torch.Tensor:
-        nonlocal cache
-        out = llm.model(inputs_embeds=embed(torch.tensor([[token]], device=ids.device)), cache=cache, use_cache=True)
-        cache = out.cache
-        return out.last_hidden_state[:, -1]
+        return decoder_pass(llm.model, embed(torch.tensor([[token]], device=ids.device)), cache)[:, -1]
 
-    return greedy_loop(llm, out.last_hidden_state[:, -1], step, max_new_tokens, eos=eos, seg=seg,
-                       max_segs=max_segs, banned=banned)
+    return greedy_loop(llm, last, step, max_new_tokens, eos=eos, seg=seg, max_segs=max_segs, banned=banned)
 
 
 def greedy_reference(model: LisaModel, ids: torch.Tensor, clip_pixels: torch.Tensor, max_new_tokens: int, *,
@@ -80,7 +111,7 @@ def greedy_reference(model: LisaModel, ids: torch.Tensor, clip_pixels: torch.Ten
     for _ in range(max_new_tokens):
         seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=ids.device)], dim=1)
         embeds, _ = model.embed_with_image(seq, model.encode_clip(clip_pixels))
-        hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+        hidden = decoder_pass(llm.model, embeds)
         scores = llm.lm_head(hidden[:, -1])
         if generated.count(seg) >= max_segs:
             _bar(scores, seg)
@@ -91,6 +122,6 @@ def greedy_reference(model: LisaModel, ids: torch.Tensor, clip_pixels: torch.Ten
     # One full pass over prompt + answer; the state before each [SEG] is its embedding.
     seq = torch.cat([ids, torch.tensor([generated], dtype=torch.long, device=ids.device)], dim=1)
     embeds, merged = model.embed_with_image(seq, model.encode_clip(clip_pixels))
-    hidden = llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state[0]
+    hidden = decoder_pass(llm.model, embeds)[0]
     positions = [int(merged[0, j]) - 1 for j in range(ids.shape[1], seq.shape[1]) if int(seq[0, j]) == seg]
     return generated, hidden[positions] if positions else hidden.new_zeros(0, hidden.shape[-1])

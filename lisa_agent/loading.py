@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .config import MASK_TTA_VIEWS, EngineConfig
-from .errors import CheckpointError, InvalidArgumentError, ModelNotFoundError, QuantizationError
+from .errors import (
+    CheckpointError,
+    DependencyError,
+    InvalidArgumentError,
+    ModelNotFoundError,
+    QuantizationError,
+)
 from .modeling.lisa import (
     IGNORABLE_PREFIXES,
     IGNORABLE_SUFFIXES,
@@ -52,6 +58,11 @@ LISA_FIELDS = (
 
 #: torch dtype of each precision name of :data:`lisa_agent.config.DTYPES` (``auto`` is resolved first)
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+#: The oldest transformers we run on; ``pyproject.toml`` pins the same. 5.0 to 5.3 caches take a
+#: ``cache_position`` argument our decoders do not pass; 5.4 and 5.5 cannot read a CLIP tower saved without
+#: the ``vision_model.`` prefix (as 5.6 and later save it, the bundled tabletop-tiny's included).
+MIN_TRANSFORMERS = "5.6.0"
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -288,22 +299,39 @@ def load_vision_tower(name: str, checkpoint_dir: Path | None, dtype: torch.dtype
     candidates = [Path(name).expanduser()]
     if checkpoint_dir is not None:
         candidates.insert(0, checkpoint_dir / name)
+    loaded: Any  # (model, loading info) with output_loading_info
     for cand in candidates:
         if cand.is_dir():
             try:
-                return CLIPVisionModel.from_pretrained(str(cand), dtype=dtype).eval()
+                loaded = CLIPVisionModel.from_pretrained(str(cand), dtype=dtype, output_loading_info=True)
             except Exception as exc:  # transformers / safetensors / json raise many types on damaged files
                 raise CheckpointError(f"cannot load the vision tower in {cand} ({type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); its files are "
                                       "damaged or incomplete") from exc
+            return _all_weights_read(loaded[0], loaded[1], str(cand))
     if not _HUB_ID.match(name):
         raise ModelNotFoundError(f"vision tower {name!r} is neither a folder nor a Hub id")
     try:
-        return CLIPVisionModel.from_pretrained(name, dtype=dtype).eval()
+        loaded = CLIPVisionModel.from_pretrained(name, dtype=dtype, output_loading_info=True)
     except Exception as exc:
         raise ModelNotFoundError(
             f"vision tower {name!r} could not be loaded ({type(exc).__name__}); it is not part of LISA "
             "checkpoints: pass vision_tower=<local folder of openai/clip-vit-large-patch14> when offline") from exc
+    return _all_weights_read(loaded[0], loaded[1], name)
+
+
+def _all_weights_read(tower: CLIPVisionModel, info: dict[str, Any], source: str) -> CLIPVisionModel:
+    """``tower`` in eval mode, or a :class:`CheckpointError` when transformers left weights it did not find
+    randomly initialised (it only logs them): a CLIP tower with random layers answers wrongly, silently."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        import transformers
+
+        raise CheckpointError(
+            f"the vision tower in {source} lacks {len(missing)} weights that CLIPVisionModel expects "
+            f"({', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}) with transformers "
+            f"{transformers.__version__}: a damaged tower, or a key layout this transformers cannot read")
+    return tower.eval()
 
 
 # ------------------------------------------------------------------------- precision
@@ -423,9 +451,26 @@ class LoadedLisa:
     folder: Path
 
 
+def check_transformers(version: str | None = None) -> None:
+    """Refuse a transformers older than :data:`MIN_TRANSFORMERS` (``version``: the installed one when None),
+    with a :class:`DependencyError` that names both versions."""
+    from packaging.version import Version
+
+    if version is None:
+        import transformers
+
+        version = transformers.__version__
+    if Version(version) < Version(MIN_TRANSFORMERS):
+        raise DependencyError(f"transformers {version} is installed; lisa-agent needs transformers>={MIN_TRANSFORMERS},<6 "
+                              "(older 5.x releases decode without our KV cache or cannot read our CLIP towers, and "
+                              f"would answer wrongly): pip install 'transformers>={MIN_TRANSFORMERS},<6'")
+
+
 def build_model(config: LisaConfig, sam_spec: SamSpec, meta: bool = True) -> LisaModel:
     """An (uninitialised when ``meta``) :class:`LisaModel` of the given configuration: the one place a
-    LISA model is constructed (loading, tiny checkpoints, the benchmark's random 7B/13B shapes)."""
+    LISA model is constructed (loading, tiny checkpoints, the benchmark's random 7B/13B shapes). Refuses a
+    transformers older than :data:`MIN_TRANSFORMERS`."""
+    check_transformers()
     llama_cfg = config.llama_config()
     if meta:
         with torch.device("meta"):

@@ -55,7 +55,7 @@ from .config import MASK_TTA_VIEWS, MODES, EngineConfig, mask_budget
 from .errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
 from .frames import Frame, as_frame, check_query
-from .generation import greedy_cached, greedy_reference
+from .generation import decoder_pass, greedy_cached, greedy_reference
 from .loading import load_lisa, resolve_checkpoint, resolve_precision, resolve_quant_backend
 from .modeling.lisa import LisaModel
 from .preprocess import (
@@ -499,7 +499,7 @@ class LisaSegmenter:
         if self._stages is not None:
             hidden = self._stages.llm_pass(embeds)
         else:
-            hidden = self.model.llm.model(inputs_embeds=embeds, use_cache=False).last_hidden_state
+            hidden = decoder_pass(self.model.llm.model, embeds)
         t_llm = timer.lap()
         seg_rows, seg_cols, owners = [], [], []
         merged_pos = merged.tolist()  # one device->host copy, not one per [SEG]

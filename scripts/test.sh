@@ -14,6 +14,14 @@ fi
 # torch/torchvision first, pinned: segment-anything imports torchvision, which must match torch.
 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
 "$VENV/bin/pip" install -q -e ".[test]"
+# The lowest transformers pyproject.toml allows, beside the venv's own (not on its path): the chat of
+# tests/test_transformers_versions.py runs on it in a subprocess. Reinstalled when the list changes.
+LOWEST="$VENV/transformers-lowest"
+if ! cmp -s tests/transformers-lowest.txt "$LOWEST/requirements.txt"; then
+  rm -rf "$LOWEST"
+  "$VENV/bin/pip" install -q --no-deps --target "$LOWEST" -r tests/transformers-lowest.txt
+  cp tests/transformers-lowest.txt "$LOWEST/requirements.txt"
+fi
 # The console's browser test drives Debian's chromium through chromedriver (tests/test_console.py).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

@@ -18,6 +18,7 @@ from helpers import iou, random_frame, teach_answer
 from lisa_agent import LisaSegmenter
 from lisa_agent.acceleration import BUCKET, bucket, pad_length, preallocated_cache
 from lisa_agent.errors import QuantizationError
+from lisa_agent.generation import decoder_pass
 
 QUERY = "the red mug"
 ANSWER = "Sure, [SEG]. It is [SEG]."
@@ -148,10 +149,10 @@ def test_preallocated_cache_refuses_to_overflow(tiny_segmenter):
     cache = preallocated_cache(llm.config, 8)
     embeds = torch.zeros(1, 6, llm.config.hidden_size)
     with torch.no_grad():
-        llm.model(inputs_embeds=embeds, cache=cache, use_cache=True)
+        decoder_pass(llm.model, embeds, cache)
         assert cache.get_seq_length() == 6
         with pytest.raises(ValueError, match="holds 8 positions; 12 asked for"):
-            llm.model(inputs_embeds=embeds, cache=cache, use_cache=True)
+            decoder_pass(llm.model, embeds, cache)
 
 
 # ---------------------------------------------------------------------------------------- quantization
