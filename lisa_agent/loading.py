@@ -9,6 +9,8 @@ it loads from ``vision_tower`` (a Hub id, a folder, or a folder relative to the 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
@@ -374,40 +376,92 @@ def resolve_quant_backend(config: EngineConfig, device: torch.device) -> str | N
         return None
     if config.quant_backend != "auto":
         return config.quant_backend
-    if device.type == "cuda" and _bitsandbytes_runs(device, config.quantization):
-        return "bitsandbytes"
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if _bitsandbytes_runs(index, config.quantization):
+            return "bitsandbytes"
     return "torchao"
 
 
-def _bitsandbytes_runs(device: torch.device, quantization: str) -> bool:
-    """Whether a bitsandbytes layer of ``quantization`` imports and runs a forward pass on ``device``."""
-    try:
-        import bitsandbytes as bnb
+#: what :func:`_bitsandbytes_runs` runs in a child process: one bitsandbytes layer, forward, on cuda:<index>
+_BNB_PROBE = """
+import sys, torch, bitsandbytes as bnb
+quantization, device = sys.argv[1], torch.device("cuda", int(sys.argv[2]))
+with torch.no_grad():
+    if quantization == "8bit":
+        layer, dtype = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False), torch.float16
+    else:
+        layer, dtype = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4"), torch.bfloat16
+    layer.to(device)(torch.zeros(1, 64, dtype=dtype, device=device))
+    torch.cuda.synchronize(device)
+print("bitsandbytes runs")
+"""
 
-        with torch.no_grad():
-            if quantization == "8bit":
-                layer = bnb.nn.Linear8bitLt(64, 64, bias=False, has_fp16_weights=False)
-            else:
-                layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4")
-            layer = layer.to(device)
-            layer(torch.zeros(1, 64, dtype=torch.float16 if quantization == "8bit" else torch.bfloat16, device=device))
-            torch.cuda.synchronize(device)
-        return True
-    except Exception as exc:  # noqa: BLE001 - import errors, missing kernels for this GPU, ...
-        log.info("bitsandbytes does not run here (%s: %s); quantizing with torchao", type(exc).__name__, exc)
+
+@functools.cache
+def _bitsandbytes_runs(index: int, quantization: str, timeout: float = 180.0) -> bool:
+    """Whether a bitsandbytes layer of ``quantization`` imports and runs a forward pass on ``cuda:<index>``,
+    tried in a child process: bitsandbytes' native code has ended its process (``exit()``) on CUDA errors,
+    which no ``try`` catches. Asked once per (device, quantization) and process."""
+    import subprocess
+    import sys
+
+    try:
+        proc = subprocess.run([sys.executable, "-c", _BNB_PROBE, quantization, str(index)], capture_output=True,
+                              text=True, timeout=timeout, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        log.info("bitsandbytes probe did not finish (%s); quantizing with torchao", exc)
         return False
+    if proc.returncode == 0 and proc.stdout.strip().endswith("bitsandbytes runs"):
+        return True
+    last = next((line for line in reversed(proc.stderr.strip().splitlines()) if line.strip()), "no message")
+    log.info("bitsandbytes does not run on cuda:%d (exit %d: %s); quantizing with torchao", index, proc.returncode,
+             last[:200])
+    return False
+
+
+#: torchao's int4 weight layout: tinygemm's tile-packed weights, multiplied by PyTorch's own
+#: ``aten._weight_int4pack_mm`` CUDA kernel (compute capability 8.0 and later: A100, H100/H200, Jetson Orin's
+#: sm_87). torchao's default layout ("plain") needs the separate mslk kernel package, which Jetson lacks.
+INT4_PACKING = "tile_packed_to_4d"
+#: int4 group sizes, largest first: each linear layer takes the first that divides its input width
+INT4_GROUP_SIZES = (128, 64, 32)
+
+
+def torchao_config(quantization: str, in_features: int) -> Any | None:
+    """torchao's weight-only config for one linear layer of ``in_features`` inputs: int8 per channel, or int4
+    in :data:`INT4_PACKING` with the largest group size of :data:`INT4_GROUP_SIZES` that divides
+    ``in_features`` (None when none does: that layer stays unquantized)."""
+    from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig
+
+    if quantization == "8bit":
+        return Int8WeightOnlyConfig(set_inductor_config=False)
+    group = next((g for g in INT4_GROUP_SIZES if in_features % g == 0), None)
+    if group is None:
+        return None
+    return Int4WeightOnlyConfig(group_size=group, int4_packing_format=INT4_PACKING, set_inductor_config=False)
 
 
 def quantize_llm_torchao(model: LisaModel, quantization: str) -> None:
-    """Weight-only int8 (CPU and CUDA) or int4 (CUDA, group size 128) for the LLaMA decoder layers' linear
-    layers with torchao, in place on the model's device; SAM, the projector, ``text_hidden_fcs``, embeddings
-    and ``lm_head`` stay as they are."""
+    """Weight-only int8 (CPU and CUDA) or int4 (CUDA, see :func:`torchao_config`) for the LLaMA decoder
+    layers' linear layers with torchao, in place on the model's device; SAM, the projector,
+    ``text_hidden_fcs``, embeddings and ``lm_head`` stay as they are."""
     try:
-        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+        from torchao.quantization import quantize_
 
-        config = Int8WeightOnlyConfig() if quantization == "8bit" else Int4WeightOnlyConfig(group_size=128)
-        for layer in model.llm.model.layers:
-            quantize_(layer, config)
+        linears = [m for layer in model.llm.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        skipped = 0
+        device = model.device
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            for linear in linears:  # torchao's kernels check the current device's capability
+                config = torchao_config(quantization, linear.in_features)
+                if config is None:
+                    skipped += 1
+                    continue
+                quantize_(linear, config)
+        if skipped:
+            log.warning("%d of %d linear layers stay unquantized: no int4 group size of %s divides their width",
+                        skipped, len(linears), INT4_GROUP_SIZES)
     except Exception as exc:  # ImportError, or kernels this device lacks
         raise QuantizationError(f"torchao cannot quantize to {quantization} here ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); install lisa-agent[quant], "

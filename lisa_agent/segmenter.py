@@ -39,6 +39,7 @@ with depth, each result carries the masks' 3D targets (:func:`lisa_agent.geometr
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -50,7 +51,7 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
-from .acceleration import CompiledEncoders, GraphedStages, StaticDecoder, bucket
+from .acceleration import CompiledEncoders, GraphCapturer, GraphedStages, StaticDecoder, bucket
 from .config import MASK_TTA_VIEWS, MODES, EngineConfig, mask_budget
 from .errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
@@ -95,16 +96,17 @@ class Conversation:
 
 
 class _Timer:
-    """Wall time per stage; on CUDA it waits for the current stream only (work on other streams, such as
-    SAM's encoder overlapping the language model, goes on)."""
+    """Wall time per stage; on CUDA it waits for the device's current stream only (work on other streams,
+    such as SAM's encoder overlapping the language model, goes on)."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.sync = device.type == "cuda"
         self.t = time.perf_counter()
 
     def lap(self) -> float:
         if self.sync:
-            torch.cuda.current_stream().synchronize()
+            torch.cuda.current_stream(self.device).synchronize()
         now = time.perf_counter()
         ms = (now - self.t) * 1000.0
         self.t = now
@@ -179,6 +181,8 @@ class LisaSegmenter:
         self.max_positions = int(model.llm.config.max_position_embeddings)
         self._decoder: StaticDecoder | None = None
         self._stages: GraphedStages | None = None
+        #: captures this engine's CUDA graphs (its device, its pools; after a failed capture, none more)
+        self._capturer = GraphCapturer(self.device) if self.device.type == "cuda" else None
         self._sam_stream: torch.cuda.Stream | None = None
         self._compiled: CompiledEncoders | None = None
         self._compiled_kept: CompiledEncoders | None = None
@@ -243,13 +247,16 @@ class LisaSegmenter:
         the stream need CUDA."""
         cuda = self.device.type == "cuda"
         self.static_cache = bool(static_cache)
-        self.cuda_graphs = bool(cuda_graphs) and cuda
+        self.cuda_graphs = bool(cuda_graphs) and self._capturer is not None
         self.overlap = bool(overlap) and cuda
         self.buckets = self.cuda_graphs if buckets is None else bool(buckets)
-        self._decoder = (StaticDecoder(self.model.llm, graphs=self.cuda_graphs, pad=self.buckets)
-                         if self.static_cache else None)
+        # bitsandbytes' 8-bit matmul reads its outliers on the host: a capture of the LLM would fail
+        llm_graphs = not (self.quant_backend == "bitsandbytes" and self.quantization == "8bit")
+        self._decoder = (StaticDecoder(self.model.llm, graphs=self.cuda_graphs and llm_graphs, pad=self.buckets,
+                                       capturer=self._capturer) if self.static_cache else None)
         sdpa = any(type(m).__name__ == "SdpaAttention" for m in self.model.sam.image_encoder.modules())
-        self._stages = GraphedStages(self.model, sam=sdpa) if self.cuda_graphs else None
+        self._stages = (GraphedStages(self.model, self._capturer, sam=sdpa, llm=llm_graphs)
+                        if self.cuda_graphs and self._capturer is not None else None)
         self._sam_stream = torch.cuda.Stream(device=self.device) if self.overlap else None
         self.compile = self.compile if compile is None else bool(compile)
         if self.compile and self._compiled_kept is None:
@@ -260,6 +267,22 @@ class LisaSegmenter:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    def _on_device(self) -> contextlib.AbstractContextManager[Any]:
+        """The engine's CUDA device made current (``cuda:N``: the streams, events, timers and graph captures of
+        this engine and of the libraries it calls default to the current device); nothing elsewhere."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+    def graph_memory(self) -> dict[str, Any]:
+        """What the optimizations hold (bounded, see :mod:`lisa_agent.acceleration`): CUDA graphs, static KV
+        caches and their megabytes, and why this engine's graph captures stopped (None while they work)."""
+        decoder = self._decoder.memory() if self._decoder is not None else {
+            "static_caches": 0, "decode_graphs": 0, "static_cache_mb": 0.0}
+        stages = len(self._stages) if self._stages is not None else 0
+        return {"cuda_graphs": stages + int(decoder["decode_graphs"]), "static_caches": decoder["static_caches"],
+                "static_cache_mb": decoder["static_cache_mb"],
+                "cuda_graphs_captured": 0 if self._capturer is None else self._capturer.captured,
+                "cuda_graphs_failed": None if self._capturer is None else self._capturer.failed}
 
     @property
     def dtype(self) -> torch.dtype:
@@ -291,7 +314,8 @@ class LisaSegmenter:
             "mask_views": len(self._views),
             "max_positions": self.max_positions,
             "static_cache": self.static_cache,
-            "cuda_graphs": self.cuda_graphs,
+            "cuda_graphs": self.cuda_graphs and self._capturer is not None and self._capturer.failed is None,
+            "cuda_graphs_failed": None if self._capturer is None else self._capturer.failed,
             "overlap": self.overlap,
             "buckets": self.buckets,
             "compile": self.compile,
@@ -322,7 +346,7 @@ class LisaSegmenter:
         timer = _Timer(self.device)
         key = frame_digest(frame.rgb)
         t_digest = timer.lap()
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), self._on_device():
             cached = self._cache.get(key)
             if cached is not None:
                 return cached.for_frame(frame), {**zero, "digest": t_digest}, True
@@ -371,13 +395,14 @@ class LisaSegmenter:
             # on CPUs one view at a time is faster than a batch (114 vs 160 ms for 4 views, 2 cores)
             return torch.cat([encode(pixels[k:k + 1]) for k in range(len(pixels))]), None
         stream = self._sam_stream
-        stream.wait_stream(torch.cuda.current_stream())  # the pixels were uploaded there
+        main = torch.cuda.current_stream(self.device)
+        stream.wait_stream(main)  # the pixels were uploaded there
         with torch.cuda.stream(stream):
             embedding = encode(pixels)
             ready = torch.cuda.Event()
             ready.record(stream)
         pixels.record_stream(stream)
-        embedding.record_stream(torch.cuda.current_stream())
+        embedding.record_stream(main)
         return embedding, ready
 
     def clear_cache(self) -> None:
@@ -397,9 +422,9 @@ class LisaSegmenter:
         h, w = frame.size
         if prompts_t.ndim != 2 or len(prompts_t) == 0:
             return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
-        with self._lock:
+        with self._lock, self._on_device():
             sam_in, _ = self._preprocess(frame.rgb, clip=False)
-            embedding = self.model.encode_sam(sam_in.pixels)
+            embedding = self._encoder("sam")(sam_in.pixels)  # graphed or compiled like the engine's own
             low_res, iou = self.model.decode_prompts(prompts_t, embedding)
             logits = self.model.postprocess_masks(low_res, sam_in.resized_hw, (h, w))
             scores = iou[:, 0].float()
@@ -447,7 +472,7 @@ class LisaSegmenter:
             if not isinstance(a, str) or not a.strip():
                 raise InvalidArgumentError("a forced answer must be a non-empty string, e.g. 'Sure, [SEG].'")
         feats, timings, cached = self._features(image, frame_id)
-        with self._lock, torch.inference_mode():
+        with self._lock, torch.inference_mode(), self._on_device():
             return self._forced(feats, timings, cached, texts, answers, return_logits)
 
     def start_conversation(self, image: ImageInput, frame_id: str | None = None) -> Conversation:
@@ -583,7 +608,7 @@ class LisaSegmenter:
         bool, scores (n,), decoder prompts (n, D), decoder ms, postprocess ms); thresholded on the device
         so only booleans cross to the host unless logits are asked for."""
         if feats.sam_ready is not None:  # SAM's encoder ran on its own stream, overlapping the LLM
-            torch.cuda.current_stream().wait_event(feats.sam_ready)
+            torch.cuda.current_stream(self.device).wait_event(feats.sam_ready)
         timer = _Timer(self.device)
         if len(seg_states) == 0:
             h, w = feats.original_hw
@@ -626,7 +651,7 @@ class LisaSegmenter:
     def _generate(self, feats: FrameFeatures, enc_ms: dict[str, float], cached: bool, query: str,
                   history: Sequence[tuple[str, str]], mode: str, max_new_tokens: int,
                   return_logits: bool) -> SegmentationResult:
-        with self._lock:
+        with self._lock, self._on_device():
             timer = _Timer(self.device)
             prompt = self._prompt(query, history)
             prompt_ids = self.tokenizer.encode_prompt(prompt)

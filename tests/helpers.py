@@ -38,9 +38,9 @@ def teach_answer(seg, image: np.ndarray, query: str, answer: str, steps: int = 8
     prompt_ids = tok.encode_prompt(seg._prompt(query))
     full_ids = tok.encode_prompt(seg._prompt(query, answer=answer))
     assert full_ids[: len(prompt_ids)] == prompt_ids
-    with torch.no_grad():
-        image_tokens = model.encode_clip(clip_preprocess(image, seg.clip_size))
-    ids = torch.tensor([full_ids])
+    with torch.no_grad():  # the engine's device: a CUDA model is taught with CUDA tensors
+        image_tokens = model.encode_clip(clip_preprocess(image, seg.clip_size).to(seg.device))
+    ids = torch.tensor([full_ids], device=seg.device)
     model.llm.requires_grad_(True)
     opt = torch.optim.Adam(model.llm.parameters(), lr=1e-2)
     n_img = image_tokens.shape[1]
@@ -57,6 +57,42 @@ def teach_answer(seg, image: np.ndarray, query: str, answer: str, steps: int = 8
         opt.step()
     model.llm.requires_grad_(False)
     seg.clear_cache()
+
+
+def assert_same_result(a, b, *, atol: float = 1e-4) -> None:  # noqa: ANN001
+    """Two SegmentationResults of one query agree: ids, text, [SEG] prompts (``atol``), logits (10 x ``atol``),
+    masks (IoU >= 0.99 each)."""
+    assert a.output_ids == b.output_ids
+    assert a.text == b.text
+    assert len(a.masks) == len(b.masks)
+    np.testing.assert_allclose(a.seg_embeddings, b.seg_embeddings, atol=atol, rtol=atol)
+    if a.logits is not None or b.logits is not None:
+        np.testing.assert_allclose(a.logits, b.logits, atol=10 * atol, rtol=10 * atol)
+    for x, y in zip(a.masks, b.masks, strict=True):
+        assert iou(x, y) >= 0.99
+
+
+def assert_same_objects(reference, other, first_seed: int, *, min_same: int = 11, mean_iou: float = 0.97,  # noqa: ANN001
+                        min_iou: float = 0.9) -> list[float]:
+    """``other`` answers 12 chat queries on 3 tabletop validation scenes as ``reference`` does: at least
+    ``min_same`` answers the same, and the masks of matching answers with IoU mean >= ``mean_iou``, min >=
+    ``min_iou`` (at least 8 of them). Returns the IoUs."""
+    from lisa_agent.data.queries import queries_for_scene
+    from lisa_agent.data.tabletop import render_scene, split_seed
+
+    ious, same_text, compared = [], 0, 0
+    for k in range(3):
+        scene = render_scene(split_seed("val", first_seed + k), size=(240, 320))
+        for q in queries_for_scene(scene)[:4]:
+            ours = reference.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
+            theirs = other.segment(scene.image, q.text, mode="chat", max_new_tokens=32)
+            compared += 1
+            same_text += ours.text == theirs.text
+            if len(ours.masks) and len(theirs.masks) == len(ours.masks):
+                ious.extend(iou(a, b) for a, b in zip(ours.masks, theirs.masks, strict=True))
+    assert compared == 12 and same_text >= min_same, (same_text, ious)
+    assert len(ious) >= 8 and min(ious) >= min_iou and float(np.mean(ious)) >= mean_iou, ious
+    return ious
 
 
 def assert_result_schema(payload: dict) -> dict:

@@ -8,9 +8,10 @@ built directly on the device: for GPU speed measurements without a download).
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -21,6 +22,7 @@ from ..errors import InvalidArgumentError
 from .process import peak_rss_mb, rss_mb
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..modeling.sam import SamSpec
     from ..segmenter import LisaSegmenter
 
 #: the per-frame stages a result's timings_ms reports (zero when the frame was already encoded)
@@ -34,46 +36,71 @@ LLAMA_SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
+#: CLIP ViT-L/14 at 224 px (``openai/clip-vit-large-patch14``), the tower of every released LISA
+CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+              patch_size=14)
+
+
 def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
-    """A LISA-{7b,13b}-shaped segmenter with random weights, allocated directly on the device and
-    assembled as a loaded checkpoint is (:func:`lisa_agent.loading.assemble`), with ``config``'s
-    device, dtype, quantization, SAM attention and mask augmentation (``checkpoint``: off)."""
+    """A LISA-{7b,13b}-shaped segmenter (SAM ViT-H, CLIP ViT-L/14) with random weights: :func:`random_segmenter`."""
+    from ..modeling.sam import SAM_PRESETS
+
+    if shape not in LLAMA_SHAPES:
+        raise InvalidArgumentError(f"unknown shape {shape!r}; choose one of {', '.join(LLAMA_SHAPES)}")
+    return random_segmenter(LLAMA_SHAPES[shape], SAM_PRESETS["vit_h"], CLIP_L, config, name=f"random-{shape}")
+
+
+def random_segmenter(llama: dict[str, Any], sam: SamSpec, clip: dict[str, Any], config: EngineConfig, *,
+                     name: str = "random") -> LisaSegmenter:
+    """A segmenter of the given LLaMA fields, SAM shape and CLIP vision config with random weights, built
+    directly on ``config``'s device in its dtype (a LISA-7B staged in float32 would take ~27 GB, more than a
+    32 GB Orin holds beside the rest) with every parameter and buffer initialised by the modules' own
+    constructors (SAM's random positional-encoding matrix included), then assembled as a loaded checkpoint is
+    (:func:`lisa_agent.loading.assemble`) with ``config``'s quantization, SAM attention and mask augmentation
+    (``checkpoint``: off)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
     from ..loading import LisaConfig, assemble, build_model, resolve_precision, resolve_quant_backend
     from ..modeling.clip import ClipPatchFeatures
-    from ..modeling.sam import SAM_PRESETS
     from ..segmenter import LisaSegmenter, optimization_switches
     from ..tiny import add_lisa_tokens, train_tokenizer
     from ..tokenization import LisaTokenizer
 
-    if shape not in LLAMA_SHAPES:
-        raise InvalidArgumentError(f"unknown shape {shape!r}; choose one of {', '.join(LLAMA_SHAPES)}")
     dtype, device = resolve_precision(config)
-    cfg = LisaConfig.from_dict({**LLAMA_SHAPES[shape], "vision_tower": "openai/clip-vit-large-patch14",
-                                "bos_token_id": 1, "eos_token_id": 2})
-    model = build_model(cfg, SAM_PRESETS["vit_h"], meta=True)
-    model.to_empty(device=device)
+    cfg = LisaConfig.from_dict({**llama, "vision_tower": "openai/clip-vit-large-patch14", "bos_token_id": 1,
+                                "eos_token_id": 2, "mm_hidden_size": clip["hidden_size"],
+                                "out_dim": sam.prompt_embed_dim})
+    with torch.device(device), _default_dtype(dtype):
+        model = build_model(cfg, sam, meta=False)
+        tower = CLIPVisionModel(CLIPVisionConfig(**clip))
     _random_init(model)
-    with torch.device(device):
-        tower = CLIPVisionModel(CLIPVisionConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24,
-                                                 num_attention_heads=16, image_size=224, patch_size=14))
-    # transformers wraps PreTrainedModel.to with functools.wraps, whose stub does not bind self
-    vision = ClipPatchFeatures(tower.to(dtype).eval(), -2, "patch")  # type: ignore[arg-type]
+    vision = ClipPatchFeatures(tower.eval(), -2, "patch")
     backend = resolve_quant_backend(config, device)
     assemble(model, vision, dtype=dtype, device=device, quantization=config.quantization,
              sam_attention=config.sam_attention, quant_backend=backend)
     tok = train_tokenizer()
     added = add_lisa_tokens(tok)
     tokenizer = LisaTokenizer(tok, "tokenizers", added, {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"})
-    return LisaSegmenter(model, tokenizer, name=f"random-{shape}", quantization=config.quantization,
+    return LisaSegmenter(model, tokenizer, name=name, quantization=config.quantization,
                          cache_frames=config.cache_frames, config=config, max_masks=config.max_masks,
                          max_mask_megapixels=config.max_mask_megapixels, quant_backend=backend,
                          mask_tta="off" if config.mask_tta == "checkpoint" else config.mask_tta,
                          **optimization_switches(config, device))
 
 
+@contextlib.contextmanager
+def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
+    """Floating tensors made without a dtype are ``dtype`` inside the block."""
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(before)
+
+
 def _random_init(model: torch.nn.Module) -> None:
+    """Parameters in place: norms' weights 1, the rest N(0, 0.02) (buffers keep their constructors' values)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name and name.endswith("weight"):
@@ -114,8 +141,10 @@ def run_bench(seg: LisaSegmenter, *, runs: int = 10, warmup: int = 2, new_tokens
               modes: tuple[str, ...] = ("fast", "chat", "reference"), reference_runs: int | None = None,
               query: str = "grab something to cut with") -> dict[str, Any]:
     """Median per-stage timings; every run starts from an uncached frame (encoders included). Reports the
-    settings in use and ``peak_memory_mb`` (CUDA: the most memory allocated; CPU: how far the process's
-    resident memory grew while timing)."""
+    settings in use, ``peak_memory_mb`` (CUDA: the most memory allocated to tensors; CPU: how far the process's
+    resident memory grew while timing), ``peak_reserved_mb`` (CUDA: the most memory the caching allocator held,
+    CUDA graphs' private pools included; None on the CPU) and ``graph_memory`` (the CUDA graphs and static KV
+    caches the engine holds at the end, see :meth:`LisaSegmenter.graph_memory`)."""
     rng = np.random.default_rng(0)
     frame = rng.integers(0, 255, size=(*image_hw, 3), dtype=np.uint8)
     seg.eos_token_id = -1  # benchmark: always generate exactly `new_tokens` tokens
@@ -148,6 +177,8 @@ def run_bench(seg: LisaSegmenter, *, runs: int = 10, warmup: int = 2, new_tokens
         out["modes"]["fast_encoded"] = time_mode(lambda: seg.segment(features, query), runs, warmup)
     out["ratios"] = _ratios(out["modes"])
     out["peak_memory_mb"] = memory.peak_mb()
+    out["peak_reserved_mb"] = memory.peak_reserved_mb()
+    out["graph_memory"] = seg.graph_memory()
     return out
 
 
@@ -208,7 +239,9 @@ def compare(seg: LisaSegmenter, *, rounds: int = 3, **bench: Any) -> dict[str, A
 
 def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:
     """One report from several of the same setting: medians over all their runs, the highest peak memory."""
-    out = {**reports[0], "modes": {}, "peak_memory_mb": max(r["peak_memory_mb"] for r in reports)}
+    reserved = [r["peak_reserved_mb"] for r in reports if r.get("peak_reserved_mb") is not None]
+    out = {**reports[0], "modes": {}, "peak_memory_mb": max(r["peak_memory_mb"] for r in reports),
+           "peak_reserved_mb": max(reserved) if reserved else None, "graph_memory": reports[-1].get("graph_memory")}
     for mode in reports[0]["modes"]:
         samples = [t for r in reports for t in r["modes"][mode]["samples"]]
         stages = _median_stages(samples)
@@ -226,8 +259,8 @@ def _ratios(modes: dict[str, Any]) -> dict[str, float]:
 
 
 class _MemoryProbe:
-    """Peak memory while timing: CUDA's most allocated bytes (reset at start), or the growth of this
-    process's resident memory (read from /proc on Linux; the peak since start elsewhere)."""
+    """Peak memory while timing: CUDA's most allocated and most reserved bytes (reset at start), or the
+    growth of this process's resident memory (read from /proc on Linux; the peak since start elsewhere)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -247,6 +280,12 @@ class _MemoryProbe:
             return round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
         return round(max(0.0, peak_rss_mb() - self.start), 1)
 
+    def peak_reserved_mb(self) -> float | None:
+        """CUDA: the most memory the caching allocator held (tensors, free blocks, graph pools); else None."""
+        if self.cuda:
+            return round(torch.cuda.max_memory_reserved(self.device) / 2**20, 1)
+        return None
+
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -259,7 +298,8 @@ def _device_name(device: torch.device) -> str:
 def format_table(report: dict[str, Any]) -> str:
     lines = [f"device {report['device']}  shape {report.get('shape')}  dtype {report['dtype']}  "
              f"new tokens {report['new_tokens']}  frame {report['image_hw'][0]}x{report['image_hw'][1]}  "
-             f"mask tta {report.get('mask_tta', 'off')}  peak memory {report.get('peak_memory_mb', float('nan'))} MB",
+             f"mask tta {report.get('mask_tta', 'off')}  peak memory {report.get('peak_memory_mb', float('nan'))} MB"
+             f" (reserved {report.get('peak_reserved_mb')} MB)",
              "settings: " + ", ".join(f"{k} {v}" for k, v in report.get("settings", {}).items())]
     stages = sorted({s for m in report["modes"].values() for s in m["stages_ms"]} - {"total"})
     lines.append(f"{'mode':<12}{'median ms':>11}" + "".join(f"{s:>13}" for s in stages))
