@@ -22,6 +22,7 @@ if ! cmp -s tests/transformers-lowest.txt "$LOWEST/requirements.txt"; then
   "$VENV/bin/pip" install -q --no-deps --target "$LOWEST" -r tests/transformers-lowest.txt
   cp tests/transformers-lowest.txt "$LOWEST/requirements.txt"
 fi
+export LISA_TRANSFORMERS_LOWEST="$LOWEST"
 # The console's browser test drives Debian's chromium through chromedriver (tests/test_console.py).
 if ! command -v chromium >/dev/null 2>&1 || ! command -v chromedriver >/dev/null 2>&1; then
   if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then

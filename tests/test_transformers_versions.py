@@ -28,8 +28,9 @@ from lisa_agent.loading import BUNDLED_MODELS, MIN_TRANSFORMERS, check_transform
 
 ROOT = Path(__file__).resolve().parents[1]
 LOWEST_SPEC = ROOT / "tests" / "transformers-lowest.txt"
-#: where scripts/test.sh installs the lowest allowed transformers (LISA_TRANSFORMERS_LOWEST overrides it)
-LOWEST_DIR = Path(os.environ.get("LISA_TRANSFORMERS_LOWEST", ROOT / ".venv" / "transformers-lowest"))
+#: where scripts/test.sh installs the lowest allowed transformers: beside the venv that runs the tests
+#: (LISA_TRANSFORMERS_LOWEST overrides it)
+LOWEST_DIR = Path(os.environ.get("LISA_TRANSFORMERS_LOWEST", Path(sys.prefix) / "transformers-lowest"))
 
 #: chat on three held-out scenes, static and dynamic cache; what each process writes for the comparison
 CHAT_SCRIPT = r"""
