@@ -424,6 +424,8 @@ class LisaSegmenter:
             return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
         with self._lock, self._on_device():
             sam_in, _ = self._preprocess(frame.rgb, clip=False)
+            if self._sam_stream is not None:  # SAM's graph may still be replaying there for an encode()
+                torch.cuda.current_stream(self.device).wait_stream(self._sam_stream)
             embedding = self._encoder("sam")(sam_in.pixels)  # graphed or compiled like the engine's own
             low_res, iou = self.model.decode_prompts(prompts_t, embedding)
             logits = self.model.postprocess_masks(low_res, sam_in.resized_hw, (h, w))

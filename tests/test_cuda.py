@@ -239,6 +239,9 @@ def test_the_trackers_sam_path_replays_the_sam_graph(taught_checkpoint):
     want, want_scores = eager.masks_from_prompts(FRAME, prompts)
     assert all(iou(a, b) >= 0.99 for a, b in zip(masks, want, strict=True))
     np.testing.assert_allclose(scores, want_scores, atol=1e-3)
+    seg.encode(random_frame(60, 80, seed=8))  # the same SAM graph replays on the SAM stream, not waited for ...
+    again, _ = seg.masks_from_prompts(FRAME, prompts)  # ... while the tracker replays it on the main stream
+    assert all(iou(a, b) >= 0.99 for a, b in zip(again, want, strict=True))
 
 
 # ------------------------------------------------------------------------------------- the bench
