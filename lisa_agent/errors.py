@@ -63,6 +63,15 @@ class QuantizationError(LisaError):
     code = "quantization_unavailable"
 
 
+class UnsafePickleError(LisaError, ValueError):
+    """A pickle file (RefCOCO's ``refs(unc).p``) asks to import or call something: refused, nothing run.
+
+    Data pickles are read with a restricted unpickler that builds plain containers, strings and numbers
+    only (:mod:`lisa_agent.data.plain_pickle`)."""
+
+    code = "unsafe_pickle"
+
+
 class DependencyError(LisaError):
     """An installed library is a version lisa-agent does not support (transformers older than the pin)."""
 

@@ -203,6 +203,47 @@ def _no_category(scene: Scene, np_: str, cat: str, rng: np.random.Generator, emp
                        empty, concept=cat)
 
 
+def referring_expressions(scene: Scene, i: int, rng: np.random.Generator, n: int = 2,
+                          p_implicit: float = 0.5) -> list[tuple[str, str, str]]:
+    """Up to ``n`` distinct RefCOCO-style expressions for object ``i``: lower-case noun phrases without
+    final punctuation (RefCOCO's ``sent`` form, which LISA lower-cases anyway) that single it out in ``scene``, as ``(expression, subset, concept)`` triples.
+
+    Explicit ("the red mug", "red mug"; "the mug", "mug" when no other mug is there; concept the category)
+    or, with probability ``p_implicit`` per expression while some use singles the object out, implicit
+    ("something to cut with", "something to cut with that is red"; concept ``"affordance:cut"``)."""
+    obj = scene.objects[i]
+    explicit = [f"the {obj.colour} {obj.category}", f"{obj.colour} {obj.category}"]
+    if sum(o.category == obj.category for o in scene.objects) == 1:
+        explicit += [f"the {obj.category}", obj.category]
+    implicit = [(phrase if not needs_colour else f"{phrase} that is {obj.colour}", f"affordance:{aff.name}")
+                for aff, needs_colour in _affordance_options(scene, i) for phrase in aff.phrases]
+    out: list[tuple[str, str, str]] = []
+    while len(out) < n and (explicit or implicit):
+        if implicit and (not explicit or rng.random() < p_implicit):
+            text, concept = implicit.pop(int(rng.integers(0, len(implicit))))
+            out.append((text.lower(), "implicit", concept))
+        else:
+            out.append((explicit.pop(int(rng.integers(0, len(explicit)))), "explicit", obj.category))
+    return out
+
+
+def referring_queries(scene: Scene, rng: np.random.Generator | None = None, *, sentences: int = 2,
+                      p_implicit: float = 0.5) -> list[QuerySample]:
+    """The scene as a referring-segmentation split sees it: for every object in order, up to ``sentences``
+    expressions of :func:`referring_expressions`, each one query (``is_sentence`` False, so LISA's prompt is
+    "What is {expression} in this image? ..."; answer "Sure, [SEG]."). Deterministic from ``scene.seed``
+    unless ``rng`` is given. ``make-data --format refcoco`` writes these as refs (one per object, its
+    expressions as the ref's sentences), ``make-data --queries referring`` in the ReasonSeg layout."""
+    if sentences < 1:
+        raise ValueError(f"sentences must be >= 1; got {sentences}")
+    rng = np.random.default_rng([scene.seed, 13]) if rng is None else rng
+    out = []
+    for i in range(len(scene.objects)):
+        for text, subset, concept in referring_expressions(scene, i, rng, sentences, p_implicit):
+            out.append(QuerySample(text, False, subset, [i], _answer(1, rng), _masks(scene, [i]), concept=concept))
+    return out
+
+
 _DESCRIBE_QUESTIONS = (
     "What objects are on the table?",
     "What do you see in this image?",

@@ -235,6 +235,15 @@ def iter_samples(folder: str | Path, *, limit: int | None = None, all_texts: boo
         yield read_sample(p, all_texts=all_texts)
 
 
+def save_image(path: str | Path, image: np.ndarray, jpeg_quality: int = 95) -> None:
+    """Write H x W x 3 uint8 RGB ``image`` to ``path`` (.jpg at ``jpeg_quality``, or .png), as every
+    dataset writer here does, so that two layouts written from one scene hold the same pixels."""
+    path = Path(path)
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    if not cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params):
+        raise DatasetError(f"cannot write {path}")
+
+
 def write_sample(out_dir: str | Path, name: str, scene: Scene, queries: Sequence[QuerySample], *,
                  image_format: str = "jpg", split: str | None = None, jpeg_quality: int = 95) -> Path:
     """Write ``scene`` as ``out_dir/name.{jpg|png}`` + ``out_dir/name.json``; returns the json path.
@@ -247,9 +256,7 @@ def write_sample(out_dir: str | Path, name: str, scene: Scene, queries: Sequence
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     image_path = out_dir / f"{name}.{image_format}"
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(jpeg_quality)] if image_format == "jpg" else []
-    if not cv2.imwrite(str(image_path), cv2.cvtColor(scene.image, cv2.COLOR_RGB2BGR), params):
-        raise DatasetError(f"cannot write {image_path}")
+    save_image(image_path, scene.image, jpeg_quality)
     head = next((q for q in queries if len(q.targets) == 1), queries[0] if queries else None)
     shapes = []
     if head is not None:

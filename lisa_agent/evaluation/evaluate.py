@@ -1,4 +1,6 @@
-"""Run a segmenter over a ReasonSeg-layout split and score it as LISA does.
+"""Run a segmenter over a split and score it as LISA does: a ReasonSeg-layout folder
+(:func:`lisa_agent.data.reasonseg.iter_samples`) or a referring split of the RefCOCO layout
+(:func:`lisa_agent.data.refcoco.open_refer_split`); both give :class:`~lisa_agent.data.reasonseg.Sample`s.
 
 The segmenter is duck-typed: anything with ``segment(image, query, mode=..., answer=...)`` returning
 an object with ``masks`` (P x H x W bool) and ``text`` works (``LisaSegmenter`` does).
@@ -29,7 +31,7 @@ import heapq
 import json
 import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -82,7 +84,8 @@ def right_object(pred: np.ndarray, object_masks: np.ndarray, target: int) -> boo
 
 def evaluate(segmenter: Segmenter, samples: Iterable[Sample], *, answer: str = "forced", prompt: str = "lisa",
              limit: int | None = None, failures_out: str | Path | None = None, n_failures: int = 8,
-             max_new_tokens: int | None = None, progress: bool = False) -> dict[str, Any]:
+             max_new_tokens: int | None = None, progress: bool = False,
+             subsets: Sequence[str] = SUBSETS) -> dict[str, Any]:
     """Score ``segmenter`` on every query of ``samples``.
 
     Args:
@@ -94,17 +97,20 @@ def evaluate(segmenter: Segmenter, samples: Iterable[Sample], *, answer: str = "
         failures_out: folder for PNG overlays of the ``n_failures`` lowest-IoU queries (+ index.json).
         max_new_tokens: generation limit passed to chat-mode calls (default: the segmenter's).
         progress: show a progress bar on stderr.
+        subsets: subset names reported even when no query has them (default our four); the queries'
+            own subsets ("short" / "long" for ReasonSeg, the split name for a referring split) are added.
 
     Returns:
-        ``{"gIoU", "cIoU", "n", "subsets": {name: {"gIoU", "cIoU", "n", "mode", ...}}, "right_object_rate",
-        "no_mask_rate", "two_masks_rate", "one_mask_rate", "categories", "images", "seconds", ...}``.
+        ``{"gIoU", "cIoU", "n", "intersection", "union", "subsets": {name: {"gIoU", "cIoU", "n", "mode", ...}},
+        "right_object_rate", "no_mask_rate", "two_masks_rate", "one_mask_rate", "categories", "images",
+        "seconds", ...}``; ``intersection`` / ``union`` are the exact pixel sums behind cIoU.
     """
     if answer not in ANSWER_MODES:
         raise ValueError(f"answer must be one of {ANSWER_MODES}; got {answer!r}")
     if prompt not in PROMPT_STYLES:
         raise ValueError(f"prompt must be one of {PROMPT_STYLES}; got {prompt!r}")
     overall = IoUMeter()
-    subsets: dict[str, IoUMeter] = {s: IoUMeter() for s in SUBSETS}
+    meters: dict[str, IoUMeter] = {s: IoUMeter() for s in subsets}
     modes: dict[str, set[str]] = defaultdict(set)
     stats: dict[str, dict[str, list[bool]]] = defaultdict(lambda: defaultdict(list))
     categories: dict[str, IoUMeter] = defaultdict(IoUMeter)
@@ -128,7 +134,7 @@ def evaluate(segmenter: Segmenter, samples: Iterable[Sample], *, answer: str = "
             masks = np.asarray(result.masks, dtype=bool).reshape(-1, *sample.image.shape[:2])
             score = _score(masks, q)
             overall.add(score)
-            subsets.setdefault(q.subset, IoUMeter()).add(score)
+            meters.setdefault(q.subset, IoUMeter()).add(score)
             modes[q.subset].add(mode)
             _collect_stats(stats[q.subset], q, sample, masks, str(getattr(result, "text", "")), answer)
             if len(q.targets) == 1 and sample.object_names:
@@ -140,8 +146,9 @@ def evaluate(segmenter: Segmenter, samples: Iterable[Sample], *, answer: str = "
     if bar is not None:
         bar.close()
     seconds = time.perf_counter() - start
-    report: dict[str, Any] = {**overall.summary(), "subsets": {}}
-    for name, meter in subsets.items():
+    report: dict[str, Any] = {**overall.summary(), "intersection": overall.inter, "union": overall.union,
+                              "subsets": {}}
+    for name, meter in meters.items():
         entry: dict[str, Any] = meter.summary()
         entry["mode"] = "+".join(sorted(modes[name])) if modes[name] else None
         for key, hits in sorted(stats[name].items()):
@@ -260,6 +267,7 @@ def format_report(report: dict[str, Any]) -> str:
         extra = ", ".join(f"{k} {f(v)}" for k, v in e.items() if k.endswith("_rate") and v is not None)
         rows.append(f"{name:<11} {e['n']:>5} {f(e['gIoU']):>6} {f(e['cIoU']):>6}  {f(e['mode']):<6} {extra}")
     rows.append(f"{'all':<11} {report['n']:>5} {f(report['gIoU']):>6} {f(report['cIoU']):>6}")
-    rows.append(f"answer {report['answer']}, prompt {report['prompt']}, {report['images']} images, "
-                f"{report['seconds']} s")
+    counts = f"{report['images']} images" + (f", {report['refs']} refs" if "refs" in report else "")
+    split = f"split {report['split']}, " if report.get("split") else ""
+    rows.append(f"{split}answer {report['answer']}, prompt {report['prompt']}, {counts}, {report['seconds']} s")
     return "\n".join(rows)
