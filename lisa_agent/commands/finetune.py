@@ -1,14 +1,31 @@
-"""``lisa-agent finetune``: LISA's training recipe (LoRA or full) on a ReasonSeg-layout folder or the
-synthetic tabletop world; checkpoints in the published layout, resumable."""
+"""``lisa-agent finetune``: LISA's training recipe (LoRA or full) on a mixture of data sources, each a
+ReasonSeg-layout folder, RefCOCO-layout referring data or the synthetic tabletop world, drawn with
+sampling rates as LISA's ``--dataset`` / ``--sample_rates``; checkpoints in the published layout, resumable.
+
+``--data`` lists the sources, joined by ``||`` as LISA joins its dataset names::
+
+    --data synthetic                                   # endless tabletop scenes (train seeds)
+    --data DIR  or  --data reason_seg:DIR              # a ReasonSeg-layout folder (x.jpg + x.json)
+    --data refer_seg:DIR                               # RefCOCO layout (DIR/refer_seg/refcoco/refs(unc).p ...)
+    --data "refer_seg:DIR||reason_seg:RS/train||synthetic" --sample-rates 3,1,1
+
+A referring sample is up to three sentences of one image's train refs, each asked with one of LISA's
+short questions and answered with one of its answer templates (:class:`~lisa_agent.training.batches.ReferSource`).
+``--val-data DIR --val-split refcoco|unc|val`` validates on a referring split (LISA's ``--val_dataset``).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from ..errors import InvalidArgumentError
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..training.batches import TrainingImage
 
 
 def _sizes(text: str) -> tuple[tuple[int, int], ...]:
@@ -28,11 +45,55 @@ def _steps(text: str) -> tuple[int, ...]:
     return steps
 
 
+#: Source kinds ``--data`` names (a bare folder is ``reason_seg``).
+SOURCE_KINDS = ("synthetic", "reason_seg", "refer_seg")
+
+
+def parse_sources(text: str) -> list[tuple[str, str]]:
+    """``"refer_seg:D1||synthetic||D2"`` -> [("refer_seg", "D1"), ("synthetic", ""), ("reason_seg", "D2")]."""
+    sources = []
+    for part in (p.strip() for p in text.split("||")):
+        if not part:
+            raise InvalidArgumentError(f"--data {text!r} has an empty source (sources are joined by '||')")
+        kind, sep, path = part.partition(":")
+        if part == "synthetic":
+            sources.append(("synthetic", ""))
+        elif sep and kind in ("reason_seg", "refer_seg"):
+            if not path:
+                raise InvalidArgumentError(f"--data source {part!r} names no folder")
+            sources.append((kind, path))
+        else:
+            sources.append(("reason_seg", part))
+    return sources
+
+
+def parse_rates(text: str | None, n: int) -> list[float]:
+    """``"9,3,1"`` -> [9.0, 3.0, 1.0], one per source (None: equal rates)."""
+    if text is None:
+        return [1.0] * n
+    try:
+        rates = [float(v) for v in text.split(",")]
+    except ValueError:
+        rates = []
+    if len(rates) != n or any(not r >= 0 for r in rates) or sum(rates) <= 0:
+        raise InvalidArgumentError(f"--sample-rates must be {n} non-negative numbers (one per --data source) with "
+                                   f"a positive sum; got {text!r}")
+    return rates
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="starting checkpoint: Hub id, folder or tabletop-tiny")
     parser.add_argument("--vision-tower", default=None)
-    parser.add_argument("--data", required=True,
-                        help="ReasonSeg-layout folder, or 'synthetic' for endless tabletop scenes (train seeds)")
+    parser.add_argument("--data", required=True, metavar="SOURCE[||SOURCE...]",
+                        help="'synthetic' (endless tabletop scenes, train seeds), a ReasonSeg-layout folder "
+                             "(or reason_seg:DIR), or refer_seg:DIR (RefCOCO layout, its train refs); several "
+                             "joined by '||' are mixed by --sample-rates")
+    parser.add_argument("--sample-rates", default=None, metavar="R,R,...",
+                        help="one weight per --data source: each training image comes from a source picked with "
+                             "these odds, as LISA's --sample_rates (default: equal)")
+    parser.add_argument("--refer-seg-data", default=None, metavar="NAME||NAME",
+                        help="refer_seg sources: which of refclef, refcoco, refcoco+, refcocog to read, each drawn "
+                             "equally as LISA's --refer_seg_data (default: every one the folder holds)")
     parser.add_argument("--out", required=True, help="output folder (published layout + trainer_state.pt)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--lora", dest="method", action="store_const", const="lora",
@@ -80,7 +141,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--full: keep the LLM, projector and CLIP tower fixed (the answers stay exactly as "
                              "they were; SAM and text_hidden_fcs train), e.g. to add the presence head")
     parser.add_argument("--frame-sizes", default="192x256,256x192,224x224", help="synthetic frame sizes HxW,...")
-    parser.add_argument("--val-data", default=None, help="ReasonSeg-layout folder for periodic gIoU/cIoU")
+    parser.add_argument("--val-data", default=None,
+                        help="ReasonSeg-layout folder for periodic gIoU/cIoU (or the RefCOCO-layout folder of --val-split)")
+    parser.add_argument("--val-split", default=None, metavar="DATASET|SPLITBY|SPLIT",
+                        help="validate on this referring split of --val-data, e.g. refcoco|unc|val (LISA's --val_dataset)")
     parser.add_argument("--val-every", type=int, default=200)
     parser.add_argument("--val-limit", type=int, default=40)
     parser.add_argument("--val-answer", default="forced", choices=["forced", "generated"])
@@ -94,17 +158,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..loading import resolve_checkpoint
     from ..segmenter import LisaSegmenter
-    from ..training.batches import folder_scenes, synthetic_scenes
+    from ..training.batches import folder_scenes, mixed_scenes, synthetic_scenes
     from ..training.trainer import TrainConfig, Trainer
 
-    # option errors first, before the (slow) model load
+    # option and data errors first, before the (slow) model load
     curriculum = _steps(args.presence_curriculum)
-    if args.sam_aux_weight and args.data != "synthetic":
+    sources = parse_sources(args.data)
+    rates = parse_rates(args.sample_rates, len(sources))
+    if args.sam_aux_weight and all(kind != "synthetic" for kind, _ in sources):
         raise InvalidArgumentError("--sam-aux-weight needs --data synthetic (it uses the scenes' object labels)")
     if args.absent_seg_per_scene and args.presence_weight <= 0:
         raise InvalidArgumentError("--absent-seg-per-scene trains the presence head: give --presence-weight > 0")
     if not 0.0 < args.presence_threshold < 1.0:
         raise InvalidArgumentError(f"--presence-threshold must be in (0, 1); got {args.presence_threshold}")
+    refer = [_open_source(kind, path, args.refer_seg_data) for kind, path in sources]
+    if args.val_split:
+        from ..data.refcoco import open_refer_split
+
+        if not args.val_data:
+            raise InvalidArgumentError("--val-split names a referring split of --val-data: give --val-data")
+        open_refer_split(args.val_data, args.val_split)  # checked now, not after the model loads
     source = resolve_checkpoint(args.model)
     seg = LisaSegmenter.from_pretrained(source, vision_tower=args.vision_tower, dtype="fp32", device="cpu")
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-3)
@@ -122,7 +195,7 @@ def run(args: argparse.Namespace) -> int:
         fcs = cast(torch.nn.Sequential, seg.model.text_hidden_fcs[0])  # Linear, ReLU, Linear, Dropout
         first, last = cast(torch.nn.Linear, fcs[0]), cast(torch.nn.Linear, fcs[2])
         seg.model.text_hidden_fcs = make_text_hidden_fcs(first.in_features, last.out_features)
-    trainer = Trainer(seg, source, Path(args.out), cfg, val_data=args.val_data)
+    trainer = Trainer(seg, source, Path(args.out), cfg, val_data=args.val_data, val_split=args.val_split)
     start = 0
     if args.resume:
         state = Path(args.out) / "trainer_state.pt"
@@ -130,15 +203,20 @@ def run(args: argparse.Namespace) -> int:
             raise InvalidArgumentError(f"--resume: {state} does not exist")
         trainer.resume(state)
         start = trainer.step * cfg.scenes_per_batch
-    if args.data == "synthetic":
-        scenes = synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start,
-                                  named_prob=args.named_answers, no_target=args.no_target_per_scene,
-                                  named_colour=args.named_colour, describe=args.describe_per_scene,
-                                  presence=args.presence_per_scene,
-                                  presence_curriculum=curriculum,
-                                  scenes_per_step=cfg.scenes_per_batch, absent_seg=args.absent_seg_per_scene)
-    else:
-        scenes = folder_scenes(args.data, args.seed + start)
+    streams = []
+    for (kind, path), opened in zip(sources, refer, strict=True):
+        if kind == "synthetic":
+            streams.append(synthetic_scenes("train", args.seed, _sizes(args.frame_sizes), start=start,
+                                            named_prob=args.named_answers, no_target=args.no_target_per_scene,
+                                            named_colour=args.named_colour, describe=args.describe_per_scene,
+                                            presence=args.presence_per_scene, presence_curriculum=curriculum,
+                                            scenes_per_step=cfg.scenes_per_batch,
+                                            absent_seg=args.absent_seg_per_scene))
+        elif opened is not None:  # refer_seg
+            streams.append(opened(args.seed + start))
+        else:
+            streams.append(folder_scenes(path, args.seed + start))
+    scenes = streams[0] if len(streams) == 1 else mixed_scenes(streams, rates, args.seed + start)
     trainer.fit(scenes, progress=not args.no_progress)
     out = trainer.save()
     summary = {"out": str(out), "steps": trainer.step, "last": trainer.history[-1] if trainer.history else None}
@@ -146,3 +224,18 @@ def run(args: argparse.Namespace) -> int:
         summary["val"] = trainer.validate()
     print(json.dumps(summary))
     return 0
+
+
+def _open_source(kind: str, path: str, refer_seg_data: str | None) -> Callable[[int], Iterator[TrainingImage]] | None:
+    """Check a source before the model loads; for refer_seg, its samples as a function of the seed."""
+    if kind == "reason_seg":
+        from ..data.reasonseg import list_images
+
+        if not list_images(path):
+            raise InvalidArgumentError(f"no image + json pairs in {path}")
+    if kind != "refer_seg":
+        return None
+    from ..training.batches import ReferSource
+
+    names = None if refer_seg_data is None else [n.strip() for n in refer_seg_data.split("||") if n.strip()]
+    return ReferSource(path, names).scenes  # reads the files and checks every image now

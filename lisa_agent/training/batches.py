@@ -20,6 +20,13 @@ from ..prompts import build_prompt
 #: LISA's training answer templates for single-target queries.
 ANSWER_TEMPLATES = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].",
                     "[SEG].")
+#: LISA's questions for a class name or referring expression (``SHORT_QUESTION_LIST``, image token dropped).
+SHORT_QUESTION_TEMPLATES = ("Can you segment the {class_name} in this image?",
+                            "Please segment the {class_name} in this image.",
+                            "What is {class_name} in this image? Please respond with segmentation mask.",
+                            "What is {class_name} in this image? Please output segmentation mask.")
+#: LISA's ``--num_classes_per_sample``: at most this many sentences of one image make one referring sample.
+SENTENCES_PER_SAMPLE = 3
 
 
 @dataclass
@@ -227,6 +234,82 @@ def folder_scenes(folder: str, seed: int = 0) -> Iterator[TrainingImage]:
                 examples.append(Example(0, q.prompt if rng.random() < 0.5 else q.text, answer,
                                         np.asarray(masks, bool)))
             yield TrainingImage(s.image, examples)
+
+
+class ReferSource:
+    """Referring samples from the train split of RefCOCO-layout data, drawn as LISA's ``ReferSegDataset``
+    draws them (:meth:`scenes`).
+
+    Args:
+        data: the folder holding ``refer_seg/`` (LISA's dataset folder) or the dataset folders directly.
+        datasets: names under ``data`` (LISA's ``--refer_seg_data``), each read with LISA's training splitBy
+            (umd for refcocog, unc otherwise); None: every one of refclef, refcoco, refcoco+ and refcocog
+            that ``data`` holds. The files are read and every image checked here (a DatasetError names
+            what is missing); images are read when drawn.
+    """
+
+    def __init__(self, data: str, datasets: Sequence[str] | None = None):
+        from ..data.reasonseg import DatasetError
+        from ..data.refcoco import DATASET_IMAGES, TRAIN_SPLIT_BY, ReferDataset, find_root
+
+        if datasets is None:
+            datasets = []
+            for name in DATASET_IMAGES:
+                try:
+                    root = find_root(data, name)
+                except DatasetError:
+                    continue
+                if (root / name / f"refs({TRAIN_SPLIT_BY[name]}).p").is_file():
+                    datasets.append(name)
+            if not datasets:
+                raise DatasetError(f"no referring dataset ({', '.join(DATASET_IMAGES)}) in {data} or "
+                                   f"{data}/refer_seg")
+        self.pools = []
+        for name in datasets:
+            ds = ReferDataset.open(data, name, TRAIN_SPLIT_BY.get(name, "unc"))
+            images = [(i, refs) for i, refs in ds.by_image(ds.refs_of("train")).items()
+                      if any(r["sentences"] for r in refs)]
+            if not images:
+                raise DatasetError(f"{ds.refs_path}: no train refs with sentences (its refs' splits: "
+                                   f"{', '.join(ds.split_names()) or 'none'})")
+            ds.check_images(i for i, _ in images)
+            self.pools.append((ds, images))
+        self.datasets = list(datasets)
+
+    def scenes(self, seed: int = 0, per_sample: int = SENTENCES_PER_SAMPLE) -> Iterator[TrainingImage]:
+        """Endless samples: a dataset uniformly, one of its images uniformly, then up to ``per_sample`` of the
+        sentences of that image's train refs without replacement; each is one query, one of LISA's
+        short-question templates with the sentence (lower-cased) as the class name, answered by one of LISA's
+        answer templates, its target the ref's annotation (every pixel it covers)."""
+        rng = np.random.default_rng(seed)
+        while True:
+            ds, images = self.pools[int(rng.integers(0, len(self.pools)))]
+            image_id, refs = images[int(rng.integers(0, len(images)))]
+            sentences = [(s["sent"], int(r["ann_id"])) for r in refs for s in r["sentences"]]
+            picked = rng.choice(len(sentences), size=min(per_sample, len(sentences)), replace=False)
+            examples = []
+            for k in picked:
+                text, ann_id = sentences[int(k)]
+                template = SHORT_QUESTION_TEMPLATES[int(rng.integers(0, len(SHORT_QUESTION_TEMPLATES)))]
+                answer = ANSWER_TEMPLATES[int(rng.integers(0, len(ANSWER_TEMPLATES)))]
+                examples.append(Example(0, template.format(class_name=text.strip().lower()), answer,
+                                        (ds.mask(ann_id) > 0)[None]))
+            yield TrainingImage(ds.load_image(image_id), examples)
+
+
+def mixed_scenes(sources: Sequence[Iterator[TrainingImage]], rates: Sequence[float],
+                 seed: int = 0) -> Iterator[TrainingImage]:
+    """Draw each training image from one of ``sources``, picked with probability proportional to ``rates``
+    (LISA's ``--sample_rates`` over its ``--dataset`` list, e.g. 9,3,3,1)."""
+    if len(sources) != len(rates) or not sources:
+        raise ValueError(f"{len(rates)} sample rates for {len(sources)} sources")
+    p = np.asarray(rates, dtype=np.float64)
+    if not np.all(np.isfinite(p)) or (p < 0).any() or p.sum() <= 0:
+        raise ValueError(f"sample rates must be >= 0 with a positive sum; got {list(rates)}")
+    p = p / p.sum()
+    rng = np.random.default_rng([seed, 17])
+    while True:
+        yield next(sources[int(rng.choice(len(sources), p=p))])
 
 
 def collate(scenes: Sequence[TrainingImage], tokenizer, template: str, use_im_start_end: bool,  # noqa: ANN001

@@ -81,11 +81,13 @@ class Trainer:
         segmenter: the starting model, loaded with :meth:`LisaSegmenter.from_pretrained` (fp32).
         source_dir: the folder it was loaded from (tokenizer files and config are copied from it).
         out_dir: where checkpoints (published layout) and ``trainer_state.pt`` go.
-        val_data: optional ReasonSeg-layout folder for periodic gIoU / cIoU.
+        val_data: optional ReasonSeg-layout folder for periodic gIoU / cIoU, or with ``val_split`` the
+            RefCOCO-layout folder holding that referring split.
+        val_split: a referring split of ``val_data`` (``"refcoco|unc|val"``, LISA's ``--val_dataset``).
     """
 
     def __init__(self, segmenter: LisaSegmenter, source_dir: Path, out_dir: Path, config: TrainConfig,
-                 val_data: str | None = None, log: Any = print):
+                 val_data: str | None = None, log: Any = print, val_split: str | None = None):
         if config.method not in ("lora", "full"):
             raise InvalidArgumentError(f"method must be 'lora' or 'full', got {config.method!r}")
         if segmenter.dtype != torch.float32:
@@ -96,6 +98,7 @@ class Trainer:
         self.out_dir = Path(out_dir)
         self.cfg = config
         self.val_data = val_data
+        self.val_split = val_split
         self.log = log
         self.step = 0
         self.history: list[dict[str, Any]] = []
@@ -279,8 +282,14 @@ class Trainer:
         was_training = self.model.training
         self.model.eval()
         try:
-            report = evaluate(self.inference_segmenter(), iter_samples(self.val_data, limit=self.cfg.val_limit),
-                              answer=self.cfg.val_answer)
+            if self.val_split:
+                from ..data.refcoco import open_refer_split
+
+                samples = open_refer_split(self.val_data, self.val_split).samples(limit=self.cfg.val_limit)
+                report = evaluate(self.inference_segmenter(), samples, answer=self.cfg.val_answer, subsets=())
+            else:
+                report = evaluate(self.inference_segmenter(), iter_samples(self.val_data, limit=self.cfg.val_limit),
+                                  answer=self.cfg.val_answer)
         finally:
             self.model.train(was_training)
         keep: dict[str, Any] = {k: report[k] for k in ("gIoU", "cIoU", "n") if k in report}
