@@ -175,7 +175,7 @@ def test_overlapping_parts_are_summed_and_scored_as_lisa_scores_them():
 def test_split_strings_and_refer_selection_rules():
     assert ReferSplit.parse("refcoco+|unc|testA") == ReferSplit("refcoco+", "unc", "testA")
     assert str(ReferSplit.parse("refcocog|umd|test")) == "refcocog|umd|test"
-    for bad, words in (("refcoco|val", "DATASET|SPLITBY|SPLIT"), ("grefcoco|unc|val", "unknown referring dataset"),
+    for bad, words in (("refcoco|val", "ReasonSeg form"), ("refcoco|unc|val|x", "DATASET|SPLITBY|SPLIT"), ("grefcoco|unc|val", "unknown referring dataset"),
                        ("refcoco|unc|dev", "unknown split 'dev'"), ("refcoco||val", "DATASET|SPLITBY|SPLIT")):
         with pytest.raises(DatasetError, match=words.replace("|", r"\|")):
             ReferSplit.parse(bad)

@@ -68,6 +68,10 @@ class ReferSplit:
     def parse(cls, text: str) -> ReferSplit:
         """``"refcoco|unc|val"`` -> ReferSplit; DatasetError naming what is wrong otherwise."""
         parts = str(text).split("|")
+        if len(parts) == 2 and all(parts):
+            raise DatasetError(f"{text!r} is LISA's ReasonSeg form (DATASET|SPLIT): give the folder holding "
+                               f"{parts[1]}/ as --data and --split {parts[1]}; referring splits are "
+                               "DATASET|SPLITBY|SPLIT, e.g. refcoco|unc|val")
         if len(parts) != 3 or not all(parts):
             raise DatasetError(f"referring split {text!r} must be DATASET|SPLITBY|SPLIT, e.g. refcoco|unc|val")
         dataset, split_by, split = parts
