@@ -20,6 +20,7 @@ import numpy as np
 
 from .errors import InvalidArgumentError, InvalidImageError, InvalidQueryError
 from .geometry import Intrinsics, depth_to_meters
+from .prompts import IMAGE_TOKEN
 
 if TYPE_CHECKING:  # pragma: no cover
     from .result import SegmentationResult
@@ -69,7 +70,8 @@ def check_image(image: object, *, max_side: int = MAX_SIDE) -> np.ndarray:
 
 
 def check_query(query: object) -> str:
-    """Return the stripped query, or raise :class:`InvalidQueryError` if it is not a non-empty string."""
+    """Return the stripped query, or raise :class:`InvalidQueryError` if it is not a non-empty string of valid
+    Unicode, or holds the prompt's image placeholder (``<image>``: a caller's text, never a model fault)."""
     if not isinstance(query, str):
         raise InvalidQueryError(f"query must be a string; got {type(query).__name__}")
     text = query.strip()
@@ -79,6 +81,9 @@ def check_query(query: object) -> str:
         text.encode("utf-8")
     except UnicodeEncodeError as exc:
         raise InvalidQueryError(f"query is not valid Unicode text (a lone surrogate at character {exc.start})") from None
+    if IMAGE_TOKEN in text:
+        raise InvalidQueryError(f"query must not contain {IMAGE_TOKEN!r}: that is where the prompt puts the image "
+                                "itself; describe what to segment in words")
     return text
 
 

@@ -20,6 +20,7 @@ Whether a frame is big enough to segment is the engine's question (:func:`lisa_a
 from __future__ import annotations
 
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,15 @@ from .frames import MAX_SIDE
 
 #: Largest encoded image file accepted (bytes).
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
+_PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _png_size(data: bytes) -> tuple[int, int] | None:
+    """(H, W) a PNG's IHDR chunk declares (its first chunk, bytes 8..24), None when ``data`` is no PNG."""
+    if len(data) >= 24 and data.startswith(_PNG) and data[12:16] == b"IHDR":
+        w, h = struct.unpack(">II", data[16:24])
+        return h, w
+    return None
 
 
 def encoded_size(data: bytes) -> tuple[int, int] | None:
@@ -59,6 +69,10 @@ def decode_image_bytes(data: bytes, *, max_side: int = MAX_SIDE, exif: bool = Tr
     """
     from PIL import Image, ImageOps, UnidentifiedImageError
 
+    declared = _png_size(data)  # Pillow reads on to the first IDAT: a header alone would be "not an image"
+    if declared is not None and max(declared) > max_side:
+        raise ImageTooLargeError(f"{label} is {declared[0]}x{declared[1]} pixels; each side must be at most "
+                                 f"{max_side}: downscale it first")
     try:
         with Image.open(io.BytesIO(data)) as img:
             w, h = img.size
@@ -72,7 +86,9 @@ def decode_image_bytes(data: bytes, *, max_side: int = MAX_SIDE, exif: bool = Tr
         raise
     except UnidentifiedImageError:
         raise InvalidImageError(f"{label} is not a readable image (not a format Pillow knows)") from None
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # a header claiming more pixels than Pillow opens at all
+        raise ImageTooLargeError(f"{label} is too large: {exc}") from None
+    except (OSError, ValueError, SyntaxError) as exc:
         raise InvalidImageError(f"{label} is not a readable image ({exc})") from exc
     return np.ascontiguousarray(rgb)
 

@@ -325,12 +325,23 @@ class StreamSegmenter:
         if self._instruction is None:
             return None
         self._count += 1
+        if self._last_frame is not None and frame.size != self._last_frame.size:
+            # another frame size (a camera reconfigured, a stream name reused): nothing carries over, LISA again
+            self._last, self._changed = None, True
+            self._previous_masks = np.zeros((0, 1, 1), bool)
         if self.background:
             return self._process_background(frame)
         if self._due(frame):
             result = self._seed(frame, self._reason(frame))
             return self._previous(replace(result, track=self._info(frame, "reasoned", np.ones(len(result)))))
         return self._track(frame)
+
+    def nbytes(self) -> int:
+        """Bytes of the frames, masks and tracker state this stream holds (its numpy arrays; an estimate)."""
+        held = [self.tracker, self._last, self._last_frame]
+        if self._pending is not None:
+            held.append(self._pending[1])
+        return int(self._previous_masks.nbytes) + sum(_array_bytes(obj) for obj in held if obj is not None)
 
     def _due(self, frame: Frame) -> bool:
         if self._last is None or self._changed:
@@ -396,7 +407,7 @@ class StreamSegmenter:
             future, reasoned_on, instruction, submitted = self._pending
             self._pending = None
             result = future.result()  # an error of LISA's surfaces here, to the caller
-            if instruction == self._instruction:  # not overtaken by a newer instruction
+            if instruction == self._instruction and reasoned_on.size == frame.size:  # not overtaken meanwhile
                 self._seed(reasoned_on, result)
                 self._frames_since = self._count - 1 - submitted  # frames since the one LISA looked at
         if self._pending is None and self._due(frame):
@@ -415,3 +426,12 @@ class StreamSegmenter:
             self._pool.shutdown(wait=wait)
             self._pool = None
             self._pending = None
+
+
+def _array_bytes(obj: object) -> int:
+    """Bytes of the numpy arrays ``obj`` holds as attributes (directly, or in a list or tuple attribute)."""
+    total = 0
+    for value in vars(obj).values() if hasattr(obj, "__dict__") else ():
+        items = value if isinstance(value, (list, tuple)) else (value,)
+        total += sum(int(item.nbytes) for item in items if isinstance(item, np.ndarray))
+    return total

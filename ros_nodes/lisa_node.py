@@ -174,7 +174,8 @@ class LisaNode(Node):
             raise ValueError(f"foxglove_port needs foxglove-sdk (pip install 'lisa-agent[console]'): {exc}") from None
         try:
             publisher = FoxglovePublisher(port=port, host=host, on_instruction=self._foxglove_instruction,
-                                          name=self.get_fully_qualified_name())
+                                          name=self.get_fully_qualified_name(),
+                                          insecure=bool(self.get_parameter("foxglove_insecure").value))
         except Exception as exc:  # the port is taken, the address is not this machine's, ...
             raise ValueError(f"foxglove_port {port}: the Foxglove server cannot start on {host}: {exc}") from None
         self._outputs.foxglove = publisher

@@ -50,8 +50,9 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "foxglove_port": (0, "Foxglove live view (foxglove-sdk WebSocket server) on this port: the answered frames, masks "
                       "as ImageAnnotations, answers and 3D targets; instructions from Foxglove's Publish panel on "
                       "/lisa/instruction ({\"data\": \"...\"}); 0: off", True),
-    "foxglove_host": ("127.0.0.1", "address the Foxglove server binds (its protocol has no authentication: keep "
-                      "loopback unless the network is trusted)", True),
+    "foxglove_host": ("127.0.0.1", "address the Foxglove server binds (its protocol has no authentication: any "
+                      "other than loopback needs foxglove_insecure)", True),
+    "foxglove_insecure": (False, "allow a non-loopback foxglove_host (no authentication: trusted networks only)", True),
 }
 
 #: The engine's parameters, from :func:`lisa_agent.config.engine_parameters`: name -> (default, description).

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import threading
 import time
 from typing import Any
@@ -32,6 +33,7 @@ from lisa_agent.serving.protocol import (
     decode_image,
     encode_image,
 )
+from lisa_agent.serving.security import create_keypair
 from lisa_agent.serving.server import LisaServer
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -478,28 +480,42 @@ def test_stopping_answers_queued_requests_and_finishes_the_running_one(gated):
     assert not stopper.is_alive()
 
 
-def test_client_raises_superseded_when_its_stream_moves_on(gated):
-    server, backend, gate, peer = gated
-    hold_worker(server, peer)
-    first = LisaClient(server.endpoint, timeout=10, retries=0)
-    second = LisaClient(server.endpoint, timeout=10, retries=0)
-    second.stream = first.stream  # two sockets, one camera stream
-    outcome: list[BaseException] = []
+def test_client_raises_superseded_when_its_stream_moves_on(tmp_path):
+    """Two sockets of one caller (one CurveZMQ key: the key is who calls) and one camera stream: the newer
+    frame supersedes the older one still queued."""
+    server_public, server_secret = create_keypair(tmp_path / "server", "server")
+    client_public, client_secret = create_keypair(tmp_path / "clients", "robot")
+    allow = tmp_path / "allow"
+    allow.mkdir()
+    shutil.copy(client_public, allow / "robot.key")
+    keys = {"curve_server_key": server_public, "curve_client_keys": client_secret}
+    gate = threading.Event()
+    with LisaServer(EchoBackend(gate=gate), ANY_PORT, max_queue=2, curve_secret=server_secret,
+                    curve_allow=allow) as server:
+        holder = LisaClient(server.endpoint, timeout=10, retries=0, **keys)
+        hold = threading.Thread(target=holder.segment, args=(synthetic_frame(48, 64, seed=9), "hold"))
+        hold.start()
+        wait_until(lambda: server.health()["busy"])
+        first = LisaClient(server.endpoint, timeout=10, retries=0, **keys)
+        second = LisaClient(server.endpoint, timeout=10, retries=0, **keys)
+        second.stream = first.stream  # two sockets, one camera stream
+        outcome: list[BaseException] = []
 
-    def old_frame() -> None:
-        try:
-            first.segment(synthetic_frame(48, 64, seed=1), "cup", frame_id=1, latest_only=True)
-        except BaseException as exc:  # noqa: BLE001
-            outcome.append(exc)
+        def old_frame() -> None:
+            try:
+                first.segment(synthetic_frame(48, 64, seed=1), "cup", frame_id=1, latest_only=True)
+            except BaseException as exc:  # noqa: BLE001
+                outcome.append(exc)
 
-    t = threading.Thread(target=old_frame)
-    t.start()
-    wait_until(lambda: server.health()["queue_depth"] == 1)
-    open_gate_when(gate, lambda: server.health()["replies"].get(Code.SUPERSEDED) == 1)
-    result = second.segment(synthetic_frame(48, 64, seed=2), "cup", frame_id=2, latest_only=True)
-    t.join(10)
-    first.close()
-    second.close()
+        t = threading.Thread(target=old_frame)
+        t.start()
+        wait_until(lambda: server.health()["queue_depth"] == 1)
+        open_gate_when(gate, lambda: server.health()["replies"].get(Code.SUPERSEDED) == 1)
+        result = second.segment(synthetic_frame(48, 64, seed=2), "cup", frame_id=2, latest_only=True)
+        t.join(10)
+        hold.join(10)
+        for client in (first, second, holder):
+            client.close()
     assert result.frame_id == "2"
     assert len(outcome) == 1 and isinstance(outcome[0], SupersededError) and outcome[0].code == Code.SUPERSEDED
 

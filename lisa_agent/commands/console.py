@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from typing import Any
 
@@ -63,7 +64,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--foxglove-port", type=_port, default=None, metavar="PORT",
                         help="also serve a Foxglove WebSocket live view on PORT (0: any free port; default: off)")
     parser.add_argument("--foxglove-bind", default="127.0.0.1",
-                        help="address of the Foxglove server (default 127.0.0.1; its protocol has no authentication)")
+                        help="address of the Foxglove server (default 127.0.0.1; its protocol has no authentication: "
+                             "any other address needs --insecure)")
+    parser.add_argument("--foxglove-origin", action="append", default=[], metavar="ORIGIN",
+                        help="a web app allowed to open the Foxglove live view besides https://app.foxglove.dev, as "
+                             "scheme://host[:port] (e.g. a self-hosted Lichtblick); repeatable. Pages of any other "
+                             "site are refused; apps that send no Origin (the desktop apps) are allowed")
+    parser.add_argument("--insecure", action="store_true",
+                        help="allow a non-loopback --foxglove-bind (no authentication: trusted networks only)")
     parser.add_argument("--record", default=None, metavar="FILE",
                         help="record the session (frames, masks, answers, targets, instructions) to this MCAP file")
     parser.add_argument("--mode", default="chat", choices=["chat", "fast"],
@@ -100,11 +108,18 @@ def run(args: argparse.Namespace) -> int:
     if args.reason_every < 1:
         raise InvalidArgumentError(f"--reason-every must be >= 1; got {args.reason_every}")
     try:
-        from ..console.web import ConsoleServer
+        from ..console.web import ConsoleServer, check_access
         if args.foxglove_port is not None or args.record:
-            from ..console.foxglove import FoxglovePublisher
+            from ..console.foxglove import FoxglovePublisher, check_foxglove_bind
     except ImportError as exc:
         raise ConsoleError(f"the console needs its extra: pip install 'lisa-agent[console]' ({exc})") from None
+    # everything that can be refused is refused before a model loads (minutes for a 7B model)
+    check_access(args.bind, args.port, args.token, listen=True)
+    if args.foxglove_port is not None:
+        from ..serving.security import check_listen
+
+        check_foxglove_bind(args.foxglove_port, args.foxglove_bind, insecure=args.insecure)
+        check_listen(args.foxglove_bind, args.foxglove_port, "--foxglove-bind")
 
     backend: Any
     if endpoint:
@@ -125,7 +140,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         if args.foxglove_port is not None or args.record:
             foxglove = FoxglovePublisher(port=args.foxglove_port, host=args.foxglove_bind, record=args.record,
-                                         on_instruction=lambda text: core.ask(text))
+                                         on_instruction=lambda text: core.ask(text), origins=args.foxglove_origin,
+                                         insecure=args.insecure)
             core.add_listener(foxglove.console_listener)
 
         def started() -> None:
@@ -140,7 +156,20 @@ def run(args: argparse.Namespace) -> int:
             if foxglove is not None and foxglove.recording is not None:
                 print(f"recording to {foxglove.recording}", flush=True)
 
-        asyncio.run(server.serve_forever(on_started=started))
+        async def serve() -> None:
+            # SIGTERM (a service manager, `docker stop`, `kill`) stops the console as Ctrl-C does: the
+            # recording is finished and closed, the model server connection closed
+            def on_sigterm() -> None:
+                print("received SIGTERM: stopping", file=sys.stderr, flush=True)
+                server.request_stop()
+
+            try:
+                asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+            except (NotImplementedError, RuntimeError):  # no signal handlers on this platform / thread
+                pass
+            await server.serve_forever(on_started=started)
+
+        asyncio.run(serve())
     finally:
         core.close()
         if foxglove is not None:

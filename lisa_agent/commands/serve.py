@@ -208,10 +208,13 @@ def _run_ray(args: argparse.Namespace, config: EngineConfig, log: logging.Logger
         raise InvalidArgumentError(f"--engine ray needs Ray Serve ({exc}): pip install 'lisa-agent[ray]'") from None
     from ray import serve
 
+    from ..serving.security import is_loopback_host
+
+    # a loopback ingress answers loopback Host names only (DNS rebinding); one on a network (--insecure) any
     settings = ray_app.ReplicaSettings(
         max_queue=args.max_queue, max_side=args.max_side, max_frame_bytes=int(args.max_frame_mb * 1024 * 1024),
         max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, batch=not args.no_batch,
-        latest_only=args.latest_only)
+        latest_only=args.latest_only, allowed_hosts=() if is_loopback_host(args.http_host) else ("*",))
     started = ray_app.connect(args.address)
     stopping = threading.Event()
 

@@ -23,7 +23,11 @@ topic ``/lisa/instruction``, JSON ``{"data": "grab something to cut with"}`` (a 
 the text goes to ``on_instruction`` in a worker thread (never on the SDK's own thread) and a refusal comes
 back as a status message in the app.
 
-The Foxglove WebSocket protocol has no authentication: the server binds loopback unless told otherwise.
+The Foxglove WebSocket protocol has no authentication (no token to carry): the server binds loopback, and
+another address needs ``insecure=True`` (``--insecure``). foxglove-sdk's server cannot check who connects, so
+it listens on a random loopback port with TLS behind a :class:`~lisa_agent.console.gate.WebSocketGate` that
+refuses web pages of other sites (their ``Origin``; ``origins`` lists the apps allowed, by default the
+Foxglove web app) and, on loopback, a ``Host`` that is not this machine's (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -73,10 +77,14 @@ from foxglove.websocket import Capability, ChannelView, Client, ClientChannel, S
 from ..errors import InvalidArgumentError
 from ..frames import Stamp
 from ..result import SegmentationResult
+from ..serving.security import is_loopback_host
+from .gate import WebSocketGate, loopback_certificate
 
 log = logging.getLogger("lisa_agent.console.foxglove")
 
 INSTRUCTION_TOPIC = "/lisa/instruction"
+#: Browser origins allowed to open the live view besides clients that send none (the desktop apps).
+FOXGLOVE_ORIGINS = ("https://app.foxglove.dev",)
 #: Mask colours (RGB 0..1), the page's palette.
 PALETTE = [(1.0, 0.42, 0.34), (0.26, 0.84, 0.78), (0.96, 0.73, 0.26), (0.66, 0.55, 1.0), (0.48, 0.83, 0.35),
            (0.31, 0.66, 1.0), (1.0, 0.54, 0.85), (0.79, 0.84, 0.35)]
@@ -132,12 +140,16 @@ class FoxglovePublisher:
         on_instruction: called with the text an operator publishes on ``/lisa/instruction`` (in a worker
             thread, one at a time); an exception it raises is shown in the app as a warning.
         name: the server's name in the app.
+        origins: browser origins (``scheme://host[:port]``) allowed to connect besides :data:`FOXGLOVE_ORIGINS`.
+        insecure: allow a ``host`` other than a loopback address (anyone who reaches it sees the camera and
+            can send instructions).
+        header_timeout_s: a connection that has not sent its request head by then is dropped.
     """
 
     def __init__(self, *, port: int | None = None, host: str = "127.0.0.1", record: str | Path | None = None,
-                 on_instruction: Callable[[str], Any] | None = None, name: str = "lisa-agent") -> None:
-        if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
-            raise InvalidArgumentError(f"foxglove port must be in [0, 65535]; got {port!r}")
+                 on_instruction: Callable[[str], Any] | None = None, name: str = "lisa-agent",
+                 origins: Sequence[str] = (), insecure: bool = False, header_timeout_s: float = 10.0) -> None:
+        check_foxglove_bind(port, host, insecure=insecure)
         if port is None and record is None:
             raise InvalidArgumentError("FoxglovePublisher needs a port, a recording file, or both")
         self.context = foxglove.Context()
@@ -160,12 +172,22 @@ class FoxglovePublisher:
             self.recording = Path(record)
             self._writer = foxglove.open_mcap(self.recording, allow_overwrite=True, context=self.context)
         self._server: Any = None
+        self._gate: WebSocketGate | None = None
         self.port: int | None = None
         if port is not None:
+            cert, key = loopback_certificate()  # the gate is the only client that trusts it
             self._server = foxglove.start_server(
-                name=name, host=host, port=port, capabilities=[Capability.ClientPublish],
-                supported_encodings=["json"], server_listener=_Listener(self), context=self.context)
-            self.port = int(self._server.port)
+                name=name, host="127.0.0.1", port=0, capabilities=[Capability.ClientPublish],
+                supported_encodings=["json"], server_listener=_Listener(self), context=self.context,
+                tls_cert=cert, tls_key=key)
+            try:
+                self._gate = WebSocketGate(int(self._server.port), cert, host=host, port=port,
+                                           origins=[*FOXGLOVE_ORIGINS, *origins],
+                                           header_timeout_s=header_timeout_s).start()
+            except BaseException:
+                self.close()
+                raise
+            self.port = self._gate.port
         self.host = host
 
     # ------------------------------------------------------------------ publishing
@@ -313,6 +335,8 @@ class FoxglovePublisher:
             return
         self._closed = True
         self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._gate is not None:
+            self._gate.close()
         if self._server is not None:
             self._server.stop()
         if self._writer is not None:
@@ -323,6 +347,18 @@ class FoxglovePublisher:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def check_foxglove_bind(port: int | None, host: str, *, insecure: bool) -> None:
+    """Refuse (:class:`InvalidArgumentError`) a bad port, or a non-loopback ``host`` without ``insecure``: the
+    Foxglove protocol cannot carry a token, so the web console's token rule cannot apply to it."""
+    if port is not None and (isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535):
+        raise InvalidArgumentError(f"foxglove port must be in [0, 65535]; got {port!r}")
+    if port is not None and not is_loopback_host(host) and not insecure:
+        raise InvalidArgumentError(
+            f"refusing to serve the Foxglove live view on {host}: the Foxglove protocol has no authentication, "
+            "so anyone who reaches it would see the camera and could send instructions. Keep it on 127.0.0.1 "
+            "(reach it through an SSH tunnel), or pass --insecure on a trusted network")
 
 
 class _Listener(ServerListener):

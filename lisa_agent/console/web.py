@@ -15,7 +15,12 @@ header, so a web page elsewhere cannot reach it through DNS rebinding). Bound to
 needs a token (``--token``, or one generated and printed at start), checked on every request and
 WebSocket: ``Authorization: Bearer TOKEN``, ``?token=TOKEN``, or the cookie the page gets when opened
 with ``?token=``. Cross-origin requests (an ``Origin`` other than the console's own) and POSTs that are
-not ``application/json`` are refused, so another site cannot drive the robot through the operator's browser.
+not ``application/json`` are refused, so another site cannot drive the robot through the operator's browser
+(the rule every HTTP door shares: :func:`~lisa_agent.serving.security.refuse_browser_request`).
+
+Stalled connections are dropped: one that has not sent a complete request head ``header_timeout_s`` after
+it opened (or after its last reply) is closed, and a WebSocket client that does not take what is sent to
+it (or answer the heartbeat) within ``ws_send_timeout_s`` (``ws_heartbeat_s``) is cut off.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import concurrent.futures
 import hmac
 import json
 import logging
+import math
 import secrets
 import threading
 from collections.abc import Awaitable, Callable
@@ -33,10 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import WSMsgType, web
-from yarl import URL
 
 from ..errors import InvalidArgumentError, LisaError
-from ..serving.security import is_loopback_host
+from ..serving.protocol import json_loads
+from ..serving.security import check_listen, is_loopback_host, refuse_browser_request
 from .core import (
     MAX_PENDING,
     Answer,
@@ -48,6 +54,7 @@ from .core import (
     UnknownTargetError,
     error_code,
 )
+from .gate import reset_connection
 
 log = logging.getLogger("lisa_agent.console")
 
@@ -86,14 +93,41 @@ def _dumps(payload: Any) -> str:
     return json.dumps(payload, allow_nan=False, separators=(",", ":"))
 
 
-class _Client:
-    """One WebSocket client: its own sender task, the newest frame only, a bounded backlog of JSON messages."""
+def check_access(host: str, port: int, token: str | None, *, listen: bool = False) -> None:
+    """Refuse (:class:`InvalidArgumentError`) a port out of range or a weak token (fewer than
+    ``MIN_TOKEN_CHARS`` printable characters, or spaces); with ``listen``, also an address this machine cannot
+    listen on. The console command checks this before it loads a model."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"port must be in [0, 65535]; got {port!r}")
+    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
+        raise InvalidArgumentError(f"token must be at least {MIN_TOKEN_CHARS} printable characters without spaces")
+    if listen:
+        check_listen(host, port, "--bind")
 
-    def __init__(self, ws: web.WebSocketResponse) -> None:
+
+class _Client:
+    """One WebSocket client: its own sender task, the newest frame only, a bounded backlog of JSON messages.
+    A send that the client does not take within ``send_timeout_s`` (it stopped reading: the socket's buffers
+    are full) aborts the connection."""
+
+    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None,
+                 send_timeout_s: float) -> None:
         self.ws = ws
+        self.transport = transport
+        self.send_timeout_s = send_timeout_s
         self.texts: collections.deque[str] = collections.deque(maxlen=WS_BACKLOG)
         self.frame: bytes | None = None
         self.wake = asyncio.Event()
+
+    async def _send(self, data: str | bytes) -> None:
+        send = self.ws.send_str(data) if isinstance(data, str) else self.ws.send_bytes(data)
+        try:
+            await asyncio.wait_for(send, self.send_timeout_s)
+        except asyncio.TimeoutError:
+            log.info("console: a WebSocket client took nothing for %.3g s; dropping it", self.send_timeout_s)
+            if self.transport is not None:
+                reset_connection(self.transport)  # close() would wait for the full buffer to drain, i.e. for ever
+            raise ConnectionError("WebSocket client stalled") from None
 
     def push_text(self, text: str) -> None:
         self.texts.append(text)
@@ -109,10 +143,10 @@ class _Client:
                 await self.wake.wait()
                 self.wake.clear()
                 while self.texts and not self.ws.closed:
-                    await self.ws.send_str(self.texts.popleft())
+                    await self._send(self.texts.popleft())
                 if self.frame is not None and not self.ws.closed:
                     frame, self.frame = self.frame, None
-                    await self.ws.send_bytes(frame)
+                    await self._send(frame)
         except (ConnectionError, RuntimeError, asyncio.CancelledError):
             pass  # the client went away (possibly mid-frame): its handler cleans up
 
@@ -125,19 +159,29 @@ class ConsoleServer:
         host: address to bind; loopback needs no token, anything else does.
         port: TCP port (0: any free port; :attr:`port` tells which after :meth:`start`).
         token: the access token; None: none on loopback, a generated one elsewhere (:attr:`token`).
+        header_timeout_s: a connection that has not sent a complete request head this many seconds after it
+            opened (or after its last reply) is closed (slow or idle clients).
+        ws_heartbeat_s: WebSocket ping period; a client that does not answer within half of it is dropped.
+        ws_send_timeout_s: a WebSocket client that takes nothing sent to it for this long is cut off.
     """
 
-    def __init__(self, core: ConsoleCore, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None) -> None:
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise InvalidArgumentError(f"port must be in [0, 65535]; got {port!r}")
-        if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
-            raise InvalidArgumentError(f"token must be at least {MIN_TOKEN_CHARS} printable characters without spaces")
+    def __init__(self, core: ConsoleCore, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
+                 header_timeout_s: float = 15.0, ws_heartbeat_s: float = 20.0, ws_send_timeout_s: float = 20.0
+                 ) -> None:
+        check_access(host, port, token)
+        for name, value in (("header_timeout_s", header_timeout_s), ("ws_heartbeat_s", ws_heartbeat_s),
+                            ("ws_send_timeout_s", ws_send_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
+                    math.isfinite(value) and value > 0):
+                raise InvalidArgumentError(f"{name} must be a positive number of seconds; got {value!r}")
         self.core = core
         self.host = host
         self.port = port
         self.require_token = token is not None or not is_loopback(host)
         self.token = token or (secrets.token_urlsafe(24) if self.require_token else None)
-        self._allowed_hosts = {"127.0.0.1", "localhost", "::1", host.strip("[]").lower()}
+        self.header_timeout_s = float(header_timeout_s)
+        self.ws_heartbeat_s = float(ws_heartbeat_s)
+        self.ws_send_timeout_s = float(ws_send_timeout_s)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_PENDING + 2,
                                                            thread_name_prefix="lisa-console-model")
         self._clients: set[_Client] = set()
@@ -182,13 +226,11 @@ class ConsoleServer:
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
                      ) -> web.StreamResponse:
-        if not self.require_token and (request.url.host or "").strip("[]").lower() not in self._allowed_hosts:
-            return _error(403, "forbidden_host", f"host {request.host!r} is not this console's loopback address")
-        origin = request.headers.get("Origin")
-        if origin is not None:
-            seen = URL(origin)
-            if origin == "null" or (seen.host, seen.port) != (request.url.host, request.url.port):
-                return _error(403, "cross_origin", "requests from another site's pages are refused")
+        refusal = refuse_browser_request(request.method, request.headers.get("Host"), request.headers.get("Origin"),
+                                         request.headers.get("Content-Type"), check_host=not self.require_token,
+                                         hosts=[self.host])
+        if refusal is not None:
+            return _error(refusal.status, refusal.code, refusal.message)
         from_query = False
         if self.require_token:
             offered = self._offered_token(request)
@@ -196,8 +238,6 @@ class ConsoleServer:
                 return _error(401, "unauthorized", "this console needs its access token: open the URL printed at "
                               "its start (…/?token=…) or send 'Authorization: Bearer TOKEN'")
             from_query = request.query.get("token") is not None
-        if request.method == "POST" and request.content_type != "application/json":
-            return _error(415, "unsupported_media_type", "send the body as JSON (Content-Type: application/json)")
         response = await handler(request)
         if from_query and self.token is not None and not isinstance(response, web.WebSocketResponse):
             response.set_cookie(TOKEN_COOKIE, self.token, httponly=True, samesite="Strict", path="/")
@@ -233,7 +273,7 @@ class ConsoleServer:
     async def _body(self, request: web.Request) -> dict[str, Any]:
         raw = await request.read()  # larger than MAX_BODY_BYTES: aiohttp answers 413
         try:
-            body = json.loads(raw.decode("utf-8"))
+            body = json_loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError) as exc:
             raise InvalidArgumentError(f"malformed JSON: {exc}") from None
         if not isinstance(body, dict):
@@ -296,9 +336,10 @@ class ConsoleServer:
 
     # ------------------------------------------------------------------ WebSocket
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
-        ws = web.WebSocketResponse(heartbeat=20.0, max_msg_size=MAX_BODY_BYTES)
+        ws = web.WebSocketResponse(heartbeat=self.ws_heartbeat_s, max_msg_size=MAX_BODY_BYTES)
+        transport = request.transport
         await ws.prepare(request)
-        client = _Client(ws)
+        client = _Client(ws, transport, self.ws_send_timeout_s)
         client.push_text(_dumps({"type": "hello", "state": self.core.state()}))
         latest = self.core.latest_frame()
         if latest is not None:
@@ -354,6 +395,11 @@ class ConsoleServer:
 
     # ------------------------------------------------------------------ running
     @property
+    def websocket_clients(self) -> int:
+        """How many WebSocket clients are connected now."""
+        return len(self._clients)
+
+    @property
     def url(self) -> str:
         """The page's address (with the token when one is needed)."""
         host = self.host if self.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
@@ -366,7 +412,10 @@ class ConsoleServer:
         self._stopped = asyncio.Event()
         self.core.add_listener(self._on_core)
         self.core.start()
-        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False)
+        # aiohttp closes a connection still waiting for a complete request head when its keep-alive timer
+        # runs out (started when the connection opens, restarted after each reply): the header timeout
+        self._runner = web.AppRunner(self.app(), access_log=None, handle_signals=False,
+                                     keepalive_timeout=self.header_timeout_s)
         await self._runner.setup()
         site = web.TCPSite(self._runner, self.host, self.port, reuse_address=True)
         await site.start()
@@ -437,4 +486,4 @@ class ConsoleServer:
             self._thread = None
 
 
-__all__ = ["ConsoleServer", "is_loopback", "STATIC_DIR", "BusyError", "SupersededError"]
+__all__ = ["ConsoleServer", "check_access", "is_loopback", "STATIC_DIR", "BusyError", "SupersededError"]

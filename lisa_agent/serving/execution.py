@@ -8,11 +8,16 @@ request has left their queue.
 ``segment``; and builds each reply's payload: the result schema plus ``server_queue`` / ``server_decode``
 timings and, with ``return_logits``, the logits frames. Nothing here raises: every request gets an
 :class:`Outcome`.
+
+Tracking sessions (:class:`TrackSessions`) belong to a caller: each is keyed by the request's ``owner`` (who
+sent it, as the door established: a CurveZMQ key, a ZeroMQ connection, a Ray session id) and its stream
+name, so no caller can read or disturb another's session by naming the same stream.
 """
 
 from __future__ import annotations
 
 import collections
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -27,16 +32,31 @@ from .protocol import Code, Limits, RemoteError, Request, logits_frames
 log = logging.getLogger("lisa_agent.serving")
 
 
+#: Tracked sessions a server keeps at most, how long an idle one is kept (seconds), and the bytes all of them
+#: may hold together (frames, masks, tracker state): beyond, the least recently used sessions are dropped.
+MAX_TRACK_SESSIONS = 64
+TRACK_IDLE_S = 120.0
+TRACK_BUDGET_BYTES = 512 * 1024 * 1024
+
+
+def default_stream(secret: bytes, owner: str) -> str:
+    """The stream name of an owner's requests that name none: a keyed digest of the owner (the same for every
+    request of that owner, unguessable without the server's ``secret``; the doors never show it to others)."""
+    return "default:" + hashlib.blake2b(owner.encode(), key=secret[:64], digest_size=12).hexdigest()
+
+
 @dataclass
 class Job:
     """A validated ``segment`` request waiting for the model: ``envelope`` the ZeroMQ routing frames
-    (empty on Ray Serve), ``key`` the digest of its frame's pixels."""
+    (empty on Ray Serve), ``key`` the digest of its frame's pixels, ``owner`` the caller who sent it (its
+    ``latest_only`` supersession and tracking sessions are its own)."""
 
     envelope: list[bytes]
     request: Request
     key: str
     received: float  # time.monotonic()
     deadline: float | None  # time.monotonic() or None
+    owner: str = ""
 
     def batchable(self) -> bool:
         o = self.request.options
@@ -53,25 +73,35 @@ class Job:
 
 class TrackSessions:
     """The worker's tracked streams (``options.track``): a :class:`~lisa_agent.tracking.StreamSegmenter`
-    per stream id, re-made when the stream's tracker settings change, a new query re-seeding it. At most
-    ``max_sessions`` are kept (the least recently used go), and one idle for ``idle_s`` seconds is dropped."""
+    per (owner, stream), re-made when the stream's tracker settings change, a new query re-seeding it.
 
-    def __init__(self, backend: SegmentBackend, max_sessions: int = 64, idle_s: float = 120.0) -> None:
+    Bounded three ways: at most ``max_sessions``; the sessions together hold at most ``max_bytes`` (an
+    estimate of their frames, masks and tracker state; the least recently used go first, the one just used
+    is kept); and one idle for ``idle_s`` seconds is dropped by :meth:`sweep`, which the servers call
+    periodically (and every request calls too). Not thread-safe: one thread (the model's) uses it; the
+    counts (``len``, :attr:`nbytes`) may be read from any thread."""
+
+    def __init__(self, backend: SegmentBackend, max_sessions: int = MAX_TRACK_SESSIONS, idle_s: float = TRACK_IDLE_S,
+                 max_bytes: int = TRACK_BUDGET_BYTES) -> None:
         self.backend = backend
         self.max_sessions = max_sessions
         self.idle_s = idle_s
-        self._items: collections.OrderedDict[str, tuple[Any, tuple[Any, ...], float]] = collections.OrderedDict()
+        self.max_bytes = max_bytes
+        #: (owner, stream) -> (session, its settings, last used (monotonic), bytes it holds)
+        self._items: collections.OrderedDict[tuple[str, str], tuple[Any, tuple[Any, ...], float, int]] = (
+            collections.OrderedDict())
+        self.nbytes = 0
 
-    def process(self, stream: str, query: str, frame: Frame, track: dict[str, Any], *, mode: str,
+    def process(self, owner: str, stream: str, query: str, frame: Frame, track: dict[str, Any], *, mode: str,
                 max_new_tokens: int) -> SegmentationResult:
         from ..tracking import StreamSegmenter
 
         now = time.monotonic()
-        for key in [k for k, (_, _, seen) in self._items.items() if now - seen > self.idle_s]:
-            del self._items[key]
+        self.sweep(now)
         settings = (track["tracker"], track["reason_every"], track["reason_period_s"], track["min_confidence"], mode,
                     max_new_tokens)
-        entry = self._items.pop(stream, None)
+        key = (owner, stream)
+        entry = self._drop(key)
         session = entry[0] if entry is not None and entry[1] == settings else None
         if session is None:
             session = StreamSegmenter(self.backend, track["tracker"], reason_every=track["reason_every"],
@@ -80,12 +110,28 @@ class TrackSessions:
                                       max_new_tokens=max_new_tokens)
         if session.instruction != query.strip():
             session.set_instruction(query)
-        self._items[stream] = (session, settings, now)
-        while len(self._items) > self.max_sessions:
-            self._items.popitem(last=False)
         result = session.process(frame)
         assert result is not None  # synchronous sessions answer every frame
+        size = int(session.nbytes())
+        self._items[key] = (session, settings, now, size)
+        self.nbytes += size
+        while len(self._items) > 1 and (len(self._items) > self.max_sessions or self.nbytes > self.max_bytes):
+            self._drop(next(iter(self._items)))  # the least recently used
         return result
+
+    def sweep(self, now: float | None = None) -> int:
+        """Drop the sessions idle for more than ``idle_s`` seconds; returns how many went."""
+        now = time.monotonic() if now is None else now
+        idle = [k for k, (_, _, seen, _) in self._items.items() if now - seen > self.idle_s]
+        for key in idle:
+            self._drop(key)
+        return len(idle)
+
+    def _drop(self, key: tuple[str, str]) -> tuple[Any, tuple[Any, ...], float, int] | None:
+        entry = self._items.pop(key, None)
+        if entry is not None:
+            self.nbytes -= entry[3]
+        return entry
 
     def __len__(self) -> int:
         return len(self._items)
@@ -155,8 +201,8 @@ def run_on_one_frame(jobs: list[Job], *, backend: SegmentBackend,
             if results is not None:
                 result = results[k]
             elif o.get("track") is not None:
-                result = sessions.process(request.stream or "", request.query, frames[id(job)], o["track"],
-                                          mode=o["mode"], max_new_tokens=o["max_new_tokens"])
+                result = sessions.process(job.owner, request.stream or "", request.query, frames[id(job)],
+                                          o["track"], mode=o["mode"], max_new_tokens=o["max_new_tokens"])
             else:
                 result = backend.segment(frames[id(job)], request.query, mode=o["mode"],
                                          max_new_tokens=o["max_new_tokens"], answer=o.get("answer"),

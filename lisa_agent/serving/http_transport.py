@@ -41,12 +41,12 @@ import json
 import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
 from ..errors import InvalidArgumentError
-from .protocol import Code, Limits, ProtocolError, RemoteError, parse_header
+from .protocol import Code, Limits, ProtocolError, RemoteError, json_loads, parse_header
 
 #: Ray Serve's session-affinity header (its default; a cluster may rename it with
 #: ``RAY_SERVE_SESSION_ID_HEADER_KEY``): the client's stream name.
@@ -62,6 +62,7 @@ _STATUS = {
     Code.BAD_REQUEST: 400, Code.UNSUPPORTED_VERSION: 400, Code.UNKNOWN_OP: 400, Code.INVALID_IMAGE: 400,
     Code.INVALID_QUERY: 400, Code.INVALID_ARGUMENT: 400, Code.TOO_LARGE: 413, Code.SUPERSEDED: 409,
     Code.QUEUE_FULL: 503, Code.SHUTTING_DOWN: 503, Code.DEADLINE_EXCEEDED: 504,
+    Code.FORBIDDEN_HOST: 403, Code.CROSS_ORIGIN: 403, Code.UNSUPPORTED_MEDIA_TYPE: 415,
 }
 
 
@@ -87,6 +88,31 @@ def max_body_bytes(limits: Limits) -> int:
 # ------------------------------------------------------------------------------------- requests
 
 
+def _too_large(size: int | str, limits: Limits) -> ProtocolError:
+    return ProtocolError(Code.TOO_LARGE, f"request body is {size} bytes; the limit is {max_body_bytes(limits)} "
+                                         f"(frames of at most {limits.max_frame_bytes} bytes, base64-encoded)")
+
+
+async def read_body(chunks: AsyncIterable[bytes], content_length: str | None, limits: Limits | None = None) -> bytes:
+    """Server side: a request's body, read from ``chunks`` (the body as it streams in) no further than
+    :func:`max_body_bytes`: a declared ``Content-Length`` over the limit is refused (``too_large``) before a
+    byte is read, and a body streamed without one (chunked) as soon as it passes the limit."""
+    limits = limits or Limits()
+    limit = max_body_bytes(limits)
+    if content_length is not None:
+        text = content_length.strip()
+        if not text.isdigit():
+            raise ProtocolError(Code.BAD_REQUEST, f"Content-Length {content_length[:40]!r} is not a byte count")
+        if int(text) > limit:
+            raise _too_large(text, limits)
+    body = bytearray()
+    async for chunk in chunks:
+        body += chunk
+        if len(body) > limit:
+            raise _too_large(f"more than {limit}", limits)
+    return bytes(body)
+
+
 def encode_http_request(frames: Sequence[bytes]) -> bytes:
     """Client side: the JSON body of a request message (``frames[0]`` the header JSON, the rest raw)."""
     encoded = b",".join(b'"' + base64.b64encode(bytes(f)) + b'"' for f in frames[1:])
@@ -104,11 +130,9 @@ def decode_http_request(body: bytes, limits: Limits | None = None) -> list[bytes
     """
     limits = limits or Limits()
     if len(body) > max_body_bytes(limits):
-        raise ProtocolError(Code.TOO_LARGE, f"request body is {len(body)} bytes; the limit is "
-                                            f"{max_body_bytes(limits)} (frames of at most {limits.max_frame_bytes} "
-                                            "bytes, base64-encoded)")
+        raise _too_large(len(body), limits)
     try:
-        doc = json.loads(body)
+        doc = json_loads(body)
     except (UnicodeDecodeError, ValueError) as exc:
         raise ProtocolError(Code.BAD_REQUEST, f"request body is not UTF-8 JSON: {exc}") from None
     if not isinstance(doc, dict):

@@ -40,7 +40,9 @@ from ..errors import (
     ModelNotFoundError,
     QuantizationError,
 )
-from ..frames import DEPTH_TOLERANCE_S, Frame, Stamp
+from ..frames import DEPTH_TOLERANCE_S, Frame, Stamp, check_query
+from ..prompts import IMAGE_TOKEN
+from .security import CROSS_ORIGIN, FORBIDDEN_HOST, UNSUPPORTED_MEDIA_TYPE
 
 #: Version of this wire format; a header with another ``v`` gets ``unsupported_version``.
 PROTOCOL_VERSION = 2
@@ -62,6 +64,8 @@ TRACKERS = ("none", "flow", "sam")
 DEPTH_KEYS = frozenset({"shape", "dtype", "scale", "stamp", "tolerance_s"})
 MAX_ID_CHARS = 128
 MAX_NEW_TOKENS = 1024
+#: Deepest nesting of arrays and objects a JSON document a door reads may have (a header needs 3).
+MAX_JSON_DEPTH = 32
 
 
 class Code:
@@ -78,6 +82,9 @@ class Code:
     DEADLINE_EXCEEDED = "deadline_exceeded"  # the request waited past its ``timeout_ms``; not run
     SUPERSEDED = "superseded"  # a newer ``latest_only`` frame of the same stream replaced it; not run
     SHUTTING_DOWN = "shutting_down"  # the server stopped before running the request
+    FORBIDDEN_HOST = FORBIDDEN_HOST  # HTTP only: a Host header that is not this machine's (DNS rebinding)
+    CROSS_ORIGIN = CROSS_ORIGIN  # HTTP only: sent by a web page of another site
+    UNSUPPORTED_MEDIA_TYPE = UNSUPPORTED_MEDIA_TYPE  # HTTP only: a POST body not sent as application/json
     INTERNAL = "internal"  # an unexpected server-side failure (logged on the server)
     UNAVAILABLE = "unavailable"  # client side only: no reply from the server within the timeout
 
@@ -262,7 +269,7 @@ def parse_header(data: bytes, limits: Limits) -> dict[str, Any]:
     if len(data) > limits.max_header_bytes:
         raise _bad(f"header is {len(data)} bytes; the limit is {limits.max_header_bytes}", None, Code.TOO_LARGE)
     try:
-        header = json.loads(data.decode("utf-8"))
+        header = json_loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad(f"header frame is not UTF-8 JSON: {exc}") from None
     if not isinstance(header, dict):
@@ -282,6 +289,26 @@ def parse_header(data: bytes, limits: Limits) -> dict[str, Any]:
     if op not in OPS:
         raise _bad(f"unknown op {op!r}; expected one of {list(OPS)}", rid, Code.UNKNOWN_OP)
     return header
+
+
+def json_loads(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
+    """``json.loads`` for what callers send: a document nested deeper than ``max_depth`` arrays / objects is a
+    ``ValueError`` like any other malformed JSON (``json.loads`` itself raises ``RecursionError`` at ~1000
+    levels, and a value nested a few hundred deep would do the same later in ``repr`` or ``json.dumps``)."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"JSON nested too deeply (at most {max_depth} levels of arrays and objects)") from None
+    pending: list[tuple[Any, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        for child in children:
+            if isinstance(child, (dict, list)):
+                if depth + 1 > max_depth:
+                    raise ValueError(f"JSON nested too deeply (at most {max_depth} levels of arrays and objects)")
+                pending.append((child, depth + 1))
+    return value
 
 
 def _number(value: Any) -> float | None:
@@ -365,6 +392,8 @@ def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
     if answer is not None and (not isinstance(answer, str) or len(answer) > limits.max_query_chars
                                or not _unicode(answer)):
         raise fail(f"options.answer must be a (valid Unicode) string of at most {limits.max_query_chars} chars or null")
+    if answer is not None and IMAGE_TOKEN in answer:
+        raise fail(f"options.answer must not contain {IMAGE_TOKEN!r} (the prompt's image placeholder)")
     for flag in ("return_logits", "latest_only"):
         value = out.setdefault(flag, False)
         if not isinstance(value, bool):
@@ -449,6 +478,10 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
         raise _bad(f"query is {len(query)} chars; the limit is {limits.max_query_chars}", rid, Code.INVALID_QUERY)
     if not _unicode(query):
         raise _bad("query is not valid Unicode text (it holds a lone surrogate)", rid, Code.INVALID_ARGUMENT)
+    try:
+        check_query(query)  # the engine's own rule (e.g. no "<image>"): refused before queueing
+    except InvalidQueryError as exc:
+        raise _bad(str(exc), rid, Code.INVALID_QUERY) from None
     spec = _check_image_spec(header.get("image"), rid, limits)
     options = _check_options(header.get("options"), rid, limits)
     dspec = header.get("depth")

@@ -16,7 +16,16 @@ file naming :func:`app_builder`) deploys :class:`LisaDeployment`. Each replica:
   is answered ``superseded`` at once and never run), ``options.track`` sessions per stream, and a
   request whose client hung up is not run;
 - reports unhealthy to Serve's ``check_health`` (and is restarted by Serve) when a model call has run
-  for ``stuck_after_s`` or the last ``max_consecutive_failures`` model calls failed unexpectedly.
+  for ``stuck_after_s`` or the last ``max_consecutive_failures`` model calls failed unexpectedly (a
+  caller's mistake, a typed error such as ``invalid_query``, counts neither way);
+- guards its ingress as the web console does (:func:`~lisa_agent.serving.security.refuse_browser_request`):
+  a ``Host`` that is not a loopback name (unless ``allowed_hosts`` says otherwise), a cross-site ``Origin``
+  and a ``POST`` that is not ``application/json`` are refused; a body over the protocol's limit is refused
+  on its ``Content-Length`` before it is read (and a streamed one as soon as it passes the limit).
+
+A request's caller is its ``x-session-id`` (the clients send a random one, their stream) or, without one,
+its connection: ``latest_only`` supersession and tracking sessions are the caller's own, as on the ZeroMQ
+server.
 
 A stream's requests reach one replica through Serve's session affinity (the clients send their
 stream as ``x-session-id``; the deployment routes with Serve's consistent-hash request router), so its
@@ -36,6 +45,9 @@ import json
 import logging
 import os
 import re
+import secrets
+import stat
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -51,8 +63,15 @@ from ..config import EngineConfig
 from ..errors import InvalidArgumentError, LisaError
 from ..frames import SegmentBackend
 from ..result import SegmentationResult
-from .execution import Job, TrackSessions, run_on_one_frame
-from .http_transport import CONTENT_TYPE, decode_http_request, encode_http_reply, http_status
+from .execution import TRACK_BUDGET_BYTES, TRACK_IDLE_S, Job, TrackSessions, default_stream, run_on_one_frame
+from .http_transport import (
+    CONTENT_TYPE,
+    SESSION_HEADER,
+    decode_http_request,
+    encode_http_reply,
+    http_status,
+    read_body,
+)
 from .protocol import (
     OPS,
     PROTOCOL_VERSION,
@@ -65,6 +84,7 @@ from .protocol import (
     encode_reply,
     parse_request,
 )
+from .security import refuse_browser_request
 
 log = logging.getLogger("lisa_agent.serving.ray")
 
@@ -91,6 +111,10 @@ class ReplicaSettings:
         latest_only: treat every request as ``latest_only`` (camera-stream deployments).
         stuck_after_s: a model call running longer marks the replica unhealthy (Serve restarts it).
         max_consecutive_failures: this many unexpected model failures in a row mark it unhealthy.
+        allowed_hosts: ``Host`` names accepted besides loopback names and addresses (DNS rebinding is
+            refused); ``["*"]`` accepts any, for Serve proxies listening on a network.
+        track_idle_s / max_track_bytes: tracked sessions idle this long are dropped (swept at each of Serve's
+            health checks), and all of a replica's sessions hold at most this many bytes together.
     """
 
     max_queue: int = 16
@@ -102,15 +126,24 @@ class ReplicaSettings:
     latest_only: bool = False
     stuck_after_s: float = 300.0
     max_consecutive_failures: int = 3
+    allowed_hosts: tuple[str, ...] = ()
+    track_idle_s: float = TRACK_IDLE_S
+    max_track_bytes: int = TRACK_BUDGET_BYTES
 
     def __post_init__(self) -> None:
-        for name in ("max_queue", "max_side", "max_frame_bytes", "max_batch_size", "max_consecutive_failures"):
+        hosts = self.allowed_hosts
+        if isinstance(hosts, str) or not isinstance(hosts, (list, tuple)) or not all(
+                isinstance(h, str) and h.strip() for h in hosts):
+            raise InvalidArgumentError(f"allowed_hosts must be a list of host names (or [\"*\"]); got {hosts!r}")
+        object.__setattr__(self, "allowed_hosts", tuple(h.strip() for h in hosts))
+        for name in ("max_queue", "max_side", "max_frame_bytes", "max_batch_size", "max_consecutive_failures",
+                     "max_track_bytes"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidArgumentError(f"{name} must be a whole number >= 1; got {value!r}")
         if self.max_side < 8:
             raise InvalidArgumentError(f"max_side must be at least 8; got {self.max_side}")
-        for name in ("batch_wait_ms", "stuck_after_s"):
+        for name in ("batch_wait_ms", "stuck_after_s", "track_idle_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1e9:
                 raise InvalidArgumentError(f"{name} must be a non-negative number; got {value!r}")
@@ -123,7 +156,9 @@ class ReplicaSettings:
         return Limits(max_frame_bytes=self.max_frame_bytes, max_side=self.max_side)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        out["allowed_hosts"] = list(self.allowed_hosts)
+        return out
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> ReplicaSettings:
@@ -201,9 +236,12 @@ class LisaDeployment:
         batched.set_max_batch_size(self.settings.max_batch_size)
         batched.set_batch_wait_timeout_s(self.settings.batch_wait_ms / 1000.0)
         self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lisa-model")
-        self._sessions = TrackSessions(self.backend)  # used by the model thread only
+        self._sessions = TrackSessions(self.backend, idle_s=self.settings.track_idle_s,
+                                       max_bytes=self.settings.max_track_bytes)  # used by the model thread only
+        self._stream_secret = secrets.token_bytes(32)  # default stream names: unguessable, never shown
         self._lock = threading.Lock()
-        self._streams: dict[str, list[_Item]] = collections.defaultdict(list)
+        #: requests held, by (caller, stream)
+        self._streams: dict[tuple[str, str], list[_Item]] = collections.defaultdict(list)
         self._stats: collections.Counter[str] = collections.Counter()
         #: ``segment_batch`` calls with more than one query, and the requests they answered
         self._batches: collections.Counter[str] = collections.Counter()
@@ -220,19 +258,28 @@ class LisaDeployment:
         received = time.monotonic()
         rid: Any = None
         try:
+            headers = request.headers
+            refusal = refuse_browser_request(request.method, headers.get("host"), headers.get("origin"),
+                                             headers.get("content-type"), check_host=True,
+                                             hosts=self.settings.allowed_hosts)
+            if refusal is not None:
+                raise ProtocolError(refusal.code, refusal.message)
             if request.method != "POST":
                 raise ProtocolError(Code.BAD_REQUEST, f"send LISA requests as POST with a JSON body; got "
                                                       f"{request.method}")
-            frames = decode_http_request(await request.body(), self.limits)
+            body = await read_body(request.stream(), headers.get("content-length"), self.limits)
+            frames = decode_http_request(body, self.limits)
             req = parse_request(frames, self.limits)
             rid = req.id
             if req.op == "health":
                 return self._reply(rid, self.health())
             if req.op == "info":
                 return self._reply(rid, self._info)
+            session = headers.get(SESSION_HEADER)
             client = request.client
-            peer = f"peer:{client.host}:{client.port}" if client is not None else "peer:?"
-            return await self._segment(req, received, peer)
+            caller = (f"session:{session}" if session else
+                      f"peer:{client.host}:{client.port}" if client is not None else "peer:?")
+            return await self._segment(req, received, caller)
         except ProtocolError as exc:
             return self._error(exc.request_id if rid is None else rid, exc)
         except Exception as exc:  # noqa: BLE001 - any failure becomes a reply
@@ -270,11 +317,18 @@ class LisaDeployment:
             "batches": batches,
             "engine": "ray",
             "replica": self.replica,
+            "track_sessions": len(self._sessions),
+            "track_bytes": int(self._sessions.nbytes),
         }
 
     def check_health(self) -> None:
         """Serve's periodic health check: raises (so Serve replaces this replica) when a model call is
-        stuck or the model keeps failing."""
+        stuck or the model keeps failing. Also sweeps idle tracked sessions (on the model thread, between
+        model calls)."""
+        try:
+            self._executor.submit(self._sessions.sweep)
+        except RuntimeError:  # shutting down
+            pass
         since = self._busy_since
         if since is not None and time.monotonic() - since > self.settings.stuck_after_s:
             raise RuntimeError(f"a model call has run for {time.monotonic() - since:.0f} s (stuck_after_s "
@@ -285,14 +339,14 @@ class LisaDeployment:
 
     # --------------------------------------------------------------------------------- segment
 
-    async def _segment(self, req: Request, received: float, peer: str) -> Response:
+    async def _segment(self, req: Request, received: float, caller: str) -> Response:
         req.check_mask_budget(self._info)
         if req.options.get("stream") is None:
-            req.options["stream"] = peer
-        stream = req.stream or peer
+            req.options["stream"] = default_stream(self._stream_secret, caller)
+        stream = (caller, req.stream or "")
         key = req.frame_key()
         deadline = received + req.timeout_ms / 1000.0 if req.timeout_ms is not None else None
-        item = _Item(Job([], req, key, received, deadline))
+        item = _Item(Job([], req, key, received, deadline, owner=caller))
         superseded: list[_Item] = []
         with self._lock:
             if req.options["latest_only"] or self.settings.latest_only:
@@ -311,7 +365,7 @@ class LisaDeployment:
             await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
             if item.state == "superseded":
                 return self._error(req.id, ProtocolError(
-                    Code.SUPERSEDED, f"superseded by a newer frame of stream {req.stream!r} (latest_only); not run"))
+                    Code.SUPERSEDED, "superseded by a newer frame of its stream (latest_only); not run"))
             reply = task.result()
         except asyncio.CancelledError:  # the client hung up: not run if it has not started
             with self._lock:
@@ -384,10 +438,12 @@ class LisaDeployment:
                 self._batches["requests"] += run.batched
         replies = []
         for outcome in run.outcomes:
+            # only the model's own faults count toward health; a caller's mistake (a typed error) neither
+            # counts nor clears the count
             if outcome.model_failed:
                 self._failures += 1
                 self._last_failure = str(outcome.error)[:300]
-            elif outcome.ran:
+            elif outcome.payload is not None:
                 self._failures = 0
             if outcome.error is not None:
                 replies.append(encode_reply(outcome.job.request.id, error=outcome.error))
@@ -488,14 +544,40 @@ def endpoint_url(host: str, port: int, route_prefix: str = ROUTE_PREFIX) -> str:
 _LISA_ERROR = re.compile(r"lisa_agent\.errors\.(\w+): (.+)")
 
 
+def private_temp_dir() -> str:
+    """Where a Ray instance started here keeps its session (sockets, logs, spilled objects): ``ray`` inside
+    ``TMP/lisa-ray-UID``, a folder only this user may enter (mode 0700; a new private folder when that name is
+    someone else's). Ray makes its own folder world-writable; the private one around it keeps others out."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = os.path.join(tempfile.gettempdir(), f"lisa-ray-{uid if uid is not None else 'user'}")
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid):
+        path = tempfile.mkdtemp(prefix="lisa-ray-")  # not ours (or not a folder): a fresh private one
+    elif info.st_mode & 0o077:
+        os.chmod(path, 0o700)
+    return os.path.join(path, "ray")
+
+
 def connect(address: str | None = None, **ray_init: Any) -> bool:
     """Join the Ray cluster at ``address`` (see :func:`deploy`) or start a local one; True when this
-    call started a new local instance (its owner shuts it down). Does nothing when already connected."""
+    call started a new local instance (its owner shuts it down). Does nothing when already connected.
+
+    A local instance started here keeps to this machine where Ray lets it: no dashboard (its HTTP server
+    would listen beside Serve's), its session folder in :func:`private_temp_dir` instead of the shared
+    ``/tmp/ray`` (readable logs, writable sockets), Ray's token authentication as Ray 2.60 turns it on for
+    new local instances. Ray's own gRPC ports still listen on every interface (Ray has no option to bind
+    them to loopback): docs/ray.md says how to keep them off the network. ``ray_init`` overrides these."""
     import ray
 
     if ray.is_initialized():
         return False
     started = address is None and not os.environ.get("RAY_ADDRESS")
+    if started:
+        ray_init = {"include_dashboard": False, "_temp_dir": private_temp_dir(), **ray_init}
     ray.init(address=address, **ray_init)
     return started
 

@@ -1,4 +1,10 @@
-"""CurveZMQ helpers and the loopback-bind rule.
+"""CurveZMQ helpers, the loopback-bind rule, and the guard every HTTP door puts before its handlers.
+
+The guard (:func:`refuse_browser_request`) is what keeps web pages the operator happens to open from driving
+a door through the operator's browser: the web console, the Ray Serve ingress and the Foxglove live view
+all apply it. It refuses a ``Host`` that is not this machine's (DNS rebinding) where the door answers
+loopback only, an ``Origin`` of another site (a cross-site ``fetch`` or WebSocket), and a ``POST`` that is
+not ``application/json`` (a "simple" cross-site form post needs no CORS preflight).
 
 Keys are the Z85 text keys of ZeroMQ (40 characters). Certificates are the files
 ``zmq.auth.create_certificates`` writes: ``NAME.key`` (public only, safe to share) and
@@ -10,12 +16,20 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
 from ..errors import InvalidArgumentError
 
 KeyPair = tuple[bytes, bytes]
+
+#: Codes of the guard's refusals (the console's API and the Ray ingress reply with them).
+FORBIDDEN_HOST = "forbidden_host"
+CROSS_ORIGIN = "cross_origin"
+UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -27,6 +41,76 @@ def is_loopback_host(host: str) -> bool:
         return ipaddress.ip_address(name).is_loopback
     except ValueError:
         return False
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why :func:`refuse_browser_request` refused a request: the HTTP status, the error code, a message."""
+
+    status: int
+    code: str
+    message: str
+
+
+def _host_port(authority: str, scheme: str = "http") -> tuple[str, int | None]:
+    """(host name lower-cased without brackets, port or the scheme's default) of ``HOST[:PORT]``."""
+    try:
+        parts = urlsplit(f"//{authority.strip()}")
+        port = parts.port
+    except ValueError:
+        return "", None
+    default = {"http": 80, "ws": 80, "https": 443, "wss": 443}.get(scheme)
+    return (parts.hostname or "").lower(), port if port is not None else default
+
+
+def refuse_browser_request(method: str, host: str | None, origin: str | None, content_type: str | None, *,
+                           check_host: bool, hosts: Iterable[str] = (), origins: Iterable[str] = (),
+                           json_posts: bool = True) -> Refusal | None:
+    """None when a request may go on; else the :class:`Refusal` to answer with.
+
+    Args:
+        method, host, origin, content_type: the request's method and its ``Host``, ``Origin`` and
+            ``Content-Type`` headers (None when absent).
+        check_host: the door answers this machine only (a loopback bind without a token): its ``Host`` must
+            be a loopback name or address, or one of ``hosts`` (``"*"``: any), so a page whose name was
+            re-pointed at 127.0.0.1 (DNS rebinding) is refused (403 ``forbidden_host``).
+        origins: browser origins allowed besides the door's own (``https://app.foxglove.dev``). Any other
+            ``Origin``, and ``null``, is refused (403 ``cross_origin``); requests without one (non-browser
+            clients) pass.
+        json_posts: a ``POST`` must say ``Content-Type: application/json`` (else 415 ``unsupported_media_type``).
+    """
+    name, port = _host_port(host or "")
+    allowed_hosts = {h.strip().strip("[]").lower() for h in hosts}
+    if check_host and not (is_loopback_host(name) or name in allowed_hosts or "*" in allowed_hosts):
+        return Refusal(403, FORBIDDEN_HOST, f"host {host!r} is not this machine's loopback address")
+    if origin is not None:
+        seen = origin.strip().rstrip("/").lower()
+        scheme = urlsplit(seen).scheme
+        same = seen != "null" and bool(name) and _host_port(urlsplit(seen).netloc, scheme) == (name, port)
+        if not same and seen not in {o.strip().rstrip("/").lower() for o in origins}:
+            return Refusal(403, CROSS_ORIGIN, f"requests from pages of another site ({origin[:100]!r}) are refused")
+    if json_posts and method.upper() == "POST":
+        mime = (content_type or "").split(";", 1)[0].strip().lower()
+        if mime != "application/json":
+            return Refusal(415, UNSUPPORTED_MEDIA_TYPE, "send the body as JSON (Content-Type: application/json)")
+    return None
+
+
+def check_listen(host: str, port: int, what: str) -> None:
+    """Refuse (:class:`InvalidArgumentError`) a TCP address this machine cannot listen on (not one of its
+    addresses, a port already taken) before anything slow starts. ``port`` 0 is any free port."""
+    try:
+        infos = socket.getaddrinfo(host.strip().strip("[]") or None, port, type=socket.SOCK_STREAM,
+                                   flags=socket.AI_PASSIVE)
+    except (socket.gaierror, UnicodeError) as exc:
+        raise InvalidArgumentError(f"{what} {host!r} is not an address of this machine: {exc}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise InvalidArgumentError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:

@@ -23,6 +23,7 @@ import collections
 import json
 import logging
 import os
+import secrets
 import threading
 import time
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from ..errors import InvalidArgumentError, LisaError
 from ..frames import SegmentBackend
 from ..result import SegmentationResult
 from . import security
-from .execution import Job, TrackSessions, run_on_one_frame
+from .execution import TRACK_BUDGET_BYTES, TRACK_IDLE_S, Job, TrackSessions, default_stream, run_on_one_frame
 from .protocol import (
     OPS,
     PROTOCOL_VERSION,
@@ -75,10 +76,10 @@ class RequestQueue:
             self._cond.notify()
             return True
 
-    def supersede(self, stream: str, key: str) -> list[Job]:
-        """Remove and return queued jobs of ``stream`` for another frame than ``key``."""
+    def supersede(self, owner: str, stream: str, key: str) -> list[Job]:
+        """Remove and return queued jobs of ``owner``'s ``stream`` for another frame than ``key``."""
         with self._cond:
-            old = [j for j in self._items if j.request.stream == stream and j.key != key]
+            old = [j for j in self._items if j.owner == owner and j.request.stream == stream and j.key != key]
             for j in old:
                 self._items.remove(j)
             return old
@@ -126,6 +127,14 @@ class LisaServer:
         max_pending_reply_bytes: replies held for one peer that does not read them, at most (bytes,
             beyond what ZeroMQ and the kernel buffer); the peer's oldest replies are dropped beyond it,
             counted as ``replies_dropped`` in ``health`` and logged.
+        track_idle_s / max_track_bytes: tracked sessions (``options.track``) idle this long are dropped (the
+            worker sweeps every second), and all of them together hold at most this many bytes (the least
+            recently used are dropped beyond); see :class:`~lisa_agent.serving.execution.TrackSessions`.
+
+    Callers: a request's caller is its CurveZMQ key when CurveZMQ is on, else its ZeroMQ connection (the
+    routing identity). ``latest_only`` supersession and tracking sessions are the caller's own: another caller
+    naming the same ``stream`` reaches neither. A request without ``options.stream`` gets a name derived
+    from its caller with a secret of this server's (unguessable, and never shown to anyone).
 
     Use ``with LisaServer(...) as server:`` or :meth:`start` / :meth:`stop`.
     """
@@ -143,6 +152,8 @@ class LisaServer:
         latest_only: bool = False,
         batch: bool = True,
         max_pending_reply_bytes: int = 64 * 1024 * 1024,
+        track_idle_s: float = TRACK_IDLE_S,
+        max_track_bytes: int = TRACK_BUDGET_BYTES,
     ) -> None:
         if (curve_secret is None) != (curve_allow is None):
             raise InvalidArgumentError("CurveZMQ needs both curve_secret (server .key_secret) and curve_allow "
@@ -181,8 +192,9 @@ class LisaServer:
         self.max_pending_reply_bytes = int(max_pending_reply_bytes)
         self._outbox: dict[bytes, collections.deque[tuple[list[bytes], int]]] = {}
         self._outbox_bytes: collections.Counter[bytes] = collections.Counter()
-        #: tracked streams (``options.track``): one StreamSegmenter per client stream, used by the worker only
-        self._sessions = TrackSessions(backend)
+        #: tracked streams (``options.track``): one StreamSegmenter per caller's stream, used by the worker only
+        self._sessions = TrackSessions(backend, idle_s=track_idle_s, max_bytes=max_track_bytes)
+        self._stream_secret = secrets.token_bytes(32)  # default stream names: unguessable, never shown
 
     # ------------------------------------------------------------------------------- lifecycle
 
@@ -303,10 +315,10 @@ class LisaServer:
                 if router in events:
                     for _ in range(64):  # bounded burst, so replies keep flowing under load
                         try:
-                            msg = router.recv_multipart(zmq.NOBLOCK, copy=True)
+                            parts = router.recv_multipart(zmq.NOBLOCK, copy=False)
                         except zmq.Again:
                             break
-                        self._handle(router, msg)
+                        self._handle(router, [p.bytes for p in parts], self._caller(parts))
             self._forward(pull, router)
         except Exception:  # pragma: no cover - a bug here must not pass silently
             log.exception("server socket loop crashed")
@@ -377,7 +389,19 @@ class LisaServer:
                 del self._outbox[peer]
                 del self._outbox_bytes[peer]
 
-    def _handle(self, router: Any, msg: list[bytes]) -> None:
+    def _caller(self, parts: list[Any]) -> str:
+        """Who sent a message: ``curve:KEY`` (the client's CurveZMQ public key, which the authenticator
+        checked) with CurveZMQ, else ``zmq:ROUTING_ID`` (its connection)."""
+        if self._curve_keys is not None:
+            try:
+                key = parts[-1].get("User-Id")
+            except Exception:  # noqa: BLE001 - no metadata: fall back to the connection
+                key = None
+            if key:
+                return f"curve:{key}"
+        return "zmq:" + parts[0].bytes.hex()
+
+    def _handle(self, router: Any, msg: list[bytes], caller: str = "") -> None:
         t0 = time.perf_counter()
         if len(msg) >= 2 and msg[1] == b"":  # REQ-style envelope: identity, empty delimiter
             envelope, body = msg[:2], msg[2:]
@@ -395,25 +419,25 @@ class LisaServer:
             elif self._stop.is_set():
                 raise ProtocolError(Code.SHUTTING_DOWN, "server is shutting down; not run")
             else:
-                self._enqueue(router, envelope, req, msg[0])
+                self._enqueue(router, envelope, req, caller or "zmq:" + msg[0].hex())
         except ProtocolError as exc:
             self._send_error(router, envelope, exc.request_id if rid is None else rid, op, exc, t0)
         except Exception as exc:  # noqa: BLE001 - any failure becomes a reply, the loop goes on
             log.exception("error while handling a request")
             self._send_error(router, envelope, rid, op, RemoteError(Code.INTERNAL, f"{type(exc).__name__}: {exc}"), t0)
 
-    def _enqueue(self, router: Any, envelope: list[bytes], req: Request, identity: bytes) -> None:
+    def _enqueue(self, router: Any, envelope: list[bytes], req: Request, caller: str) -> None:
         req.check_mask_budget(self._info)
         if req.options.get("stream") is None:
-            req.options["stream"] = "peer:" + identity.hex()
+            req.options["stream"] = default_stream(self._stream_secret, caller)
         key = req.frame_key()
         now = time.monotonic()
         deadline = now + req.timeout_ms / 1000.0 if req.timeout_ms is not None else None
-        job = Job(envelope, req, key, now, deadline)
+        job = Job(envelope, req, key, now, deadline, owner=caller)
         if req.options["latest_only"] or self.latest_only:
-            for old in self.queue.supersede(req.stream or "", key):
+            for old in self.queue.supersede(caller, req.stream or "", key):
                 self._send_error(router, old.envelope, old.request.id, "segment", ProtocolError(
-                    Code.SUPERSEDED, f"superseded by a newer frame of stream {req.stream!r} (latest_only); not run"))
+                    Code.SUPERSEDED, "superseded by a newer frame of its stream (latest_only); not run"))
         if not self.queue.put(job):
             raise ProtocolError(Code.QUEUE_FULL, f"server queue is full ({self.queue.maxsize} requests waiting); "
                                                  "retry later", req.id)
@@ -431,6 +455,8 @@ class LisaServer:
             "uptime_s": round(time.monotonic() - self._started, 3),
             "replies": stats,
             "pending_reply_bytes": int(sum(self._outbox_bytes.values())),
+            "track_sessions": len(self._sessions),
+            "track_bytes": int(self._sessions.nbytes),
         }
 
     def _count(self, key: str) -> None:
@@ -468,9 +494,13 @@ class LisaServer:
         push = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(self._inproc)
+        swept = time.monotonic()
         try:
             while not self._stop.is_set():
                 jobs = self.queue.get(0.05, self.batch)
+                if time.monotonic() - swept >= 1.0:  # idle tracked sessions go even when no request comes
+                    swept = time.monotonic()
+                    self._sessions.sweep(swept)
                 if jobs:
                     self._busy = True
                     try:
@@ -505,3 +535,4 @@ class LisaServer:
             else:
                 self._send_ok(push, job.envelope, job.request.id, "segment", outcome.payload, outcome.started,
                               outcome.extra)
+
