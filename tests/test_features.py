@@ -3,8 +3,6 @@ timings on a hit, and Frames carrying id, stamp and depth through to the result.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import pytest
 from helpers import random_frame
@@ -24,26 +22,30 @@ def seg(tiny_checkpoint) -> LisaSegmenter:
     return LisaSegmenter.from_pretrained(tiny_checkpoint, device="cpu")
 
 
-def _timed(fn):  # noqa: ANN001, ANN202
-    t0 = time.perf_counter()
-    out = fn()
-    return out, (time.perf_counter() - t0) * 1000.0
-
-
 def test_a_cache_hit_reports_its_own_cost_and_says_cached(seg):
     frame = random_frame(480, 640, seed=11)
-    miss, _ = _timed(lambda: seg.segment(frame, QUERY))
-    hit, hit_wall = _timed(lambda: seg.segment(frame.copy(), "another query"))  # same pixels, another array
+    runs = {"sam": 0, "clip": 0}
+
+    def counter(name: str):  # noqa: ANN202
+        return lambda *_: runs.__setitem__(name, runs[name] + 1)
+
+    hooks = [seg.model.sam.image_encoder.patch_embed.register_forward_hook(counter("sam")),
+             seg.model.vision.register_forward_hook(counter("clip"))]
+    try:
+        miss = seg.segment(frame, QUERY)
+        encoded = dict(runs)
+        hit = seg.segment(frame.copy(), "another query")  # same pixels, another array
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert encoded == {"sam": 1, "clip": 1} and runs == encoded  # the hit ran neither encoder: one digest
     assert not miss.cached and hit.cached
     assert miss.timings_ms["sam_encoder"] > 0 and miss.timings_ms["clip"] > 0
     assert all(hit.timings_ms[k] == 0 for k in ENCODERS)
-    encoder_ms = sum(miss.timings_ms[k] for k in ENCODERS)
-    assert hit.timings_ms["digest"] < 0.1 * encoder_ms  # the lookup: one digest of the pixels
-    # what the hit reports is what it cost: its stages add up to its total, within the call's wall time
-    # (before, a hit repeated the first call's encoder timings and reported far more than it took)
+    # what the hit reports is what it cost: its stages add up to its total (before, a hit repeated the
+    # first call's encoder timings and reported far more than it took)
     stages = sum(v for k, v in hit.timings_ms.items() if k != "total")
     assert hit.timings_ms["total"] == pytest.approx(stages)
-    assert hit.timings_ms["total"] <= hit_wall
     assert hit.to_dict()["cached"] is True and miss.to_dict()["cached"] is False
 
 
