@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any
 __version__ = "0.1.0"
 
 _LAZY = {
-    "LisaSegmenter": ("lisa_agent.segmenter", "LisaSegmenter"),
-    "Conversation": ("lisa_agent.segmenter", "Conversation"),
+    "LisaSegmenter": ("lisa_agent.engine.segmenter", "LisaSegmenter"),
+    "Conversation": ("lisa_agent.engine.segmenter", "Conversation"),
     "SegmentationResult": ("lisa_agent.result", "SegmentationResult"),
     "MaskInstance": ("lisa_agent.result", "MaskInstance"),
     "LisaClient": ("lisa_agent.serving.client", "LisaClient"),
@@ -21,8 +21,8 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .engine.segmenter import Conversation, LisaSegmenter
     from .result import MaskInstance, SegmentationResult
-    from .segmenter import Conversation, LisaSegmenter
     from .serving.client import AsyncLisaClient, LisaClient
 
 __all__ = ["AsyncLisaClient", "Conversation", "LisaClient", "LisaSegmenter", "MaskInstance", "SegmentationResult"]

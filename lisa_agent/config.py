@@ -1,7 +1,7 @@
 """``EngineConfig``: the one declaration of the engine's options, their defaults, choices and help.
 
 Every door builds one: :meth:`LisaSegmenter.from_pretrained(model, **options)
-<lisa_agent.segmenter.LisaSegmenter.from_pretrained>` in Python, the command line's flags
+<lisa_agent.engine.segmenter.LisaSegmenter.from_pretrained>` in Python, the command line's flags
 (:func:`add_engine_arguments`, used by every model-loading command and ``serve``), the ROS node's
 parameters and the launch file's arguments (:func:`engine_parameters`). Names, help texts, choices and
 defaults come from the fields below, so the doors cannot drift apart.
@@ -13,7 +13,7 @@ and :meth:`EngineConfig.to_texts` convert.
 
 Nothing here imports torch: the CLI builds its parser and the launch file its arguments without it.
 ``device="auto"`` and ``dtype="auto"`` are resolved when the model loads
-(:func:`lisa_agent.loading.resolve_precision`): CUDA when present, bf16 on CUDA and fp32 on the CPU.
+(:func:`lisa_agent.engine.loading.resolve_precision`): CUDA when present, bf16 on CUDA and fp32 on the CPU.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import Any
 
+from .engine.prompts import TEMPLATES
 from .errors import InvalidArgumentError
-from .prompts import TEMPLATES
 
-#: Inference modes of :meth:`LisaSegmenter.segment <lisa_agent.segmenter.LisaSegmenter.segment>`.
+#: Inference modes of :meth:`LisaSegmenter.segment <lisa_agent.engine.segmenter.LisaSegmenter.segment>`.
 MODES = ("fast", "chat", "reference")
 #: Precision names (``auto``: bf16 on CUDA, fp32 on the CPU) and the aliases accepted for them.
 DTYPES = ("auto", "fp32", "bf16", "fp16")
@@ -130,7 +130,7 @@ def mask_budget(max_masks: int, max_mask_megapixels: float, views: int, height: 
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Options of one :class:`~lisa_agent.segmenter.LisaSegmenter`, validated at construction.
+    """Options of one :class:`~lisa_agent.engine.segmenter.LisaSegmenter`, validated at construction.
 
     Attributes:
         model: Hub id (``xinlai/LISA-7B-v1``), local checkpoint folder, or a bundled short name

@@ -2,7 +2,7 @@
 
 Also the validation of its pieces (:func:`check_image`, :func:`check_query`), the exact time type
 :class:`Stamp`, and the :class:`SegmentBackend` protocol that the in-process engine
-(:class:`~lisa_agent.segmenter.LisaSegmenter`) and the remote client
+(:class:`~lisa_agent.engine.segmenter.LisaSegmenter`) and the remote client
 (:class:`~lisa_agent.serving.client.LisaClient`) both satisfy, and that the LangChain tool, the ROS
 node and the bag tool accept.
 
@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from .engine.prompts import IMAGE_TOKEN
 from .errors import InvalidArgumentError, InvalidImageError, InvalidQueryError
 from .geometry import Intrinsics, depth_to_meters
-from .prompts import IMAGE_TOKEN
 
 if TYPE_CHECKING:  # pragma: no cover
     from .result import SegmentationResult
@@ -242,7 +242,7 @@ def as_frame(image: Frame | np.ndarray, frame_id: str | int | None = None) -> Fr
 @runtime_checkable
 class SegmentBackend(Protocol):
     """What the tool, the ROS node and the bag tool need from a model: the in-process
-    :class:`~lisa_agent.segmenter.LisaSegmenter` or a :class:`~lisa_agent.serving.client.LisaClient`."""
+    :class:`~lisa_agent.engine.segmenter.LisaSegmenter` or a :class:`~lisa_agent.serving.client.LisaClient`."""
 
     def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
                 answer: str | None = None, frame_id: str | None = None,

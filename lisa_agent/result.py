@@ -47,7 +47,7 @@ class MaskInstance:
         area: number of mask pixels.
         centroid: (x, y) mean pixel position.
         score: the SAM mask decoder's IoU prediction for this mask; for checkpoints with a presence gate
-            (see :mod:`lisa_agent.segmenter`) the probability that the mask's target is in the frame.
+            (see :mod:`lisa_agent.engine.segmenter`) the probability that the mask's target is in the frame.
     """
 
     bbox: tuple[int, int, int, int]

@@ -36,7 +36,7 @@ from .frames import Frame, SegmentBackend, as_frame, check_query
 from .result import SegmentationResult
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .segmenter import LisaSegmenter
+    from .engine.segmenter import LisaSegmenter
 
 #: Tracker names (``StreamSegmenter(tracker=...)``, CLI ``--tracker``, ROS parameter ``tracker``).
 TRACKERS = ("none", "flow", "sam")

@@ -18,6 +18,6 @@ def load_backend(config: EngineConfig, *, server: str = "", server_timeout: floa
         from lisa_agent.serving.client import LisaClient
 
         return LisaClient(server, timeout=server_timeout)
-    from lisa_agent.segmenter import LisaSegmenter
+    from lisa_agent.engine.segmenter import LisaSegmenter
 
     return LisaSegmenter.from_config(config)

@@ -1,4 +1,4 @@
-"""sensor_msgs <-> numpy for the ROS node: the ROS-free decoders of :mod:`lisa_agent.imagemsg`, plus
+"""sensor_msgs <-> numpy for the ROS node: the ROS-free decoders of :mod:`lisa_agent.integrations.image_messages`, plus
 :func:`to_image_msg`, which builds an rclpy ``sensor_msgs.msg.Image`` (sensor_msgs imported only there)."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from lisa_agent.imagemsg import (  # noqa: F401  (re-exported for the node and its tests)
+from lisa_agent.integrations.image_messages import (  # noqa: F401  (re-exported for the node and its tests)
     COLOR_ENCODINGS,
     DEPTH_ENCODINGS,
     ENCODINGS,

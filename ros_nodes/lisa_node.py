@@ -15,7 +15,7 @@ Publications (:mod:`ros_nodes.publishing`), in the node's namespace, each stampe
 frame's header: ``~/mask``, ``~/overlay``, ``~/overlay/compressed``, ``~/answer``, ``~/result`` (the
 library's result schema plus the node's envelope), ``~/target_point``, ``~/markers``,
 ``~/detections``; and ``/diagnostics``. With ``foxglove_port`` set, the same outputs also go to a
-Foxglove live view (:class:`lisa_agent.console.foxglove.FoxglovePublisher`, foxglove-sdk) that takes
+Foxglove live view (:class:`lisa_agent.integrations.foxglove.FoxglovePublisher`, foxglove-sdk) that takes
 instructions from Foxglove's Publish panel (``/lisa/instruction``, ``{"data": "..."}``). Parameters:
 :mod:`ros_nodes.parameters` (the engine's come from :class:`lisa_agent.config.EngineConfig`).
 
@@ -169,7 +169,7 @@ class LisaNode(Node):
             return None
         host = str(self.get_parameter("foxglove_host").value)
         try:
-            from lisa_agent.console.foxglove import FoxglovePublisher
+            from lisa_agent.integrations.foxglove import FoxglovePublisher
         except ImportError as exc:
             raise ValueError(f"foxglove_port needs foxglove-sdk (pip install 'lisa-agent[console]'): {exc}") from None
         try:

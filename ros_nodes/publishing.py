@@ -6,7 +6,7 @@ schema plus the node's envelope, :func:`ros_nodes.outputs.result_json`), ``~/tar
 (PointStamped, the first mask's 3D point when there is one), ``~/markers`` (MarkerArray) and
 ``~/detections`` (vision_msgs/Detection2DArray, only where vision_msgs is installed). With the node's
 ``foxglove_port`` set, the same frame and result also go to a Foxglove live view
-(:class:`lisa_agent.console.foxglove.FoxglovePublisher`: the frame, the masks as ImageAnnotations, the answer,
+(:class:`lisa_agent.integrations.foxglove.FoxglovePublisher`: the frame, the masks as ImageAnnotations, the answer,
 the result and the 3D targets).
 """
 
@@ -41,7 +41,7 @@ class ResultPublisher:
         self.point = node.create_publisher(PointStamped, "~/target_point", RELIABLE)
         self.markers = node.create_publisher(MarkerArray, "~/markers", RELIABLE)
         self.detections = None
-        #: a lisa_agent.console.foxglove.FoxglovePublisher when the node's foxglove_port is set
+        #: a lisa_agent.integrations.foxglove.FoxglovePublisher when the node's foxglove_port is set
         self.foxglove: Any = None
         if outputs.HAVE_VISION_MSGS:
             self.detections = node.create_publisher(outputs.Detection2DArray, "~/detections", RELIABLE)

@@ -24,7 +24,7 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny RANDOM-WEIGHT LISA checkpoint in the published layout (2-shard .bin, own CLIP folder)."""
-    from lisa_agent.tiny import make_tiny_checkpoint
+    from lisa_agent.engine.tiny import make_tiny_checkpoint
 
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "lisa-tiny", seed=0)
 

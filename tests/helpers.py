@@ -31,7 +31,7 @@ def teach_answer(seg, image: np.ndarray, query: str, answer: str, steps: int = 8
     Gives random-weight tiny models a deterministic answer containing [SEG], so the chat, reference
     and fast paths can be compared on real [SEG] states.
     """
-    from lisa_agent.preprocess import clip_preprocess
+    from lisa_agent.engine.preprocess import clip_preprocess
 
     model = seg.model
     tok = seg.tokenizer

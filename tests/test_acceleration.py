@@ -16,9 +16,9 @@ import torch
 from helpers import assert_same_objects, assert_same_result, random_frame, teach_answer
 
 from lisa_agent import LisaSegmenter
-from lisa_agent.acceleration import BUCKET, bucket, pad_length, preallocated_cache
+from lisa_agent.engine.acceleration import BUCKET, bucket, pad_length, preallocated_cache
+from lisa_agent.engine.generation import decoder_pass
 from lisa_agent.errors import QuantizationError
-from lisa_agent.generation import decoder_pass
 
 QUERY = "the red mug"
 ANSWER = "Sure, [SEG]. It is [SEG]."
@@ -90,8 +90,8 @@ def test_static_cache_answers_every_prompt_length_like_the_dynamic_one(tiny_segm
 def test_static_decoder_bars_tokens_and_caps_seg_like_the_dynamic_loop(taught, graphs, pad):
     """The decoding contract both loops share: ``banned`` never appears, at most ``max_segs`` [SEG] states.
     (``graphs`` on the CPU: the decode step runs eagerly, on the cache a captured step would use.)"""
-    from lisa_agent.acceleration import StaticDecoder
-    from lisa_agent.generation import greedy_cached
+    from lisa_agent.engine.acceleration import StaticDecoder
+    from lisa_agent.engine.generation import greedy_cached
 
     seg = taught
     feats = seg.encode(FRAME)
@@ -121,7 +121,7 @@ def test_a_graphed_decoder_keeps_its_write_position_where_a_replay_moves_it(tiny
     must live in tensors it updates in place; a Python counter (the preallocated cache's ``length``) would stay
     frozen at its capture-time value and every replay would write the same slot. Bucket padding off must not
     change that (it used to select the preallocated cache)."""
-    from lisa_agent.acceleration import StaticDecoder
+    from lisa_agent.engine.acceleration import StaticDecoder
 
     llm = tiny_segmenter.model.llm
     decoder = StaticDecoder(llm, graphs=True, pad=pad)
@@ -139,7 +139,7 @@ def test_a_graphed_decoder_keeps_its_write_position_where_a_replay_moves_it(tiny
 def test_static_caches_are_bounded_and_reported(tiny_segmenter):
     """One cache (with its decode graph on CUDA) per cache length, at most MAX_DECODE_GRAPHS kept: prompts of
     many lengths no longer grow memory without end."""
-    from lisa_agent.acceleration import MAX_DECODE_GRAPHS
+    from lisa_agent.engine.acceleration import MAX_DECODE_GRAPHS
 
     seg = tiny_segmenter
     frame = random_frame(48, 64, seed=9)
@@ -158,7 +158,7 @@ def test_static_caches_are_bounded_and_reported(tiny_segmenter):
 
 
 def test_the_lru_evicts_the_least_recently_used():
-    from lisa_agent.acceleration import LRU
+    from lisa_agent.engine.acceleration import LRU
 
     lru: LRU[str, int] = LRU(2)
     lru.put("a", 1)
@@ -236,7 +236,7 @@ def test_int4_uses_the_tile_packed_layout_with_a_group_size_that_divides_each_la
     """torchao's default int4 layout ("plain") runs on the separate mslk kernels, which Jetson Orin lacks; the
     tile-packed layout runs on PyTorch's own _weight_int4pack_mm (sm_80 and later, Orin's sm_87 included).
     A group size that does not divide a layer's width made torchao skip that layer silently."""
-    from lisa_agent.loading import torchao_config
+    from lisa_agent.engine.loading import torchao_config
 
     for width, group in ((4096, 128), (11008, 128), (192, 64), (96, 32)):
         config = torchao_config("4bit", width)
@@ -249,7 +249,7 @@ def test_a_bitsandbytes_that_ends_its_process_leaves_the_engine_running(tmp_path
     """bitsandbytes' native code has called exit() on CUDA errors: the probe for quant_backend="auto" runs
     in a child process, so such an exit only tells us to use torchao. (A stand-in bitsandbytes that exits
     on import plays that part here.)"""
-    from lisa_agent import loading
+    from lisa_agent.engine import loading
 
     fake = tmp_path / "site" / "bitsandbytes"
     fake.mkdir(parents=True)
@@ -299,7 +299,7 @@ def test_compiled_encoders_give_the_eager_masks_and_are_kept_across_switches(tau
 
 
 def test_an_encoder_that_cannot_compile_runs_eagerly_with_a_warning(tiny_segmenter, caplog):
-    from lisa_agent.acceleration import CompiledEncoders
+    from lisa_agent.engine.acceleration import CompiledEncoders
 
     def broken_backend(graph_module, example_inputs):  # noqa: ANN001, ANN202 - torch.compile's backend protocol
         raise RuntimeError("no compiler for this graph")
@@ -308,7 +308,7 @@ def test_an_encoder_that_cannot_compile_runs_eagerly_with_a_warning(tiny_segment
     encoders = CompiledEncoders(model, backend=broken_backend)
     clip_px = torch.rand(1, 3, tiny_segmenter.clip_size, tiny_segmenter.clip_size)
     sam_px = torch.rand(1, 3, tiny_segmenter.sam_size, tiny_segmenter.sam_size)
-    with torch.inference_mode(), caplog.at_level("WARNING", logger="lisa_agent.acceleration"):
+    with torch.inference_mode(), caplog.at_level("WARNING", logger="lisa_agent.engine.acceleration"):
         tokens, emb = encoders.clip(clip_px), encoders.sam(sam_px)
         torch.testing.assert_close(tokens, model.encode_clip(clip_px))
         torch.testing.assert_close(emb, model.encode_sam(sam_px))
@@ -321,7 +321,7 @@ def test_an_encoder_that_cannot_compile_runs_eagerly_with_a_warning(tiny_segment
 def test_the_trackers_sam_path_runs_the_engines_optimised_encoder(tiny_checkpoint):
     """``masks_from_prompts`` (the ``sam`` tracker, every frame between reasoning steps) runs SAM's encoder as
     the engine does (compiled here; graphed on CUDA), not always the eager one; same masks."""
-    from lisa_agent.acceleration import CompiledEncoders
+    from lisa_agent.engine.acceleration import CompiledEncoders
 
     seg = LisaSegmenter.from_pretrained(tiny_checkpoint)
     frame = random_frame(60, 80, seed=5)
@@ -381,7 +381,7 @@ def test_the_benchs_random_model_is_built_in_its_dtype_with_every_buffer_initial
 
     from lisa_agent.benchmarks.engine import random_segmenter
     from lisa_agent.config import EngineConfig
-    from lisa_agent.tiny import TinyShape
+    from lisa_agent.engine.tiny import TinyShape
 
     shape = TinyShape()
     llama = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,

@@ -108,7 +108,7 @@ def test_bag_round_trip(tmp_path, tiny_checkpoint, tiny_segmenter, storage, suff
 
 
 def test_bag_compressed_input_every_other_frame_to_mcap_with_copy(tmp_path, tiny_segmenter):
-    from lisa_agent.bagtool import process_bag
+    from lisa_agent.integrations.bagtool import process_bag
 
     times = write_bag(tmp_path / "in", StoragePlugin.SQLITE3, frames(5), compressed=True)
     seen = []
@@ -141,7 +141,7 @@ def test_bag_errors_are_clear(tmp_path, tiny_checkpoint, capsys):
 
 
 def test_bag_skips_undecodable_frames_and_reports_them(tmp_path, tiny_segmenter):
-    from lisa_agent.bagtool import process_bag
+    from lisa_agent.integrations.bagtool import process_bag
 
     with Writer(tmp_path / "in", version=9, storage_plugin=StoragePlugin.SQLITE3) as writer:
         cam = writer.add_connection("/cam", Image.__msgtype__, typestore=STORE)

@@ -40,11 +40,11 @@ from helpers import assert_result_schema
 from PIL import Image
 
 from lisa_agent.console.core import MAX_INSTRUCTION_CHARS, ConsoleCore, mask_labels
-from lisa_agent.console.foxglove import FoxglovePublisher
 from lisa_agent.console.sources import SyntheticSource, parse_source
 from lisa_agent.console.web import ConsoleServer, is_loopback
 from lisa_agent.encoders import rle_to_mask
 from lisa_agent.errors import InvalidArgumentError
+from lisa_agent.integrations.foxglove import FoxglovePublisher
 
 QUERY = "grab something to cut with"
 ENVELOPE = {"request", "origin", "frame_seq", "labels", "declined", "message", "latency_ms", "target", "model_ms"}

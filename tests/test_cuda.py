@@ -36,8 +36,8 @@ needs_bitsandbytes = pytest.mark.skipif(importlib.util.find_spec("bitsandbytes")
 def taught_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny random checkpoint after its LLM was taught, on the GPU, to answer ANSWER (two [SEG]) to QUERY
     on FRAME; saved in the published layout, so that any precision or quantization can load it."""
-    from lisa_agent.checkpoints import read_config, write_checkpoint
-    from lisa_agent.loading import published_state_dict
+    from lisa_agent.engine.checkpoints import read_config, write_checkpoint
+    from lisa_agent.engine.loading import published_state_dict
 
     seg = LisaSegmenter.from_pretrained(tiny_checkpoint, device="cuda", dtype="fp32", **EAGER)
     teach_answer(seg, FRAME, QUERY, ANSWER)  # the engine's own device: CUDA tensors for a CUDA model
@@ -150,7 +150,7 @@ def test_bitsandbytes_quantized_masks_match_bf16(name, quantization, taught_chec
 
 
 def test_the_bitsandbytes_probe_answers_without_ending_this_process():
-    from lisa_agent import loading
+    from lisa_agent.engine import loading
 
     loading._bitsandbytes_runs.cache_clear()
     runs = loading._bitsandbytes_runs(torch.cuda.current_device(), "8bit")  # in a child process
@@ -166,7 +166,7 @@ def test_a_failed_capture_puts_the_stream_and_the_allocator_back(tiny_checkpoint
     """A stage that synchronises with the host (as bitsandbytes' 8-bit matmul does) cannot be captured. After
     the failure the thread is back on its stream, no capture is under way, allocations and work go on, and
     this engine captures nothing more."""
-    from lisa_agent.acceleration import GraphCapturer
+    from lisa_agent.engine.acceleration import GraphCapturer
 
     capturer = GraphCapturer(torch.device("cuda"))
     stream = torch.cuda.current_stream()
@@ -213,7 +213,7 @@ def test_an_engine_on_the_second_gpu_runs_there_while_the_first_is_current(taugh
 
 
 def test_graphs_and_static_caches_stay_bounded_over_many_shapes(taught_checkpoint):
-    from lisa_agent.acceleration import MAX_DECODE_GRAPHS, MAX_STAGE_GRAPHS
+    from lisa_agent.engine.acceleration import MAX_DECODE_GRAPHS, MAX_STAGE_GRAPHS
 
     seg = LisaSegmenter.from_pretrained(str(taught_checkpoint), device="cuda", dtype="fp32")
     for k in range(6):  # prompts in 6 length buckets, batches of 1 to 6: more shapes than kept
@@ -262,7 +262,7 @@ def test_the_bench_reports_reserved_memory_and_what_the_graphs_hold(capsys):
 def test_the_benchs_random_model_is_built_on_the_gpu_in_bf16_without_float32_staging():
     from lisa_agent.benchmarks.engine import random_segmenter
     from lisa_agent.config import EngineConfig
-    from lisa_agent.tiny import TinyShape
+    from lisa_agent.engine.tiny import TinyShape
 
     llama = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
                  num_key_value_heads=8, vocab_size=32004, rms_norm_eps=1e-6, max_position_embeddings=1024)

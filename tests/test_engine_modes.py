@@ -62,8 +62,8 @@ def test_fast_equals_chat_when_answers_match(taught):
 def _independent_states(seg, frame, answer):
     """Hidden states of the whole merged sequence by a separate route: the published model's
     forward with output_hidden_states, image tokens spliced in by plain concatenation."""
-    from lisa_agent.preprocess import clip_preprocess
-    from lisa_agent.prompts import IMAGE_TOKEN_INDEX
+    from lisa_agent.engine.preprocess import clip_preprocess
+    from lisa_agent.engine.prompts import IMAGE_TOKEN_INDEX
 
     model = seg.model
     ids = seg.tokenizer.encode_prompt(seg._prompt(QUERY, answer=answer))
@@ -98,7 +98,7 @@ def test_seg_embedding_is_the_state_before_seg(taught):
 
 
 def test_image_features_are_layer_minus_two_patches(tiny_segmenter):
-    from lisa_agent.preprocess import clip_preprocess
+    from lisa_agent.engine.preprocess import clip_preprocess
 
     frame = random_frame(50, 70, seed=1)
     px = clip_preprocess(frame, tiny_segmenter.clip_size)

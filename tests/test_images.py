@@ -15,8 +15,8 @@ from PIL import Image
 
 from lisa_agent.commands.common import read_image
 from lisa_agent.errors import ImageTooLargeError, InvalidImageError
-from lisa_agent.imagemsg import MalformedImageError, compressed_to_rgb
 from lisa_agent.images import decode_image_bytes, read_image_file
+from lisa_agent.integrations.image_messages import MalformedImageError, compressed_to_rgb
 from lisa_agent.integrations.images import ImageAccess, load_image
 from lisa_agent.serving.protocol import Code, ProtocolError, decode_image
 

@@ -11,9 +11,9 @@ import torch
 from helpers import random_frame
 
 from lisa_agent import LisaSegmenter
+from lisa_agent.engine.loading import read_state_dict
+from lisa_agent.engine.tiny import make_tiny_checkpoint
 from lisa_agent.errors import CheckpointError, ModelNotFoundError
-from lisa_agent.loading import read_state_dict
-from lisa_agent.tiny import make_tiny_checkpoint
 
 
 def _copy(src, dst):
@@ -127,7 +127,7 @@ def test_clip_tower_from_a_full_clip_checkpoint(tmp_path):
     """openai/clip-vit-large-patch14 is a full CLIPModel; the vision tower loads out of it."""
     from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 
-    from lisa_agent.loading import load_vision_tower
+    from lisa_agent.engine.loading import load_vision_tower
 
     vcfg = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                             image_size=56, patch_size=14)
@@ -150,9 +150,9 @@ def test_sam_shape_inferred_from_weights(tiny_segmenter):
 
 
 def test_vit_h_spec_is_the_default_shape():
-    from lisa_agent.loading import LisaConfig, build_model
-    from lisa_agent.modeling.lisa import to_published_key
-    from lisa_agent.modeling.sam import SAM_PRESETS, infer_sam_spec
+    from lisa_agent.engine.loading import LisaConfig, build_model
+    from lisa_agent.engine.modeling.lisa import to_published_key
+    from lisa_agent.engine.modeling.sam import SAM_PRESETS, infer_sam_spec
 
     cfg = LisaConfig.from_dict({"hidden_size": 64, "num_hidden_layers": 1, "num_attention_heads": 4,
                                 "intermediate_size": 128, "vocab_size": 100,
@@ -181,7 +181,7 @@ def test_clip_tower_keys_in_a_checkpoint_are_skipped(tiny_checkpoint, tiny_segme
 
 
 def test_released_checkpoints_default_to_llava_v1():
-    from lisa_agent.loading import LisaConfig
+    from lisa_agent.engine.loading import LisaConfig
 
     for name in ("xinlai/LISA-7B-v1", "xinlai/LISA-13B-llama2-v1"):
         cfg = LisaConfig.from_dict({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,

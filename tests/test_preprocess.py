@@ -7,7 +7,13 @@ import pytest
 import torch
 from helpers import iou, random_frame
 
-from lisa_agent.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess, sam_preprocess, sam_resized_size
+from lisa_agent.engine.preprocess import (
+    CLIP_MEAN,
+    CLIP_STD,
+    clip_preprocess,
+    sam_preprocess,
+    sam_resized_size,
+)
 
 
 @pytest.mark.parametrize("hw", [(480, 640), (640, 480), (300, 300), (123, 457)])
@@ -82,7 +88,7 @@ def _scene(hw: tuple[int, int]) -> np.ndarray:
 
 @pytest.mark.parametrize("hw", [(480, 640), (1080, 1920), (640, 480), (123, 457)])
 def test_device_preprocessing_is_within_one_grey_level_of_pil(hw):
-    from lisa_agent.preprocess import clip_preprocess_tensor, sam_preprocess_tensor
+    from lisa_agent.engine.preprocess import clip_preprocess_tensor, sam_preprocess_tensor
 
     frame = _scene(hw) if hw[0] >= 480 else random_frame(*hw, seed=5)
     on_device = torch.from_numpy(frame.copy()).permute(2, 0, 1)[None]

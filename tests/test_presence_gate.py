@@ -123,7 +123,7 @@ def gated_checkpoint(tiny_checkpoint, tmp_path_factory):
 @pytest.fixture(scope="module")
 def gated_trained(tmp_path_factory):
     """The bundled trained model with its gate declared afresh (its greedy answers do contain [SEG])."""
-    from lisa_agent.loading import resolve_checkpoint
+    from lisa_agent.engine.loading import resolve_checkpoint
 
     return _with_gate(resolve_checkpoint("tabletop-tiny"), tmp_path_factory.mktemp("gated") / "tabletop-gated")
 
@@ -186,7 +186,7 @@ def test_finetune_refuses_absent_seg_queries_without_a_presence_loss(tiny_checkp
 
 def test_dense_targets_put_each_objects_category_and_colour_where_sam_sees_it():
     from lisa_agent.data.tabletop import render_scene, split_seed
-    from lisa_agent.preprocess import sam_preprocess
+    from lisa_agent.engine.preprocess import sam_preprocess
     from lisa_agent.training.batches import dense_label_names
     from lisa_agent.training.trainer import dense_targets
 

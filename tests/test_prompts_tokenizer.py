@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from lisa_agent.prompts import IMAGE_TOKEN_INDEX, build_prompt
-from lisa_agent.tokenization import LisaTokenizer
+from lisa_agent.engine.prompts import IMAGE_TOKEN_INDEX, build_prompt
+from lisa_agent.engine.tokenization import LisaTokenizer
 
 LLAVA_V1 = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
             "helpful, detailed, and polite answers to the human's questions. USER: <im_start><image><im_end>\n"

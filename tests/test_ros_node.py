@@ -33,7 +33,7 @@ FRAME = "camera_color_optical_frame"
 
 
 def _bundled_trained_model() -> str | None:
-    from lisa_agent.loading import BUNDLED_MODELS
+    from lisa_agent.engine.loading import BUNDLED_MODELS
 
     path = BUNDLED_MODELS.get("tabletop-tiny")
     return "tabletop-tiny" if path is not None and path.exists() else None

@@ -38,11 +38,11 @@ from test_server import RawPeer, segment_msg
 from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
 from lisa_agent.cli import main
 from lisa_agent.console.core import ConsoleCore
-from lisa_agent.console.foxglove import FoxglovePublisher
 from lisa_agent.console.sources import SyntheticSource
 from lisa_agent.console.web import ConsoleServer
 from lisa_agent.errors import ImageTooLargeError, InvalidArgumentError, InvalidQueryError
 from lisa_agent.images import decode_image_bytes
+from lisa_agent.integrations.foxglove import FoxglovePublisher
 from lisa_agent.result import SegmentationResult
 from lisa_agent.serving.execution import TrackSessions
 from lisa_agent.serving.http_transport import encode_http_request, max_body_bytes

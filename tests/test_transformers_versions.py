@@ -22,9 +22,9 @@ import pytest
 import torch
 from helpers import iou
 
+from lisa_agent.engine.generation import cache_keyword, decoder_pass
+from lisa_agent.engine.loading import BUNDLED_MODELS, MIN_TRANSFORMERS, check_transformers, load_vision_tower
 from lisa_agent.errors import CheckpointError, DependencyError
-from lisa_agent.generation import cache_keyword, decoder_pass
-from lisa_agent.loading import BUNDLED_MODELS, MIN_TRANSFORMERS, check_transformers, load_vision_tower
 
 ROOT = Path(__file__).resolve().parents[1]
 LOWEST_SPEC = ROOT / "tests" / "transformers-lowest.txt"

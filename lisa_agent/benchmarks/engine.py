@@ -22,8 +22,8 @@ from ..errors import InvalidArgumentError
 from .process import peak_rss_mb, rss_mb
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..modeling.sam import SamSpec
-    from ..segmenter import LisaSegmenter
+    from ..engine.modeling.sam import SamSpec
+    from ..engine.segmenter import LisaSegmenter
 
 #: the per-frame stages a result's timings_ms reports (zero when the frame was already encoded)
 ENCODER_STAGES = ("digest", "preprocess", "sam_encoder", "clip")
@@ -43,7 +43,7 @@ CLIP_L = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, nu
 
 def build_random_segmenter(shape: str, config: EngineConfig) -> LisaSegmenter:
     """A LISA-{7b,13b}-shaped segmenter (SAM ViT-H, CLIP ViT-L/14) with random weights: :func:`random_segmenter`."""
-    from ..modeling.sam import SAM_PRESETS
+    from ..engine.modeling.sam import SAM_PRESETS
 
     if shape not in LLAMA_SHAPES:
         raise InvalidArgumentError(f"unknown shape {shape!r}; choose one of {', '.join(LLAMA_SHAPES)}")
@@ -56,15 +56,15 @@ def random_segmenter(llama: dict[str, Any], sam: SamSpec, clip: dict[str, Any], 
     directly on ``config``'s device in its dtype (a LISA-7B staged in float32 would take ~27 GB, more than a
     32 GB Orin holds beside the rest) with every parameter and buffer initialised by the modules' own
     constructors (SAM's random positional-encoding matrix included), then assembled as a loaded checkpoint is
-    (:func:`lisa_agent.loading.assemble`) with ``config``'s quantization, SAM attention and mask augmentation
+    (:func:`lisa_agent.engine.loading.assemble`) with ``config``'s quantization, SAM attention and mask augmentation
     (``checkpoint``: off)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from ..loading import LisaConfig, assemble, build_model, resolve_precision, resolve_quant_backend
-    from ..modeling.clip import ClipPatchFeatures
-    from ..segmenter import LisaSegmenter, optimization_switches
-    from ..tiny import add_lisa_tokens, train_tokenizer
-    from ..tokenization import LisaTokenizer
+    from ..engine.loading import LisaConfig, assemble, build_model, resolve_precision, resolve_quant_backend
+    from ..engine.modeling.clip import ClipPatchFeatures
+    from ..engine.segmenter import LisaSegmenter, optimization_switches
+    from ..engine.tiny import add_lisa_tokens, train_tokenizer
+    from ..engine.tokenization import LisaTokenizer
 
     dtype, device = resolve_precision(config)
     cfg = LisaConfig.from_dict({**llama, "vision_tower": "openai/clip-vit-large-patch14", "bos_token_id": 1,
@@ -112,12 +112,12 @@ def _random_init(model: torch.nn.Module) -> None:
 def load_for_bench(config: EngineConfig, shape: str | None = None) -> tuple[LisaSegmenter, str]:
     """The engine to time and its name: ``config.model``, or with ``shape`` a tiny random checkpoint
     (``tiny``, written to a temporary folder and loaded) or a random LISA-7B / 13B (``7b``, ``13b``)."""
-    from ..segmenter import LisaSegmenter
+    from ..engine.segmenter import LisaSegmenter
 
     if shape is None:
         return LisaSegmenter.from_config(config), config.model
     if shape == "tiny":
-        from ..tiny import make_tiny_checkpoint
+        from ..engine.tiny import make_tiny_checkpoint
 
         folder = make_tiny_checkpoint(tempfile.mkdtemp(prefix="lisa-tiny-bench-"))
         return LisaSegmenter.from_config(config.replace(model=str(folder))), "tiny"

@@ -250,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.echo:
         backend = EchoBackend()
     else:
-        from ..segmenter import LisaSegmenter
+        from ..engine.segmenter import LisaSegmenter
 
         backend = LisaSegmenter.from_config(config)
     report: dict[str, Any] = {"overhead": measure_overhead(backend, n=args.n), "load_raw": measure_load(backend),

@@ -32,8 +32,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..bagtool import process_bag
     from ..frames import SegmentBackend
+    from ..integrations.bagtool import process_bag
 
     # what can fail fast fails before a model loads
     if not Path(args.input).exists():

@@ -24,10 +24,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..checkpoints import read_config, write_config
     from ..data.reasonseg import iter_samples, list_images
+    from ..engine.checkpoints import read_config, write_config
+    from ..engine.loading import resolve_checkpoint
     from ..evaluation.gate import choose_threshold, presence_scores
-    from ..loading import resolve_checkpoint
 
     if args.min_decline is not None and not 0.0 < args.min_decline <= 1.0:
         raise InvalidArgumentError(f"--min-decline must be in (0, 1]; got {args.min_decline}")

@@ -13,13 +13,13 @@ from ..config import engine_config_from_args
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..segmenter import LisaSegmenter
+    from ..engine.segmenter import LisaSegmenter
 
 
 def load_segmenter(args: argparse.Namespace, **overrides: Any) -> LisaSegmenter:
     """The engine named by the flags :func:`~lisa_agent.config.add_engine_arguments` added (``overrides``
     replace fields, e.g. a command that needs the presence gate off)."""
-    from ..segmenter import LisaSegmenter
+    from ..engine.segmenter import LisaSegmenter
 
     return LisaSegmenter.from_config(engine_config_from_args(args, **overrides))
 

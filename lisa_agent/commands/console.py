@@ -110,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         from ..console.web import ConsoleServer, check_access
         if args.foxglove_port is not None or args.record:
-            from ..console.foxglove import FoxglovePublisher, check_foxglove_bind
+            from ..integrations.foxglove import FoxglovePublisher, check_foxglove_bind
     except ImportError as exc:
         raise ConsoleError(f"the console needs its extra: pip install 'lisa-agent[console]' ({exc})") from None
     # everything that can be refused is refused before a model loads (minutes for a 7B model)

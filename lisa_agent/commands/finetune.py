@@ -156,8 +156,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..loading import resolve_checkpoint
-    from ..segmenter import LisaSegmenter
+    from ..engine.loading import resolve_checkpoint
+    from ..engine.segmenter import LisaSegmenter
     from ..training.batches import folder_scenes, mixed_scenes, synthetic_scenes
     from ..training.trainer import TrainConfig, Trainer
 
@@ -189,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     if args.reinit_seg_head:
         import torch
 
-        from ..modeling.lisa import make_text_hidden_fcs
+        from ..engine.modeling.lisa import make_text_hidden_fcs
 
         torch.manual_seed(args.seed)
         fcs = cast(torch.nn.Sequential, seg.model.text_hidden_fcs[0])  # Linear, ReLU, Linear, Dropout

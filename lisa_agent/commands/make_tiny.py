@@ -15,7 +15,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..tiny import make_tiny_checkpoint
+    from ..engine.tiny import make_tiny_checkpoint
 
     if args.shape == "tabletop":
         from ..training.recipe import TABLETOP_SHAPE, tabletop_corpus

@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
         if not math.isfinite(value) or value <= 0 or value > 1024 * 1024:
             raise InvalidArgumentError(f"{flag} must be a positive number of MiB (at most 1048576); got {value}")
 
-    from ..segmenter import LisaSegmenter
+    from ..engine.segmenter import LisaSegmenter
 
     log.info("loading %s", config.describe())
     segmenter = LisaSegmenter.from_config(config)

@@ -9,7 +9,7 @@ writes the session to MCAP. The pieces, each usable on its own:
 - :mod:`lisa_agent.console.core`: the console's state and the model calls (no web code): instruction,
   mode, the continuous switch (:class:`~lisa_agent.tracking.StreamSegmenter`), the chosen target.
 - :mod:`lisa_agent.console.web`: the aiohttp application (page, API, WebSocket, token check).
-- :mod:`lisa_agent.console.foxglove`: the Foxglove WebSocket server and MCAP recorder (foxglove-sdk),
+- :mod:`lisa_agent.integrations.foxglove`: the Foxglove WebSocket server and MCAP recorder (foxglove-sdk),
   also used by the ROS node's ``foxglove_port`` option.
 
 Nothing here is imported by ``import lisa_agent``; the web stack (aiohttp) and foxglove-sdk are imported

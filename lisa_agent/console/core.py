@@ -25,7 +25,7 @@ from typing import Any
 
 from ..errors import InvalidArgumentError, InvalidQueryError, LimitExceededError, LisaError
 from ..frames import Frame, SegmentBackend, check_query
-from ..imagemsg import encode_jpeg
+from ..integrations.image_messages import encode_jpeg
 from ..result import SegmentationResult
 from .sources import FrameSource, SourceFrame
 
@@ -245,7 +245,7 @@ class ConsoleCore:
     """The console: frames in, instructions answered, target chosen, the continuous switch.
 
     Args:
-        backend: the model (:class:`~lisa_agent.segmenter.LisaSegmenter` or a ``LisaClient``).
+        backend: the model (:class:`~lisa_agent.engine.segmenter.LisaSegmenter` or a ``LisaClient``).
         source: where frames come from.
         mode: the default mode of instructions that name none (``fast`` or ``chat``).
         max_new_tokens: answer length limit in chat mode.

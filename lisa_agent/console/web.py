@@ -41,6 +41,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..errors import InvalidArgumentError, LisaError
+from ..serving.gate import reset_connection
 from ..serving.protocol import json_loads
 from ..serving.security import check_listen, is_loopback_host, refuse_browser_request
 from .core import (
@@ -54,7 +55,6 @@ from .core import (
     UnknownTargetError,
     error_code,
 )
-from .gate import reset_connection
 
 log = logging.getLogger("lisa_agent.console")
 

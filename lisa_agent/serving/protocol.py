@@ -31,6 +31,7 @@ import numpy as np
 import xxhash
 
 from ..config import MODES, mask_budget
+from ..engine.prompts import IMAGE_TOKEN
 from ..errors import (
     CheckpointError,
     InvalidArgumentError,
@@ -41,7 +42,6 @@ from ..errors import (
     QuantizationError,
 )
 from ..frames import DEPTH_TOLERANCE_S, Frame, Stamp, check_query
-from ..prompts import IMAGE_TOKEN
 from .security import CROSS_ORIGIN, FORBIDDEN_HOST, UNSUPPORTED_MEDIA_TYPE
 
 #: Version of this wire format; a header with another ``v`` gets ``unsupported_version``.

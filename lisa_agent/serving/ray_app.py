@@ -204,7 +204,7 @@ class LisaDeployment:
         if backend_factory is not None:
             self.backend: SegmentBackend = backend_factory()
         else:
-            from ..segmenter import LisaSegmenter
+            from ..engine.segmenter import LisaSegmenter
 
             config = EngineConfig.from_texts(dict(engine or {}))
             log.info("replica loading %s", config.describe())

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..preprocess import clip_preprocess, sam_preprocess
-from ..prompts import build_prompt
+from ..engine.preprocess import clip_preprocess, sam_preprocess
+from ..engine.prompts import build_prompt
 
 #: LISA's training answer templates for single-target queries.
 ANSWER_TEMPLATES = ("It is [SEG].", "Sure, [SEG].", "Sure, it is [SEG].", "Sure, the segmentation result is [SEG].",

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from ..modeling.sam import SamSpec
-from ..tiny import BASE_CORPUS, TinyShape
+from ..engine.modeling.sam import SamSpec
+from ..engine.tiny import BASE_CORPUS, TinyShape
 
 #: ~3M parameters: LLaMA 192 x 2 layers, CLIP 112 px (64 patches), SAM input 256 with a 128-wide encoder.
 TABLETOP_SHAPE = TinyShape(

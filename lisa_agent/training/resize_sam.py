@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..engine.modeling.lisa import to_published_key
 from ..errors import InvalidArgumentError
-from ..modeling.lisa import to_published_key
 
 #: published prefix of SAM's weights ("model.visual_model.") and of its image encoder
 SAM_PREFIX = str(to_published_key("sam."))

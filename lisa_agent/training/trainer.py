@@ -14,10 +14,10 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ..checkpoints import VISION_TOWER_DIR, read_config, save_vision_tower, write_checkpoint
+from ..engine.checkpoints import VISION_TOWER_DIR, read_config, save_vision_tower, write_checkpoint
+from ..engine.loading import published_state_dict
+from ..engine.segmenter import LisaSegmenter
 from ..errors import InvalidArgumentError
-from ..loading import published_state_dict
-from ..segmenter import LisaSegmenter
 from .batches import Batch, TrainingImage, collate
 from .losses import BCE_WEIGHT, CE_WEIGHT, DICE_WEIGHT, dice, sigmoid_bce
 

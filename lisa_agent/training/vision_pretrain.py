@@ -24,7 +24,7 @@ from PIL import Image
 
 from ..data.knowledge import CATEGORIES, COLOURS
 from ..data.tabletop import Scene, render_scene, split_seed
-from ..preprocess import clip_crop_geometry, clip_preprocess
+from ..engine.preprocess import clip_crop_geometry, clip_preprocess
 
 
 @dataclass
@@ -73,13 +73,13 @@ class TowerShape:
 
 
 def replace_vision_tower(model: Any, shape: TowerShape, seed: int) -> None:
-    """Give ``model`` (a :class:`~lisa_agent.modeling.lisa.LisaModel`) a freshly initialised CLIP tower of
+    """Give ``model`` (a :class:`~lisa_agent.engine.modeling.lisa.LisaModel`) a freshly initialised CLIP tower of
     ``shape`` and a new ``mm_projector`` from its width to the LLM's; the LLM, SAM and [SEG] head keep
     their weights. Same feature choice (layer, CLS dropped or not) as the tower it replaces."""
     from transformers import CLIPVisionModel
 
-    from ..modeling.clip import ClipPatchFeatures
-    from ..tiny import clip_vision_config
+    from ..engine.modeling.clip import ClipPatchFeatures
+    from ..engine.tiny import clip_vision_config
 
     old = model.vision
     torch.manual_seed(seed)
@@ -110,7 +110,7 @@ def patch_targets(scene: Scene, size: int, grid: int) -> np.ndarray:
 
 
 class VisionPretrainer:
-    """Train ``model.vision`` and ``model.mm_projector`` of a :class:`~lisa_agent.modeling.lisa.LisaModel`
+    """Train ``model.vision`` and ``model.mm_projector`` of a :class:`~lisa_agent.engine.modeling.lisa.LisaModel`
     on patch targets; :meth:`probe` measures what the features say about presence."""
 
     def __init__(self, model: Any, config: VisionPretrainConfig, log: Any = print):
@@ -191,8 +191,8 @@ def pretrain_vision(model: str | Path, out_dir: str | Path, config: VisionPretra
     """Load a checkpoint (folder, Hub id or ``tabletop-tiny``), pre-train its vision tower and
     projector, save it to ``out_dir`` (published layout, the other weights unchanged). Returns the
     held-out presence probe of the trained features."""
-    from ..loading import resolve_checkpoint
-    from ..segmenter import LisaSegmenter
+    from ..engine.loading import resolve_checkpoint
+    from ..engine.segmenter import LisaSegmenter
     from .trainer import TrainConfig, Trainer
 
     source = resolve_checkpoint(str(model))

@@ -1,6 +1,6 @@
-"""Writing checkpoints in the published LISA layout (reading them is :mod:`lisa_agent.loading`).
+"""Writing checkpoints in the published LISA layout (reading them is :mod:`lisa_agent.engine.loading`).
 
-Every writer goes through here: tiny checkpoints (:mod:`lisa_agent.tiny`), the trainer's saves
+Every writer goes through here: tiny checkpoints (:mod:`lisa_agent.engine.tiny`), the trainer's saves
 (:class:`lisa_agent.training.trainer.Trainer`), ``resize-sam`` and ``calibrate-gate --write``. The
 layout: ``config.json``, the tokenizer files, weights under the published key names as 2 ``.bin``
 shards + ``pytorch_model.bin.index.json`` (or one ``model.safetensors``), and the CLIP tower in its own

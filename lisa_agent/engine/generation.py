@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from .errors import DependencyError
+from ..errors import DependencyError
 from .modeling.lisa import LisaModel
 
 
@@ -58,7 +58,7 @@ def _bar(scores: torch.Tensor, token: int | None) -> None:
 def greedy_loop(llm: Any, last: torch.Tensor, step: Callable[[int, int], torch.Tensor], max_new_tokens: int, *,
                 eos: int | None, seg: int, max_segs: int, banned: int | None = None) -> tuple[list[int], torch.Tensor]:
     """The greedy loop of every cached decoder (the dynamic cache here, the static one in
-    :mod:`lisa_agent.acceleration`): from ``last`` (1, H), the final hidden state after the prompt, pick
+    :mod:`lisa_agent.engine.acceleration`): from ``last`` (1, H), the final hidden state after the prompt, pick
     each token (``banned`` barred; ``[SEG]`` barred once ``max_segs`` were emitted), stop at ``eos`` or
     ``max_new_tokens``, and feed each token with ``step(token, i)`` (the i-th generated token; returns the
     next (1, H) state). Returns (generated ids without EOS, (n_seg, H) hidden states of the ``[SEG]`` steps)."""

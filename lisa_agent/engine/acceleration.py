@@ -331,7 +331,7 @@ class StaticDecoder:
     def generate(self, embeds: torch.Tensor, max_new_tokens: int, *, eos: int | None, seg: int, max_segs: int,
                  banned: int | None = None) -> tuple[list[int], torch.Tensor]:
         """Greedy generation after ``embeds`` (1, T, H), the same contract as
-        :func:`lisa_agent.generation.greedy_cached` (ids without EOS, ``[SEG]`` states)."""
+        :func:`lisa_agent.engine.generation.greedy_cached` (ids without EOS, ``[SEG]`` states)."""
         for _ in range(2):  # a first call per cache length captures its decode step, then runs again
             try:
                 return self._generate(embeds, max_new_tokens, eos=eos, seg=seg, max_segs=max_segs, banned=banned)

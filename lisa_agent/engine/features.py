@@ -1,6 +1,6 @@
 """Per-frame image features: computed once, queried many times.
 
-:meth:`LisaSegmenter.encode(frame) <lisa_agent.segmenter.LisaSegmenter.encode>` returns a
+:meth:`LisaSegmenter.encode(frame) <lisa_agent.engine.segmenter.LisaSegmenter.encode>` returns a
 :class:`FrameFeatures` handle (SAM's image embedding of the frame and of its mirrored views, CLIP's
 projected patch tokens); pass it to ``segment`` / ``segment_batch`` in place of the frame and nothing
 is hashed, preprocessed or encoded again. Frames passed as pixels are looked up in a small LRU
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import xxhash
 
-from .frames import Frame
+from ..frames import Frame
 
 
 def frame_digest(rgb: np.ndarray) -> str:

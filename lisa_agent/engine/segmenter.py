@@ -27,13 +27,13 @@ score logits alike). It costs one SAM encoder pass and one decoder pass per extr
 model runs once. Upside-down views suit top-down cameras (a tabletop seen from above), not a robot's
 forward-looking one.
 
-Per-frame SAM and CLIP features (:mod:`lisa_agent.features`) are computed once per frame: pass the
+Per-frame SAM and CLIP features (:mod:`lisa_agent.engine.features`) are computed once per frame: pass the
 handle :meth:`LisaSegmenter.encode` returns, or the same pixels again (a small LRU cache keyed by a
 digest of the pixels finds them). Results say ``cached`` and report what the call really cost.
 :meth:`LisaSegmenter.segment_batch` runs several ``fast`` queries in one LLM pass.
 
 Every entry point takes a :class:`~lisa_agent.frames.Frame` (pixels, id, stamp, optional depth +
-intrinsics), a plain HxWx3 uint8 RGB array, or a :class:`~lisa_agent.features.FrameFeatures` handle;
+intrinsics), a plain HxWx3 uint8 RGB array, or a :class:`~lisa_agent.engine.features.FrameFeatures` handle;
 with depth, each result carries the masks' 3D targets (:func:`lisa_agent.geometry.frame_targets`).
 """
 
@@ -51,11 +51,12 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
+from ..config import MASK_TTA_VIEWS, MODES, EngineConfig, mask_budget
+from ..errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
+from ..frames import Frame, as_frame, check_query
+from ..result import SegmentationResult
 from .acceleration import CompiledEncoders, GraphCapturer, GraphedStages, StaticDecoder, bucket
-from .config import MASK_TTA_VIEWS, MODES, EngineConfig, mask_budget
-from .errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
-from .frames import Frame, as_frame, check_query
 from .generation import decoder_pass, greedy_cached, greedy_reference
 from .loading import load_lisa, resolve_checkpoint, resolve_precision, resolve_quant_backend
 from .modeling.lisa import LisaModel
@@ -67,7 +68,6 @@ from .preprocess import (
     sam_preprocess_tensor,
 )
 from .prompts import DEFAULT_ANSWER, SEG_TOKEN, build_prompt, get_template
-from .result import SegmentationResult
 from .tokenization import LisaTokenizer
 
 log = logging.getLogger(__name__)
@@ -82,7 +82,7 @@ ImageInput = np.ndarray | Frame | FrameFeatures
 class Conversation:
     """A multi-turn chat about one image (LISA takes one image per conversation).
 
-    ``features`` is the image's :class:`~lisa_agent.features.FrameFeatures` handle (kept alive by the
+    ``features`` is the image's :class:`~lisa_agent.engine.features.FrameFeatures` handle (kept alive by the
     conversation); ``history`` holds (question, answer) pairs; :meth:`LisaSegmenter.chat` appends to it.
     """
 
@@ -238,7 +238,7 @@ class LisaSegmenter:
     def set_optimizations(self, *, static_cache: bool, cuda_graphs: bool, overlap: bool,
                           buckets: bool | None = None, compile: bool | None = None,
                           device_preprocess: bool | None = None) -> None:
-        """Turn the hot-path optimizations on or off (:mod:`lisa_agent.acceleration`; ``bench --compare`` times
+        """Turn the hot-path optimizations on or off (:mod:`lisa_agent.engine.acceleration`; ``bench --compare`` times
         each): a static KV cache; CUDA graphs; SAM's encoder on its own CUDA stream, overlapping CLIP and the
         language model; sequence lengths padded to buckets (``buckets``; None: on with graphs, which need
         fixed shapes); the image encoders through ``torch.compile`` (``compile``; compiled once and kept
@@ -274,7 +274,7 @@ class LisaSegmenter:
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
 
     def graph_memory(self) -> dict[str, Any]:
-        """What the optimizations hold (bounded, see :mod:`lisa_agent.acceleration`): CUDA graphs, static KV
+        """What the optimizations hold (bounded, see :mod:`lisa_agent.engine.acceleration`): CUDA graphs, static KV
         caches and their megabytes, and why this engine's graph captures stopped (None while they work)."""
         decoder = self._decoder.memory() if self._decoder is not None else {
             "static_caches": 0, "decode_graphs": 0, "static_cache_mb": 0.0}
@@ -442,7 +442,7 @@ class LisaSegmenter:
 
         Args:
             image: a :class:`~lisa_agent.frames.Frame` (with depth and intrinsics the result carries 3D
-                targets), an HxWx3 uint8 RGB array, or a :class:`~lisa_agent.features.FrameFeatures`
+                targets), an HxWx3 uint8 RGB array, or a :class:`~lisa_agent.engine.features.FrameFeatures`
                 handle from :meth:`encode`.
             query: the instruction, e.g. "grab something to cut with".
             mode: ``fast`` (teacher-forced ``answer``), ``chat`` (greedy, KV cache) or ``reference``.

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from .errors import InvalidArgumentError, LisaError
-from .frames import Frame, SegmentBackend, Stamp
+from ..errors import InvalidArgumentError, LisaError
+from ..frames import Frame, SegmentBackend, Stamp
 
 if TYPE_CHECKING:
     from rosbags.typesys.stores.latest import sensor_msgs__msg__CompressedImage, sensor_msgs__msg__Image
@@ -81,8 +81,8 @@ def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, 
     from rosbags.rosbag2 import Reader, Writer
     from rosbags.typesys import Stores, get_typestore
 
-    from .frames import check_query
-    from .imagemsg import (
+    from ..frames import check_query
+    from .image_messages import (
         MalformedImageError,
         UnsupportedEncodingError,
         compressed_to_rgb,

@@ -106,9 +106,9 @@ def compressed_to_rgb(msg: Any, *, max_side: int | None = None) -> np.ndarray:
             stream, which this node does not read).
         MalformedImageError: the image is larger than ``max_side``.
     """
-    from .errors import ImageTooLargeError, InvalidImageError
-    from .frames import MAX_SIDE
-    from .images import decode_image_bytes
+    from ..errors import ImageTooLargeError, InvalidImageError
+    from ..frames import MAX_SIDE
+    from ..images import decode_image_bytes
 
     fmt = str(getattr(msg, "format", ""))
     if "compressedDepth" in fmt:

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .config import MASK_TTA_VIEWS, EngineConfig
-from .errors import (
+from ..config import MASK_TTA_VIEWS, EngineConfig
+from ..errors import (
     CheckpointError,
     DependencyError,
     InvalidArgumentError,
@@ -47,7 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 #: Short names for models shipped inside the package.
-BUNDLED_MODELS = {"tabletop-tiny": Path(__file__).resolve().parent / "assets" / "tabletop-tiny"}
+BUNDLED_MODELS = {"tabletop-tiny": Path(__file__).resolve().parents[1] / "assets" / "tabletop-tiny"}
 
 #: config.json fields LISA adds on top of LLaMA's (not passed to ``LlamaConfig``).
 LISA_FIELDS = (

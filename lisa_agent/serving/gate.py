@@ -24,9 +24,9 @@ import threading
 from collections.abc import Sequence
 
 from ..errors import InvalidArgumentError
-from ..serving.security import is_loopback_host, refuse_browser_request
+from .security import is_loopback_host, refuse_browser_request
 
-log = logging.getLogger("lisa_agent.console.gate")
+log = logging.getLogger("lisa_agent.serving.gate")
 
 #: Longest request head read (bytes): a WebSocket upgrade request is well under 2 KB.
 MAX_HEAD_BYTES = 16 * 1024

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import CheckpointError
+from ...errors import CheckpointError
 from ..prompts import IMAGE_TOKEN_INDEX
 from .sam import SamSpec, build_sam
 
@@ -91,7 +91,7 @@ class LisaModel(nn.Module):
         self.sam_spec = sam_spec
 
     def attach_vision(self, vision: ClipPatchFeatures) -> None:
-        """Attach a :class:`~lisa_agent.modeling.clip.ClipPatchFeatures` (not part of the checkpoint)."""
+        """Attach a :class:`~lisa_agent.engine.modeling.clip.ClipPatchFeatures` (not part of the checkpoint)."""
         self.vision = vision
 
     # ---------------------------------------------------------------- image encoders

@@ -14,7 +14,7 @@ Two backends encode the plain chunks: a sentencepiece ``tokenizer.model`` (publi
 ``tokenizers`` ``tokenizer.json`` (our small checkpoints; a Metaspace pre-tokenizer gives the same
 per-chunk ``▁`` prefix). The prompt with its image placeholder is tokenized as LLaVA's
 ``tokenizer_image_token``: split on ``<image>``, tokenize each piece, keep only the first BOS, put
-:data:`~lisa_agent.prompts.IMAGE_TOKEN_INDEX` between pieces.
+:data:`~lisa_agent.engine.prompts.IMAGE_TOKEN_INDEX` between pieces.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import CheckpointError
+from ..errors import CheckpointError
 from .prompts import IMAGE_TOKEN, IMAGE_TOKEN_INDEX
 
 

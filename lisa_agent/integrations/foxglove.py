@@ -25,7 +25,7 @@ back as a status message in the app.
 
 The Foxglove WebSocket protocol has no authentication (no token to carry): the server binds loopback, and
 another address needs ``insecure=True`` (``--insecure``). foxglove-sdk's server cannot check who connects, so
-it listens on a random loopback port with TLS behind a :class:`~lisa_agent.console.gate.WebSocketGate` that
+it listens on a random loopback port with TLS behind a :class:`~lisa_agent.serving.gate.WebSocketGate` that
 refuses web pages of other sites (their ``Origin``; ``origins`` lists the apps allowed, by default the
 Foxglove web app) and, on loopback, a ``Host`` that is not this machine's (DNS rebinding).
 """
@@ -77,10 +77,10 @@ from foxglove.websocket import Capability, ChannelView, Client, ClientChannel, S
 from ..errors import InvalidArgumentError
 from ..frames import Stamp
 from ..result import SegmentationResult
+from ..serving.gate import WebSocketGate, loopback_certificate
 from ..serving.security import is_loopback_host
-from .gate import WebSocketGate, loopback_certificate
 
-log = logging.getLogger("lisa_agent.console.foxglove")
+log = logging.getLogger("lisa_agent.integrations.foxglove")
 
 INSTRUCTION_TOPIC = "/lisa/instruction"
 #: Browser origins allowed to open the live view besides clients that send none (the desktop apps).
