@@ -26,11 +26,31 @@ PACKAGE = "lisa_agent"
 HERE = Path(__file__).resolve().parent
 
 
-def _version() -> str:
-    """The version declared in pyproject.toml (one source of truth)."""
-    match = re.search(r'^version\s*=\s*"([^"]+)"', (HERE / "pyproject.toml").read_text(), re.MULTILINE)
+def _pyproject_table(name: str) -> str:
+    """The text of one ``[table]`` of pyproject.toml (this file runs without tomllib on Python 3.10)."""
+    text = (HERE / "pyproject.toml").read_text()
+    match = re.search(rf"^\[{re.escape(name)}\]\n(.*?)(?=^\[|\Z)", text, re.MULTILINE | re.DOTALL)
     if not match:
-        raise RuntimeError("pyproject.toml declares no [project] version")
+        raise RuntimeError(f"pyproject.toml has no [{name}] table")
+    return match.group(1)
+
+
+#: The package data pip installs (pyproject.toml's [tool.setuptools.package-data]), the same for colcon.
+PACKAGE_DATA = re.findall(r'"([^"]+)"', _pyproject_table("tool.setuptools.package-data").split("=", 1)[1])
+#: The frame sources ros_nodes provides to the console (pyproject.toml's entry points), the same for colcon.
+FRAME_SOURCES = {"lisa_agent.frame_sources": [
+    f"{name.strip()} = {value.strip().strip(chr(34))}"
+    for name, value in re.findall(r"^(\w+)\s*=\s*(.+)$", _pyproject_table('project.entry-points."lisa_agent.frame_sources"'),
+                                  re.MULTILINE)]}
+
+
+def _version() -> str:
+    """The version: ``lisa_agent.__version__`` (its one source; pip reads it too, and a test holds package.xml
+    to it)."""
+    match = re.search(r'^__version__\s*=\s*"([^"]+)"', (HERE / "lisa_agent" / "__init__.py").read_text(),
+                      re.MULTILINE)
+    if not match:
+        raise RuntimeError("lisa_agent/__init__.py declares no __version__")
     return match.group(1)
 
 
@@ -48,7 +68,7 @@ def _ros_setup() -> None:
         name=PACKAGE,
         version=_version(),
         packages=find_packages(include=["lisa_agent", "lisa_agent.*", "ros_nodes", "ros_nodes.*"]),
-        package_data={"lisa_agent": ["py.typed", "assets/**/*"]},
+        package_data={"lisa_agent": PACKAGE_DATA},
         data_files=[
             ("share/ament_index/resource_index/packages", [f"resource/{PACKAGE}"]),
             (f"share/{PACKAGE}", ["package.xml"]),
@@ -63,6 +83,7 @@ def _ros_setup() -> None:
             "console_scripts": [
                 "lisa_node = ros_nodes.lisa_node:main",
             ],
+            **FRAME_SOURCES,
         },
     )
 

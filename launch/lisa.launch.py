@@ -10,8 +10,10 @@
 ``<camera>/image_raw/compressed`` with ``compressed:=true``) and ``<camera>/camera_info``;
 ``image_topic``/``camera_info_topic`` override them. ``depth`` is the depth namespace
 (``<depth>/image_raw``; empty: no 3D target). The model's arguments (``model``, ``device``, ``dtype``,
-``quantization``, ``mask_tta``, ...) are :class:`lisa_agent.config.EngineConfig`'s fields, with its
-defaults and help, passed to the node as text.
+``quantization``, ``mask_tta``, ...) are :class:`lisa_agent.config.EngineConfig`'s fields, the query's (``mode``,
+``max_new_tokens``, ``answer``) :class:`lisa_agent.options.QueryOptions`' and, with ``track:=true``, the
+tracking's (``tracker``, ``reason_every``, ``reason_period_s``, ``min_confidence``)
+:class:`lisa_agent.options.TrackOptions`', with their defaults and help, passed to the node as text.
 """
 
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
@@ -20,6 +22,7 @@ from launch_ros.actions import Node
 
 from launch import LaunchDescription
 from lisa_agent.config import engine_parameters
+from lisa_agent.options import QueryOptions, TrackOptions, parameters
 
 #: (name, default, description) of the launch arguments that are not the engine's.
 NODE_ARGUMENTS = (
@@ -31,28 +34,28 @@ NODE_ARGUMENTS = (
     ("instruction_topic", "~/instruction", "std_msgs/String instructions"),
     ("camera_qos", "best_effort", "best_effort (cameras) or reliable"),
     ("server", "", "model server endpoint (tcp://HOST:PORT or a Ray Serve http:// address); when set, no model is loaded in the node"),
-    ("mode", "fast", "fast or chat"),
     ("continuous", "false", "keep segmenting new frames until 'stop'"),
     ("max_rate", "5.0", "continuous mode: frames per second at most"),
     ("publish_overlay", "true", "publish the overlay image for operators"),
-    ("tracker", "none", "continuous mode: none, flow or sam: a mask for every camera frame between reasoning steps"),
-    ("reason_every", "10", "with a tracker: run LISA at least every this many frames"),
-    ("reason_period_s", "0.0", "with a tracker: and at least every this many seconds (0: no time limit)"),
-    ("min_track_confidence", "0.5", "with a tracker: run LISA again below this tracking confidence"),
+    ("track", "false", "continuous mode: a tracker gives every camera frame a mask between reasoning steps"),
     ("foxglove_port", "0", "Foxglove live view on this port (loopback; instructions on /lisa/instruction); 0: off"),
     ("namespace", "lisa", "namespace of the node"),
     ("node_name", "lisa_node", "name of the node"),
 )
-#: The engine's arguments (EngineConfig's fields as text), passed through to the node.
+#: The library's arguments (EngineConfig's, QueryOptions' and TrackOptions' fields as text), passed through to
+#: the node, which reads them back with their own parsers.
 ENGINE_ARGUMENTS = tuple((name, str(default), description) for name, default, description in engine_parameters())
+QUERY_ARGUMENTS = tuple((name, str(default), description)
+                        for name, default, description in parameters(QueryOptions, exclude=("return_logits",)))
+TRACK_ARGUMENTS = tuple((name, str(default), description) for name, default, description in parameters(TrackOptions))
 #: (name, default, description) of every launch argument.
-ARGUMENTS = NODE_ARGUMENTS + ENGINE_ARGUMENTS
+ARGUMENTS = NODE_ARGUMENTS + QUERY_ARGUMENTS + TRACK_ARGUMENTS + ENGINE_ARGUMENTS
 
-_BOOL = {"compressed", "continuous", "publish_overlay"}
-_FLOAT = {"max_rate", "reason_period_s", "min_track_confidence"}
-_INT = {"reason_every", "foxglove_port"}
-_PASSTHROUGH = ("instruction_topic", "camera_qos", "server", "mode", "tracker",
-                *(name for name, _, _ in ENGINE_ARGUMENTS))
+_BOOL = {"compressed", "continuous", "publish_overlay", "track"}
+_FLOAT = {"max_rate"}
+_INT = {"foxglove_port"}
+_PASSTHROUGH = ("instruction_topic", "camera_qos", "server",
+                *(name for name, _, _ in QUERY_ARGUMENTS + TRACK_ARGUMENTS + ENGINE_ARGUMENTS))
 
 
 def _as_bool(text: str) -> bool:

@@ -2,7 +2,7 @@
 
 Public entry points (imported lazily, so ``import lisa_agent`` loads no model and no torch)::
 
-    from lisa_agent import LisaSegmenter, LisaClient, SegmentationResult
+    from lisa_agent import LisaSegmenter, LisaClient, SegmentationResult, QueryOptions, open_backend
 """
 
 from __future__ import annotations
@@ -18,14 +18,30 @@ _LAZY = {
     "MaskInstance": ("lisa_agent.result", "MaskInstance"),
     "LisaClient": ("lisa_agent.serving.client", "LisaClient"),
     "AsyncLisaClient": ("lisa_agent.serving.client", "AsyncLisaClient"),
+    "Frame": ("lisa_agent.frames", "Frame"),
+    "EngineConfig": ("lisa_agent.config", "EngineConfig"),
+    "QueryOptions": ("lisa_agent.options", "QueryOptions"),
+    "TrackOptions": ("lisa_agent.options", "TrackOptions"),
+    "SegmentBackend": ("lisa_agent.backend", "SegmentBackend"),
+    "open_backend": ("lisa_agent.backend", "open_backend"),
+    "LisaError": ("lisa_agent.errors", "LisaError"),
+    "StreamSegmenter": ("lisa_agent.tracking", "StreamSegmenter"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .backend import SegmentBackend, open_backend
+    from .config import EngineConfig
     from .engine.segmenter import Conversation, LisaSegmenter
+    from .errors import LisaError
+    from .frames import Frame
+    from .options import QueryOptions, TrackOptions
     from .result import MaskInstance, SegmentationResult
     from .serving.client import AsyncLisaClient, LisaClient
+    from .tracking import StreamSegmenter
 
-__all__ = ["AsyncLisaClient", "Conversation", "LisaClient", "LisaSegmenter", "MaskInstance", "SegmentationResult"]
+__all__ = ["AsyncLisaClient", "Conversation", "EngineConfig", "Frame", "LisaClient", "LisaError", "LisaSegmenter",
+           "MaskInstance", "QueryOptions", "SegmentBackend", "SegmentationResult", "StreamSegmenter", "TrackOptions",
+           "open_backend"]
 
 
 def __getattr__(name: str) -> Any:

@@ -22,15 +22,24 @@ import argparse
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import MISSING, dataclass, field, fields, replace
-from typing import Any
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from .engine.prompts import TEMPLATES
 from .errors import InvalidArgumentError
+from .options import (
+    Declared,
+    Option,
+    add_arguments,
+    from_args,
+    none_text,
+    option,
+    parameters,
+    parse_float,
+    parse_int,
+    parse_optional,
+)
 
-#: Inference modes of :meth:`LisaSegmenter.segment <lisa_agent.engine.segmenter.LisaSegmenter.segment>`.
-MODES = ("fast", "chat", "reference")
 #: Precision names (``auto``: bf16 on CUDA, fp32 on the CPU) and the aliases accepted for them.
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
@@ -54,31 +63,13 @@ SWITCH = ("auto", "off")
 COMPILE = ("off", "on")
 #: Where frames are resized and normalised: PIL on the CPU (``exact``) or torch on the engine's device.
 PREPROCESS = ("auto", "exact", "device")
-#: Conversation templates (``None``: the checkpoint's own).
-TEMPLATE_CHOICES = tuple(TEMPLATES)
+#: Conversation templates of the released LISA models (``None``: the checkpoint's own); the engine's
+#: :data:`lisa_agent.engine.prompts.TEMPLATES` holds them (a test checks the two agree).
+TEMPLATE_CHOICES = ("llava_v1", "llava_llama_2")
 #: The default model: the bundled checkpoint, so every door works offline on a fresh machine.
 DEFAULT_MODEL = "tabletop-tiny"
 
 _DEVICE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-
-
-@dataclass(frozen=True)
-class Option:
-    """How one field appears outside Python: help text, choices (text form) and the text codec."""
-
-    help: str
-    parse: Callable[[str], Any]  # text -> value; raises ValueError with a message naming the problem
-    text: Callable[[Any], str] = str  # value -> text
-    choices: tuple[str, ...] | None = None
-    metavar: str | None = None
-
-
-def _optional(text: str) -> str | None:
-    return text.strip() or None
-
-
-def _none_text(value: Any) -> str:
-    return "" if value is None else str(value)
 
 
 def _quantization(text: str) -> str | None:
@@ -102,24 +93,6 @@ def _threshold_text(value: Any) -> str:
     return "off" if value is None else str(value)
 
 
-def _int(text: str) -> int:
-    try:
-        return int(str(text).strip())
-    except ValueError:
-        raise ValueError(f"expected a whole number; got {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(str(text).strip())
-    except (ValueError, OverflowError):
-        raise ValueError(f"expected a number; got {text!r}") from None
-
-
-def _option(default: Any, option: Option) -> Any:
-    return field(default=default, metadata={"option": option})
-
-
 def mask_budget(max_masks: int, max_mask_megapixels: float, views: int, height: int, width: int) -> int:
     """Masks one answer may have on a ``height`` x ``width`` frame: at most ``max_masks``, and at most
     ``max_mask_megapixels`` of masks x mirrored ``views`` x frame pixels (each mask is a full-frame float
@@ -129,7 +102,7 @@ def mask_budget(max_masks: int, max_mask_megapixels: float, views: int, height: 
 
 
 @dataclass(frozen=True)
-class EngineConfig:
+class EngineConfig(Declared):
     """Options of one :class:`~lisa_agent.engine.segmenter.LisaSegmenter`, validated at construction.
 
     Attributes:
@@ -167,59 +140,61 @@ class EngineConfig:
             normalised by torch on the engine's device; within one grey level of PIL).
     """
 
-    model: str = _option(DEFAULT_MODEL, Option(
+    what: ClassVar[str] = "engine options"
+
+    model: str = option(DEFAULT_MODEL, Option(
         "Hub id (xinlai/LISA-7B-v1), local checkpoint folder, or a bundled model (tabletop-tiny)",
         parse=str.strip, metavar="MODEL"))
-    vision_tower: str | None = _option(None, Option(
-        "CLIP vision tower id or folder (empty: the checkpoint's own)", parse=_optional, text=_none_text,
+    vision_tower: str | None = option(None, Option(
+        "CLIP vision tower id or folder (empty: the checkpoint's own)", parse=parse_optional, text=none_text,
         metavar="TOWER"))
-    device: str = _option("auto", Option(
+    device: str = option("auto", Option(
         "torch device: auto (CUDA when present, else the CPU), cpu, cuda, cuda:N or mps",
         parse=str.strip, metavar="DEVICE"))
-    dtype: str = _option("auto", Option(
+    dtype: str = option("auto", Option(
         "precision: auto (bf16 on CUDA, fp32 on the CPU), fp32, bf16 or fp16", parse=str.strip, choices=DTYPES))
-    quantization: str | None = _option(None, Option(
+    quantization: str | None = option(None, Option(
         "LLM weight quantization: none, 8bit or 4bit (LLaMA's decoder layers only; 4bit needs CUDA, 8bit runs "
         "on the CPU with torchao)",
         parse=_quantization, text=lambda v: "none" if v is None else str(v), choices=QUANTIZATIONS))
-    template: str | None = _option(None, Option(
+    template: str | None = option(None, Option(
         f"conversation template: {' or '.join(TEMPLATE_CHOICES)} (empty: the checkpoint's own)",
-        parse=_optional, text=_none_text, metavar="TEMPLATE"))
-    mask_tta: str = _option("checkpoint", Option(
+        parse=parse_optional, text=none_text, metavar="TEMPLATE"))
+    mask_tta: str = option("checkpoint", Option(
         "mask test-time augmentation: checkpoint (what the checkpoint declares; off for published LISA), off, "
         "hflip (+ the mirrored frame) or flips (+ mirrored, upside-down and both; for cameras looking down)",
         parse=str.strip, choices=MASK_TTA_CHOICES))
-    presence_threshold: float | str | None = _option("checkpoint", Option(
+    presence_threshold: float | str | None = option("checkpoint", Option(
         "presence gate of checkpoints that have one: checkpoint (its own threshold), a number in (0, 1), or off",
         parse=_threshold, text=_threshold_text, metavar="T"))
-    sam_attention: str = _option("auto", Option(
+    sam_attention: str = option("auto", Option(
         "SAM encoder attention: auto (sdpa on CUDA), sdpa (scaled_dot_product_attention) or original",
         parse=str.strip, choices=SAM_ATTENTION))
-    cache_frames: int = _option(4, Option(
-        "how many frames' image features to keep for further queries", parse=_int, metavar="N"))
-    max_masks: int = _option(16, Option(
+    cache_frames: int = option(4, Option(
+        "how many frames' image features to keep for further queries", parse=parse_int, metavar="N"))
+    max_masks: int = option(16, Option(
         "most [SEG] masks per answer: a forced answer with more is refused, generation stops at this many",
-        parse=_int, metavar="N"))
-    max_mask_megapixels: float = _option(256.0, Option(
+        parse=parse_int, metavar="N"))
+    max_mask_megapixels: float = option(256.0, Option(
         "most mask megapixels per answer (masks x mirrored views x frame pixels), bounding one request's "
-        "time and memory", parse=_float, metavar="MPX"))
-    quant_backend: str = _option("auto", Option(
+        "time and memory", parse=parse_float, metavar="MPX"))
+    quant_backend: str = option("auto", Option(
         "where quantized weights come from: auto (bitsandbytes where it runs on the device, else torchao), "
         "bitsandbytes or torchao (int8 also on the CPU)", parse=str.strip, choices=QUANT_BACKENDS))
-    static_cache: str = _option("auto", Option(
+    static_cache: str = option("auto", Option(
         "auto: a KV cache allocated once per length bucket (fixed shapes with CUDA graphs); off: the dynamic "
         "cache, grown per token",
         parse=str.strip, choices=SWITCH))
-    cuda_graphs: str = _option("auto", Option(
+    cuda_graphs: str = option("auto", Option(
         "auto: capture the fixed-shape stages (decode step, forced pass, CLIP, SAM encoder, mask decoder) in CUDA "
         "graphs on CUDA; off: eager", parse=str.strip, choices=SWITCH))
-    overlap: str = _option("auto", Option(
+    overlap: str = option("auto", Option(
         "auto: SAM's image encoder on its own CUDA stream, overlapping CLIP and the language model; off: in turn",
         parse=str.strip, choices=SWITCH))
-    compile: str = _option("off", Option(
+    compile: str = option("off", Option(
         "on: SAM's and CLIP's image encoders through torch.compile (each frame size compiles at its first "
         "frame: minutes for SAM ViT-H); off: not compiled", parse=str.strip, choices=COMPILE))
-    preprocess: str = _option("auto", Option(
+    preprocess: str = option("auto", Option(
         "where frames are resized and normalised: auto (device with CUDA, exact on the CPU), exact (PIL on the "
         "CPU, as the published code) or device (uploaded once as uint8, resized by torch there; within one "
         "grey level of PIL)", parse=str.strip, choices=PREPROCESS))
@@ -287,40 +262,6 @@ class EngineConfig:
             raise InvalidArgumentError(f"max_mask_megapixels must be a positive number; got {mpx!r}")
         put("max_mask_megapixels", float(mpx))
 
-    # ------------------------------------------------------------------ text forms
-    @classmethod
-    def options(cls) -> list[tuple[str, Option, Any]]:
-        """Every field as ``(name, Option, default)``, in declaration order."""
-        out = []
-        for f in fields(cls):
-            default = f.default if f.default is not MISSING else None
-            out.append((f.name, f.metadata["option"], default))
-        return out
-
-    @classmethod
-    def from_texts(cls, values: Mapping[str, Any], **overrides: Any) -> EngineConfig:
-        """A config from text forms (flags, ROS parameters, launch arguments); unnamed fields keep
-        their defaults. Non-string values (a ROS integer or double parameter) are read as text."""
-        known = {name: option for name, option, _ in cls.options()}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise InvalidArgumentError(f"unknown engine options {unknown}; known: {sorted(known)}")
-        kwargs: dict[str, Any] = {}
-        for name, value in values.items():
-            try:
-                kwargs[name] = known[name].parse(value if isinstance(value, str) else str(value))
-            except ValueError as exc:
-                raise InvalidArgumentError(f"{name}: {exc}") from None
-        return cls(**{**kwargs, **overrides})
-
-    def to_texts(self) -> dict[str, str]:
-        """Every field in its text form (``from_texts(c.to_texts()) == c``)."""
-        return {name: option.text(getattr(self, name)) for name, option, _ in self.options()}
-
-    def replace(self, **changes: Any) -> EngineConfig:
-        """A copy with ``changes`` applied (validated again)."""
-        return replace(self, **changes)
-
     def describe(self) -> str:
         """One line for logs: model, device, dtype and what differs from the defaults."""
         defaults = EngineConfig().to_texts()
@@ -329,56 +270,17 @@ class EngineConfig:
         return f"{self.model!r} ({self.device}, {self.dtype}{', ' + ', '.join(extra) if extra else ''})"
 
 
-def flag(name: str) -> str:
-    """The command-line flag of field ``name`` (``mask_tta`` -> ``--mask-tta``)."""
-    return "--" + name.replace("_", "-")
-
-
 def add_engine_arguments(parser: argparse.ArgumentParser, *, exclude: Iterable[str] = (),
                          defaults: Mapping[str, Any] | None = None) -> None:
-    """Add one flag per :class:`EngineConfig` field (minus ``exclude``) to ``parser``.
-
-    Flags carry the field's help, choices and default (``defaults`` overrides a default where a
-    command has a reason to, and its help says so); :func:`engine_config_from_args` reads them back.
-    """
-    skip = set(exclude)
-    group = parser.add_argument_group("model options (lisa_agent.config.EngineConfig)")
-    for name, option, default in EngineConfig.options():
-        if name in skip:
-            continue
-        value = (defaults or {}).get(name, default)
-
-        def parse(text: str, option: Option = option) -> Any:
-            try:
-                return option.parse(text)
-            except ValueError as exc:
-                raise argparse.ArgumentTypeError(str(exc)) from None
-
-        shown = option.text(value) or "empty"
-        kwargs: dict[str, Any] = {"default": value, "help": f"{option.help} (default: {shown})",
-                                  "metavar": option.metavar}
-        if option.choices is not None:
-            kwargs["choices"] = option.choices
-            kwargs["metavar"] = None
-            kwargs["default"] = option.text(value)
-        else:
-            kwargs["type"] = parse
-        group.add_argument(flag(name), dest=f"engine_{name}", **kwargs)
+    """Add one flag per :class:`EngineConfig` field (minus ``exclude``) to ``parser`` (``args.engine_<field>``);
+    :func:`engine_config_from_args` reads them back (see :func:`lisa_agent.options.add_arguments`)."""
+    add_arguments(parser, EngineConfig, prefix="engine", title="model options (lisa_agent.config.EngineConfig)",
+                  exclude=exclude, defaults=defaults)
 
 
 def engine_config_from_args(args: argparse.Namespace, **overrides: Any) -> EngineConfig:
     """The :class:`EngineConfig` of the flags :func:`add_engine_arguments` added (plus ``overrides``)."""
-    values: dict[str, Any] = {}
-    texts: dict[str, str] = {}
-    for name, option, _ in EngineConfig.options():
-        if not hasattr(args, f"engine_{name}"):
-            continue
-        value = getattr(args, f"engine_{name}")
-        if option.choices is not None:
-            texts[name] = value
-        else:
-            values[name] = value
-    return EngineConfig.from_texts(texts, **{**values, **overrides})
+    return from_args(EngineConfig, args, prefix="engine", **overrides)
 
 
 def engine_parameters() -> list[tuple[str, Any, str]]:
@@ -388,10 +290,4 @@ def engine_parameters() -> list[tuple[str, Any, str]]:
     and reads them back with :meth:`EngineConfig.from_texts`, so ``-p presence_threshold:=0.3`` or a
     launch argument's string both work.
     """
-    out = []
-    for name, option, default in EngineConfig.options():
-        numeric = isinstance(default, (int, float)) and not isinstance(default, bool)
-        value = default if numeric else option.text(default)
-        choices = f" [{', '.join(option.choices)}]" if option.choices else ""
-        out.append((name, value, option.help + choices))
-    return out
+    return parameters(EngineConfig)

@@ -35,18 +35,6 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return mask_utils.decode(coco).astype(bool)
 
 
-def mask_to_png(mask: np.ndarray) -> bytes:
-    """Encode a bool HxW mask as an 8-bit grayscale PNG (0 background, 255 mask)."""
-    buf = io.BytesIO()
-    Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def labels_to_png(masks: np.ndarray) -> bytes:
-    """Encode N bool HxW masks as one 8-bit label PNG: pixel value k+1 for mask k (later masks win)."""
-    return image_to_png(label_image(masks))
-
-
 def label_image(masks: np.ndarray) -> np.ndarray:
     """Collapse N x H x W bool masks into an H x W uint8 label image (0 = background, k+1 = mask k)."""
     if masks.ndim != 3:
@@ -62,11 +50,6 @@ def image_to_png(image: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(image).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def png_to_mask(data: bytes) -> np.ndarray:
-    """Decode a grayscale PNG back into a bool HxW mask (non-zero pixels are the mask)."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("L")) > 0
 
 
 def render_overlay(

@@ -1,10 +1,8 @@
 """What every door hands the engine: a :class:`Frame` (pixels, id, stamp, optional depth + intrinsics).
 
-Also the validation of its pieces (:func:`check_image`, :func:`check_query`), the exact time type
-:class:`Stamp`, and the :class:`SegmentBackend` protocol that the in-process engine
-(:class:`~lisa_agent.engine.segmenter.LisaSegmenter`) and the remote client
-(:class:`~lisa_agent.serving.client.LisaClient`) both satisfy, and that the LangChain tool, the ROS
-node and the bag tool accept.
+Also the validation of its pieces (:func:`check_image`, :func:`check_query`; depth:
+:func:`lisa_agent.geometry.check_depth`) and the exact time type :class:`Stamp`. What takes a Frame is a
+backend (:mod:`lisa_agent.backend`).
 
 Pure numpy: nothing here imports torch.
 """
@@ -14,17 +12,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any
 
 import numpy as np
 
-from .engine.prompts import IMAGE_TOKEN
 from .errors import InvalidArgumentError, InvalidImageError, InvalidQueryError
-from .geometry import Intrinsics, depth_to_meters
+from .geometry import Intrinsics, check_depth, depth_to_meters
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .result import SegmentationResult
-
+#: The prompt's image placeholder (LLaVA's): a query or a forced answer may not contain it.
+IMAGE_TOKEN = "<image>"
 #: Frames larger than this many pixels on a side are refused (a 16k x 16k frame is a mistake).
 MAX_SIDE = 8192
 #: Frames smaller than this on a side cannot be segmented meaningfully.
@@ -126,6 +122,10 @@ class Stamp:
         """Nanoseconds since the epoch of the stamp's clock."""
         return self.sec * 10**9 + self.nanosec
 
+    def seconds_to(self, later: Stamp) -> float:
+        """Seconds from this stamp to ``later`` (negative when ``later`` is earlier), exact to the nanosecond."""
+        return (later.ns - self.ns) / 1e9
+
     @property
     def seconds(self) -> float:
         return self.ns / 1e9
@@ -180,13 +180,7 @@ class Frame:
         put("stamp", Stamp.of(self.stamp))
         put("depth_stamp", Stamp.of(self.depth_stamp))
         if self.depth is not None:
-            depth = np.asarray(self.depth)
-            if depth.ndim == 3 and depth.shape[2] == 1:
-                depth = depth[..., 0]
-            if depth.ndim != 2 or depth.dtype not in (np.uint16, np.float32, np.float64):
-                raise InvalidImageError(f"depth must be an HxW uint16 (millimetres) or float32 (metres) array; got "
-                                        f"shape {tuple(depth.shape)}, dtype {depth.dtype}")
-            put("depth", depth)
+            put("depth", check_depth(self.depth))
         if self.depth_scale is not None:
             scale = self.depth_scale
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
@@ -239,41 +233,7 @@ def as_frame(image: Frame | np.ndarray, frame_id: str | int | None = None) -> Fr
     return Frame(image, frame_id=None if frame_id is None else str(frame_id))
 
 
-@runtime_checkable
-class SegmentBackend(Protocol):
-    """What the tool, the ROS node and the bag tool need from a model: the in-process
-    :class:`~lisa_agent.engine.segmenter.LisaSegmenter` or a :class:`~lisa_agent.serving.client.LisaClient`."""
-
-    def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                answer: str | None = None, frame_id: str | None = None,
-                return_logits: bool = False) -> SegmentationResult:
-        """Answer ``query`` about ``image`` (a :class:`Frame` or an HxWx3 uint8 RGB array)."""
-        ...
-
-    def info(self) -> dict[str, Any]:
-        """Model, precision and options, as the server's ``info`` op reports them."""
-        ...
-
-
-@runtime_checkable
-class AsyncSegmentBackend(Protocol):
-    """The asyncio twin of :class:`SegmentBackend` (an :class:`~lisa_agent.serving.client.AsyncLisaClient`)."""
-
-    async def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                      answer: str | None = None, frame_id: str | None = None,
-                      return_logits: bool = False) -> SegmentationResult:
-        ...
-
-    async def info(self) -> dict[str, Any]:
-        ...
-
-
-def stamps_apart(a: Stamp, b: Stamp) -> float:
-    """Seconds from ``a`` to ``b`` (positive when ``b`` is later), exact to the nanosecond."""
-    return (b.ns - a.ns) / 1e9
-
-
 __all__: Sequence[str] = (
-    "DEPTH_TOLERANCE_S", "MAX_SIDE", "MIN_SIDE", "AsyncSegmentBackend", "Frame", "SegmentBackend", "Stamp",
-    "as_frame", "check_image", "check_query", "intrinsics_of", "stamps_apart",
+    "DEPTH_TOLERANCE_S", "IMAGE_TOKEN", "MAX_SIDE", "MIN_SIDE", "Frame", "Stamp", "as_frame", "check_image",
+    "check_query", "intrinsics_of",
 )

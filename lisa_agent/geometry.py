@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .errors import InvalidArgumentError, InvalidImageError
+
 if TYPE_CHECKING:  # pragma: no cover
     from .frames import Frame
 
@@ -35,17 +37,17 @@ class Intrinsics:
         for name in ("fx", "fy"):
             value = getattr(self, name)
             if not math.isfinite(value) or value <= 0:
-                raise ValueError(f"intrinsics: {name} must be a positive focal length in pixels; got {value}")
+                raise InvalidArgumentError(f"intrinsics: {name} must be a positive focal length in pixels; got {value}")
         for name in ("cx", "cy"):
             if not math.isfinite(getattr(self, name)):
-                raise ValueError(f"intrinsics: {name} must be finite; got {getattr(self, name)}")
+                raise InvalidArgumentError(f"intrinsics: {name} must be finite; got {getattr(self, name)}")
 
     @classmethod
     def from_k(cls, k: Sequence[float]) -> Intrinsics:
         """From a row-major 3x3 camera matrix ``K`` (9 numbers, as in ``sensor_msgs/CameraInfo.k``)."""
         values = [float(v) for v in np.asarray(k, dtype=np.float64).reshape(-1)]
         if len(values) != 9:
-            raise ValueError(f"K must have 9 entries (row-major 3x3); got {len(values)}")
+            raise InvalidArgumentError(f"K must have 9 entries (row-major 3x3); got {len(values)}")
         return cls(fx=values[0], fy=values[4], cx=values[2], cy=values[5])
 
     def scaled(self, sx: float, sy: float) -> Intrinsics:
@@ -54,48 +56,38 @@ class Intrinsics:
                           cy=(self.cy + 0.5) * sy - 0.5)
 
 
+def check_depth(depth: Any) -> np.ndarray:
+    """``depth`` as an HxW array, or :class:`~lisa_agent.errors.InvalidImageError`: the one rule for depth in
+    every door. Accepted: HxW (or HxWx1) ``uint16`` millimetres, or ``float32`` / ``float64`` metres."""
+    depth = np.asarray(depth)
+    if depth.ndim == 3 and depth.shape[2] == 1:
+        depth = depth[..., 0]
+    if depth.ndim != 2 or depth.dtype not in (np.uint16, np.float32, np.float64):
+        raise InvalidImageError("depth must be an HxW uint16 (millimetres) or float32 (metres) array; got "
+                                f"shape {tuple(depth.shape)}, dtype {depth.dtype}")
+    return depth
+
+
 def depth_to_meters(depth: np.ndarray, scale: float | None = None) -> np.ndarray:
     """Convert a depth image to float32 metres with invalid pixels as NaN.
 
     Args:
         depth: HxW ``uint16`` in millimetres (ROS ``16UC1``; 0 = no reading) or HxW ``float32`` /
-            ``float64`` in metres (ROS ``32FC1``; 0, NaN or inf = no reading).
+            ``float64`` in metres (ROS ``32FC1``; 0, NaN or inf = no reading); see :func:`check_depth`.
         scale: metres per unit, overriding the dtype's default (0.001 for uint16, 1 for floats).
 
     Returns:
-        HxW float32 metres; NaN where the sensor has no reading.
+        HxW float32 metres; NaN where the sensor has no reading (0, negative, NaN or inf).
     """
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise ValueError(f"depth must be an HxW array; got shape {depth.shape}")
-    if depth.dtype == np.uint16:
-        out = depth.astype(np.float32) * np.float32(0.001 if scale is None else scale)
-    elif depth.dtype in (np.float32, np.float64):
-        out = depth.astype(np.float32, copy=True)
-        if scale is not None:
-            out *= np.float32(scale)
-    else:
-        raise ValueError(f"depth must be uint16 millimetres or float32 metres; got dtype {depth.dtype}")
+    depth = check_depth(depth)
+    if scale is None:
+        scale = 0.001 if depth.dtype == np.uint16 else 1.0
+    out = depth.astype(np.float32, copy=True)
+    if scale != 1.0:
+        out *= np.float32(scale)
     out[~np.isfinite(out) | (out <= 0)] = np.nan
     return out
 
-
-def median_depth(depth_m: np.ndarray, mask: np.ndarray, *, min_depth: float = MIN_DEPTH_M,
-                 max_depth: float = MAX_DEPTH_M) -> float | None:
-    """Median of the valid depths (metres) under ``mask``; None when no pixel has a valid depth.
-
-    Args:
-        depth_m: HxW float depth in metres, NaN where invalid (see :func:`depth_to_meters`).
-        mask: HxW bool, same size as ``depth_m``.
-    """
-    mask = np.asarray(mask, dtype=bool)
-    if mask.shape != depth_m.shape:
-        raise ValueError(f"mask {mask.shape} and depth {depth_m.shape} must have the same HxW size")
-    values = depth_m[mask]
-    values = values[np.isfinite(values) & (values >= min_depth) & (values <= max_depth)]
-    if values.size == 0:
-        return None
-    return float(np.median(values))
 
 
 def deproject(u: float, v: float, z: float, intrinsics: Intrinsics) -> tuple[float, float, float]:
@@ -107,7 +99,7 @@ def project(point: Sequence[float], intrinsics: Intrinsics) -> tuple[float, floa
     """The pixel (u, v) where the camera-frame point (x, y, z), z > 0, is seen."""
     x, y, z = (float(c) for c in point)
     if z <= 0:
-        raise ValueError(f"point must be in front of the camera (z > 0); got z={z}")
+        raise InvalidArgumentError(f"point must be in front of the camera (z > 0); got z={z}")
     return (intrinsics.fx * x / z + intrinsics.cx, intrinsics.fy * y / z + intrinsics.cy)
 
 
@@ -157,7 +149,7 @@ def mask_target(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics | 
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != depth_m.shape:
-        raise ValueError(f"mask {mask.shape} and depth {depth_m.shape} must have the same HxW size")
+        raise InvalidArgumentError(f"mask {mask.shape} and depth {depth_m.shape} must have the same HxW size")
     valid = mask & np.isfinite(depth_m) & (depth_m >= min_depth) & (depth_m <= max_depth)
     count = int(valid.sum())
     if count == 0:
@@ -185,7 +177,7 @@ def frame_targets(frame: Frame, masks: np.ndarray) -> tuple[list[Target | None] 
         return None, (f"depth image is {dh}x{dw} but the colour image is {h}x{w}: depth must be aligned to the "
                       "colour camera, so no 3D targets")
     if frame.stamp is not None and frame.depth_stamp is not None:
-        skew = (frame.depth_stamp.ns - frame.stamp.ns) / 1e9
+        skew = frame.stamp.seconds_to(frame.depth_stamp)
         if abs(skew) > frame.depth_tolerance_s:
             return None, (f"depth image is from {abs(skew):.3f} s {'after' if skew > 0 else 'before'} the colour "
                           f"frame (tolerance {frame.depth_tolerance_s:g} s): not the same instant, so no 3D targets")

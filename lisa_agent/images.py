@@ -1,4 +1,4 @@
-"""The one image decoder every door uses: encoded bytes or a file -> HxWx3 uint8 RGB.
+"""The one image decoder and encoder every door uses: encoded bytes or a file <-> HxWx3 uint8 RGB.
 
 The command line (``--image``), the LangChain tool (files, URLs, data URIs), the model server (JPEG /
 PNG frames) and the ROS ``CompressedImage`` path all decode through :func:`decode_image_bytes`, so an
@@ -11,6 +11,9 @@ image means the same pixels whichever door it comes through:
 - grey, palette, grey+alpha, RGBA and CMYK become RGB (alpha dropped);
 - the EXIF orientation is applied (photos come out upright) unless ``exif=False`` (the server's wire
   format promises pixels exactly as the client encoded them).
+
+Encoding (:func:`encode_image_bytes`, :func:`encode_jpeg`) is OpenCV's, for the server's client, the console,
+ROS ``CompressedImage`` messages and the Foxglove view alike.
 
 Errors are :class:`~lisa_agent.errors.InvalidImageError` naming the image, or
 :class:`~lisa_agent.errors.ImageTooLargeError` (a subclass, code ``too_large``) for oversized ones.
@@ -39,18 +42,6 @@ def _png_size(data: bytes) -> tuple[int, int] | None:
         w, h = struct.unpack(">II", data[16:24])
         return h, w
     return None
-
-
-def encoded_size(data: bytes) -> tuple[int, int] | None:
-    """(H, W) from an encoded image's header without decoding its pixels; None when unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            w, h = img.size
-        return int(h), int(w)
-    except Exception:  # noqa: BLE001 - any parse failure means "not a readable image"
-        return None
 
 
 def decode_image_bytes(data: bytes, *, max_side: int = MAX_SIDE, exif: bool = True,
@@ -112,24 +103,56 @@ def _to_rgb(img: object) -> np.ndarray:
 
 
 def read_image_file(path: str | Path, *, max_side: int = MAX_SIDE, max_bytes: int = MAX_IMAGE_BYTES,
-                    exif: bool = True) -> np.ndarray:
-    """An image file as HxWx3 uint8 RGB (see :func:`decode_image_bytes`); errors name the file."""
+                    exif: bool = True, shown: str | None = None, hint: str = "") -> np.ndarray:
+    """An image file as HxWx3 uint8 RGB (see :func:`decode_image_bytes`): the one file reader of every door.
+
+    Errors name the file (as ``shown``, default the path) and end with ``hint`` when given; a file over
+    ``max_bytes`` is :class:`~lisa_agent.errors.ImageTooLargeError` (``too_large``) before it is read.
+    """
     path = Path(path).expanduser()
-    label = f"the file {_quote(str(path))}"
+    name = _quote(str(path) if shown is None else shown)
+    tail = f"; {hint}" if hint else ""
     if not path.exists():
-        raise InvalidImageError(f"image file {_quote(str(path))} does not exist")
+        raise InvalidImageError(f"image file {name} does not exist{tail}")
     if not path.is_file():
-        raise InvalidImageError(f"{_quote(str(path))} is not a file")
+        raise InvalidImageError(f"{name} is not a file{tail}")
     size = path.stat().st_size
     if size > max_bytes:
-        raise ImageTooLargeError(f"{label} is {size} bytes; the limit is {max_bytes}")
+        raise ImageTooLargeError(f"image file {name} is {size} bytes; the limit is {max_bytes}")
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise InvalidImageError(f"cannot read {label}: {exc.strerror or exc}") from exc
-    return decode_image_bytes(data, max_side=max_side, exif=exif, label=label)
+        raise InvalidImageError(f"cannot read image file {name}: {exc.strerror or exc}") from exc
+    return decode_image_bytes(data, max_side=max_side, exif=exif, label=f"the file {name}")
 
 
 def _quote(text: str, limit: int = 120) -> str:
     """A possibly long reference, quoted for an error message."""
     return repr(text if len(text) <= limit else text[: limit - 3] + "...")
+
+
+#: What :func:`encode_image_bytes` writes.
+ENCODINGS = ("jpeg", "png")
+
+
+def encode_image_bytes(rgb: np.ndarray, encoding: str = "jpeg", quality: int = 90) -> bytes:
+    """HxWx3 uint8 RGB -> JPEG (``quality`` 1..100) or PNG (fast compression) bytes."""
+    import cv2
+
+    from .errors import InvalidArgumentError
+
+    if encoding not in ENCODINGS:
+        raise InvalidArgumentError(f"encoding must be one of {', '.join(ENCODINGS)}; got {encoding!r:.50}")
+    if not isinstance(rgb, np.ndarray) or rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8 or not rgb.size:
+        raise InvalidImageError(f"only HxWx3 uint8 RGB images are encoded; got {getattr(rgb, 'shape', type(rgb))}")
+    bgr = np.ascontiguousarray(rgb[..., ::-1])
+    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if encoding == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
+    ok, buf = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", bgr, params)
+    if not ok:  # pragma: no cover - OpenCV encodes any valid uint8 RGB image
+        raise InvalidImageError(f"OpenCV could not encode the image as {encoding}")
+    return buf.tobytes()
+
+
+def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
+    """HxWx3 uint8 RGB -> JPEG bytes (what the console streams and ROS ``CompressedImage`` messages carry)."""
+    return encode_image_bytes(rgb, "jpeg", quality)

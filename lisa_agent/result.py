@@ -20,7 +20,6 @@ from .encoders import (
     label_image,
     mask_bbox,
     mask_centroid,
-    mask_to_png,
     mask_to_rle,
     render_overlay,
     rle_to_mask,
@@ -30,7 +29,6 @@ from .geometry import Target, frame_targets
 
 if TYPE_CHECKING:  # pragma: no cover
     from .frames import Frame
-    from .tracking import TrackInfo  # noqa: F401 (the annotation of SegmentationResult.track)
 
 #: Version of the result schema (``schema_version`` in every result dict).
 RESULT_SCHEMA_VERSION = 1
@@ -65,6 +63,38 @@ class MaskInstance:
         }
 
 
+@dataclass(frozen=True)
+class TrackInfo:
+    """How a stream result was made (``SegmentationResult.track``; the result schema's ``track``).
+
+    Attributes:
+        source: ``reasoned`` (LISA ran on this frame) or ``tracked`` (carried from its last reasoning).
+        tracker: the tracker's name.
+        age_frames: frames since the reasoning step the masks come from (0 when reasoned).
+        age_s: seconds since it (from the frames' stamps when both have one, else wall time).
+        confidence: per mask, the tracker's confidence in [0, 1] (1.0 for reasoned masks).
+        reasoned_stamp: the stamp of the frame LISA reasoned on, or None.
+    """
+
+    source: str
+    tracker: str
+    age_frames: int
+    age_s: float
+    confidence: tuple[float, ...]
+    reasoned_stamp: dict[str, int] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"source": self.source, "tracker": self.tracker, "age_frames": int(self.age_frames),
+                "age_s": round(float(self.age_s), 4), "confidence": [round(float(c), 4) for c in self.confidence],
+                "reasoned_stamp": self.reasoned_stamp}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrackInfo:
+        return cls(source=str(d["source"]), tracker=str(d["tracker"]), age_frames=int(d["age_frames"]),
+                   age_s=float(d["age_s"]), confidence=tuple(float(c) for c in d["confidence"]),
+                   reasoned_stamp=d.get("reasoned_stamp"))
+
+
 @dataclass
 class SegmentationResult:
     """Everything one query produced.
@@ -91,7 +121,7 @@ class SegmentationResult:
             where the mask has no valid depth; None when the frame came without depth or its depth
             was refused.
         depth_note: why targets are missing (depth refused, intrinsics unknown, ...), else None.
-        track: for results of a stream (:class:`lisa_agent.tracking.StreamSegmenter`): ``reasoned`` or
+        track: for results of a stream (:class:`lisa_agent.tracking.StreamSegmenter`, :class:`TrackInfo`): ``reasoned`` or
             ``tracked``, the tracker, the age of the reasoning step and per-mask confidence; else None.
     """
 
@@ -175,7 +205,6 @@ class SegmentationResult:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentationResult:
         """Inverse of :meth:`to_dict` (masks decoded from their RLE)."""
-        from .tracking import TrackInfo
         h, w = (int(v) for v in d.get("image_size", (0, 0)))
         entries = d.get("masks", [])
         masks = (np.stack([rle_to_mask(m["rle"]) for m in entries]) if entries
@@ -201,10 +230,6 @@ class SegmentationResult:
     def label_mask(self) -> np.ndarray:
         """H x W uint8 label image: 0 background, k+1 where mask k is (later masks win)."""
         return label_image(self.masks) if len(self.masks) else np.zeros(self.image_size, dtype=np.uint8)
-
-    def mask_png(self, k: int = 0) -> bytes:
-        """PNG bytes of mask ``k`` (0/255 grayscale)."""
-        return mask_to_png(self.masks[k])
 
     def overlay(self, image: np.ndarray, labels: Sequence[str] | None = None) -> np.ndarray:
         """Masks tinted over ``image`` (HxWx3 uint8 RGB) with outlines, boxes and labels."""

@@ -25,54 +25,20 @@ from __future__ import annotations
 
 import concurrent.futures
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 import cv2
 import numpy as np
 
+from .backend import SegmentBackend
 from .errors import InvalidArgumentError
-from .frames import Frame, SegmentBackend, as_frame, check_query
-from .result import SegmentationResult
+from .frames import Frame, as_frame, check_query
+from .options import INTERACTIVE_MODES, TRACKERS, QueryOptions, TrackOptions
+from .result import SegmentationResult, TrackInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine.segmenter import LisaSegmenter
-
-#: Tracker names (``StreamSegmenter(tracker=...)``, CLI ``--tracker``, ROS parameter ``tracker``).
-TRACKERS = ("none", "flow", "sam")
-
-
-@dataclass(frozen=True)
-class TrackInfo:
-    """How a stream result was made (``SegmentationResult.track``; the result schema's ``track``).
-
-    Attributes:
-        source: ``reasoned`` (LISA ran on this frame) or ``tracked`` (carried from its last reasoning).
-        tracker: the tracker's name.
-        age_frames: frames since the reasoning step the masks come from (0 when reasoned).
-        age_s: seconds since it (from the frames' stamps when both have one, else wall time).
-        confidence: per mask, the tracker's confidence in [0, 1] (1.0 for reasoned masks).
-        reasoned_stamp: the stamp of the frame LISA reasoned on, or None.
-    """
-
-    source: str
-    tracker: str
-    age_frames: int
-    age_s: float
-    confidence: tuple[float, ...]
-    reasoned_stamp: dict[str, int] | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"source": self.source, "tracker": self.tracker, "age_frames": int(self.age_frames),
-                "age_s": round(float(self.age_s), 4), "confidence": [round(float(c), 4) for c in self.confidence],
-                "reasoned_stamp": self.reasoned_stamp}
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> TrackInfo:
-        return cls(source=str(d["source"]), tracker=str(d["tracker"]), age_frames=int(d["age_frames"]),
-                   age_s=float(d["age_s"]), confidence=tuple(float(c) for c in d["confidence"]),
-                   reasoned_stamp=d.get("reasoned_stamp"))
-
 
 class Tracker(Protocol):
     """Carries masks from the frame they were made on to later frames."""
@@ -254,16 +220,66 @@ def reorder(result: SegmentationResult, order: list[int]) -> SegmentationResult:
                    targets=None if result.targets is None else [result.targets[i] for i in order])
 
 
+class Follower:
+    """One reasoning step's masks carried to the frames after it by a tracker: the track step of a
+    :class:`StreamSegmenter`, and what a door uses to keep an answer's masks on their objects without asking
+    the model again (the console with the continuous switch off).
+
+    Args:
+        tracker: the tracker to carry the masks with (started here on ``frame``).
+        frame: the frame the model answered on.
+        result: its answer (text, masks, scores are kept; the masks move).
+    """
+
+    def __init__(self, tracker: Tracker, frame: Frame, result: SegmentationResult) -> None:
+        tracker.start(frame, result)
+        self.tracker, self.frame, self.result = tracker, frame, result
+        #: frames carried since the reasoning step
+        self.frames = 0
+        #: per mask, the tracker's confidence on the last frame carried to
+        self.confidence = np.ones(len(result), np.float32)
+        self._clock = time.monotonic()
+
+    def seconds_since(self, frame: Frame) -> float:
+        """Seconds from the reasoning step's frame to ``frame`` (their stamps when both have one, else wall time)."""
+        if self.frame.stamp is not None and frame.stamp is not None:
+            return self.frame.stamp.seconds_to(frame.stamp)
+        return time.monotonic() - self._clock
+
+    def info(self, frame: Frame, source: str) -> TrackInfo:
+        """The :class:`~lisa_agent.result.TrackInfo` of a result on ``frame`` (``reasoned`` or ``tracked``)."""
+        reasoned = source == "reasoned"
+        stamp = self.frame.stamp
+        return TrackInfo(source=source, tracker=self.tracker.name, age_frames=0 if reasoned else self.frames,
+                         age_s=0.0 if reasoned else max(0.0, self.seconds_since(frame)),
+                         confidence=tuple(1.0 for _ in range(len(self.result))) if reasoned
+                         else tuple(float(c) for c in self.confidence),
+                         reasoned_stamp=None if stamp is None else stamp.to_dict())
+
+    def follow(self, frame: Frame) -> SegmentationResult:
+        """The masks carried to ``frame``: ``track.source`` is ``tracked``; the answer's text and mask scores are
+        the reasoning step's, the tracker's confidence is ``track.confidence``."""
+        t0 = time.perf_counter()
+        masks, confidence = self.tracker.update(frame)
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.frames += 1
+        self.confidence = np.asarray(confidence, np.float32)
+        r = self.result
+        return SegmentationResult.from_frame(
+            frame, masks, [inst.score for inst in r.instances], text=r.text, query=r.query, mode=r.mode,
+            prompt=r.prompt, input_ids=r.input_ids, output_ids=r.output_ids, seg_embeddings=r.seg_embeddings,
+            cached=False, timings_ms={"track": ms, "total": ms}, track=self.info(frame, "tracked"))
+
+
 class StreamSegmenter:
     """Masks for every frame of a stream: LISA now and then, a tracker in between (see the module docstring).
 
     Args:
-        backend: the model (a LisaSegmenter or a LisaClient).
-        tracker: a :class:`Tracker` or its name (``none``, ``flow``, ``sam``).
-        reason_every: run LISA at least every this many frames (1: on every frame).
-        reason_period_s: and at least every this many seconds (None: no time limit).
-        min_confidence: run LISA on the next frame when a mask's tracking confidence falls below this.
-        mode, max_new_tokens: how LISA answers (``fast`` or ``chat``).
+        backend: the model (any :class:`~lisa_agent.backend.SegmentBackend`).
+        options: when to reason and what carries the masks in between (:class:`~lisa_agent.options.TrackOptions`;
+            None: the defaults).
+        query: how the model answers (:class:`~lisa_agent.options.QueryOptions`: ``fast`` or ``chat``).
+        tracker: a :class:`Tracker` object to use instead of the one ``options.tracker`` names.
         background: run LISA in a worker thread while the tracker keeps answering every frame (a live
             camera); the masks it brings are carried to the current frame by the tracker. Off: LISA runs
             on the frame that needs it, before :meth:`process` returns (evaluation, recorded data).
@@ -271,34 +287,21 @@ class StreamSegmenter:
     Use: :meth:`set_instruction`, then :meth:`process` on every frame.
     """
 
-    def __init__(self, backend: SegmentBackend, tracker: Tracker | str = "flow", *, reason_every: int = 10,
-                 reason_period_s: float | None = None, min_confidence: float = 0.5, mode: str = "fast",
-                 max_new_tokens: int = 32, background: bool = False) -> None:
-        if isinstance(reason_every, bool) or not isinstance(reason_every, int) or reason_every < 1:
-            raise InvalidArgumentError(f"reason_every must be a whole number >= 1; got {reason_every!r}")
-        if reason_period_s is not None and not reason_period_s > 0:
-            raise InvalidArgumentError(f"reason_period_s must be > 0 seconds or None; got {reason_period_s!r}")
-        if not 0.0 <= min_confidence <= 1.0:
-            raise InvalidArgumentError(f"min_confidence must be in [0, 1]; got {min_confidence!r}")
-        if mode not in ("fast", "chat"):
-            raise InvalidArgumentError(f"mode must be fast or chat; got {mode!r}")
+    def __init__(self, backend: SegmentBackend, options: TrackOptions | None = None, *,
+                 query: QueryOptions | None = None, tracker: Tracker | None = None, background: bool = False) -> None:
+        self.options = options or TrackOptions()
+        self.query = query or QueryOptions()
+        if self.query.mode not in INTERACTIVE_MODES:
+            raise InvalidArgumentError(f"a stream's mode must be one of {', '.join(INTERACTIVE_MODES)}; "
+                                       f"got {self.query.mode!r}")
         self.backend = backend
-        self.tracker = make_tracker(tracker, backend) if isinstance(tracker, str) else tracker
-        self.reason_every = reason_every
-        self.reason_period_s = reason_period_s
-        self.min_confidence = min_confidence
-        self.mode = mode
-        self.max_new_tokens = max_new_tokens
+        self.tracker = tracker if tracker is not None else make_tracker(self.options.tracker, backend)
         self.background = background
         #: how many times LISA ran (the backend's segment calls)
         self.lisa_calls = 0
         self._instruction: str | None = None
         self._changed = False
-        self._last: SegmentationResult | None = None  # the last reasoning step's result
-        self._last_frame: Frame | None = None
-        self._last_clock = 0.0
-        self._frames_since = 0
-        self._confidence = np.ones(0, np.float32)
+        self._follower: Follower | None = None  # the last reasoning step, carried along
         self._previous_masks = np.zeros((0, 1, 1), bool)  # the masks given for the previous frame
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
         #: background: the reasoning step in flight, the frame it is on, its instruction, the frame count then
@@ -310,12 +313,17 @@ class StreamSegmenter:
         """What to segment from the next frame on (None or empty: stop; nothing is segmented)."""
         self._instruction = None if text is None or not str(text).strip() else check_query(text)
         self._changed = True
-        self._last = None
+        self._follower = None
         self._previous_masks = np.zeros((0, 1, 1), bool)
 
     @property
     def instruction(self) -> str | None:
         return self._instruction
+
+    @property
+    def last_reasoned(self) -> SegmentationResult | None:
+        """The result of the last reasoning step the stream follows (None before the first)."""
+        return None if self._follower is None else self._follower.result
 
     # ------------------------------------------------------------------ frames
     def process(self, image: Frame | np.ndarray) -> SegmentationResult | None:
@@ -325,81 +333,55 @@ class StreamSegmenter:
         if self._instruction is None:
             return None
         self._count += 1
-        if self._last_frame is not None and frame.size != self._last_frame.size:
+        if self._follower is not None and frame.size != self._follower.frame.size:
             # another frame size (a camera reconfigured, a stream name reused): nothing carries over, LISA again
-            self._last, self._changed = None, True
+            self._follower, self._changed = None, True
             self._previous_masks = np.zeros((0, 1, 1), bool)
         if self.background:
             return self._process_background(frame)
         if self._due(frame):
-            result = self._seed(frame, self._reason(frame))
-            return self._previous(replace(result, track=self._info(frame, "reasoned", np.ones(len(result)))))
+            follower = self._seed(frame, self._reason(frame))
+            return self._previous(replace(follower.result, track=follower.info(frame, "reasoned")))
         return self._track(frame)
 
     def nbytes(self) -> int:
         """Bytes of the frames, masks and tracker state this stream holds (its numpy arrays; an estimate)."""
-        held = [self.tracker, self._last, self._last_frame]
+        held: list[object] = [self.tracker]
+        if self._follower is not None:
+            held += [self._follower.result, self._follower.frame]
         if self._pending is not None:
             held.append(self._pending[1])
-        return int(self._previous_masks.nbytes) + sum(_array_bytes(obj) for obj in held if obj is not None)
+        return int(self._previous_masks.nbytes) + sum(_array_bytes(obj) for obj in held)
 
     def _due(self, frame: Frame) -> bool:
-        if self._last is None or self._changed:
+        follower = self._follower
+        if follower is None or self._changed:
             return True
-        if self._frames_since + 1 >= self.reason_every:
+        if follower.frames + 1 >= self.options.reason_every:
             return True
-        if self.reason_period_s is not None and self._seconds_since(frame) >= self.reason_period_s:
+        period = self.options.reason_period_s
+        if period is not None and follower.seconds_since(frame) >= period:
             return True
-        return bool(len(self._confidence)) and float(self._confidence.min()) < self.min_confidence
+        return bool(len(follower.confidence)) and float(follower.confidence.min()) < self.options.min_confidence
 
     def _reason(self, frame: Frame, instruction: str | None = None) -> SegmentationResult:
         self.lisa_calls += 1
-        return self.backend.segment(frame, instruction or self._instruction or "", mode=self.mode,
-                                    max_new_tokens=self.max_new_tokens)
+        return self.backend.segment(frame, instruction or self._instruction or "", options=self.query)
 
-    def _seed(self, frame: Frame, result: SegmentationResult) -> SegmentationResult:
+    def _seed(self, frame: Frame, result: SegmentationResult) -> Follower:
         """Take ``result`` (LISA on ``frame``) as the reasoning step to track from; instance order kept."""
         result = reorder(result, match_order(result.masks, self._previous_masks))
-        self.tracker.start(frame, result)
-        self._last, self._last_frame = result, frame
-        self._last_clock = time.monotonic()
-        self._frames_since = 0
+        self._follower = Follower(self.tracker, frame, result)
         self._changed = False
-        self._confidence = np.ones(len(result), np.float32)
-        return result
+        return self._follower
 
     def _track(self, frame: Frame) -> SegmentationResult:
-        assert self._last is not None
-        t0 = time.perf_counter()
-        masks, confidence = self.tracker.update(frame)
-        ms = (time.perf_counter() - t0) * 1000.0
-        self._frames_since += 1
-        self._confidence = np.asarray(confidence, np.float32)
-        last = self._last
-        result = SegmentationResult.from_frame(
-            frame, masks, [float(c) for c in confidence], text=last.text, query=last.query, mode=last.mode,
-            prompt=last.prompt, input_ids=last.input_ids, output_ids=last.output_ids,
-            seg_embeddings=last.seg_embeddings, cached=False, timings_ms={"track": ms, "total": ms},
-            track=self._info(frame, "tracked", confidence))
-        return self._previous(result)
+        assert self._follower is not None
+        return self._previous(self._follower.follow(frame))
 
     def _previous(self, result: SegmentationResult) -> SegmentationResult:
         self._previous_masks = np.asarray(result.masks, dtype=bool)
         return result
-
-    def _seconds_since(self, frame: Frame) -> float:
-        last = self._last_frame
-        if last is not None and last.stamp is not None and frame.stamp is not None:
-            return (frame.stamp.ns - last.stamp.ns) / 1e9
-        return time.monotonic() - self._last_clock
-
-    def _info(self, frame: Frame, source: str, confidence: np.ndarray) -> TrackInfo:
-        last = self._last_frame
-        return TrackInfo(source=source, tracker=self.tracker.name,
-                         age_frames=0 if source == "reasoned" else self._frames_since,
-                         age_s=0.0 if source == "reasoned" else max(0.0, self._seconds_since(frame)),
-                         confidence=tuple(float(c) for c in confidence),
-                         reasoned_stamp=None if last is None or last.stamp is None else last.stamp.to_dict())
 
     # ------------------------------------------------------------------ background reasoning
     def _process_background(self, frame: Frame) -> SegmentationResult | None:
@@ -408,15 +390,15 @@ class StreamSegmenter:
             self._pending = None
             result = future.result()  # an error of LISA's surfaces here, to the caller
             if instruction == self._instruction and reasoned_on.size == frame.size:  # not overtaken meanwhile
-                self._seed(reasoned_on, result)
-                self._frames_since = self._count - 1 - submitted  # frames since the one LISA looked at
+                follower = self._seed(reasoned_on, result)
+                follower.frames = self._count - 1 - submitted  # frames since the one LISA looked at
         if self._pending is None and self._due(frame):
             if self._pool is None:
                 self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="lisa-reason")
             instruction = self._instruction or ""
             self._changed = False
             self._pending = (self._pool.submit(self._reason, frame, instruction), frame, instruction, self._count)
-        if self._last is None:
+        if self._follower is None:
             return None
         return self._track(frame)
 

@@ -31,6 +31,8 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
+from lisa_agent.errors import InvalidArgumentError
+
 from .conversions import camera_info_intrinsics, compressed_to_rgb, image_to_array, image_to_rgb
 
 
@@ -63,7 +65,7 @@ class RosCameraSource:
                  camera_info_topic: str | None = None, qos: str = "best_effort", domain_id: int | None = None,
                  node_name: str = "lisa_camera_source") -> None:
         if qos not in ("best_effort", "reliable"):
-            raise ValueError(f"qos must be 'best_effort' or 'reliable'; got {qos!r}")
+            raise InvalidArgumentError(f"qos must be 'best_effort' or 'reliable'; got {qos!r}")
         reliability = ReliabilityPolicy.RELIABLE if qos == "reliable" else ReliabilityPolicy.BEST_EFFORT
         profile = QoSProfile(depth=1, reliability=reliability, history=HistoryPolicy.KEEP_LAST)
         self._lock = threading.Lock()
@@ -120,7 +122,7 @@ class RosCameraSource:
         """The newest frame, decoded (cached until a newer one arrives), or None before the first.
 
         Raises:
-            ValueError: the newest frame cannot be decoded (unsupported encoding, bad data).
+            InvalidImageError: the newest frame cannot be decoded (unsupported encoding, bad data).
         """
         with self._lock:
             msg, count, cached = self._image, self._count, self._decoded

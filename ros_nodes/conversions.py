@@ -7,16 +7,15 @@ from typing import Any
 
 import numpy as np
 
+from lisa_agent.errors import MalformedImageError, UnsupportedEncodingError  # noqa: F401  (re-exported)
+from lisa_agent.images import encode_jpeg  # noqa: F401  (re-exported for the node and its tests)
 from lisa_agent.integrations.image_messages import (  # noqa: F401  (re-exported for the node and its tests)
     COLOR_ENCODINGS,
     DEPTH_ENCODINGS,
     ENCODINGS,
-    MalformedImageError,
-    UnsupportedEncodingError,
     camera_info_intrinsics,
     compressed_to_rgb,
     depth_to_meters_array,
-    encode_jpeg,
     image_fields,
     image_to_array,
     image_to_rgb,

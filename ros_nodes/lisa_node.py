@@ -47,16 +47,14 @@ from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
-from lisa_agent.errors import InvalidImageError, InvalidQueryError, LisaError
-from lisa_agent.frames import Frame, SegmentBackend, Stamp
+from lisa_agent.backend import SegmentBackend, open_backend
+from lisa_agent.errors import InvalidImageError, InvalidQueryError, LisaError, describe_error
+from lisa_agent.frames import Frame, Stamp
 from lisa_agent.noise import quiet_library_noise
 from lisa_agent.tracking import StreamSegmenter
 
 from . import outputs, parameters
-from .backend import load_backend
 from .conversions import (
-    MalformedImageError,
-    UnsupportedEncodingError,
     camera_info_intrinsics,
     compressed_to_rgb,
     depth_to_meters_array,
@@ -68,6 +66,8 @@ STOP_WORDS = frozenset({"stop", "cancel", "halt"})
 #: Parameters of the node, re-exported for launch files and tests (:mod:`ros_nodes.parameters`).
 NODE_PARAMETERS = parameters.NODE_PARAMETERS
 ENGINE_PARAMETERS = parameters.ENGINE_PARAMETERS
+QUERY_PARAMETERS = parameters.QUERY_PARAMETERS
+TRACK_PARAMETERS = parameters.TRACK_PARAMETERS
 
 
 @dataclass
@@ -118,7 +118,7 @@ class LisaNode(Node):
         self._worker: threading.Thread | None = None
         self._counts = {"frames_received": 0, "frames_processed": 0, "frames_dropped": 0, "frames_bad": 0,
                         "requests": 0, "errors": 0}
-        self._latency = collections.deque(maxlen=50)
+        self._latency: collections.deque[float] = collections.deque(maxlen=50)
         self._last_latency_ms = float("nan")
         self._state = "loading" if backend is None else "ready"
 
@@ -156,7 +156,8 @@ class LisaNode(Node):
         what = f"server {server}" if server else f"model {config.describe()}"
         self.get_logger().info(f"loading {what} ...")
         t0 = time.perf_counter()
-        self._backend = load_backend(config, server=server, server_timeout=float(self.get_parameter("server_timeout").value))
+        self._backend = open_backend(server or config.model, config=config,
+                                     timeout=float(self.get_parameter("server_timeout").value))
         self._state = "ready"
         self.get_logger().info(f"ready in {time.perf_counter() - t0:.1f} s: {what}; images on "
                                f"{self._image_topic}, instructions on "
@@ -279,12 +280,8 @@ class LisaNode(Node):
     def _make_stream(self, req: _Request) -> StreamSegmenter:
         """A background-reasoning stream for a continuous request with a tracker (parameters read now)."""
         assert self._backend is not None
-        p = self.get_parameter
-        period = float(p("reason_period_s").value)
-        stream = StreamSegmenter(self._backend, str(p("tracker").value), reason_every=int(p("reason_every").value),
-                                 reason_period_s=period if period > 0 else None,
-                                 min_confidence=float(p("min_track_confidence").value), mode=str(p("mode").value),
-                                 max_new_tokens=int(p("max_new_tokens").value), background=True)
+        stream = StreamSegmenter(self._backend, parameters.track_options(self), query=parameters.query_options(self),
+                                 background=True)
         stream.set_instruction(req.text)
         return stream
 
@@ -293,13 +290,13 @@ class LisaNode(Node):
         active_stream: StreamSegmenter | None = None
         while True:
             with self._cond:
-                job = None
+                job: tuple[_Request, _Arrival] | None = None
                 while not self._stopping:
                     req, latest = self._request, self._frame
                     if (req is not None and latest is not None and latest.seq > req.last_frame_seq
                             and latest.seq != self._bad_frame_seq):
                         rate = float(self.get_parameter("max_rate").value)
-                        tracked = req.continuous and self.get_parameter("tracker").value != "none"
+                        tracked = req.continuous and bool(self.get_parameter("track").value)
                         wait = (last_start + 1.0 / rate - time.monotonic()) if (req.continuous and rate > 0
                                                                                 and not tracked) else 0
                         if wait <= 0:
@@ -308,7 +305,7 @@ class LisaNode(Node):
                         self._cond.wait(wait)
                     else:
                         self._cond.wait(0.5)
-                if self._stopping:
+                if self._stopping or job is None:
                     if active_stream is not None:
                         active_stream.close(wait=False)
                     return
@@ -320,7 +317,7 @@ class LisaNode(Node):
             if active_stream is not None and active_stream is not req.stream:
                 active_stream.close(wait=False)  # the instruction changed or stopped: its reasoning thread ends
                 active_stream = None
-            if req.continuous and req.stream is None and self.get_parameter("tracker").value != "none":
+            if req.continuous and req.stream is None and bool(self.get_parameter("track").value):
                 req.stream = self._make_stream(req)
             active_stream = req.stream or active_stream
             last_start = time.monotonic()
@@ -355,7 +352,7 @@ class LisaNode(Node):
         log = self.get_logger()
         try:
             frame = Frame(self._decode(arrival.msg), frame_id=str(header.frame_id), stamp=header.stamp)
-        except (UnsupportedEncodingError, MalformedImageError, InvalidImageError) as exc:
+        except InvalidImageError as exc:
             log.warning(f"frame {arrival.seq} ({_describe(header)}) skipped: {exc}")
             return "bad_frame"
         frame, depth_missing = self._with_depth(frame)
@@ -369,8 +366,7 @@ class LisaNode(Node):
                     return "ok"
                 result = tracked
             else:
-                result = self._backend.segment(frame, req.text, mode=str(self.get_parameter("mode").value),
-                                               max_new_tokens=int(self.get_parameter("max_new_tokens").value))
+                result = self._backend.segment(frame, req.text, options=parameters.query_options(self))
         except InvalidImageError as exc:
             log.warning(f"frame {arrival.seq} ({_describe(header)}) skipped: {exc}")
             return "bad_frame"
@@ -381,7 +377,8 @@ class LisaNode(Node):
                     self._request = None
             return "error"
         except LisaError as exc:
-            log.warning(f"request {req.seq} failed on frame {arrival.seq}: {type(exc).__name__}: {exc}")
+            info = describe_error(exc)
+            log.warning(f"request {req.seq} failed on frame {arrival.seq}: {info.code}: {info.message}")
             return "error"
         inference_ms = (time.perf_counter() - t0) * 1000.0
         if result.depth_note:
@@ -416,7 +413,7 @@ class LisaNode(Node):
         try:
             depth = depth_to_meters_array(depth_msg)
             intrinsics, info_size = camera_info_intrinsics(info)
-        except (UnsupportedEncodingError, MalformedImageError, ValueError) as exc:
+        except LisaError as exc:
             self.get_logger().warning(f"depth unusable: {exc}", throttle_duration_sec=5.0)
             return frame, f"depth unusable: {exc}"
         size = frame.size

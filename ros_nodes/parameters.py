@@ -1,9 +1,13 @@
-"""``lisa_node``'s parameters: the node's own (topics, QoS, scheduling) and the engine's, generated from
-:class:`lisa_agent.config.EngineConfig` so the names, defaults and help are the library's.
+"""``lisa_node``'s parameters: the node's own (topics, QoS, scheduling) and the library's, generated from
+:class:`lisa_agent.config.EngineConfig` (how the model loads), :class:`lisa_agent.options.QueryOptions` (how it
+answers: ``mode``, ``max_new_tokens``, ``answer``) and :class:`lisa_agent.options.TrackOptions` (with ``track``:
+``tracker``, ``reason_every``, ``reason_period_s``, ``min_confidence``), so the names, defaults and help are the
+library's.
 
-Engine parameters are declared with dynamic typing and read back through
-:meth:`EngineConfig.from_texts`, so ``-p presence_threshold:=0.3``, ``-p cache_frames:=8`` and the
-launch file's string arguments all work. They are read-only (the model loads once).
+The library's parameters are declared with dynamic typing and read back through ``from_texts``, so
+``-p presence_threshold:=0.3``, ``-p reason_period_s:=0`` and the launch file's string arguments all work.
+The engine's are read-only (the model loads once); the query's and tracking's may change at run time
+(``ros2 param set``), checked by the same rules.
 """
 
 from __future__ import annotations
@@ -15,11 +19,10 @@ from rclpy.node import Node
 from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
 
 from lisa_agent.config import EngineConfig, engine_parameters
+from lisa_agent.errors import InvalidArgumentError, LisaError
 from lisa_agent.frames import DEPTH_TOLERANCE_S
-from lisa_agent.tracking import TRACKERS
+from lisa_agent.options import QueryOptions, TrackOptions, parameters
 
-#: Modes the node offers (reference mode is for parity tests, not robots).
-MODES = ("fast", "chat")
 CAMERA_QOS = ("best_effort", "reliable")
 
 #: The node's own parameters: name -> (default, description, read_only). Topics, QoS and the backend
@@ -33,20 +36,14 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "camera_qos": ("best_effort", "QoS of the camera subscriptions: best_effort (sensor data) or reliable", True),
     "server": ("", "model server endpoint (tcp://host:port, or http://host:8000/lisa for a Ray Serve deployment); when set, used instead of loading the model", True),
     "server_timeout": (10.0, "seconds to wait for the model server per request", True),
-    "mode": ("fast", "fast (teacher-forced answer, one pass) or chat (generated answer)", False),
-    "max_new_tokens": (32, "answer length limit in chat mode", False),
     "continuous": (False, "keep segmenting new frames with the last instruction until 'stop'", False),
     "max_rate": (5.0, "continuous mode: at most this many frames per second (0: as fast as possible)", False),
     "publish_overlay": (True, "publish ~/overlay and ~/overlay/compressed (rendered only with subscribers)", False),
     "sync_tolerance": (DEPTH_TOLERANCE_S, "seconds between colour and depth stamps still treated as the same "
                        "instant", False),
-    "tracker": ("none", "continuous mode: what gives every camera frame a mask between reasoning steps: none (only "
-                "the frames LISA looked at get one), flow (optical flow) or sam (the model's SAM); from the next "
-                "instruction", False),
-    "reason_every": (10, "with a tracker: run LISA at least every this many frames", False),
-    "reason_period_s": (0.0, "with a tracker: and at least every this many seconds (0: no time limit)", False),
-    "min_track_confidence": (0.5, "with a tracker: run LISA again when a mask's tracking confidence falls below this",
-                             False),
+    "track": (False, "continuous mode: a tracker gives every camera frame a mask between reasoning steps (tracker, "
+              "reason_every, reason_period_s, min_confidence); off: only the frames the model looked at get one; "
+              "from the next instruction", False),
     "foxglove_port": (0, "Foxglove live view (foxglove-sdk WebSocket server) on this port: the answered frames, masks "
                       "as ImageAnnotations, answers and 3D targets; instructions from Foxglove's Publish panel on "
                       "/lisa/instruction ({\"data\": \"...\"}); 0: off", True),
@@ -58,18 +55,26 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
 #: The engine's parameters, from :func:`lisa_agent.config.engine_parameters`: name -> (default, description).
 ENGINE_PARAMETERS: dict[str, tuple[Any, str]] = {name: (default, description)
                                                  for name, default, description in engine_parameters()}
+#: How the node's requests are answered (``return_logits`` is not for a topic): name -> (default, description).
+QUERY_PARAMETERS: dict[str, tuple[Any, str]] = {
+    name: (default, description) for name, default, description in parameters(QueryOptions, exclude=("return_logits",))}
+#: How masks are tracked with ``track``: name -> (default, description).
+TRACK_PARAMETERS: dict[str, tuple[Any, str]] = {
+    name: (default, description) for name, default, description in parameters(TrackOptions)}
 
 
 def declare(node: Node) -> None:
     """Declare every parameter on ``node`` and check the values it starts with (ValueError if unusable)."""
     for name, (default, description, read_only) in NODE_PARAMETERS.items():
         node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only))
-    for name, (default, description) in ENGINE_PARAMETERS.items():
-        node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=True,
-                                                                  dynamic_typing=True))
-    error = validate({name: node.get_parameter(name).value for name in NODE_PARAMETERS})
+    for table, read_only in ((ENGINE_PARAMETERS, True), (QUERY_PARAMETERS, False), (TRACK_PARAMETERS, False)):
+        for name, (default, description) in table.items():
+            node.declare_parameter(name, default, ParameterDescriptor(description=description, read_only=read_only,
+                                                                      dynamic_typing=True))
+    names = [*NODE_PARAMETERS, *QUERY_PARAMETERS, *TRACK_PARAMETERS]
+    error = validate({name: node.get_parameter(name).value for name in names})
     if error:
-        raise ValueError(error)
+        raise InvalidArgumentError(error)
     engine_config(node)  # an unusable engine option fails now, naming itself
 
 
@@ -78,26 +83,40 @@ def engine_config(node: Node) -> EngineConfig:
     return EngineConfig.from_texts({name: node.get_parameter(name).value for name in ENGINE_PARAMETERS})
 
 
+def query_options(node: Node) -> QueryOptions:
+    """The :class:`QueryOptions` the node's parameters give now."""
+    return QueryOptions.from_texts({name: node.get_parameter(name).value for name in QUERY_PARAMETERS})
+
+
+def track_options(node: Node) -> TrackOptions:
+    """The :class:`TrackOptions` the node's parameters give now."""
+    return TrackOptions.from_texts({name: node.get_parameter(name).value for name in TRACK_PARAMETERS})
+
+
+def _check(cls: Any, values: dict[str, Any]) -> str | None:
+    """An error message when ``values`` (some fields of ``cls``, as parameters give them) are unusable."""
+    if not values:
+        return None
+    try:
+        cls.from_texts(values)
+    except LisaError as exc:
+        return str(exc)
+    return None
+
+
 def validate(values: dict[str, Any]) -> str | None:
-    """An error message for unusable values of the node's own parameters, or None."""
-    if "mode" in values and values["mode"] not in MODES:
-        return f"mode must be one of {MODES}; got {values['mode']!r}"
+    """An error message for unusable values of the node's own parameters and the query's and tracking's (each
+    checked by the library's own rules), or None."""
+    for cls, table in ((QueryOptions, QUERY_PARAMETERS), (TrackOptions, TRACK_PARAMETERS)):
+        error = _check(cls, {k: v for k, v in values.items() if k in table})
+        if error:
+            return error
     if "camera_qos" in values and values["camera_qos"] not in CAMERA_QOS:
         return f"camera_qos must be one of {CAMERA_QOS}; got {values['camera_qos']!r}"
     if "max_rate" in values and not float(values["max_rate"]) >= 0:
         return f"max_rate must be >= 0 (0: unlimited); got {values['max_rate']}"
     if "sync_tolerance" in values and not float(values["sync_tolerance"]) >= 0:
         return f"sync_tolerance must be >= 0 seconds; got {values['sync_tolerance']}"
-    if "max_new_tokens" in values and int(values["max_new_tokens"]) < 1:
-        return f"max_new_tokens must be >= 1; got {values['max_new_tokens']}"
-    if "tracker" in values and values["tracker"] not in TRACKERS:
-        return f"tracker must be one of {TRACKERS}; got {values['tracker']!r}"
-    if "reason_every" in values and int(values["reason_every"]) < 1:
-        return f"reason_every must be >= 1; got {values['reason_every']}"
-    if "reason_period_s" in values and not float(values["reason_period_s"]) >= 0:
-        return f"reason_period_s must be >= 0 (0: no time limit); got {values['reason_period_s']}"
-    if "min_track_confidence" in values and not 0.0 <= float(values["min_track_confidence"]) <= 1.0:
-        return f"min_track_confidence must be in [0, 1]; got {values['min_track_confidence']}"
     if "foxglove_port" in values and not 0 <= int(values["foxglove_port"]) <= 65535:
         return f"foxglove_port must be in [0, 65535] (0: off); got {values['foxglove_port']}"
     return None

@@ -22,6 +22,7 @@ from std_msgs.msg import String
 from visualization_msgs.msg import MarkerArray
 
 from lisa_agent.frames import Stamp
+from lisa_agent.labels import answer_message, is_declined, mask_labels
 from lisa_agent.result import SegmentationResult
 
 from . import outputs
@@ -76,8 +77,6 @@ class ResultPublisher:
     def _publish_foxglove(self, result: SegmentationResult, rgb: np.ndarray, source_header: Any,
                           report: outputs.FrameReport) -> None:
         """The frame and its result on the Foxglove live view, stamped with the source frame's stamp."""
-        from lisa_agent.console.core import answer_message, is_declined, mask_labels
-
         stamp = Stamp(int(source_header.stamp.sec), int(source_header.stamp.nanosec))
         self.foxglove.publish_image(encode_jpeg(rgb), stamp, str(source_header.frame_id))
         self.foxglove.publish_result(result, mask_labels(result.text, len(result)), request=report.request,

@@ -31,7 +31,7 @@ def test_bad_queries(tiny_segmenter, query):
 
 def test_bad_options(tiny_segmenter):
     frame = random_frame(32, 32)
-    with pytest.raises(InvalidArgumentError, match="unknown mode 'slow'"):
+    with pytest.raises(InvalidArgumentError, match="mode must be one of fast, chat, reference; got 'slow'"):
         tiny_segmenter.segment(frame, "the mug", mode="slow")
     with pytest.raises(InvalidArgumentError, match="max_new_tokens"):
         tiny_segmenter.segment(frame, "the mug", mode="chat", max_new_tokens=0)

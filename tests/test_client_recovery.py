@@ -17,7 +17,7 @@ import pytest
 
 from lisa_agent import AsyncLisaClient, LisaClient
 from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
-from lisa_agent.serving.protocol import ServerUnavailableError
+from lisa_agent.errors import ServerUnavailableError
 from lisa_agent.serving.server import LisaServer
 
 SLACK_S = 5.0  # scheduling slack on a loaded 2-core CI machine; the bound itself is timeout * (retries + 1)

@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from lisa_agent.cli import build_parser
-from lisa_agent.config import EngineConfig, engine_config_from_args, flag
+from lisa_agent.config import EngineConfig, engine_config_from_args
 from lisa_agent.errors import InvalidArgumentError
+from lisa_agent.options import flag
 
 FIELDS = {f.name for f in fields(EngineConfig)}
 REPO = Path(__file__).resolve().parents[1]
@@ -130,7 +131,7 @@ def test_the_ros_node_declares_the_engine_fields_with_their_defaults():
 
 def test_the_ros_node_and_the_command_line_start_without_torch():
     """The doors translate; the engine alone picks the device (nothing in ros_nodes imports torch)."""
-    code = ("import sys; import ros_nodes.lisa_node, ros_nodes.backend; from lisa_agent.cli import build_parser; "
+    code = ("import sys; import ros_nodes.lisa_node, ros_nodes.console_source; from lisa_agent.cli import build_parser; "
             "[build_parser([c]) for c in ('segment', 'serve', 'bag', 'bench')]; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -39,12 +39,14 @@ import websockets
 from helpers import assert_result_schema
 from PIL import Image
 
-from lisa_agent.console.core import MAX_INSTRUCTION_CHARS, ConsoleCore, mask_labels
+from lisa_agent.console.core import MAX_INSTRUCTION_CHARS, ConsoleCore
 from lisa_agent.console.sources import SyntheticSource, parse_source
 from lisa_agent.console.web import ConsoleServer, is_loopback
 from lisa_agent.encoders import rle_to_mask
 from lisa_agent.errors import InvalidArgumentError
 from lisa_agent.integrations.foxglove import FoxglovePublisher
+from lisa_agent.labels import mask_labels
+from lisa_agent.options import QueryOptions
 
 QUERY = "grab something to cut with"
 ENVELOPE = {"request", "origin", "frame_seq", "labels", "declined", "message", "latency_ms", "target", "model_ms"}
@@ -273,7 +275,7 @@ def test_synthetic_source_is_the_demo_scene_slowly_moving_with_ground_truth_and_
 @pytest.fixture(scope="module")
 def tiny_console(tiny_segmenter) -> Iterator[SimpleNamespace]:
     """The console over the tiny random-weight engine and a small synthetic scene, served on loopback."""
-    core = ConsoleCore(tiny_segmenter, SyntheticSource(size=(120, 160), fps=20.0), mode="fast", model_name="tiny")
+    core = ConsoleCore(tiny_segmenter, SyntheticSource(size=(120, 160), fps=20.0), query=QueryOptions(mode="fast"), model_name="tiny")
     server = ConsoleServer(core, port=0).start_in_thread()
     core.wait_for_frame(10.0)
     try:
@@ -543,7 +545,7 @@ def live() -> Iterator[SimpleNamespace]:
 
     engine = LisaSegmenter.from_pretrained("tabletop-tiny", dtype="fp32", device="cpu")
     source = SyntheticSource()  # test scene 2: the bundled model finds the knife in it
-    core = ConsoleCore(engine, source, mode="chat", model_name="tabletop-tiny")
+    core = ConsoleCore(engine, source, query=QueryOptions(mode="chat"), model_name="tabletop-tiny")
     foxglove = FoxglovePublisher(port=0, on_instruction=lambda text: core.ask(text))
     core.add_listener(foxglove.console_listener)
     server = ConsoleServer(core, port=0).start_in_thread()
@@ -729,6 +731,10 @@ def test_console_command_serves_records_and_stops_on_ctrl_c(tiny_checkpoint, tmp
         threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()  # type: ignore[arg-type]
         port = int(url.rstrip("/").rsplit(":", 1)[1])
         server = SimpleNamespace(port=port)
+        # the page serves before the source's first frame: wait for the frame, as the page does
+        while call(server, "GET", "/api/state")[2]["counts"]["frames"] == 0:
+            assert proc.poll() is None, (lines, errors)
+            time.sleep(0.05)
         status, _, answer = call(server, "POST", "/api/instruction", {"text": "the yellow mug"})
         assert status == 200 and answer["mode"] == "fast"
         assert any(line.startswith("Foxglove: ws://127.0.0.1:") for line in lines)

@@ -9,8 +9,7 @@ import zmq.auth
 
 from lisa_agent import LisaClient
 from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
-from lisa_agent.errors import InvalidArgumentError
-from lisa_agent.serving.protocol import ServerUnavailableError
+from lisa_agent.errors import InvalidArgumentError, ServerUnavailableError
 from lisa_agent.serving.security import create_keypair
 from lisa_agent.serving.server import LisaServer
 

@@ -14,7 +14,6 @@ from lisa_agent.geometry import (
     deproject,
     depth_to_meters,
     mask_target,
-    median_depth,
     project,
 )
 
@@ -71,16 +70,18 @@ def test_depth_to_meters_units_and_invalid_pixels():
         depth_to_meters(np.zeros((2, 2), dtype=np.int32))
 
 
-def test_median_depth_ignores_holes_and_is_robust_to_edge_pixels():
+def test_target_depth_ignores_holes_and_is_robust_to_edge_pixels():
     depth = np.full((10, 10), 0.8, dtype=np.float32)
     depth[0, :] = 3.0  # mask leaks onto the background at one edge row
     depth[5, 5] = np.nan  # sensor hole
     mask = np.zeros((10, 10), dtype=bool)
     mask[0:6, 2:8] = True
-    assert median_depth(depth, mask) == pytest.approx(0.8)
-    assert median_depth(depth, np.zeros_like(mask)) is None
+    target = mask_target(depth, mask, None)
+    assert target is not None and target.depth_m == pytest.approx(0.8) and target.point is None
+    assert target.valid_pixels == 35  # the hole is not counted
+    assert mask_target(depth, np.zeros_like(mask), None) is None
     with pytest.raises(ValueError, match="same HxW"):
-        median_depth(depth, mask[:5])
+        mask_target(depth, mask[:5], None)
 
 
 def test_target_point_of_a_box_is_within_2cm_of_ground_truth():

@@ -18,9 +18,11 @@ from helpers import random_frame, teach_answer
 from lisa_agent import LisaSegmenter
 from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
 from lisa_agent.cli import main
-from lisa_agent.errors import InvalidQueryError, LimitExceededError
+from lisa_agent.errors import Code, InvalidQueryError, LimitExceededError, ProtocolError
+from lisa_agent.options import QueryOptions
 from lisa_agent.serving.client import LisaClient
-from lisa_agent.serving.protocol import Code, ProtocolError, Request, build_header, encode_depth, encode_image
+from lisa_agent.serving.codecs import encode_depth, encode_image
+from lisa_agent.serving.protocol import Request, build_header
 from lisa_agent.serving.server import LisaServer
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -94,12 +96,12 @@ def test_1_one_mask_budget_for_the_engine_and_both_servers():
     assert mask_budget(16, 1.5, 2, 480, 640) == 2  # 0.61 Mpx a mask
     assert mask_budget(16, 1.0, 1, 1080, 1920) == 0  # not even one
     req = Request(id=7, op="segment", image_spec={"format": "raw", "shape": [480, 640, 3]},
-                  options={"answer": "[SEG] [SEG] [SEG]"})
+                  query_options=QueryOptions(answer="[SEG] [SEG] [SEG]"))
     info = {"max_masks": 16, "max_mask_megapixels": 1.5, "mask_views": 2}
     with pytest.raises(ProtocolError, match="has 3 \\[SEG\\]; the model makes at most 2 masks") as exc:
         req.check_mask_budget(info)
     assert (exc.value.code, exc.value.request_id) == ("too_large", 7)
-    Request(id=8, op="segment", image_spec={"format": "jpeg"}, options={"answer": "[SEG] [SEG] [SEG]"}
+    Request(id=8, op="segment", image_spec={"format": "jpeg"}, query_options=QueryOptions(answer="[SEG] [SEG] [SEG]")
             ).check_mask_budget(info)  # size unknown before decoding: max_masks only; the engine checks again
 
 

@@ -14,11 +14,11 @@ from helpers import serve_png
 from PIL import Image
 
 from lisa_agent.commands.common import read_image
-from lisa_agent.errors import ImageTooLargeError, InvalidImageError
+from lisa_agent.errors import Code, ImageTooLargeError, InvalidImageError, ProtocolError
 from lisa_agent.images import decode_image_bytes, read_image_file
-from lisa_agent.integrations.image_messages import MalformedImageError, compressed_to_rgb
+from lisa_agent.integrations.image_messages import compressed_to_rgb
 from lisa_agent.integrations.images import ImageAccess, load_image
-from lisa_agent.serving.protocol import Code, ProtocolError, decode_image
+from lisa_agent.serving.codecs import decode_image
 
 
 def _png(image: Image.Image) -> bytes:
@@ -108,7 +108,7 @@ def test_an_oversized_image_is_refused_from_its_header_before_decoding(tmp_path)
     with pytest.raises(ProtocolError) as exc:
         decode_image({"format": "png"}, big)
     assert exc.value.code == Code.TOO_LARGE
-    with pytest.raises(MalformedImageError, match="at most"):
+    with pytest.raises(ImageTooLargeError, match="at most"):  # too_large through every reader
         compressed_to_rgb(_Msg(big), max_side=4096)
 
 

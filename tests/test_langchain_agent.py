@@ -5,10 +5,9 @@ The chat model is scripted, the rest is real: the agent binds the LISA tools, th
 checkpoint, the ToolMessage goes back to the model, and the model's final answer is built from
 the tool's text.
 
-Target check: with the tiny random checkpoint, :func:`_check_target_mask` asserts the mask the agent
-received is exactly the engine's mask for the same frame and query; with the bundled trained
-``tabletop-tiny`` model, :func:`test_agent_with_the_trained_model_gets_the_knife` asserts the mask in the
-artifact is the knife of a held-out tabletop scene (IoU with its ground truth).
+Target check: the agent runs the bundled trained ``tabletop-tiny`` model on a held-out tabletop scene, and the
+mask it received must be the knife (IoU with the rendered ground truth), exactly the engine's own mask for that
+frame and query, with the knife's box in the tool's text and in the model's final answer.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
 from lisa_agent.integrations.langchain import lisa_tools
+from lisa_agent.options import QueryOptions
 
 REQUEST = "Grab something to cut with."
 TOOL_QUERY = "something to cut with"
@@ -91,11 +91,15 @@ def _scene() -> np.ndarray:
     return img
 
 
-def _check_target_mask(mask: np.ndarray, segmenter: Any, frame: np.ndarray) -> None:
-    """The mask the agent got is the engine's answer for this frame and query (see module docstring)."""
-    expected = segmenter.segment(frame, TOOL_QUERY, mode="fast").masks[0]
-    assert mask.shape == frame.shape[:2] and mask.dtype == bool
-    np.testing.assert_array_equal(mask, expected)
+@pytest.fixture(scope="module")
+def tabletop() -> tuple[Any, np.ndarray, np.ndarray]:
+    """The bundled trained model, a held-out tabletop scene with a knife, and the knife's rendered mask."""
+    from lisa_agent import LisaSegmenter
+    from lisa_agent.data.tabletop import render_scene, split_seed
+
+    scene = render_scene(split_seed("test", 2), size=(480, 640))
+    knife = next(o.mask for o in scene.objects if o.category == "knife")
+    return LisaSegmenter.from_pretrained("tabletop-tiny", device="cpu"), scene.image, knife
 
 
 def _agent(tools: list[BaseTool]) -> tuple[Any, ScriptedToolCaller]:
@@ -108,7 +112,7 @@ def _tool_messages(messages: list[BaseMessage]) -> list[ToolMessage]:
 
 
 def _assert_grab_run(messages: list[BaseMessage], model: ScriptedToolCaller, segmenter: Any,
-                     frame: np.ndarray) -> None:
+                     frame: np.ndarray, knife: np.ndarray) -> None:
     # The agent offered both LISA tools, with the schema the model reads.
     names = {t["function"]["name"] for t in model.bound_tools}
     assert {"segment_objects", "explain_objects"} <= names
@@ -123,40 +127,40 @@ def _assert_grab_run(messages: list[BaseMessage], model: ScriptedToolCaller, seg
     assert tool_msg.status == "success" and tool_msg.tool_call_id == "call-1"
     assert tool_msg.artifact["result"]["query"] == TOOL_QUERY
 
-    # The content names the object's bbox, as the engine computed it for this frame.
+    # The mask the agent got is the knife, and exactly the engine's own answer for this frame and query.
+    (mask,) = tool_msg.artifact["masks"]
+    assert mask.shape == frame.shape[:2] and mask.dtype == bool
+    iou = float((mask & knife).sum() / (mask | knife).sum())
+    assert iou >= 0.6, f"the agent's mask is not the knife (IoU {iou:.2f})"
     expected = segmenter.segment(frame, TOOL_QUERY, mode="fast")
+    np.testing.assert_array_equal(mask, expected.masks[0])
+    # The content names the knife's bbox, as the engine computed it for this frame; the artifact carries it.
     box = "[" + ", ".join(str(v) for v in expected.instances[0].bbox) + "]"
-    if expected.instances[0].area > 0:
-        assert f"bbox [x1, y1, x2, y2] = {box}" in tool_msg.content
-    # The artifact carries the mask (array and RLE) and the box.
-    _check_target_mask(tool_msg.artifact["masks"][0], segmenter, frame)
+    assert f"bbox [x1, y1, x2, y2] = {box}" in tool_msg.content
     assert tool_msg.artifact["result"]["masks"][0]["bbox"] == list(expected.instances[0].bbox)
 
     # The model saw the tool's text and produced the final answer from it.
     assert model.transcripts[-1][-1].content == tool_msg.content
     final = messages[-1]
     assert isinstance(final, AIMessage) and not final.tool_calls
-    if expected.instances[0].area > 0:
-        assert final.content == f"I will grab the object at bbox {box} (pixels); it is what I can cut with."
-    else:  # a random-weight mask may be empty: the model is told plainly that nothing matched
-        assert final.content.startswith("I found nothing to cut with. The vision tool said: No object matched")
+    assert final.content == f"I will grab the object at bbox {box} (pixels); it is what I can cut with."
 
 
-def test_agent_grabs_something_to_cut_with(tiny_segmenter: Any) -> None:
-    frame = _scene()
-    agent, model = _agent(lisa_tools(tiny_segmenter, image_source=lambda: frame))
+def test_agent_grabs_something_to_cut_with(tabletop: tuple[Any, np.ndarray, np.ndarray]) -> None:
+    segmenter, frame, knife = tabletop
+    agent, model = _agent(lisa_tools(segmenter, image_source=lambda: frame))
     state = agent.invoke({"messages": [HumanMessage(REQUEST)]})
     messages = state["messages"]
     assert isinstance(messages[0], HumanMessage) and messages[0].content == REQUEST
-    _assert_grab_run(messages, model, tiny_segmenter, frame)
+    _assert_grab_run(messages, model, segmenter, frame, knife)
 
 
 @pytest.mark.anyio
-async def test_agent_async_loop(tiny_segmenter: Any) -> None:
-    frame = _scene()
-    agent, model = _agent(lisa_tools(tiny_segmenter, image_source=lambda: frame))
+async def test_agent_async_loop(tabletop: tuple[Any, np.ndarray, np.ndarray]) -> None:
+    segmenter, frame, knife = tabletop
+    agent, model = _agent(lisa_tools(segmenter, image_source=lambda: frame))
     state = await agent.ainvoke({"messages": [HumanMessage(REQUEST)]})
-    _assert_grab_run(state["messages"], model, tiny_segmenter, frame)
+    _assert_grab_run(state["messages"], model, segmenter, frame, knife)
 
 
 def test_agent_hears_a_tool_error_instead_of_crashing(tiny_segmenter: Any) -> None:
@@ -172,7 +176,7 @@ def test_agent_is_told_plainly_when_nothing_matches(tiny_segmenter: Any) -> None
     frame = _scene()
     # The real engine with fast mode's forced answer set to one without [SEG].
     tools = lisa_tools(tiny_segmenter, image_source=lambda: frame,
-                       segment_options={"answer": "Sorry, there is nothing to cut with."})
+                       query_options=QueryOptions(answer="Sorry, there is nothing to cut with."))
     agent, model = _agent(tools)
     state = agent.invoke({"messages": [HumanMessage(REQUEST)]})
     (tool_msg,) = _tool_messages(state["messages"])
@@ -209,23 +213,3 @@ def test_example_agent_script_runs_with_a_scripted_model(
     from PIL import Image
 
     assert Image.open(overlay).size == (frame.shape[1], frame.shape[0])
-
-
-def test_agent_with_the_trained_model_gets_the_knife() -> None:
-    """The bundled trained model, a held-out tabletop scene with a knife: the artifact's mask is the knife."""
-    from lisa_agent import LisaSegmenter
-    from lisa_agent.data.tabletop import render_scene, split_seed
-
-    scene = render_scene(split_seed("test", 2), size=(480, 640))
-    knife = next(o.mask for o in scene.objects if o.category == "knife")
-    segmenter = LisaSegmenter.from_pretrained("tabletop-tiny")
-    agent, model = _agent(lisa_tools(segmenter, image_source=lambda: scene.image))
-    state = agent.invoke({"messages": [HumanMessage(REQUEST)]})
-    (tool_msg,) = _tool_messages(state["messages"])
-    assert tool_msg.status == "success"
-    mask = tool_msg.artifact["masks"][0]
-    iou = float((mask & knife).sum() / (mask | knife).sum())
-    assert iou >= 0.6, f"the agent's mask is not the knife (IoU {iou:.2f})"
-    box = tool_msg.artifact["result"]["masks"][0]["bbox"]
-    assert f"bbox [x1, y1, x2, y2] = [{box[0]}, {box[1]}, {box[2]}, {box[3]}]" in tool_msg.content
-    assert str(box) in state["messages"][-1].content

@@ -22,6 +22,7 @@ from lisa_agent.encoders import image_to_png, rle_to_mask
 from lisa_agent.geometry import Intrinsics, Target, depth_to_meters, mask_target
 from lisa_agent.integrations.images import ImageAccess, load_image
 from lisa_agent.integrations.langchain import LisaExplainTool, LisaSegmentTool, describe_result, lisa_tools
+from lisa_agent.options import QueryOptions
 from lisa_agent.result import SegmentationResult
 
 QUERY = "something to cut with"
@@ -212,7 +213,7 @@ def test_failing_depth_source_still_gives_the_2d_answer(tiny_segmenter: Any, fra
 def test_no_match_says_so_plainly(tiny_segmenter: Any, frame: np.ndarray) -> None:
     # The engine's fast mode with a forced answer without [SEG]: the real engine, no test double.
     tool = LisaSegmentTool(backend=tiny_segmenter, image_source=lambda: frame,
-                           segment_options={"answer": "Sorry, nothing matches."})
+                           query_options=QueryOptions(answer="Sorry, nothing matches."))
     msg = _call(tool, {"query": "a unicorn"})
     assert msg.status == "success"
     assert msg.content.startswith('No object matched "a unicorn" in the newest camera frame (128x96 px)')
@@ -222,7 +223,7 @@ def test_no_match_says_so_plainly(tiny_segmenter: Any, frame: np.ndarray) -> Non
 
 def test_explain_tool_runs_chat_mode(tiny_segmenter: Any, frame: np.ndarray) -> None:
     seg_tool, explain = lisa_tools(tiny_segmenter, image_source=lambda: frame,
-                                   segment_options={"max_new_tokens": 8})
+                                   query_options=QueryOptions(max_new_tokens=8))
     assert isinstance(explain, LisaExplainTool) and explain.name == "explain_objects"
     assert seg_tool.name == "segment_objects"
     assert "mode" not in explain.tool_call_schema.model_json_schema()["properties"]
@@ -278,9 +279,9 @@ async def test_async_backend_is_awaited(tiny_segmenter: Any, frame: np.ndarray) 
         def __init__(self) -> None:
             self.calls = 0
 
-        async def segment(self, image: np.ndarray, query: str, **kw: Any) -> Any:
+        async def segment(self, image: np.ndarray, query: str, options: Any = None, **kw: Any) -> Any:
             self.calls += 1
-            return tiny_segmenter.segment(image, query, **kw)
+            return tiny_segmenter.segment(image, query, options, **kw)
 
         async def info(self) -> dict[str, Any]:
             return tiny_segmenter.info()
@@ -351,7 +352,7 @@ def test_server_down_is_reported(frame: np.ndarray) -> None:
     finally:
         client.close()
     assert msg.status == "error"
-    assert msg.content.startswith("The LISA vision model failed (unavailable)")
+    assert msg.content.startswith("Unavailable: no reply from the LISA server")  # errors.describe_error's words
     assert "retrying now will not help" in msg.content and "Traceback" not in msg.content
 
 
@@ -370,7 +371,7 @@ def test_backend_returning_garbage_is_reported(frame: np.ndarray) -> None:
 class _NullBackend:
     """A misconfigured backend (returns nothing): checks the tool's guard, not the engine."""
 
-    def segment(self, image: np.ndarray, query: str, **kw: Any) -> None:
+    def segment(self, image: np.ndarray, query: str, options: Any = None, **kw: Any) -> None:
         return None
 
     def info(self) -> dict[str, Any]:

@@ -9,23 +9,25 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lisa_agent.errors import InvalidArgumentError, InvalidImageError, InvalidQueryError
-from lisa_agent.serving.protocol import (
-    ERROR_CODES,
-    PROTOCOL_VERSION,
+from lisa_agent.errors import (
     Code,
     DeadlineExceededError,
-    Limits,
+    InvalidArgumentError,
+    InvalidImageError,
+    InvalidQueryError,
     ProtocolError,
     RemoteError,
     ServerBusyError,
     SupersededError,
+)
+from lisa_agent.errors import error_from_dict as error_from_reply
+from lisa_agent.serving.codecs import decode_image, encode_depth, encode_image
+from lisa_agent.serving.protocol import (
+    ERROR_CODES,
+    PROTOCOL_VERSION,
+    Limits,
     build_header,
-    decode_image,
-    encode_depth,
-    encode_image,
     encode_reply,
-    error_from_reply,
     parse_reply,
     parse_request,
 )
@@ -53,7 +55,7 @@ def test_valid_segment_request_round_trips_the_image():
     img = frame()
     req = parse_request(segment_frames(img, options={"mode": "chat", "max_new_tokens": 8, "frame_id": 7}))
     assert (req.id, req.op, req.query) == ("r1", "segment", "the cup")
-    assert req.options["mode"] == "chat" and req.options["max_new_tokens"] == 8
+    assert req.query_options.mode == "chat" and req.query_options.max_new_tokens == 8
     assert req.options["frame_id"] == "7" and req.options["latest_only"] is False
     out = req.image(Limits())
     np.testing.assert_array_equal(out, img)
@@ -182,7 +184,8 @@ def test_replies_and_error_mapping():
     frames = encode_reply("x", {"text": "hi"})
     assert parse_reply(frames) == {"v": PROTOCOL_VERSION, "id": "x", "ok": True, "result": {"text": "hi"}}
     err = parse_reply(encode_reply("x", error=ProtocolError(Code.QUEUE_FULL, "full")))
-    assert err["ok"] is False and err["error"] == {"code": "queue_full", "message": "full"}
+    assert err["ok"] is False and err["error"] == {"code": "queue_full", "message": "full",
+                                                   "advice": "The vision model is busy; wait a moment and call again."}
     assert isinstance(error_from_reply({"code": "invalid_image", "message": "m"}), InvalidImageError)
     assert isinstance(error_from_reply({"code": "invalid_query", "message": "m"}), InvalidQueryError)
     assert isinstance(error_from_reply({"code": "queue_full", "message": "m"}), ServerBusyError)

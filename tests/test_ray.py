@@ -40,20 +40,20 @@ from lisa_agent import AsyncLisaClient, LisaClient
 from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
 from lisa_agent.cli import main as cli_main
 from lisa_agent.config import EngineConfig
-from lisa_agent.errors import InvalidArgumentError, InvalidImageError, LisaError
-from lisa_agent.result import SegmentationResult
-from lisa_agent.serving import ray_app
-from lisa_agent.serving.http_transport import encode_http_request
-from lisa_agent.serving.protocol import (
-    ERROR_CODES,
+from lisa_agent.errors import (
     Code,
     DeadlineExceededError,
-    Limits,
+    InvalidArgumentError,
+    InvalidImageError,
+    LisaError,
     ServerBusyError,
     ServerUnavailableError,
     SupersededError,
-    build_header,
 )
+from lisa_agent.result import SegmentationResult
+from lisa_agent.serving import ray_app
+from lisa_agent.serving.http_transport import encode_http_request
+from lisa_agent.serving.protocol import ERROR_CODES, Limits, build_header
 from lisa_agent.serving.server import LisaServer
 
 pytestmark = pytest.mark.slow
@@ -315,8 +315,8 @@ def test_engine_errors_keep_their_type_and_depth_and_logits_come_back(url, engin
     with LisaClient(url, timeout=60, retries=0) as client:
         with pytest.raises(InvalidImageError, match=r"does not match.*\(server\)"):
             client.segment(frame, "x", depth=np.zeros((24, 32), np.uint16))
-        with pytest.raises(InvalidArgumentError, match="options.mode"):
-            client.segment(frame, "x", mode="psychic")
+        with pytest.raises(InvalidArgumentError, match=r"options.max_new_tokens .* on this server.*\(server\)"):
+            client.segment(frame, "x", mode="chat", max_new_tokens=2000)  # the library allows it, the server not
         with pytest.raises(InvalidArgumentError, match="forced answer"):
             client.segment(frame, "x", answer="   ")
         depth = np.full((48, 64), 800, np.uint16)
@@ -332,10 +332,10 @@ def test_engine_errors_keep_their_type_and_depth_and_logits_come_back(url, engin
 
 
 def test_ros_backend_and_langchain_tool_take_the_http_endpoint(url, engine):
+    from lisa_agent.backend import open_backend
     from lisa_agent.integrations.langchain import LisaSegmentTool
-    from ros_nodes.backend import load_backend
 
-    backend = load_backend(EngineConfig(), server=url, server_timeout=60)
+    backend = open_backend(url, config=EngineConfig(), timeout=60)  # what the ROS node and every door call
     frame = synthetic_frame(96, 128, seed=5)
     tool = LisaSegmentTool(backend=backend, image_source=lambda: frame)
     msg = tool.invoke({"name": tool.name, "args": {"query": "something to cut with"}, "id": "c1", "type": "tool_call"})

@@ -16,10 +16,10 @@ import torch
 from lisa_agent.cli import main
 from lisa_agent.data.coco_masks import decode_segmentation, mask_to_polygons, mask_to_segmentation
 from lisa_agent.data.plain_pickle import load_plain_pickle
-from lisa_agent.data.reasonseg import DatasetError, iter_samples, lisa_eval_prompt
+from lisa_agent.data.reasonseg import iter_samples, lisa_eval_prompt
 from lisa_agent.data.refcoco import ReferDataset, ReferSplit, open_refer_split, split_matches
 from lisa_agent.data.tabletop import render_scene, split_seed
-from lisa_agent.errors import UnsafePickleError
+from lisa_agent.errors import DatasetError, UnsafePickleError
 from lisa_agent.evaluation.metrics import intersection_union
 
 N_SCENES = 3

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 from rclpy.serialization import deserialize_message, serialize_message
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 
+from lisa_agent.errors import InvalidImageError
 from ros_nodes.conversions import (
     MalformedImageError,
     UnsupportedEncodingError,
@@ -222,6 +223,6 @@ def test_fuzz_compressed_images_decode_or_raise_a_named_error(data, fmt):
     msg = SimpleNamespace(format=fmt, data=data)
     try:
         out = compressed_to_rgb(msg)
-    except (UnsupportedEncodingError, MalformedImageError):
+    except InvalidImageError:  # UnsupportedEncodingError, MalformedImageError, ImageTooLargeError: all named
         return
     assert out.ndim == 3 and out.shape[2] == 3 and out.dtype == np.uint8

@@ -428,7 +428,7 @@ def test_30hz_stream_newest_frames_no_backlog_drops_counted(nodes, scene):
 
 
 def test_with_a_tracker_every_camera_frame_gets_a_mask(nodes):
-    """Continuous mode with tracker:=flow on a 10 Hz video (the synthetic tabletop video: an object slid
+    """Continuous mode with track:=true (the flow tracker) on a 10 Hz video (the synthetic tabletop video: an object slid
     across the table under a panning camera): after LISA's first answer, every camera frame gets a mask
     and a result, marked reasoned (LISA looked at it) or tracked (carried by optical flow), in order."""
     from lisa_agent.data.video import render_sequence
@@ -436,7 +436,7 @@ def test_with_a_tracker_every_camera_frame_gets_a_mask(nodes):
     probe = nodes.probe
     settle(probe)
     seq = render_sequence(20000003, n_frames=40, size=SIZE)
-    assert all(r.successful for r in _set_params(probe, "/lisa_node", continuous=True, tracker="flow",
+    assert all(r.successful for r in _set_params(probe, "/lisa_node", continuous=True, track=True, tracker="flow",
                                                  reason_every=10))
     stamps: list[tuple[int, int]] = []
     since_mask, since_result = probe.count("mask"), probe.count("result")
@@ -451,7 +451,7 @@ def test_with_a_tracker_every_camera_frame_gets_a_mask(nodes):
         time.sleep(1.0)
     finally:
         probe.say("stop")
-        _set_params(probe, "/lisa_node", continuous=False, tracker="none")
+        _set_params(probe, "/lisa_node", continuous=False, track=False)
     index = {s: i for i, s in enumerate(stamps)}
     masks = [index[(m.header.stamp.sec, m.header.stamp.nanosec)] for _, m in probe.received["mask"][since_mask:]
              if (m.header.stamp.sec, m.header.stamp.nanosec) in index]

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from ros_helpers import REPO, NodeProcess, Probe, image_msg, stamp
 
-from ros_nodes.lisa_node import ENGINE_PARAMETERS, NODE_PARAMETERS
+from ros_nodes.lisa_node import ENGINE_PARAMETERS, NODE_PARAMETERS, QUERY_PARAMETERS, TRACK_PARAMETERS
 
 pytestmark = pytest.mark.slow  # colcon build and an installed node over real DDS
 
@@ -43,8 +43,13 @@ def test_package_xml_is_format_3_ament_python_with_run_deps():
     deps = {e.text for e in root.findall("exec_depend")}
     assert {"rclpy", "sensor_msgs", "std_msgs", "geometry_msgs", "visualization_msgs", "diagnostic_msgs",
             "launch_ros"} <= deps
+    import lisa_agent
+
+    # one version (lisa_agent.__version__), read by pip (pyproject's dynamic version) and colcon (setup.py); ROS
+    # tools read package.xml's copy without running Python, so it must say the same
+    assert root.findtext("version") == lisa_agent.__version__
     pyproject = (REPO / "pyproject.toml").read_text()
-    assert f'version = "{root.findtext("version")}"' in pyproject  # one version for pip and ROS
+    assert 'dynamic = ["version"]' in pyproject and 'version = { attr = "lisa_agent.__version__" }' in pyproject
     assert (REPO / "resource" / "lisa_agent").is_file()
 
 
@@ -124,8 +129,9 @@ def test_launch_file_maps_arguments_to_node_parameters(monkeypatch, overrides, e
         assert params[key] == value, key
     # every parameter exists on the node, with the declared type (rclpy refuses a mismatch); the engine's
     # are declared with dynamic typing and take their text form
+    library = {**ENGINE_PARAMETERS, **QUERY_PARAMETERS, **TRACK_PARAMETERS}
     for key, value in params.items():
-        assert key in NODE_PARAMETERS or key in ENGINE_PARAMETERS, key
+        assert key in NODE_PARAMETERS or key in library, key
         if key in NODE_PARAMETERS:
             assert type(value) is type(NODE_PARAMETERS[key][0]), (key, value)
         else:
@@ -193,7 +199,12 @@ def test_colcon_install_tree(colcon_install):
     assert (pkg / "share" / "ament_index" / "resource_index" / "packages" / "lisa_agent").is_file()
     site = list(pkg.glob("lib/python3*/site-packages"))
     assert site and (site[0] / "ros_nodes" / "lisa_node.py").is_file()
-    assert (site[0] / "lisa_agent" / "segmenter.py").is_file()
+    assert (site[0] / "lisa_agent" / "engine" / "segmenter.py").is_file()
+    # the same package data as pip installs: the console's page and the result schema
+    for name in ("index.html", "console.js", "console.css", "favicon.svg"):
+        assert (site[0] / "lisa_agent" / "console" / "static" / name).is_file(), name
+    assert (site[0] / "lisa_agent" / "schemas" / "result.schema.json").is_file()
+    assert "lisa_agent.frame_sources" in entry_points and "ros = ros_nodes.console_source:open_ros_source" in entry_points
     assert (colcon_install / "setup.bash").is_file()
 
 
@@ -214,6 +225,42 @@ def test_ament_index_finds_the_installed_package(colcon_install, tmp_path):
     assert Path(share) == colcon_install / "lisa_agent" / "share" / "lisa_agent"
     assert Path(prefix) == colcon_install / "lisa_agent"
     assert Path(module).is_relative_to(colcon_install)  # the installed copy, not the source tree
+
+
+def test_the_installed_tree_serves_the_console_page_and_validates_a_result(colcon_install, tmp_path):
+    """A ROS install is a whole install: the console page and the result schema come from the colcon tree."""
+    script = "\n".join([
+        "import http.client, json, sys",
+        "import jsonschema",
+        "import lisa_agent, lisa_agent.result as r",
+        "from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame",
+        "from lisa_agent.console.core import ConsoleCore",
+        "from lisa_agent.console.sources import SyntheticSource",
+        "from lisa_agent.console.web import ConsoleServer",
+        "assert lisa_agent.__file__.startswith(sys.argv[1]), lisa_agent.__file__",
+        "schema = json.loads(r.RESULT_SCHEMA_PATH.read_text())",
+        "jsonschema.validate(EchoBackend().segment(synthetic_frame(64, 80), 'the cup').to_dict(), schema)",
+        "core = ConsoleCore(EchoBackend(), SyntheticSource(size=(64, 80))).start()",
+        "server = ConsoleServer(core, host='127.0.0.1', port=0)",
+        "server.start_in_thread()",
+        "try:",
+        "    conn = http.client.HTTPConnection('127.0.0.1', server.port, timeout=60)",
+        "    conn.request('GET', '/')",
+        "    page = conn.getresponse()",
+        "    body = page.read().decode()",
+        "    print(page.status, 'console.js' in body)",
+        "finally:",
+        "    server.stop_thread()",
+        "    core.close()",
+    ])
+    (tmp_path / "probe.py").write_text(script)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AMENT_PREFIX_PATH")}
+    # -I-like isolation from the source tree: the editable install of the test venv is shadowed by the colcon tree
+    # on PYTHONPATH (sourced), and the script runs outside the repository
+    out = subprocess.run(_sourced(colcon_install, f'"{sys.executable}" -P probe.py "{colcon_install}"'), cwd=tmp_path,
+                         env=env, capture_output=True, text=True, timeout=180)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["200", "True"]
 
 
 def test_installed_lisa_node_starts_and_answers(colcon_install, tiny_checkpoint, tmp_path):

@@ -18,21 +18,20 @@ from hypothesis import strategies as st
 
 from lisa_agent import AsyncLisaClient, LisaClient
 from lisa_agent.benchmarks.server import EchoBackend, synthetic_frame
-from lisa_agent.errors import InvalidArgumentError, InvalidImageError, InvalidQueryError, LisaError
-from lisa_agent.geometry import Intrinsics, mask_target
-from lisa_agent.result import SegmentationResult
-from lisa_agent.serving.protocol import (
-    ERROR_CODES,
-    PROTOCOL_VERSION,
+from lisa_agent.errors import (
     Code,
     DeadlineExceededError,
-    Limits,
+    InvalidArgumentError,
+    InvalidImageError,
+    InvalidQueryError,
+    LisaError,
     ServerBusyError,
     SupersededError,
-    build_header,
-    decode_image,
-    encode_image,
 )
+from lisa_agent.geometry import Intrinsics, mask_target
+from lisa_agent.result import SegmentationResult
+from lisa_agent.serving.codecs import decode_image, encode_image
+from lisa_agent.serving.protocol import ERROR_CODES, PROTOCOL_VERSION, Limits, build_header
 from lisa_agent.serving.security import create_keypair
 from lisa_agent.serving.server import LisaServer
 
@@ -247,8 +246,10 @@ def test_engine_errors_keep_their_type_through_the_wire(engine_server):
             client.segment(frame, "x", depth=np.zeros((24, 32), np.uint16))  # depth not aligned
         with pytest.raises(InvalidArgumentError, match="forced answer"):  # raised by the engine itself
             client.segment(frame, "x", answer="   ")
-        with pytest.raises(InvalidArgumentError, match="options.mode"):
+        with pytest.raises(InvalidArgumentError, match="mode must be one of"):  # the client's own check, the same rule
             client.segment(frame, "x", mode="psychic")
+        with pytest.raises(InvalidArgumentError, match=r"options.max_new_tokens .* on this server.*\(server\)"):
+            client.segment(frame, "x", mode="chat", max_new_tokens=2000)  # the library allows it, the server not
         assert client.health()["status"] == "ok"
 
 

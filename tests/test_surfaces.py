@@ -40,13 +40,14 @@ from lisa_agent.cli import main
 from lisa_agent.console.core import ConsoleCore
 from lisa_agent.console.sources import SyntheticSource
 from lisa_agent.console.web import ConsoleServer
-from lisa_agent.errors import ImageTooLargeError, InvalidArgumentError, InvalidQueryError
+from lisa_agent.errors import Code, ImageTooLargeError, InvalidArgumentError, InvalidQueryError
 from lisa_agent.images import decode_image_bytes
 from lisa_agent.integrations.foxglove import FoxglovePublisher
+from lisa_agent.options import QueryOptions, TrackOptions
 from lisa_agent.result import SegmentationResult
 from lisa_agent.serving.execution import TrackSessions
 from lisa_agent.serving.http_transport import encode_http_request, max_body_bytes
-from lisa_agent.serving.protocol import ERROR_CODES, Code, Limits, build_header
+from lisa_agent.serving.protocol import ERROR_CODES, Limits, build_header
 from lisa_agent.serving.server import LisaServer
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -111,7 +112,7 @@ def console_call(port: int, method: str, path: str, body: Any = None, *, raw: by
 @pytest.fixture(scope="module")
 def console(tiny_segmenter) -> Iterator[SimpleNamespace]:
     """The console over the tiny engine on loopback (the door of the issue's reproductions)."""
-    core = ConsoleCore(tiny_segmenter, SyntheticSource(size=(96, 128), fps=20.0), mode="fast", model_name="tiny")
+    core = ConsoleCore(tiny_segmenter, SyntheticSource(size=(96, 128), fps=20.0), query=QueryOptions(mode="fast"), model_name="tiny")
     server = ConsoleServer(core, port=0).start_in_thread()
     core.wait_for_frame(30.0)
     try:
@@ -425,16 +426,16 @@ def test_6_ray_refuses_a_body_on_its_content_length_before_reading_it(replica):
 def test_7_tracking_sessions_together_stay_within_a_byte_budget():
     frame = synthetic_frame(256, 256)
     probe = TrackSessions(EchoBackend())
-    probe.process("a", "s", "the cup", as_frame(frame), TRACK, mode="fast", max_new_tokens=8)
+    probe.process("a", "s", "the cup", as_frame(frame), TrackOptions(**TRACK), QueryOptions(max_new_tokens=8))
     one = probe.nbytes
     assert one >= frame.nbytes  # the frame it tracks from, at least
     sessions = TrackSessions(EchoBackend(), max_bytes=int(2.5 * one))
     for k in range(4):
-        sessions.process("a", f"cam{k}", "the cup", as_frame(frame), TRACK, mode="fast", max_new_tokens=8)
+        sessions.process("a", f"cam{k}", "the cup", as_frame(frame), TrackOptions(**TRACK), QueryOptions(max_new_tokens=8))
     assert len(sessions) == 2 and sessions.nbytes <= 2.5 * one
-    tracked = sessions.process("a", "cam3", "the cup", as_frame(frame), TRACK, mode="fast", max_new_tokens=8)
+    tracked = sessions.process("a", "cam3", "the cup", as_frame(frame), TrackOptions(**TRACK), QueryOptions(max_new_tokens=8))
     assert tracked.track is not None and tracked.track.source == "tracked"  # the newest were kept
-    first = sessions.process("a", "cam0", "the cup", as_frame(frame), TRACK, mode="fast", max_new_tokens=8)
+    first = sessions.process("a", "cam0", "the cup", as_frame(frame), TrackOptions(**TRACK), QueryOptions(max_new_tokens=8))
     assert first.track is not None and first.track.source == "reasoned"  # the oldest had gone
 
 
@@ -499,7 +500,7 @@ def _closed_by_server(sock: socket.socket, timeout: float = 60.0) -> bool:
 
 @pytest.mark.parametrize("bind", ["127.0.0.1", "0.0.0.0"])
 def test_9_the_console_closes_connections_that_never_finish_their_request_head(bind):
-    core = ConsoleCore(EchoBackend(), SyntheticSource(size=(64, 80), fps=5.0), mode="fast")
+    core = ConsoleCore(EchoBackend(), SyntheticSource(size=(64, 80), fps=5.0), query=QueryOptions(mode="fast"))
     server = ConsoleServer(core, host=bind, port=0, header_timeout_s=0.3).start_in_thread()
     try:
         slow = socket.create_connection(("127.0.0.1", server.port))
@@ -527,7 +528,7 @@ def _ws_handshake(port: int) -> socket.socket:
 
 
 def test_9_the_console_drops_a_websocket_client_that_stopped_reading():
-    core = ConsoleCore(EchoBackend(), SyntheticSource(size=(480, 640), fps=30.0), mode="fast")
+    core = ConsoleCore(EchoBackend(), SyntheticSource(size=(480, 640), fps=30.0), query=QueryOptions(mode="fast"))
     server = ConsoleServer(core, port=0, ws_send_timeout_s=0.5, ws_heartbeat_s=600).start_in_thread()
     try:
         # takes the upgrade, then never reads: the kernel's buffers fill (a few MB), then the console's
@@ -653,7 +654,8 @@ CONSOLE_CODES = {"invalid_query", "invalid_argument", "too_large", "unknown_targ
 
 @pytest.fixture(scope="module")
 def echo_console() -> Iterator[ConsoleServer]:
-    core = ConsoleCore(EchoBackend(), SyntheticSource(size=(64, 80), fps=20.0), mode="fast", tracker="none")
+    core = ConsoleCore(EchoBackend(), SyntheticSource(size=(64, 80), fps=20.0), query=QueryOptions(mode="fast"),
+                       track=TrackOptions(tracker="none"))
     server = ConsoleServer(core, port=0).start_in_thread()
     core.wait_for_frame(30.0)
     try:

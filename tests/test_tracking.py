@@ -19,6 +19,7 @@ from lisa_agent.cli import main
 from lisa_agent.data.video import list_sequences, read_sequence, render_sequence
 from lisa_agent.evaluation.video import union_iou
 from lisa_agent.frames import Frame, Stamp
+from lisa_agent.options import QueryOptions, TrackOptions
 from lisa_agent.result import SegmentationResult
 from lisa_agent.tracking import FlowTracker, HoldTracker, SamTracker, StreamSegmenter, match_order
 
@@ -103,7 +104,7 @@ def test_sam_follows_the_object_with_the_reasoning_steps_prompts(model, sequence
 
 
 def test_the_scheduler_reasons_every_k_frames_on_a_new_instruction_and_when_confidence_drops(model, sequence):
-    stream = StreamSegmenter(model, "flow", reason_every=10, min_confidence=0.5, mode="chat")
+    stream = StreamSegmenter(model, TrackOptions(reason_every=10, min_confidence=0.5), query=QueryOptions(mode="chat"))
     assert stream.process(sequence.frames[0]) is None  # no instruction yet
     stream.set_instruction(sequence.query)
     sources, results = [], []
@@ -140,7 +141,7 @@ def test_instance_identity_holds_when_two_targets_cross():
     class Scripted:
         calls = 0
 
-        def segment(self, image: Any, query: str, **kw: Any) -> SegmentationResult:
+        def segment(self, image: Any, query: str, options: Any = None, **kw: Any) -> SegmentationResult:
             frame = image if isinstance(image, Frame) else Frame(image)
             f = next(i for i, px in enumerate(seq.frames) if np.array_equal(px, frame.rgb))
             order = [1, 0] if Scripted.calls % 2 else [0, 1]
@@ -151,7 +152,7 @@ def test_instance_identity_holds_when_two_targets_cross():
         def info(self) -> dict[str, Any]:
             return {}
 
-    stream = StreamSegmenter(Scripted(), "flow", reason_every=5, min_confidence=0.0)
+    stream = StreamSegmenter(Scripted(), TrackOptions(reason_every=5, min_confidence=0.0))
     stream.set_instruction(seq.query)
     for f, pixels in enumerate(seq.frames):
         result = stream.process(pixels)
@@ -172,7 +173,7 @@ def test_match_order_keeps_the_old_order():
 
 
 def test_background_reasoning_answers_every_frame_after_the_first_step(model, sequence):
-    stream = StreamSegmenter(model, "flow", reason_every=5, background=True)
+    stream = StreamSegmenter(model, TrackOptions(reason_every=5), background=True)
     stream.set_instruction(sequence.query)
     answered = []
     try:
@@ -203,7 +204,8 @@ def test_the_server_tracks_a_stream_between_reasoning_steps(tiny_segmenter):
     """options.track: the server keeps a tracked session per stream; a new query re-seeds it."""
     import zmq
 
-    from lisa_agent.serving.protocol import build_header, encode_image
+    from lisa_agent.serving.codecs import encode_image
+    from lisa_agent.serving.protocol import build_header
     from lisa_agent.serving.server import LisaServer
 
     seq = render_sequence(SEED, n_frames=8, size=(96, 128))
@@ -244,8 +246,8 @@ def test_the_tool_answers_a_repeated_query_from_the_tracker(model, sequence):
     from lisa_agent.integrations.langchain import LisaSegmentTool
 
     frames = iter(sequence.frames)
-    tool = LisaSegmentTool(backend=model, image_source=lambda: (next(frames), None), tracker="flow",
-                           reason_every=3, reason_period_s=None)
+    tool = LisaSegmentTool(backend=model, image_source=lambda: (next(frames), None),
+                           track=TrackOptions(reason_every=3, reason_period_s=None))
 
     def call(query: str) -> ToolMessage:
         msg = tool.invoke({"name": tool.name, "args": {"query": query, "mode": "chat"}, "id": "c", "type": "tool_call"})
@@ -260,10 +262,10 @@ def test_the_tool_answers_a_repeated_query_from_the_tracker(model, sequence):
     assert fourth.artifact["result"]["track"]["source"] == "reasoned"
     other = call("the green apple")  # a new question: LISA
     assert other.artifact["result"]["track"]["source"] == "reasoned"
-    with pytest.raises(ValueError, match="tracker needs a sync backend"):
+    with pytest.raises(ValueError, match="track needs a sync backend"):
         from lisa_agent.serving.client import AsyncLisaClient
 
-        LisaSegmentTool(backend=AsyncLisaClient("tcp://127.0.0.1:9"), tracker="flow")
+        LisaSegmentTool(backend=AsyncLisaClient("tcp://127.0.0.1:9"), track=TrackOptions())
 
 
 def test_the_client_asks_the_server_to_track_its_stream(tiny_segmenter):

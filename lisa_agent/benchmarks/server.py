@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..frames import Frame, as_frame, check_query
+from ..options import QueryOptions
 from ..result import SegmentationResult
 from .process import rss_mb
 
@@ -40,9 +41,11 @@ class EchoBackend:
     def info(self) -> dict[str, Any]:
         return {"model": "echo", "dtype": "none", "device": "cpu", "quantization": None}
 
-    def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                answer: str | None = None, frame_id: str | None = None, return_logits: bool = False,
-                **_: Any) -> SegmentationResult:
+    def segment(self, image: Frame | np.ndarray, query: str, options: QueryOptions | None = None, *,
+                frame_id: str | None = None, mode: str | None = None, max_new_tokens: int | None = None,
+                answer: str | None = None, return_logits: bool | None = None) -> SegmentationResult:
+        opts = QueryOptions.of(options, mode=mode, max_new_tokens=max_new_tokens, answer=answer,
+                               return_logits=return_logits)
         frame = as_frame(image, frame_id)
         query = check_query(query)
         if self.gate is not None:
@@ -54,7 +57,7 @@ class EchoBackend:
         h, w = frame.size
         mask = np.zeros((1, h, w), dtype=bool)
         mask[0, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = True
-        return SegmentationResult.from_frame(frame, mask, [0.9], text="Sure, [SEG].", query=query, mode=mode,
+        return SegmentationResult.from_frame(frame, mask, [0.9], text="Sure, [SEG].", query=query, mode=opts.mode,
                                              timings_ms={"total": 0.0})
 
 
@@ -94,7 +97,7 @@ def measure_overhead(backend: Any, *, n: int = 30, height: int = 480, width: int
     import contextlib
 
     from ..serving.client import LisaClient
-    from ..serving.protocol import decode_image, encode_image
+    from ..serving.codecs import decode_image, encode_image
     from ..serving.server import LisaServer
 
     frame = synthetic_frame(height, width)
@@ -229,8 +232,8 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
+    from ..backend import SegmentBackend
     from ..config import add_engine_arguments, engine_config_from_args
-    from ..frames import SegmentBackend
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--echo", action="store_true", help="serve the model-free EchoBackend (transport cost only)")

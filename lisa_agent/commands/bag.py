@@ -7,7 +7,8 @@ from pathlib import Path
 
 from ..config import add_engine_arguments
 from ..errors import InvalidArgumentError
-from .common import check_writable, load_segmenter
+from ..options import add_query_arguments
+from .common import check_writable
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,8 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="output bag folder (must not exist)")
     parser.add_argument("--server", default="",
                         help="model server endpoint instead of --model (tcp://host:port, or a Ray Serve deployment's "
-                             "http://host:8000/lisa)")
-    parser.add_argument("--mode", default="fast", choices=["fast", "chat"])
+                             "http://host:8000/lisa; --model takes one too)")
     parser.add_argument("--prefix", default="/lisa", help="namespace of the written topics (default /lisa)")
     parser.add_argument("--every", type=int, default=1, help="segment every N-th frame (default 1)")
     parser.add_argument("--max-frames", type=int, default=None, help="stop after this many segmented frames")
@@ -28,12 +28,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-overlay", action="store_true", help="do not write <prefix>/overlay")
     parser.add_argument("--copy-input", action="store_true",
                         help="copy every input topic into the output too, so it plays back on its own")
+    add_query_arguments(parser, exclude=("return_logits",))
     add_engine_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..frames import SegmentBackend
+    from ..backend import open_backend
+    from ..config import engine_config_from_args
     from ..integrations.bagtool import process_bag
+    from ..options import query_options_from_args
 
     # what can fail fast fails before a model loads
     if not Path(args.input).exists():
@@ -41,15 +44,11 @@ def run(args: argparse.Namespace) -> int:
     if Path(args.out).exists():
         raise InvalidArgumentError(f"output {args.out} already exists; choose a new path (rosbag2 never overwrites)")
     check_writable(Path(args.out) / "metadata.yaml", "--out")
-    backend: SegmentBackend
-    if args.server:
-        from ..serving.client import LisaClient
-
-        backend = LisaClient(args.server)
-    else:
-        backend = load_segmenter(args)
+    options = query_options_from_args(args)
+    config = engine_config_from_args(args)
+    backend = open_backend(args.server or config.model, config=config)
     report = process_bag(args.input, args.out, image_topic=args.image_topic, query=args.query, backend=backend,
-                         mode=args.mode, prefix=args.prefix, overlay=not args.no_overlay, every=args.every,
+                         options=options, prefix=args.prefix, overlay=not args.no_overlay, every=args.every,
                          max_frames=args.max_frames, storage=args.storage, copy_input=args.copy_input)
     print(report.summary())
     for line in report.skipped[:20]:

@@ -17,10 +17,11 @@ import asyncio
 import os
 import signal
 import sys
-from typing import Any
 
 from ..config import add_engine_arguments
-from ..errors import InvalidArgumentError
+from ..console import CONSOLE_QUERY_DEFAULTS
+from ..errors import DependencyError, InvalidArgumentError
+from ..options import add_query_arguments, add_track_arguments
 
 
 def _size(text: str) -> tuple[int, int]:
@@ -74,18 +75,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="allow a non-loopback --foxglove-bind (no authentication: trusted networks only)")
     parser.add_argument("--record", default=None, metavar="FILE",
                         help="record the session (frames, masks, answers, targets, instructions) to this MCAP file")
-    parser.add_argument("--mode", default="chat", choices=["chat", "fast"],
-                        help="the page's initial mode: chat (default: the model words its answer, naming what it "
-                             "segments) or fast (teacher-forced 'Sure, [SEG].', one pass)")
-    parser.add_argument("--max-new-tokens", type=int, default=48, help="answer length limit in chat mode (default 48)")
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate of the synthetic source (default 10)")
     parser.add_argument("--size", type=_size, default=(480, 640), help="synthetic frame size HxW (default 480x640)")
-    parser.add_argument("--tracker", default="flow", choices=["flow", "none"],
-                        help="what carries an answer's masks to the frames after it (and, with the continuous "
-                             "switch on, between LISA's reasoning steps): flow (optical flow) or none (held still) "
-                             "(default flow)")
-    parser.add_argument("--reason-every", type=int, default=50,
-                        help="continuous switch: LISA answers again at least every this many frames (default 50)")
+    add_query_arguments(parser, exclude=("return_logits", "answer"), defaults=CONSOLE_QUERY_DEFAULTS)
+    add_track_arguments(parser)
     add_engine_arguments(parser)
 
 
@@ -96,23 +89,24 @@ def _endpoint(args: argparse.Namespace, kind: str, arg: str) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..console.core import ConsoleCore, ConsoleError
+    from ..backend import is_server_address, open_backend
+    from ..config import engine_config_from_args
+    from ..console.core import ConsoleCore
     from ..console.sources import open_source, parse_source
-    from .common import check_writable, load_segmenter
+    from ..options import query_options_from_args, track_options_from_args
+    from .common import check_writable
 
     kind, arg = parse_source(args.source)  # a bad --source fails before any model loads
     endpoint = _endpoint(args, kind, arg)
     check_writable(args.record, "--record")
-    if not 1 <= args.max_new_tokens <= 1024:
-        raise InvalidArgumentError(f"--max-new-tokens must be in [1, 1024]; got {args.max_new_tokens}")
-    if args.reason_every < 1:
-        raise InvalidArgumentError(f"--reason-every must be >= 1; got {args.reason_every}")
+    query, track = query_options_from_args(args), track_options_from_args(args)
+    config = engine_config_from_args(args)
     try:
         from ..console.web import ConsoleServer, check_access
         if args.foxglove_port is not None or args.record:
             from ..integrations.foxglove import FoxglovePublisher, check_foxglove_bind
     except ImportError as exc:
-        raise ConsoleError(f"the console needs its extra: pip install 'lisa-agent[console]' ({exc})") from None
+        raise DependencyError(f"the console needs its extra: pip install 'lisa-agent[console]' ({exc})") from None
     # everything that can be refused is refused before a model loads (minutes for a 7B model)
     check_access(args.bind, args.port, args.token, listen=True)
     if args.foxglove_port is not None:
@@ -121,20 +115,14 @@ def run(args: argparse.Namespace) -> int:
         check_foxglove_bind(args.foxglove_port, args.foxglove_bind, insecure=args.insecure)
         check_listen(args.foxglove_bind, args.foxglove_port, "--foxglove-bind")
 
-    backend: Any
-    if endpoint:
-        try:
-            from ..serving.client import LisaClient
-        except ImportError as exc:
-            raise ConsoleError(f"a model server needs pip install 'lisa-agent[server]' ({exc})") from None
-        backend = LisaClient(endpoint, timeout=args.server_timeout)
-        model_name = f"model server {endpoint}"
-    else:
-        backend = load_segmenter(args)
-        model_name = f"model {args.engine_model}"
+    address = endpoint or config.model
+    try:
+        backend = open_backend(address, config=config, timeout=args.server_timeout)
+    except ImportError as exc:
+        raise DependencyError(f"a model server needs pip install 'lisa-agent[server]' ({exc})") from None
+    model_name = f"model server {address}" if is_server_address(address) else f"model {address}"
     source = open_source(args.source, fps=args.fps, size=args.size)
-    core = ConsoleCore(backend, source, mode=args.mode, max_new_tokens=args.max_new_tokens, tracker=args.tracker,
-                       reason_every=args.reason_every, model_name=model_name)
+    core = ConsoleCore(backend, source, query=query, track=track, model_name=model_name)
     server = ConsoleServer(core, host=args.bind, port=args.port, token=args.token)
     foxglove = None
     try:

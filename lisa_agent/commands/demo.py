@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 
 from ..config import add_engine_arguments
+from ..options import add_query_arguments, query_options_from_args
 from .common import check_writable, load_segmenter, write_image
 
 DEFAULT_QUERY = "grab something to cut with"
 DEFAULT_SEED = 2
+#: The demo's query options where they differ from the library's: the model writes its answer, naming what it
+#: segments (the bundled model is also weaker with the forced answer).
+DEMO_QUERY_DEFAULTS = {"mode": "chat"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,12 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"scene number in the held-out test range (default {DEFAULT_SEED}: a scene the bundled "
                              "model gets right; others show its failures too, see its model card)")
     parser.add_argument("--size", default="480x640", help="frame size HxW (default 480x640)")
-    parser.add_argument("--mode", default="chat", choices=["fast", "chat"],
-                        help="chat (default): the model writes its answer, naming what it segments; "
-                             "fast: teacher-forced 'Sure, [SEG].' (the bundled model is weaker there)")
     parser.add_argument("--out", default="overlay.png", help="overlay PNG to write (default overlay.png)")
     parser.add_argument("--image-out", default=None, help="also write the plain rendered frame here")
     parser.add_argument("--json", action="store_true", help="print the segment --json object")
+    add_query_arguments(parser, exclude=("return_logits", "answer"), defaults=DEMO_QUERY_DEFAULTS)
     add_engine_arguments(parser)
 
 
@@ -41,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     scene = render_scene(split_seed("test", args.seed), size=(h, w))
     seg = load_segmenter(args)
     frame = Frame(scene.image, frame_id=f"tabletop test scene {args.seed}")
-    result = seg.segment(frame, args.query, mode=args.mode, max_new_tokens=48)
+    result = seg.segment(frame, args.query, query_options_from_args(args))
     if args.image_out:
         write_image(args.image_out, scene.image)
     objects = ", ".join(o.name() for o in scene.objects)

@@ -10,6 +10,7 @@ import numpy as np
 
 from ..config import add_engine_arguments
 from ..frames import Frame
+from ..options import add_query_arguments, query_options_from_args
 from ..result import SegmentationResult
 from .common import check_writable, load_segmenter, read_image, write_image
 
@@ -18,12 +19,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_engine_arguments(parser)
     parser.add_argument("--image", required=True, help="image file (any format Pillow reads)")
     parser.add_argument("--query", required=True, help='instruction, e.g. "grab something to cut with"')
-    parser.add_argument("--mode", default="fast", choices=["fast", "chat", "reference"])
-    parser.add_argument("--max-new-tokens", type=int, default=32)
-    parser.add_argument("--answer", default=None, help='forced answer for fast mode (default "Sure, [SEG].")')
     parser.add_argument("--out", default=None, help="write an overlay PNG here")
     parser.add_argument("--mask-out", default=None, help="write the label mask PNG here (k+1 for mask k)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    add_query_arguments(parser, exclude=("return_logits",))
 
 
 def run(args: argparse.Namespace) -> int:
@@ -32,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     image = read_image(args.image)
     seg = load_segmenter(args)
     frame = Frame(image, frame_id=Path(args.image).name)
-    result = seg.segment(frame, args.query, mode=args.mode, max_new_tokens=args.max_new_tokens, answer=args.answer)
+    result = seg.segment(frame, args.query, query_options_from_args(args))
     report(result, image, args)
     return 0
 

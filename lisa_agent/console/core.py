@@ -16,226 +16,38 @@ from __future__ import annotations
 import concurrent.futures
 import logging
 import math
-import re
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import InvalidArgumentError, InvalidQueryError, LimitExceededError, LisaError
-from ..frames import Frame, SegmentBackend, check_query
-from ..integrations.image_messages import encode_jpeg
-from ..result import SegmentationResult
+from ..backend import SegmentBackend
+from ..errors import (
+    DeadlineExceededError,
+    InvalidArgumentError,
+    InvalidQueryError,
+    NoFrameError,
+    ServerBusyError,
+    ShuttingDownError,
+    SupersededError,
+    UnknownTargetError,
+    describe_error,
+)
+from ..frames import check_query
+from ..images import encode_jpeg
+from ..labels import mask_labels
+from ..options import INTERACTIVE_MODES, QueryOptions, TrackOptions
+from ..tracking import Follower, StreamSegmenter, make_tracker
+from . import CONSOLE_QUERY_DEFAULTS
+from .answers import Answer, FrameEvent, SerialBackend
 from .sources import FrameSource, SourceFrame
 
 log = logging.getLogger("lisa_agent.console")
 
-#: Modes the console offers (``reference`` is for parity tests, not operators).
-MODES = ("fast", "chat")
-#: Trackers the continuous switch may use (``sam`` needs the in-process engine's internals; not offered).
-CONSOLE_TRACKERS = ("flow", "none")
 #: Longest instruction accepted (characters).
 MAX_INSTRUCTION_CHARS = 2000
 #: Most instructions waiting for the model at once; more are refused as busy.
 MAX_PENDING = 8
-
-
-class ConsoleError(LisaError):
-    """A request the console cannot carry out; ``code`` names the kind (also the API's error code)."""
-
-    code = "console_error"
-
-
-class NoFrameError(ConsoleError):
-    """No frame has arrived from the source yet."""
-
-    code = "no_frame"
-
-
-class UnknownTargetError(ConsoleError):
-    """The chosen target is not a mask of the last answer."""
-
-    code = "unknown_target"
-
-
-class BusyError(ConsoleError):
-    """Too many instructions are already waiting for the model."""
-
-    code = "busy"
-
-
-class SupersededError(ConsoleError):
-    """A newer instruction replaced this one before the model answered it (continuous mode)."""
-
-    code = "superseded"
-
-
-class ModelFailedError(ConsoleError):
-    """The model (or the model server) failed on this instruction; the message says how."""
-
-    code = "model_error"
-
-
-@dataclass(frozen=True)
-class FrameEvent:
-    """A frame as the console hands it to listeners: the source's number, the frame, its JPEG bytes."""
-
-    seq: int
-    frame: Frame
-    jpeg: bytes
-
-
-@dataclass
-class Answer:
-    """One answer the console shows: the model's result for one frame and the console's envelope.
-
-    Attributes:
-        request: the instruction's number (1, 2, ...); continuous answers carry their instruction's.
-        origin: ``instruction`` (LISA answered this instruction on this frame) or ``continuous`` (a
-            frame of the continuous stream: reasoned or tracked, see ``result.track``).
-        frame_seq: the source's number of the frame the masks are for.
-        frame: that frame.
-        result: the engine's result.
-        labels: a short name per mask, from the answer's words before each ``[SEG]`` (``mask k`` when
-            the answer names nothing, as in fast mode).
-        latency_ms: instruction: from the request's arrival to the answer; continuous: from the frame's
-            arrival to its masks.
-        model_ms: the model's own time for the reasoning step these masks come from (``timings_ms`` of a
-            tracked frame are the tracker's).
-    """
-
-    request: int
-    origin: str
-    frame_seq: int
-    frame: Frame
-    result: SegmentationResult
-    labels: list[str]
-    latency_ms: float
-    model_ms: float | None = None
-    created: float = field(default_factory=time.time)
-
-    @property
-    def declined(self) -> bool:
-        """The model said no: an answer starting "Sorry" with no mask (the presence gate's refusal)."""
-        return is_declined(self.result)
-
-    @property
-    def message(self) -> str | None:
-        """What the page shows beside the answer when there is no mask to show, else None."""
-        return answer_message(self.result)
-
-    def to_dict(self, target: int | None = None, include_rle: bool = True) -> dict[str, Any]:
-        """The result schema (``SegmentationResult.to_dict``) plus the console's envelope keys."""
-        out = self.result.to_dict(include_rle=include_rle)
-        out.update({"request": self.request, "origin": self.origin, "frame_seq": self.frame_seq,
-                    "labels": list(self.labels), "declined": self.declined, "message": self.message,
-                    "latency_ms": round(float(self.latency_ms), 1), "target": target,
-                    "model_ms": None if self.model_ms is None else round(float(self.model_ms), 1)})
-        return out
-
-
-_GENERIC = re.compile(r"^(sure|yes|ok|okay|it|it is|this is|here it is|here is|there|the|a|an|)$", re.IGNORECASE)
-_LEAD = re.compile(r"^(?:sure|yes|ok|okay)\b[\s,.!]*|^(?:it is|this is|here is|that is|here's)\s+", re.IGNORECASE)
-_ARTICLE = re.compile(r"^(?:the|a|an)\s+", re.IGNORECASE)
-
-
-def is_declined(result: SegmentationResult) -> bool:
-    """The model said no: an answer starting "Sorry" with no mask (the presence gate's refusal)."""
-    return not len(result) and result.text.strip().lower().startswith("sorry")
-
-
-def answer_message(result: SegmentationResult) -> str | None:
-    """What to tell an operator beside an answer without a mask (a refusal, or nothing pointed at); else None."""
-    if is_declined(result):
-        return f"The model declined: {result.text.strip()}"
-    if not len(result):
-        return "The answer has no mask: the model pointed at nothing."
-    return None
-
-
-def error_code(exc: BaseException) -> str:
-    """The API's error code of an exception: ``invalid_query``, ``invalid_argument``, ``too_large``, a
-    :class:`ConsoleError`'s own code, else ``model_error``."""
-    if isinstance(exc, ConsoleError):
-        return exc.code
-    if isinstance(exc, InvalidQueryError):
-        return "invalid_query"
-    if isinstance(exc, LimitExceededError):
-        return "too_large"
-    if isinstance(exc, (InvalidArgumentError, ValueError)):
-        return "invalid_argument"
-    return ModelFailedError.code
-
-
-def mask_labels(text: str, count: int) -> list[str]:
-    """A short label per mask from the answer's words before each ``[SEG]``: "Sure, the knife [SEG] ."
-    gives ``["knife"]``; "the mug [SEG] and the spoon [SEG]" ``["mug", "spoon"]``; "Sure, [SEG]."
-    ``["mask 1"]``."""
-    pieces = str(text).split("[SEG]")
-    labels = []
-    for k in range(count):
-        chunk = pieces[k] if k < len(pieces) else ""
-        clause = re.split(r"[,;:.!?]|\band\b", chunk)[-1].strip() if chunk.strip() else ""
-        for _ in range(3):
-            clause = _ARTICLE.sub("", _LEAD.sub("", clause).strip()).strip()
-        clause = " ".join(clause.split())
-        if _GENERIC.match(clause) or "segmentation" in clause.lower() or len(clause) > 48:
-            clause = f"mask {k + 1}"
-        labels.append(clause)
-    return labels
-
-
-class _SerialBackend:
-    """The model with one call at a time (the engine is not re-entrant; a ZeroMQ socket neither)."""
-
-    def __init__(self, backend: SegmentBackend, lock: threading.Lock) -> None:
-        self.backend = backend
-        self.lock = lock
-        #: ``timings_ms["total"]`` of the last call (the continuous stream's reasoning steps report it)
-        self.last_total_ms: float | None = None
-
-    def segment(self, image: Any, query: str, **kwargs: Any) -> SegmentationResult:
-        with self.lock:
-            result = self.backend.segment(image, query, **kwargs)
-            self.last_total_ms = result.timings_ms.get("total")
-            return result
-
-    def info(self) -> dict[str, Any]:
-        return self.backend.info()
-
-
-class _Follower:
-    """Carries one answer's masks to the frames after it with a tracker, without asking LISA again (so the
-    masks stay on their objects while the camera moves); the answer's text, labels and scores are kept."""
-
-    def __init__(self, tracker: str, request: int, frame: Frame, result: SegmentationResult, labels: list[str]) -> None:
-        from ..tracking import make_tracker
-
-        self.tracker = make_tracker(tracker)
-        self.tracker.start(frame, result)
-        self.request, self.frame, self.result, self.labels = request, frame, result, labels
-        self.frames = 0
-        self.started = time.monotonic()
-
-    def follow(self, frame: Frame) -> SegmentationResult:
-        """The answer's masks carried to ``frame`` (``track.source`` is ``tracked``)."""
-        from ..tracking import TrackInfo
-
-        t0 = time.perf_counter()
-        masks, confidence = self.tracker.update(frame)
-        ms = (time.perf_counter() - t0) * 1000.0
-        self.frames += 1
-        seed = self.frame.stamp
-        age = (frame.stamp.ns - seed.ns) / 1e9 if seed is not None and frame.stamp is not None \
-            else time.monotonic() - self.started
-        info = TrackInfo("tracked", self.tracker.name, self.frames, max(0.0, age), tuple(float(c) for c in confidence),
-                         None if seed is None else seed.to_dict())
-        r = self.result
-        return SegmentationResult.from_frame(
-            frame, masks, [inst.score for inst in r.instances], text=r.text, query=r.query, mode=r.mode,
-            prompt=r.prompt, input_ids=r.input_ids, output_ids=r.output_ids, cached=False,
-            timings_ms={"track": ms, "total": ms}, track=info)
 
 
 Listener = Callable[[str, Any], None]
@@ -247,10 +59,10 @@ class ConsoleCore:
     Args:
         backend: the model (:class:`~lisa_agent.engine.segmenter.LisaSegmenter` or a ``LisaClient``).
         source: where frames come from.
-        mode: the default mode of instructions that name none (``fast`` or ``chat``).
-        max_new_tokens: answer length limit in chat mode.
-        tracker: what carries masks between reasoning steps with the continuous switch on (``flow``, ``none``).
-        reason_every: with the switch on, LISA runs at least every this many frames.
+        query: how instructions are answered (:class:`~lisa_agent.options.QueryOptions`; an instruction may name
+            its own mode); default: the library's, in chat mode (:data:`CONSOLE_QUERY_DEFAULTS`).
+        track: when the continuous switch reasons again and what carries the masks in between, and what keeps
+            the last answer's masks on their objects with the switch off (:class:`~lisa_agent.options.TrackOptions`).
         jpeg_quality: of the frames sent to the page and Foxglove.
         answer_timeout_s: how long an instruction waits for its answer (continuous mode) before failing.
         model_name: shown on the page.
@@ -264,23 +76,17 @@ class ConsoleCore:
     "message"}``).
     """
 
-    def __init__(self, backend: SegmentBackend, source: FrameSource, *, mode: str = "chat", max_new_tokens: int = 48,
-                 tracker: str = "flow", reason_every: int = 50, jpeg_quality: int = 80, answer_timeout_s: float = 600.0,
+    def __init__(self, backend: SegmentBackend, source: FrameSource, *, query: QueryOptions | None = None,
+                 track: TrackOptions | None = None, jpeg_quality: int = 80, answer_timeout_s: float = 600.0,
                  model_name: str = "") -> None:
-        if mode not in MODES:
-            raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        if tracker not in CONSOLE_TRACKERS:
-            raise InvalidArgumentError(f"tracker must be one of {', '.join(CONSOLE_TRACKERS)}; got {tracker!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or not 1 <= max_new_tokens <= 1024:
-            raise InvalidArgumentError(f"max_new_tokens must be a whole number in [1, 1024]; got {max_new_tokens!r}")
+        self.query = query if query is not None else QueryOptions().replace(**CONSOLE_QUERY_DEFAULTS)
+        if self.query.mode not in INTERACTIVE_MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(INTERACTIVE_MODES)}; got {self.query.mode!r}")
+        self.track = track or TrackOptions()
         if not 1 <= int(jpeg_quality) <= 100:
             raise InvalidArgumentError(f"jpeg_quality must be in [1, 100]; got {jpeg_quality!r}")
-        self.backend = _SerialBackend(backend, threading.Lock())
+        self.backend = SerialBackend(backend, threading.Lock())
         self.source = source
-        self.mode = mode
-        self.max_new_tokens = max_new_tokens
-        self.tracker = tracker
-        self.reason_every = int(reason_every)
         self.jpeg_quality = int(jpeg_quality)
         self.answer_timeout_s = float(answer_timeout_s)
         self.model_name = model_name
@@ -299,7 +105,8 @@ class ConsoleCore:
         self._stream: Any = None  # a StreamSegmenter while the continuous switch is on with an instruction
         self._stream_request = 0
         self._stream_mark: tuple[Any, int] | None = None  # (reasoned_stamp, age_frames) of its last result
-        self._follower: _Follower | None = None  # carries the last answer's masks when no stream runs
+        #: the last answer and the follower carrying its masks when no stream runs
+        self._follower: tuple[Follower, Answer] | None = None
         #: instructions waiting for the stream's first answer: request -> (future, when it was asked)
         self._waiters: dict[int, tuple[concurrent.futures.Future[Answer], float]] = {}
         self._counts = {"frames": 0, "requests": 0, "answers": 0, "errors": 0}
@@ -327,7 +134,7 @@ class ConsoleCore:
             stream.close(wait=False)
         for waiter, _ in waiters.values():
             if not waiter.done():
-                waiter.set_exception(ConsoleError("the console is shutting down"))
+                waiter.set_exception(ShuttingDownError("the console is shutting down"))
         self.source.close()
 
     def add_listener(self, listener: Listener) -> None:
@@ -391,85 +198,89 @@ class ConsoleCore:
             if stream is not None and self._advance_stream(stream, got, arrived):
                 continue
             if follower is not None:
-                self._advance_follower(follower, got, arrived)
+                self._advance_follower(*follower, got, arrived)
 
     # ------------------------------------------------------------------ instructions
-    @staticmethod
-    def check_instruction(text: object, mode: object = None) -> tuple[str, str | None]:
-        """The instruction's stripped text and mode, or InvalidQueryError / InvalidArgumentError."""
+    def check_instruction(self, text: object, mode: object = None) -> tuple[str, QueryOptions]:
+        """The instruction's text (stripped, spaces collapsed) and the query options it is answered with (its own
+        ``mode`` when it names one), or InvalidQueryError / InvalidArgumentError."""
         if not isinstance(text, str):
             raise InvalidQueryError(f"text must be a string; got {type(text).__name__}")
         if len(text) > MAX_INSTRUCTION_CHARS:
             raise InvalidQueryError(f"instruction is {len(text)} characters; at most {MAX_INSTRUCTION_CHARS}")
         if not text.strip():
             raise InvalidQueryError("instruction is empty: say what to look for, e.g. 'grab something to cut with'")
-        if mode is not None and mode not in MODES:
-            raise InvalidArgumentError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
-        return " ".join(check_query(text).split()), None if mode is None else str(mode)
+        if mode is not None and mode not in INTERACTIVE_MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(INTERACTIVE_MODES)}; got {mode!r:.50}")
+        return " ".join(check_query(text).split()), QueryOptions.of(self.query, mode=None if mode is None else str(mode))
 
     def ask(self, text: str, mode: str | None = None) -> Answer:
         """Answer ``text`` on the newest frame (blocking; run it off any event loop).
 
         With the continuous switch on, the instruction re-seeds the stream and this returns the stream's
-        first answer to it. Raises InvalidQueryError / InvalidArgumentError (bad input), NoFrameError,
-        BusyError, SupersededError, ModelFailedError (one line saying what failed).
+        first answer to it. Raises a :class:`~lisa_agent.errors.LisaError` (InvalidQueryError /
+        InvalidArgumentError for bad input, NoFrameError, ServerBusyError, SupersededError,
+        DeadlineExceededError) or the model's own failure, after telling the listeners.
         """
-        text, chosen = self.check_instruction(text, mode)
-        mode = chosen or self.mode
+        text, query = self.check_instruction(text, mode)
         latest = self.latest_frame()
         if latest is None:
             raise NoFrameError(f"no frame from {self.source_name} yet; try again in a moment")
         t0 = time.perf_counter()
         with self._lock:
             if self._pending >= MAX_PENDING:
-                raise BusyError(f"{self._pending} instructions are already waiting for the model; try again later")
+                raise ServerBusyError(f"{self._pending} instructions are already waiting for the model; try again "
+                                      "later")
             self._request += 1
             request = self._request
             self._counts["requests"] += 1
             self._pending += 1
-            self._instruction, self.mode = text, mode
+            self._instruction, self.query = text, query
             self._target = None
             waiter = self._restart_stream(request, t0) if self._continuous else None
-        self._emit("instruction", {"request": request, "text": text, "mode": mode})
+        self._emit("instruction", {"request": request, "text": text, "mode": query.mode})
         self._emit("state", self.state(include_result=False))
         try:
             if waiter is not None:
                 try:
                     return waiter.result(timeout=self.answer_timeout_s)
                 except concurrent.futures.TimeoutError:
-                    raise ModelFailedError(f"no answer within {self.answer_timeout_s:g} s") from None
+                    raise self._fail(request, DeadlineExceededError(f"no answer within {self.answer_timeout_s:g} s")) \
+                        from None
             try:
-                result = self.backend.segment(latest.frame, text, mode=mode, max_new_tokens=self.max_new_tokens)
-            except (InvalidQueryError, InvalidArgumentError, LimitExceededError) as exc:
-                self._fail(request, error_code(exc), str(exc))
-                raise
-            except LisaError as exc:
-                raise self._fail(request, ModelFailedError.code, f"{type(exc).__name__}: {exc}") from exc
-            except Exception as exc:  # a model bug must not take the console down
-                log.exception("model failed on request %d", request)
-                raise self._fail(request, ModelFailedError.code, f"{type(exc).__name__}: {exc}") from exc
+                result = self.backend.segment(latest.frame, text, options=query)
+            except Exception as exc:  # told to the listeners; a model bug must not take the console down
+                if not describe_error(exc).caller_fault:
+                    log.warning("model failed on request %d: %s", request, describe_error(exc).message)
+                raise self._fail(request, exc) from None
             labels = mask_labels(result.text, len(result))
             answer = Answer(request, "instruction", latest.seq, latest.frame, result, labels,
                             (time.perf_counter() - t0) * 1000.0, result.timings_ms.get("total"))
             self._publish(answer)
-            follower = _Follower(self.tracker, request, latest.frame, result, labels) if len(result) else None
             with self._lock:
                 if self._request == request and self._stream is None:  # the newest: its masks are the ones to follow
-                    self._follower = follower
+                    self._follower = self._follow(answer)
             return answer
         finally:
             with self._lock:
                 self._pending -= 1
             self._emit("state", self.state(include_result=False))
 
-    def _fail(self, request: int, code: str, message: str) -> ModelFailedError:
-        message = " ".join(message.split())[:1000]
-        error = {"request": request, "code": code, "message": message}
+    def _follow(self, answer: Answer) -> tuple[Follower, Answer] | None:
+        """A follower that keeps ``answer``'s masks on their objects on later frames (None without masks)."""
+        if not len(answer.result):
+            return None
+        return Follower(make_tracker(self.track.tracker, self.backend.backend), answer.frame, answer.result), answer
+
+    def _fail(self, request: int, exc: BaseException) -> BaseException:
+        """Tell the listeners that ``request`` failed with ``exc``; returns ``exc`` to raise."""
+        info = describe_error(exc)
+        error = {"request": request, "code": info.code, "message": " ".join(info.message.split())[:1000]}
         with self._lock:
             self._error = error
             self._counts["errors"] += 1
         self._emit("error", error)
-        return ModelFailedError(message)
+        return exc
 
     def _publish(self, answer: Answer) -> None:
         with self._lock:
@@ -495,26 +306,22 @@ class ConsoleCore:
                 self._restart_stream(self._request, time.perf_counter())
             if not on and self._stream is not None:
                 self._end_stream()
-                last = self._last
-                if last is not None and len(last.result):  # keep its masks on their objects
-                    self._follower = _Follower(self.tracker, last.request, last.frame, last.result, last.labels)
+                if self._last is not None:  # keep its masks on their objects
+                    self._follower = self._follow(self._last)
         self._emit("state", self.state(include_result=False))
         return self.state()
 
     def _restart_stream(self, request: int, asked_at: float) -> concurrent.futures.Future[Answer]:
         """(Lock held.) A new stream for the current instruction; returns the future of its first answer."""
-        from ..tracking import StreamSegmenter
-
         self._end_stream(SupersededError(f"instruction {request} replaced this one"))
-        stream = StreamSegmenter(self.backend, self.tracker, reason_every=max(1, self.reason_every),
-                                 mode=self.mode, max_new_tokens=self.max_new_tokens, background=True)
+        stream = StreamSegmenter(self.backend, self.track, query=self.query, background=True)
         stream.set_instruction(self._instruction)
         self._stream, self._stream_request, self._stream_mark = stream, request, None
         waiter: concurrent.futures.Future[Answer] = concurrent.futures.Future()
         self._waiters[request] = (waiter, asked_at)
         return waiter
 
-    def _end_stream(self, reason: ConsoleError | None = None) -> None:
+    def _end_stream(self, reason: Exception | None = None) -> None:
         """(Lock held.) Stop the stream; instructions still waiting for it fail with ``reason``."""
         stream, self._stream = self._stream, None
         if stream is not None:
@@ -524,19 +331,19 @@ class ConsoleCore:
             if not waiter.done():
                 waiter.set_exception(reason or SupersededError("the continuous switch was turned off"))
 
-    def _advance_follower(self, follower: _Follower, got: SourceFrame, arrived: float) -> None:
+    def _advance_follower(self, follower: Follower, answer: Answer, got: SourceFrame, arrived: float) -> None:
         """Carry the last answer's masks to this frame and publish them."""
         try:
             result = follower.follow(got.frame)
         except Exception as exc:  # a tracker failure ends the following, never the console
             log.warning("tracking stopped: %s", exc)
             with self._lock:
-                if self._follower is follower:
+                if self._follower is not None and self._follower[0] is follower:
                     self._follower = None
             return
         latency = (time.perf_counter() - arrived) * 1000.0
-        self._publish(Answer(follower.request, "tracked", got.seq, got.frame, result, follower.labels, latency,
-                             follower.result.timings_ms.get("total")))
+        self._publish(Answer(answer.request, "tracked", got.seq, got.frame, result, answer.labels, latency,
+                             answer.result.timings_ms.get("total")))
 
     def _advance_stream(self, stream: Any, got: SourceFrame, arrived: float) -> bool:
         """Give the stream this frame and publish its masks (True when it had some); the first reasoning step
@@ -551,11 +358,9 @@ class ConsoleCore:
                     self._stream = None
                     stream.close(wait=False)
                 waiting = self._waiters.pop(request, None)
-            error: Exception = self._fail(request, error_code(exc), f"continuous: {type(exc).__name__}: {exc}")
-            if isinstance(exc, (InvalidQueryError, InvalidArgumentError, LimitExceededError)):
-                error = exc  # the instruction's fault: the API answers 400, not 500
+            self._fail(request, exc)
             if waiting is not None and not waiting[0].done():
-                waiting[0].set_exception(error)
+                waiting[0].set_exception(exc)
             return False
         if result is None:
             return False
@@ -630,17 +435,13 @@ class ConsoleCore:
         with self._lock:
             answer, counts = self._last, dict(self._counts)
             out: dict[str, Any] = {
-                "instruction": self._instruction, "mode": self.mode, "continuous": self._continuous,
+                "instruction": self._instruction, "mode": self.query.mode, "continuous": self._continuous,
                 "busy": self._pending > 0, "request": self._request, "error": self._error,
                 "source": self.source_name, "model": self.model_name, "counts": counts,
-                "limits": {"max_instruction_chars": MAX_INSTRUCTION_CHARS, "modes": list(MODES)},
+                "limits": {"max_instruction_chars": MAX_INSTRUCTION_CHARS, "modes": list(INTERACTIVE_MODES)},
             }
         target = self.target()
         out["target"] = target
         if include_result:
             out["last_result"] = None if answer is None else answer.to_dict(None if target is None else target["index"])
         return out
-
-    def last_answer(self) -> Answer | None:
-        with self._lock:
-            return self._last

@@ -12,13 +12,13 @@ machine, and :meth:`SyntheticSource.ground_truth` gives every object's visible m
 Frame 0 is exactly the tabletop scene of ``lisa-agent demo`` (test scene 2 by default) plus sensor noise.
 
 ``ros:TOPIC`` reads a sensor_msgs Image (or CompressedImage when the topic ends in ``/compressed``)
-through :class:`ros_nodes.camera_source.RosCameraSource`, imported only when that source is chosen: this
-package itself never imports ROS.
+through the frame source the ROS side provides (:data:`SOURCE_ENTRY_POINTS`: ``ros_nodes`` registers
+``ros = ros_nodes.console_source:open_ros_source``, by pip and by colcon alike); this package itself never
+imports ROS, by any means.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
 import threading
@@ -26,12 +26,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
 
-from ..errors import InvalidArgumentError, LisaError
+from ..errors import InvalidArgumentError, SourceError
 from ..frames import Frame, Stamp
 from ..geometry import Intrinsics
 
@@ -45,8 +45,9 @@ TABLE_DEPTH_M = 0.75
 OBJECT_HEIGHT_M = 0.03
 
 
-class SourceError(LisaError):
-    """A frame source cannot be opened or read (no such camera, an unreadable video file, no rclpy)."""
+#: The entry-point group through which other packages provide frame sources (``name = module:factory``, the
+#: factory taking the source's argument, e.g. the topic of ``ros:TOPIC``, and returning a :class:`FrameSource`).
+SOURCE_ENTRY_POINTS = "lisa_agent.frame_sources"
 
 
 @dataclass(frozen=True)
@@ -268,42 +269,6 @@ class CaptureSource:
         self._cap.release()
 
 
-class RosTopicSource:
-    """A ROS 2 image topic through :class:`ros_nodes.camera_source.RosCameraSource` (needs rclpy)."""
-
-    def __init__(self, topic: str) -> None:
-        try:
-            module: Any = importlib.import_module("ros_nodes.camera_source")
-        except ImportError as exc:
-            raise SourceError(f"--source ros:{topic} needs rclpy and the ROS message packages (a ROS 2 distro, "
-                              f"or pip install lisa-agent[ros]): {exc}") from None
-        self.topic = topic
-        self._camera = module.RosCameraSource(topic, compressed=topic.rstrip("/").endswith("/compressed"))
-        self._taken = 0
-
-    def read(self, timeout: float = 1.0) -> SourceFrame | None:
-        deadline = time.monotonic() + timeout
-        while self._camera.frames_received <= self._taken:
-            if time.monotonic() >= deadline:
-                return None
-            time.sleep(0.005)
-        self._taken = self._camera.frames_received
-        try:
-            latest = self._camera.latest_frame()
-        except ValueError:  # an undecodable frame: skip it
-            return None
-        if latest is None:
-            return None
-        frame = Frame(latest.image, frame_id=latest.frame_id or None, stamp=Stamp(latest.sec, latest.nanosec))
-        return SourceFrame(self._taken - 1, frame)
-
-    def describe(self) -> str:
-        return f"ROS 2 topic {self.topic}"
-
-    def close(self) -> None:
-        self._camera.close()
-
-
 def parse_source(spec: str) -> tuple[str, str]:
     """``(kind, argument)`` of a ``--source`` value, or InvalidArgumentError naming the accepted forms."""
     text = str(spec).strip()
@@ -337,4 +302,20 @@ def open_source(spec: str, *, fps: float = 10.0, size: tuple[int, int] = DEFAULT
         return CaptureSource(int(arg))
     if kind == "video":
         return CaptureSource(os.path.expanduser(arg))
-    return RosTopicSource(arg)
+    return _provided_source(kind, arg)
+
+
+def _provided_source(kind: str, arg: str) -> FrameSource:
+    """The source another package provides for ``kind`` (an entry point of :data:`SOURCE_ENTRY_POINTS`)."""
+    from importlib.metadata import entry_points
+
+    found = [ep for ep in entry_points(group=SOURCE_ENTRY_POINTS) if ep.name == kind]
+    if not found:
+        raise SourceError(f"--source {kind}:{arg} needs the package that provides {kind!r} frame sources (for ros: "
+                          "lisa-agent's ros_nodes, installed with pip install 'lisa-agent[ros]' or colcon, and rclpy)")
+    try:
+        factory = found[0].load()
+    except ImportError as exc:
+        raise SourceError(f"--source {kind}:{arg} cannot load its provider {found[0].value}: {exc}") from None
+    source: FrameSource = factory(arg)
+    return source

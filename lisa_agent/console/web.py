@@ -40,21 +40,20 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ..errors import InvalidArgumentError, LisaError
+from ..errors import (
+    Code,
+    InvalidArgumentError,
+    LisaError,
+    NoFrameError,
+    UnknownTargetError,
+    code_info,
+    describe_error,
+)
 from ..serving.gate import reset_connection
 from ..serving.protocol import json_loads
 from ..serving.security import check_listen, is_loopback_host, refuse_browser_request
-from .core import (
-    MAX_PENDING,
-    Answer,
-    BusyError,
-    ConsoleCore,
-    FrameEvent,
-    NoFrameError,
-    SupersededError,
-    UnknownTargetError,
-    error_code,
-)
+from .answers import Answer, FrameEvent
+from .core import MAX_PENDING, ConsoleCore
 
 log = logging.getLogger("lisa_agent.console")
 
@@ -76,17 +75,18 @@ _SECURITY_HEADERS = {
 }
 _CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; "
         "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-_STATUS = {"invalid_query": 400, "invalid_argument": 400, "too_large": 413, "unknown_target": 404, "no_frame": 503,
-           "busy": 429, "superseded": 409}
 
 
 #: ``localhost`` and loopback addresses: the serving layer's rule (:func:`~lisa_agent.serving.security.is_loopback_host`).
 is_loopback = is_loopback_host
 
 
-def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": code, "message": " ".join(str(message).split())[:2000]}},
-                             status=status, headers=_SECURITY_HEADERS)
+def _error(code: str, message: str, advice: str | None = None) -> web.Response:
+    """The API's error reply: ``{"error": {"code", "message", "advice"}}`` with the code's HTTP status."""
+    info = code_info(code)
+    return web.json_response({"error": {"code": code, "message": " ".join(str(message).split())[:2000],
+                                        "advice": info.advice if advice is None else advice}},
+                             status=info.status, headers=_SECURITY_HEADERS)
 
 
 def _dumps(payload: Any) -> str:
@@ -212,16 +212,16 @@ class ConsoleServer:
         except web.HTTPException as exc:
             if exc.status < 400:
                 raise
-            code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(exc.status, "http_error")
-            return _error(exc.status, code, exc.text or exc.reason)
-        except (LisaError, ValueError) as exc:
-            code = error_code(exc)
-            return _error(_STATUS.get(code, 500), code, str(exc))
+            code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED, 413: Code.TOO_LARGE}.get(exc.status,
+                                                                                                   Code.BAD_REQUEST)
+            return _error(code, exc.text or exc.reason)
         except (ConnectionError, asyncio.CancelledError):
             raise
-        except Exception as exc:  # a bug: answer, log, keep serving
-            log.exception("console: %s %s failed", request.method, request.path)
-            return _error(500, "internal", f"{type(exc).__name__}: {exc}")
+        except Exception as exc:  # the model's failure or a bug: answer, log, keep serving
+            if not isinstance(exc, LisaError):
+                log.exception("console: %s %s failed", request.method, request.path)
+            info = describe_error(exc)
+            return _error(info.code, info.message, info.advice)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -230,12 +230,12 @@ class ConsoleServer:
                                          request.headers.get("Content-Type"), check_host=not self.require_token,
                                          hosts=[self.host])
         if refusal is not None:
-            return _error(refusal.status, refusal.code, refusal.message)
+            return _error(refusal.code, refusal.message)
         from_query = False
         if self.require_token:
             offered = self._offered_token(request)
             if offered is None or not hmac.compare_digest(offered.encode(), str(self.token).encode()):
-                return _error(401, "unauthorized", "this console needs its access token: open the URL printed at "
+                return _error(Code.UNAUTHORIZED, "this console needs its access token: open the URL printed at "
                               "its start (…/?token=…) or send 'Authorization: Bearer TOKEN'")
             from_query = request.query.get("token") is not None
         response = await handler(request)
@@ -263,7 +263,7 @@ class ConsoleServer:
     def _asset(self, name: str) -> web.StreamResponse:
         kind = ASSETS.get(name)
         if kind is None:
-            return _error(404, "not_found", f"no asset {name!r}")
+            return _error(Code.NOT_FOUND, f"no asset {name!r}")
         body = (STATIC_DIR / name).read_bytes()
         headers = {**_SECURITY_HEADERS, "Content-Security-Policy": _CSP, "Cache-Control": "no-cache"}
         return web.Response(body=body, content_type=kind, charset="utf-8" if kind.startswith("text/") else None,
@@ -300,8 +300,9 @@ class ConsoleServer:
         self._only(body, {"text", "mode"})
         if "text" not in body:
             raise InvalidArgumentError('the body needs "text": the instruction, e.g. "grab something to cut with"')
-        text, mode = self.core.check_instruction(body["text"], body.get("mode"))
-        answer: Answer = await asyncio.get_running_loop().run_in_executor(self._pool, self.core.ask, text, mode)
+        self.core.check_instruction(body["text"], body.get("mode"))  # refused here, before a worker is taken
+        answer: Answer = await asyncio.get_running_loop().run_in_executor(self._pool, self.core.ask, body["text"],
+                                                                          body.get("mode"))
         target = self.core.target()
         return web.json_response(answer.to_dict(None if target is None or target["request"] != answer.request
                                                 else target["index"]), dumps=_dumps, headers=_SECURITY_HEADERS)
@@ -486,4 +487,4 @@ class ConsoleServer:
             self._thread = None
 
 
-__all__ = ["ConsoleServer", "check_access", "is_loopback", "STATIC_DIR", "BusyError", "SupersededError"]
+__all__ = ["ConsoleServer", "check_access", "is_loopback", "STATIC_DIR"]

@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import DatasetError
+
 #: Segmentation encodings :func:`mask_to_segmentation` writes.
 SEGMENTATION_FORMATS = ("polygon", "rle")
-
-
-class SegmentationFormatError(ValueError):
-    """An annotation's ``segmentation`` is neither polygons nor RLE."""
 
 
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
@@ -37,18 +35,18 @@ def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarra
     if isinstance(segmentation, dict):
         segmentation = [segmentation]
     if not isinstance(segmentation, list | tuple):
-        raise SegmentationFormatError(f"segmentation must be a list or an RLE dict, got {type(segmentation).__name__}")
+        raise DatasetError(f"segmentation must be a list or an RLE dict, got {type(segmentation).__name__}")
     if len(segmentation) == 0:
         return np.zeros((h, w), np.uint8)
     if all(isinstance(p, list | tuple) for p in segmentation):
         polygons = [[float(v) for v in p] for p in segmentation]
         if any(len(p) < 6 or len(p) % 2 for p in polygons):
-            raise SegmentationFormatError("a polygon needs an even number (at least 6) of coordinates")
+            raise DatasetError("a polygon needs an even number (at least 6) of coordinates")
         rles = mask_utils.frPyObjects(polygons, h, w)
     elif all(isinstance(p, dict) for p in segmentation):
         rles = [_rle(p, h, w) for p in segmentation]
     else:
-        raise SegmentationFormatError("segmentation mixes polygons and RLE, or holds neither")
+        raise DatasetError("segmentation mixes polygons and RLE, or holds neither")
     parts = mask_utils.decode(rles)  # H x W x K uint8
     return np.ascontiguousarray(parts.sum(axis=2), dtype=np.uint8)
 
@@ -59,15 +57,15 @@ def _rle(part: dict, h: int, w: int) -> dict:
     try:
         size, counts = [int(v) for v in part["size"]], part["counts"]
     except (KeyError, TypeError, ValueError) as exc:
-        raise SegmentationFormatError(f"an RLE part needs 'size' [h, w] and 'counts' ({exc!r})") from exc
+        raise DatasetError(f"an RLE part needs 'size' [h, w] and 'counts' ({exc!r})") from exc
     if size != [h, w]:
-        raise SegmentationFormatError(f"RLE size {size} differs from the image's {[h, w]}")
+        raise DatasetError(f"RLE size {size} differs from the image's {[h, w]}")
     if isinstance(counts, list):  # uncompressed (COCO's iscrowd form)
         return mask_utils.frPyObjects({"size": size, "counts": counts}, h, w)
     if isinstance(counts, str):
         counts = counts.encode("ascii")
     if not isinstance(counts, bytes):
-        raise SegmentationFormatError(f"RLE counts must be a string or a list, got {type(counts).__name__}")
+        raise DatasetError(f"RLE counts must be a string or a list, got {type(counts).__name__}")
     return {"size": size, "counts": counts}
 
 

@@ -41,7 +41,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from ..errors import LisaError
+from ..errors import DatasetError
 from .queries import QuerySample
 from .silhouettes import fill_polygons
 from .tabletop import Scene
@@ -49,12 +49,6 @@ from .tabletop import Scene
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 EXTRA_KEY = "lisa_agent"
 FORMAT_VERSION = 1
-
-
-class DatasetError(LisaError):
-    """A dataset folder or file is missing or malformed."""
-
-    code = "invalid_dataset"
 
 
 def lisa_eval_prompt(text: str, is_sentence: bool) -> str:

@@ -38,11 +38,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import UnsafePickleError
-from .coco_masks import SegmentationFormatError, decode_segmentation, mask_to_segmentation
+from ..errors import DatasetError, UnsafePickleError
+from .coco_masks import decode_segmentation, mask_to_segmentation
 from .plain_pickle import load_plain_pickle
 from .queries import QuerySample
-from .reasonseg import DatasetError, Query, Sample, load_image, load_json, save_image
+from .reasonseg import Query, Sample, load_image, load_json, save_image
 from .tabletop import CATEGORIES, Scene
 
 _MSCOCO = "images/mscoco/images/train2014"
@@ -208,7 +208,7 @@ class ReferDataset:
         ann = self.anns[int(ann_id)]
         try:
             return decode_segmentation(ann.get("segmentation", []), *self._size(int(ann["image_id"])))
-        except SegmentationFormatError as exc:
+        except DatasetError as exc:
             raise DatasetError(f"{self.instances_path}: annotation {ann_id}: {exc}") from exc
 
     def _size(self, image_id: int) -> tuple[int, int]:

@@ -16,8 +16,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from ..errors import InvalidArgumentError
+from ..frames import IMAGE_TOKEN
 
-IMAGE_TOKEN = "<image>"
 IM_START = "<im_start>"
 IM_END = "<im_end>"
 SEG_TOKEN = "[SEG]"

@@ -51,9 +51,10 @@ from typing import Any, TypedDict
 import numpy as np
 import torch
 
-from ..config import MASK_TTA_VIEWS, MODES, EngineConfig, mask_budget
+from ..config import MASK_TTA_VIEWS, EngineConfig, mask_budget
 from ..errors import InvalidArgumentError, InvalidQueryError, LimitExceededError
 from ..frames import Frame, as_frame, check_query
+from ..options import MODES, QueryOptions, check_answer
 from ..result import SegmentationResult
 from .acceleration import CompiledEncoders, GraphCapturer, GraphedStages, StaticDecoder, bucket
 from .features import FeatureCache, FrameFeatures, frame_digest, mirror, mirrored_views
@@ -435,9 +436,9 @@ class LisaSegmenter:
             return (logits > 0).cpu().numpy(), scores.cpu().numpy().astype(np.float32)
 
     # ------------------------------------------------------------------ public queries
-    def segment(self, image: ImageInput, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                answer: str | None = None, frame_id: str | None = None,
-                return_logits: bool = False) -> SegmentationResult:
+    def segment(self, image: ImageInput, query: str, options: QueryOptions | None = None, *,
+                frame_id: str | None = None, mode: str | None = None, max_new_tokens: int | None = None,
+                answer: str | None = None, return_logits: bool | None = None) -> SegmentationResult:
         """Answer ``query`` about ``image`` and segment what the answer's ``[SEG]`` tokens point at.
 
         Args:
@@ -445,21 +446,21 @@ class LisaSegmenter:
                 targets), an HxWx3 uint8 RGB array, or a :class:`~lisa_agent.engine.features.FrameFeatures`
                 handle from :meth:`encode`.
             query: the instruction, e.g. "grab something to cut with".
-            mode: ``fast`` (teacher-forced ``answer``), ``chat`` (greedy, KV cache) or ``reference``.
-            max_new_tokens: generation limit for ``chat`` / ``reference``.
-            answer: forced answer for ``fast`` (default ``"Sure, [SEG]."``; ``"[SEG]."`` as LISA's eval).
+            options: how to answer (:class:`~lisa_agent.options.QueryOptions`: ``mode`` ``fast`` (teacher-forced
+                ``answer``, default ``"Sure, [SEG]."``), ``chat`` (greedy, KV cache) or ``reference``;
+                ``max_new_tokens``; ``return_logits``: also float32 mask logits (N x H x W) and the decoder
+                prompts (N x D)); None: the defaults.
             frame_id: the frame's name, carried into the result (replaces a Frame's own).
-            return_logits: also return float32 mask logits (N x H x W) and the decoder prompts (N x D).
+            mode, max_new_tokens, answer, return_logits: change single ``options`` fields.
         """
-        if mode not in MODES:
-            raise InvalidArgumentError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
-        if mode == "fast":
-            return self.segment_batch(image, [query], answers=None if answer is None else [answer],
-                                      frame_id=frame_id, return_logits=return_logits)[0]
+        opts = QueryOptions.of(options, mode=mode, max_new_tokens=max_new_tokens, answer=answer,
+                               return_logits=return_logits)
+        if opts.mode == "fast":
+            return self.segment_batch(image, [query], answers=None if opts.answer is None else [opts.answer],
+                                      frame_id=frame_id, return_logits=opts.return_logits)[0]
         query = check_query(query)
-        _check_max_new_tokens(max_new_tokens)
         feats, timings, cached = self._features(image, frame_id)
-        return self._generate(feats, timings, cached, query, (), mode, max_new_tokens, return_logits)
+        return self._generate(feats, timings, cached, query, (), opts.mode, opts.max_new_tokens, opts.return_logits)
 
     def segment_batch(self, image: ImageInput, queries: Sequence[str], *, answers: Sequence[str] | None = None,
                       frame_id: str | None = None, return_logits: bool = False) -> list[SegmentationResult]:
@@ -467,12 +468,9 @@ class LisaSegmenter:
         if isinstance(queries, str) or not len(queries):
             raise InvalidQueryError("queries must be a non-empty list of strings")
         texts = [check_query(q) for q in queries]
-        answers = [DEFAULT_ANSWER] * len(texts) if answers is None else list(answers)
+        answers = [DEFAULT_ANSWER] * len(texts) if answers is None else [check_answer(a) for a in answers]
         if len(answers) != len(texts):
             raise InvalidArgumentError(f"{len(answers)} answers for {len(texts)} queries")
-        for a in answers:
-            if not isinstance(a, str) or not a.strip():
-                raise InvalidArgumentError("a forced answer must be a non-empty string, e.g. 'Sure, [SEG].'")
         feats, timings, cached = self._features(image, frame_id)
         with self._lock, torch.inference_mode(), self._on_device():
             return self._forced(feats, timings, cached, texts, answers, return_logits)
@@ -481,14 +479,15 @@ class LisaSegmenter:
         """A new multi-turn conversation about ``image`` (features computed now and kept by the conversation)."""
         return Conversation(self._features(image, frame_id)[0])
 
-    def chat(self, conversation: Conversation, query: str, *, max_new_tokens: int = 64,
-             return_logits: bool = False) -> SegmentationResult:
-        """One more turn of ``conversation`` (greedy, KV cache); the answer is appended to its history."""
+    def chat(self, conversation: Conversation, query: str, options: QueryOptions | None = None, *,
+             max_new_tokens: int | None = None, return_logits: bool | None = None) -> SegmentationResult:
+        """One more turn of ``conversation`` (greedy, KV cache; ``options.mode`` is ignored); the answer is
+        appended to its history."""
+        opts = QueryOptions.of(options, max_new_tokens=max_new_tokens, return_logits=return_logits)
         query = check_query(query)
-        _check_max_new_tokens(max_new_tokens)
         feats, timings, cached = self._features(conversation.features)
-        result = self._generate(feats, timings, cached, query, tuple(conversation.history), "chat", max_new_tokens,
-                                return_logits)
+        result = self._generate(feats, timings, cached, query, tuple(conversation.history), "chat", opts.max_new_tokens,
+                                opts.return_logits)
         conversation.history.append((query, result.text))
         return result
 
@@ -704,8 +703,3 @@ def _check_gate(gate: dict[str, Any] | None) -> dict[str, Any] | None:
     if not isinstance(prefix, str) or not prefix.strip() or SEG_TOKEN in prefix:
         raise InvalidArgumentError(f"decline_prefix must be non-empty text without [SEG]; got {prefix!r}")
     return {"threshold": float(threshold), "decline_prefix": prefix.strip()}
-
-
-def _check_max_new_tokens(n: int) -> None:
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1 or n > 4096:
-        raise InvalidArgumentError(f"max_new_tokens must be an integer in [1, 4096]; got {n!r}")

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ..backend import SegmentBackend
 from ..data.video import VideoSequence, read_sequence
-from ..frames import Frame, SegmentBackend, Stamp
+from ..frames import Frame, Stamp
+from ..options import QueryOptions, TrackOptions
 from ..tracking import StreamSegmenter
 
 #: Frames per second the sequences stand for (their frames are stamped f / FPS seconds).
@@ -32,19 +34,19 @@ def union_iou(pred: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if union == 0 else int((p & t).sum()) / union
 
 
-def evaluate_video(backend: SegmentBackend, sequences: Iterable[VideoSequence | str | Path], *, tracker: str = "flow",
-                   reason_every: int = 10, min_confidence: float = 0.5, mode: str = "fast",
-                   max_new_tokens: int = 32) -> dict[str, Any]:
-    """``{"mean_iou", "ms_per_frame", "lisa_calls", "frames", "tracker", "reason_every", "per_sequence": [...]}``.
+def evaluate_video(backend: SegmentBackend, sequences: Iterable[VideoSequence | str | Path],
+                   track: TrackOptions | None = None, *, query: QueryOptions | None = None) -> dict[str, Any]:
+    """``{"mean_iou", "ms_per_frame", "lisa_calls", "frames", "tracker", "reason_every", "per_sequence": [...]}``
+    through each sequence with a :class:`~lisa_agent.tracking.StreamSegmenter` of ``track`` and ``query``.
 
     ``mean_iou`` averages the sequences' mean frame IoUs; ``ms_per_frame`` is the wall time of every
     frame's call (reasoning steps included) over all frames."""
+    track = track or TrackOptions()
     per_sequence = []
     total_ms, total_frames, total_calls = 0.0, 0, 0
     for item in sequences:
         seq = item if isinstance(item, VideoSequence) else read_sequence(item)
-        stream = StreamSegmenter(backend, tracker, reason_every=reason_every, min_confidence=min_confidence,
-                                 mode=mode, max_new_tokens=max_new_tokens)
+        stream = StreamSegmenter(backend, track, query=query)
         stream.set_instruction(seq.query)
         ious, sources = [], []
         t0 = time.perf_counter()
@@ -63,5 +65,5 @@ def evaluate_video(backend: SegmentBackend, sequences: Iterable[VideoSequence | 
                              "tracked_frames": sources.count("tracked")})
     return {"mean_iou": round(float(np.mean([s["mean_iou"] for s in per_sequence])), 4) if per_sequence else 0.0,
             "ms_per_frame": round(total_ms / max(total_frames, 1), 2), "lisa_calls": total_calls,
-            "frames": total_frames, "tracker": tracker, "reason_every": reason_every,
-            "min_confidence": min_confidence, "per_sequence": per_sequence}
+            "frames": total_frames, "tracker": track.tracker, "reason_every": track.reason_every,
+            "min_confidence": track.min_confidence, "per_sequence": per_sequence}

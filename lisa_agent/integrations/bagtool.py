@@ -20,8 +20,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
+from ..backend import SegmentBackend
 from ..errors import InvalidArgumentError, LisaError
-from ..frames import Frame, SegmentBackend, Stamp
+from ..frames import Frame, Stamp
+from ..options import QueryOptions
 
 if TYPE_CHECKING:
     from rosbags.typesys.stores.latest import sensor_msgs__msg__CompressedImage, sensor_msgs__msg__Image
@@ -64,13 +66,14 @@ def _input_storage(path: Path) -> str:
 
 
 def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, query: str, backend: SegmentBackend,
-                mode: str = "fast", prefix: str = "/lisa", overlay: bool = True, every: int = 1,
+                options: QueryOptions | None = None, prefix: str = "/lisa", overlay: bool = True, every: int = 1,
                 max_frames: int | None = None, storage: str | None = None, copy_input: bool = False,
                 progress: Callable[[int, Any], None] | None = None) -> BagReport:
     """Segment every ``every``-th frame of ``image_topic`` in the bag at ``in_path``; write ``out_path``.
 
     Args:
-        backend: the model: a ``LisaSegmenter`` or a ``LisaClient``.
+        backend: the model (any :class:`~lisa_agent.backend.SegmentBackend`).
+        options: how it answers (:class:`~lisa_agent.options.QueryOptions`; None: the defaults).
         storage: ``sqlite3`` or ``mcap`` for the output (default: the input's).
         copy_input: also copy every input topic (raw) into the output, so it plays back alone.
         progress: called with (frame index, result) after each segmented frame.
@@ -154,7 +157,7 @@ def process_bag(in_path: str | Path, out_path: str | Path, *, image_topic: str, 
                 t0 = time.perf_counter()
                 try:
                     frame = Frame(rgb, frame_id=str(header.frame_id), stamp=Stamp.of(header.stamp))
-                    result = backend.segment(frame, query, mode=mode)
+                    result = backend.segment(frame, query, options=options)
                 except LisaError as exc:
                     report.skipped.append(f"frame {index}: {exc}")
                     continue

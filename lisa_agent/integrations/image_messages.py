@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidArgumentError, MalformedImageError, UnsupportedEncodingError
+
 #: encoding -> (numpy dtype, channels)
 ENCODINGS: dict[str, tuple[np.dtype, int]] = {
     "rgb8": (np.dtype(np.uint8), 3),
@@ -36,14 +38,6 @@ ENCODINGS: dict[str, tuple[np.dtype, int]] = {
 }
 COLOR_ENCODINGS = ("rgb8", "bgr8", "rgba8", "bgra8", "mono8")
 DEPTH_ENCODINGS = ("16UC1", "mono16", "32FC1")
-
-
-class UnsupportedEncodingError(ValueError):
-    """The image encoding is not one this node can read (see ``COLOR_ENCODINGS``/``DEPTH_ENCODINGS``)."""
-
-
-class MalformedImageError(ValueError):
-    """The message's size fields disagree with its data (short buffer, step too small, zero size)."""
 
 
 def image_to_array(msg: Any) -> np.ndarray:
@@ -104,7 +98,7 @@ def compressed_to_rgb(msg: Any, *, max_side: int | None = None) -> np.ndarray:
     Raises:
         UnsupportedEncodingError: the bytes do not decode as an image (or are a compressed depth
             stream, which this node does not read).
-        MalformedImageError: the image is larger than ``max_side``.
+        ImageTooLargeError: the image is larger than ``max_side`` (code ``too_large``, as through every door).
     """
     from ..errors import ImageTooLargeError, InvalidImageError
     from ..frames import MAX_SIDE
@@ -117,8 +111,8 @@ def compressed_to_rgb(msg: Any, *, max_side: int | None = None) -> np.ndarray:
     label = f"compressed image ({fmt or 'unknown format'}, {len(data)} bytes)"
     try:
         return decode_image_bytes(data, max_side=MAX_SIDE if max_side is None else max_side, exif=False, label=label)
-    except ImageTooLargeError as exc:
-        raise MalformedImageError(str(exc)) from None
+    except ImageTooLargeError:
+        raise
     except InvalidImageError:
         raise UnsupportedEncodingError(f"{label} does not decode as an image (JPEG, PNG, ...)") from None
 
@@ -159,7 +153,7 @@ def image_fields(array: np.ndarray, encoding: str) -> dict[str, Any]:
     array = np.asarray(array)
     expected_ndim = 2 if channels == 1 else 3
     if array.ndim != expected_ndim or (channels == 3 and array.shape[2] != 3):
-        raise ValueError(f"{encoding} needs an array of shape {'HxW' if channels == 1 else 'HxWx3'}; "
+        raise InvalidArgumentError(f"{encoding} needs an array of shape {'HxW' if channels == 1 else 'HxWx3'}; "
                          f"got {array.shape}")
     if encoding == "bgr8":
         array = array[:, :, ::-1]
@@ -167,16 +161,6 @@ def image_fields(array: np.ndarray, encoding: str) -> dict[str, Any]:
     height, width = packed.shape[:2]
     return {"height": int(height), "width": int(width), "encoding": encoding, "is_bigendian": 0,
             "step": int(width * channels * dtype.itemsize), "data": packed.tobytes()}
-
-
-def encode_jpeg(rgb: np.ndarray, quality: int = 90) -> bytes:
-    """HxWx3 uint8 RGB -> JPEG bytes (for ``sensor_msgs/CompressedImage`` with format ``jpeg``)."""
-    import cv2
-
-    ok, buf = cv2.imencode(".jpg", np.ascontiguousarray(rgb[:, :, ::-1]), [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise ValueError("JPEG encoding failed")
-    return buf.tobytes()
 
 
 def _as_bytes(data: Any) -> bytes | bytearray | memoryview:

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import InvalidImageError
-from ..images import MAX_IMAGE_BYTES, decode_image_bytes
+from ..errors import ImageTooLargeError, InvalidImageError
+from ..images import MAX_IMAGE_BYTES, decode_image_bytes, read_image_file
 
 _HINT = "pass a data URI (data:image/png;base64,...), or leave the image out to use the camera frame"
 
@@ -120,23 +120,8 @@ def load_image(source: str, *, access: ImageAccess | None = None, timeout: float
         elif "://" in ref[:12]:
             scheme = ref.split("://", 1)[0]
             raise InvalidImageError(f"unsupported image scheme {scheme!r} in {_short(ref)}: {_HINT}")
-        data = _read_file(access.check_file(Path(ref)), ref, max_bytes)
-        label = f"the file {_short(ref)}"
+        return read_image_file(access.check_file(Path(ref)), max_bytes=max_bytes, shown=ref, hint=_HINT)
     return decode_image_bytes(data, label=label)
-
-
-def _read_file(path: Path, shown: str, max_bytes: int) -> bytes:
-    if not path.exists():
-        raise InvalidImageError(f"image file {_short(shown)} does not exist; {_HINT}")
-    if not path.is_file():
-        raise InvalidImageError(f"{_short(shown)} is not a file; {_HINT}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise InvalidImageError(f"image file {_short(shown)} is {size} bytes; the limit is {max_bytes}")
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise InvalidImageError(f"cannot read image file {_short(shown)}: {exc.strerror or exc}") from exc
 
 
 class _CheckedRedirects(urllib.request.HTTPRedirectHandler):
@@ -178,7 +163,7 @@ def _read_url(url: str, access: ImageAccess, timeout: float, max_bytes: int) -> 
         raise InvalidImageError(f"cannot fetch {_short(url)}: {reason}; check the URL or pass a data URI "
                                 "instead") from exc
     if len(data) > max_bytes:
-        raise InvalidImageError(f"the image at {_short(url)} is larger than {max_bytes} bytes")
+        raise ImageTooLargeError(f"the image at {_short(url)} is larger than {max_bytes} bytes")
     return data
 
 
@@ -192,7 +177,7 @@ def _read_data_uri(uri: str, max_bytes: int) -> bytes:
     if ";base64" not in media:
         raise InvalidImageError("data URI is not base64-encoded: expected data:image/png;base64,<data>")
     if len(payload) * 3 // 4 > max_bytes:
-        raise InvalidImageError(f"data URI image is larger than {max_bytes} bytes")
+        raise ImageTooLargeError(f"data URI image is larger than {max_bytes} bytes")
     try:
         return base64.b64decode("".join(payload.split()), validate=True)
     except (binascii.Error, ValueError) as exc:

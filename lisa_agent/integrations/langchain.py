@@ -18,7 +18,7 @@ Example::
 Backends: a :class:`~lisa_agent.LisaSegmenter` (in-process; async calls run it in a worker
 thread) or a :class:`~lisa_agent.LisaClient` (remote model server); an ``AsyncLisaClient`` (its
 ``segment`` is a coroutine function) serves ``ainvoke`` natively, given as ``backend`` or as
-``async_backend`` beside a sync one: a :class:`~lisa_agent.frames.SegmentBackend` (or its async
+``async_backend`` beside a sync one: a :class:`~lisa_agent.backend.SegmentBackend` (or its async
 twin), which takes a :class:`~lisa_agent.frames.Frame` and returns a
 :class:`~lisa_agent.SegmentationResult`. The tool builds the Frame (pixels, stamp, depth with its own
 stamp, intrinsics); the engine computes the 3D targets and refuses depth from another instant.
@@ -47,13 +47,14 @@ from langchain_core.callbacks import AsyncCallbackManagerForToolRun, CallbackMan
 from langchain_core.tools import BaseTool, ToolException
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
-from ..errors import InvalidArgumentError, InvalidImageError, InvalidQueryError, LisaError
-from ..frames import DEPTH_TOLERANCE_S, AsyncSegmentBackend, Frame, SegmentBackend, check_query, intrinsics_of
+from ..backend import AsyncSegmentBackend, SegmentBackend
+from ..errors import InvalidArgumentError, InvalidImageError, LisaError, describe_error
+from ..frames import DEPTH_TOLERANCE_S, Frame, check_query, intrinsics_of
+from ..options import INTERACTIVE_MODES, QueryOptions, TrackOptions
 from ..result import SegmentationResult
 from ..tracking import StreamSegmenter
 from .images import ImageAccess, load_image
 from .tool_io import (
-    SERVICE_ADVICE,
     ExplainObjectsInput,
     SegmentObjectsInput,
     describe_result,
@@ -78,7 +79,7 @@ class _ToolRequest:
 
     frame: Frame
     query: str
-    mode: str
+    options: QueryOptions
     source: str
     load_ms: float = 0.0
     depth_note: str = ""  # why the frame has no depth although a depth source is configured
@@ -116,17 +117,17 @@ class LisaSegmentTool(BaseTool):
             callable returning either (e.g. from the latest camera info; None while unknown).
         depth_scale: metres per depth unit; None: uint16 depth is millimetres, float depth metres.
         depth_tolerance_s: seconds between colour and depth stamps still treated as the same instant.
-        default_mode: mode used when the caller passes none (``fast`` or ``chat``).
-        segment_options: extra keywords for ``backend.segment`` (e.g. ``max_new_tokens``, or
-            ``answer`` to set the teacher-forced answer of fast mode).
+        query_options: how the model answers (:class:`~lisa_agent.options.QueryOptions`: the mode when the
+            caller names none, ``max_new_tokens``, the forced ``answer`` of fast mode); the caller's ``mode``
+            replaces its mode.
         image_folders: folders whose image files the model may name (default: none, so no files).
         image_hosts: URL hosts the model may name (default: none, so no URLs; ``"*"`` for any host);
             redirects are followed only within them, and private addresses only when listed as such
             (see :class:`lisa_agent.integrations.images.ImageAccess`). Data URIs are always accepted.
         url_timeout: seconds to wait for an image URL.
-        tracker: a session over the camera stream (``flow``, ``sam`` or ``none``; default None: every call
-            runs LISA): a call repeating the previous call's query on a newer camera frame is answered by the
-            tracker, carrying LISA's last masks to that frame, unless ``reason_every`` calls or
+        track: a session over the camera stream (:class:`~lisa_agent.options.TrackOptions`; default None: every
+            call runs LISA): a call repeating the previous call's query on a newer camera frame is answered by
+            the tracker, carrying LISA's last masks to that frame, unless ``reason_every`` calls or
             ``reason_period_s`` seconds have passed since LISA last ran, or the tracker lost confidence; the
             text then says the masks were tracked and how old the reasoning is. Sync backends only.
 
@@ -161,14 +162,11 @@ class LisaSegmentTool(BaseTool):
     intrinsics: Any = None
     depth_scale: float | None = None
     depth_tolerance_s: float = DEPTH_TOLERANCE_S
-    default_mode: Literal["fast", "chat"] = "fast"
-    segment_options: dict[str, Any] = Field(default_factory=dict)
+    query_options: QueryOptions = Field(default_factory=QueryOptions)
     image_folders: list[str | Path] = Field(default_factory=list)
     image_hosts: list[str] = Field(default_factory=list)
     url_timeout: float = 10.0
-    tracker: Literal["none", "flow", "sam"] | None = None
-    reason_every: int = 10
-    reason_period_s: float | None = 2.0
+    track: TrackOptions | None = None
 
     model_config = ConfigDict(arbitrary_types_allowed=True)
 
@@ -194,12 +192,23 @@ class LisaSegmentTool(BaseTool):
                              f"got {type(value).__name__}")
         return value
 
-    @field_validator("tracker")
+    @field_validator("query_options")
     @classmethod
-    def _check_tracker(cls, value: Any, info: Any) -> Any:
+    def _check_query_options(cls, value: Any) -> Any:
+        if not isinstance(value, QueryOptions):
+            raise ValueError(f"query_options must be a lisa_agent.options.QueryOptions; got {type(value).__name__}")
+        if value.mode not in INTERACTIVE_MODES:
+            raise ValueError(f"query_options.mode must be one of {', '.join(INTERACTIVE_MODES)}; got {value.mode!r}")
+        return value
+
+    @field_validator("track")
+    @classmethod
+    def _check_track(cls, value: Any, info: Any) -> Any:
+        if value is not None and not isinstance(value, TrackOptions):
+            raise ValueError(f"track must be a lisa_agent.options.TrackOptions or None; got {type(value).__name__}")
         backend = info.data.get("backend")
         if value is not None and backend is not None and _is_async_backend(backend):
-            raise ValueError("tracker needs a sync backend (LisaSegmenter or LisaClient); the session runs LISA "
+            raise ValueError("track needs a sync backend (LisaSegmenter or LisaClient); the session runs LISA "
                              "and the tracker in the tool's thread")
         return value
 
@@ -252,15 +261,15 @@ class LisaSegmentTool(BaseTool):
 
     def _prepare(self, query: str, image: str | None, mode: str | None) -> _ToolRequest:
         text = check_query(query)
-        mode = mode or self.default_mode
-        if mode not in ("fast", "chat"):
-            raise InvalidArgumentError(f"mode must be 'fast' or 'chat'; got {mode!r}")
+        if mode is not None and mode not in INTERACTIVE_MODES:
+            raise InvalidArgumentError(f"mode must be one of {', '.join(INTERACTIVE_MODES)}; got {mode!r}")
+        options = QueryOptions.of(self.query_options, mode=mode)
         t0 = time.perf_counter()
         if image is not None and image.strip() and image.strip().lower() not in ("none", "null", "camera"):
             access = ImageAccess.of(self.image_folders, self.image_hosts)
             array = load_image(image, access=access, timeout=self.url_timeout)
             kind = "data URI" if image.lstrip()[:5].lower() == "data:" else repr(image.strip()[:80])
-            return _ToolRequest(Frame(array), text, mode, f"the image {kind}", load_ms=_ms(t0))
+            return _ToolRequest(Frame(array), text, options, f"the image {kind}", load_ms=_ms(t0))
         if self.image_source is None:
             raise ToolException(
                 "No image was given and this tool has no camera configured: pass `image` as a file path, "
@@ -275,7 +284,7 @@ class LisaSegmentTool(BaseTool):
             raise ToolException(f"The camera frame is unusable ({exc}); this is a setup problem of the robot, "
                                 "not of your request.") from exc
         frame, depth_note = self._with_depth(frame)
-        return _ToolRequest(frame, text, mode, "the newest camera frame", load_ms=_ms(t0), depth_note=depth_note)
+        return _ToolRequest(frame, text, options, "the newest camera frame", load_ms=_ms(t0), depth_note=depth_note)
 
     def _with_depth(self, frame: Frame) -> tuple[Frame, str]:
         """``frame`` with the depth source's newest depth, stamp and the intrinsics; without them (and a
@@ -304,25 +313,19 @@ class LisaSegmentTool(BaseTool):
             raise ToolException(f"The {what} failed ({type(exc).__name__}: {exc}); try again, or pass `image` "
                                 "explicitly.") from exc
 
-    def _options(self, request: _ToolRequest) -> dict[str, Any]:
-        return {"mode": request.mode, **self.segment_options}
-
     def _call_sync(self, request: _ToolRequest) -> SegmentationResult:
         # One query at a time per tool: engines and ZeroMQ sockets are not thread-safe.
         with self._lock:
-            if self.tracker is not None and request.source == "the newest camera frame":
+            if self.track is not None and request.source == "the newest camera frame":
                 return self._tracked(request)
-            result: SegmentationResult = self.backend.segment(request.frame, request.query, **self._options(request))
+            result: SegmentationResult = self.backend.segment(request.frame, request.query, options=request.options)
             return result
 
     def _tracked(self, request: _ToolRequest) -> SegmentationResult:
         """The camera session: the tracker answers a repeated query, LISA a new one (or when due)."""
         stream = self._stream
-        if stream is None or stream.mode != request.mode:
-            options = self._options(request)
-            stream = StreamSegmenter(self.backend, self.tracker or "flow", reason_every=self.reason_every,
-                                     reason_period_s=self.reason_period_s, mode=request.mode,
-                                     max_new_tokens=int(options.get("max_new_tokens", 32)))
+        if stream is None or stream.query != request.options:
+            stream = StreamSegmenter(self.backend, self.track, query=request.options)
             self._stream = stream
         if stream.instruction != request.query:
             stream.set_instruction(request.query)
@@ -331,7 +334,7 @@ class LisaSegmentTool(BaseTool):
         return result
 
     async def _call_async(self, backend: AsyncSegmentBackend, request: _ToolRequest) -> SegmentationResult:
-        return await backend.segment(request.frame, request.query, **self._options(request))
+        return await backend.segment(request.frame, request.query, options=request.options)
 
     def _finish(self, request: _ToolRequest, result: SegmentationResult, t0: float) -> tuple[str, dict[str, Any]]:
         if not isinstance(result, SegmentationResult):
@@ -354,26 +357,16 @@ class LisaSegmentTool(BaseTool):
 
     @contextmanager
     def _tool_errors(self) -> Iterator[None]:
-        """Turn every failure into a ToolException whose message tells the model what to do."""
+        """Turn every failure into a ToolException whose message tells the model what to do (the library's one
+        error description: :func:`lisa_agent.errors.describe_error`)."""
         try:
             yield
         except ToolException:
             raise
-        except InvalidQueryError as exc:
-            hint = "" if "e.g." in str(exc) else " Describe the object in words, e.g. 'something to cut with'."
-            raise ToolException(f"Invalid query: {exc}.{hint}") from exc
-        except InvalidImageError as exc:
-            raise ToolException(f"Could not use the image: {exc}") from exc
-        except InvalidArgumentError as exc:
-            raise ToolException(f"Invalid argument: {exc}") from exc
-        except LisaError as exc:
-            code = getattr(exc, "code", LisaError.code)
-            advice = SERVICE_ADVICE.get(code, "Tell the user that the vision model failed.")
-            raise ToolException(f"The LISA vision model failed ({code}): {exc}. {advice}") from exc
         except Exception as exc:
-            log.exception("segment_objects failed")
-            raise ToolException(f"The LISA segmentation model failed unexpectedly ({type(exc).__name__}: {exc}). "
-                                "Do not retry with the same input; tell the user.") from exc
+            if not isinstance(exc, LisaError):
+                log.exception("%s failed", self.name)
+            raise ToolException(describe_error(exc).sentence()) from exc
 
 
 class LisaExplainTool(LisaSegmentTool):
@@ -387,7 +380,7 @@ class LisaExplainTool(LisaSegmentTool):
         "segment_objects when you only need where an object is."
     )
     args_schema: type[BaseModel] = ExplainObjectsInput
-    default_mode: Literal["fast", "chat"] = "chat"
+    query_options: QueryOptions = Field(default_factory=lambda: QueryOptions(mode="chat"))
     _explain: bool = True
 
     def _run(  # type: ignore[override]
@@ -415,7 +408,7 @@ def lisa_tools(
         image_source: callable returning the current HxWx3 uint8 RGB frame (or ``(frame, stamp)``).
         explain: also return ``explain_objects`` (LISA's chat mode, for explanatory answers).
         **options: further :class:`LisaSegmentTool` fields shared by both tools (``async_backend``,
-            ``depth_source``, ``intrinsics``, ``depth_scale``, ``depth_tolerance_s``, ``segment_options``,
+            ``depth_source``, ``intrinsics``, ``depth_scale``, ``depth_tolerance_s``, ``query_options``,
             ``image_folders``, ``image_hosts``, ...).
     """
     tools: list[BaseTool] = [LisaSegmentTool(backend=backend, image_source=image_source, **options)]

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..result import SegmentationResult
 
-__all__ = ["SERVICE_ADVICE", "ExplainObjectsInput", "SegmentObjectsInput", "describe_result", "validation_message"]
+__all__ = ["ExplainObjectsInput", "SegmentObjectsInput", "describe_result", "validation_message"]
 
 
 class SegmentObjectsInput(BaseModel):
@@ -122,18 +122,6 @@ def validation_message(error: ValidationError) -> str:
     return (f"Invalid arguments ({problems}). Call the tool with "
             '{"query": "<what to find, e.g. something to cut with>"} and optionally "image" '
             "(file path, http(s) URL or data URI).")
-
-
-#: What the calling model should do after a backend error, by ``LisaError.code``.
-SERVICE_ADVICE = {
-    "unavailable": "The vision model server is down or unreachable; retrying now will not help. Tell the "
-                   "user that the vision model is unavailable.",
-    "queue_full": "The vision model server is busy; wait a moment and call the tool again.",
-    "deadline_exceeded": "The vision model server was too slow; call the tool again.",
-    "superseded": "A newer camera frame replaced this request; call the tool again.",
-    "shutting_down": "The vision model server is shutting down. Tell the user that the vision model is "
-                     "unavailable.",
-}
 
 
 def _share(area: int, total: int) -> str:

@@ -5,7 +5,7 @@ The endpoint's scheme picks the transport:
 - ``tcp://`` (``ipc://``, ...): ``lisa-agent serve`` over ZeroMQ. Both clients follow the ZeroMQ guide's
   "Lazy Pirate" pattern on a DEALER socket: send, poll for the reply up to ``timeout`` seconds, and
   when nothing comes close the socket (linger 0), open a fresh one and resend, ``retries`` times;
-  then raise :class:`~lisa_agent.serving.protocol.ServerUnavailableError`. Every call waits at most
+  then raise :class:`~lisa_agent.errors.ServerUnavailableError`. Every call waits at most
   ``timeout * (retries + 1)`` seconds. Replies are matched by request id, so a late reply to an
   earlier call can never be mistaken for the current one.
 - ``http://`` / ``https://``: the Ray Serve deployment (``lisa-agent serve --engine ray``,
@@ -20,9 +20,8 @@ The endpoint's scheme picks the transport:
 
 Server errors are raised as the same classes the engine raises in-process (``invalid_image`` ->
 :class:`~lisa_agent.errors.InvalidImageError`, ...) or as
-:class:`~lisa_agent.serving.protocol.RemoteError` subclasses (``queue_full`` ->
-``ServerBusyError``, ``deadline_exceeded`` -> ``DeadlineExceededError``, ``superseded`` ->
-``SupersededError``), so local and remote models are handled alike.
+the service's own (``queue_full`` -> ``ServerBusyError``, ``deadline_exceeded`` -> ``DeadlineExceededError``,
+``superseded`` -> ``SupersededError``; :mod:`lisa_agent.errors`), so local and remote models are handled alike.
 
 A client object holds one socket: use one client per thread (or per asyncio task that awaits in
 sequence). An HTTP client's exchanges are serialized by a lock, so sharing one is safe but not faster.
@@ -38,14 +37,23 @@ import os
 import time
 import uuid
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
-from ..errors import InvalidArgumentError
+from ..errors import (
+    Code,
+    InvalidArgumentError,
+    RemoteError,
+    ServerBusyError,
+    ServerUnavailableError,
+    error_from_dict,
+)
 from ..frames import Frame, as_frame, check_query
+from ..options import QueryOptions, TrackOptions
 from ..result import SegmentationResult
 from . import security
+from .codecs import encode_depth, encode_image, logits_from_frames
 from .http_transport import (
     CONTENT_TYPE,
     REQUEST_ID_HEADER,
@@ -55,21 +63,11 @@ from .http_transport import (
     encode_http_request,
     is_http_endpoint,
 )
-from .protocol import (
-    Code,
-    RemoteError,
-    ServerBusyError,
-    ServerUnavailableError,
-    build_header,
-    encode_depth,
-    encode_image,
-    error_from_reply,
-    logits_from_frames,
-    parse_reply,
-)
+from .protocol import build_header, parse_reply
 
 if TYPE_CHECKING:
     import zmq
+    from typing_extensions import Unpack
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
 #: HTTP statuses Ray Serve answers for a deployment that could not (a replica died mid-request, a
@@ -79,6 +77,41 @@ RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
 log = logging.getLogger("lisa_agent.serving.client")
 
 _Keys = tuple[bytes, bytes] | str | os.PathLike[str] | None
+
+
+class SegmentKeywords(TypedDict, total=False):
+    """The keywords of :meth:`LisaClient.segment` and :meth:`AsyncLisaClient.segment` (all optional).
+
+    Attributes:
+        mode, max_new_tokens, answer, return_logits: single :class:`~lisa_agent.options.QueryOptions` fields.
+        frame_id: the frame's name, carried into the result (the server keys its feature cache by the pixels,
+            so several queries on one frame share its encoding either way).
+        depth, depth_scale, intrinsics: the keyword form of a Frame's depth (uint16 mm or float32 m,
+            ``depth_scale`` metres per unit) and ``[fx, fy, cx, cy]``; the result then carries ``targets``
+            (median depth and 3D point per mask) or a ``depth_note`` saying why not.
+        encoding: ``raw`` (no loss, most bytes), ``jpeg`` (``quality``) or ``png``.
+        deadline_s: the server drops the request unrun (``DeadlineExceededError``) if it is still queued
+            after this many seconds; default: the client's ``timeout``.
+        latest_only: a newer ``latest_only`` frame from this client supersedes this one while it is still
+            queued (``SupersededError``): for camera streams.
+        track: follow the query's masks along this client's stream between reasoning steps on the server
+            (:class:`~lisa_agent.options.TrackOptions` or its fields as a dict; docs/tracking.md); the result's
+            ``track`` says whether the model reasoned on this frame or a tracker carried its masks.
+    """
+
+    mode: str | None
+    max_new_tokens: int | None
+    answer: str | None
+    return_logits: bool | None
+    frame_id: str | int | None
+    depth: np.ndarray | None
+    depth_scale: float | None
+    intrinsics: Any
+    encoding: str
+    quality: int
+    deadline_s: float | None
+    latest_only: bool
+    track: TrackOptions | dict[str, Any] | None
 
 
 class _ClientCore:
@@ -143,43 +176,47 @@ class _ClientCore:
             sock.curve_publickey, sock.curve_secretkey = self._client_keys
         sock.connect(self.endpoint)
 
-    def _segment_message(self, image: Frame | np.ndarray, query: str, *, mode: str, max_new_tokens: int,
-                         answer: str | None, frame_id: str | int | None, depth: np.ndarray | None,
-                         depth_scale: float | None, intrinsics: Any, encoding: str, quality: int,
-                         deadline_s: float | None, return_logits: bool, latest_only: bool,
-                         track: dict[str, Any] | None = None) -> tuple[str, list[bytes]]:
+    def _segment_message(self, image: Frame | np.ndarray, query: str, options: QueryOptions | None,
+                         keywords: SegmentKeywords) -> tuple[str, list[bytes]]:
+        kw = keywords
+        unknown = sorted(set(kw) - set(SegmentKeywords.__annotations__))
+        if unknown:
+            raise InvalidArgumentError(f"unknown segment keywords {unknown}; known: "
+                                       f"{sorted(SegmentKeywords.__annotations__)}")
         check_query(query)
-        frame = as_frame(image, frame_id)
+        query_options = QueryOptions.of(options, mode=kw.get("mode"), max_new_tokens=kw.get("max_new_tokens"),
+                                        answer=kw.get("answer"), return_logits=kw.get("return_logits"))
+        frame = as_frame(image, kw.get("frame_id"))
+        depth, depth_scale, intrinsics = kw.get("depth"), kw.get("depth_scale"), kw.get("intrinsics")
         if depth is not None or intrinsics is not None:  # the keyword form of a Frame's depth
             frame = replace(frame, depth=frame.depth if depth is None else depth,
                             depth_scale=frame.depth_scale if depth_scale is None else depth_scale,
                             intrinsics=frame.intrinsics if intrinsics is None else intrinsics)
-        spec, data = encode_image(frame.rgb, encoding, quality)
+        spec, data = encode_image(frame.rgb, kw.get("encoding", "raw"), kw.get("quality", 90))
         frames = [data]
         depth_spec = None
         if frame.depth is not None:
             depth_spec, ddata = encode_depth(frame.depth, frame.depth_scale, stamp=frame.depth_stamp,
                                              tolerance_s=frame.depth_tolerance_s)
             frames.append(ddata)
-        options: dict[str, Any] = {"mode": mode, "max_new_tokens": max_new_tokens, "stream": self.stream}
-        if answer is not None:
-            options["answer"] = answer
+        wire: dict[str, Any] = {**query_options.changed(), "stream": self.stream}
         if frame.frame_id is not None:
-            options["frame_id"] = frame.frame_id
+            wire["frame_id"] = frame.frame_id
         if frame.stamp is not None:
-            options["stamp"] = frame.stamp.to_dict()
-        if return_logits:
-            options["return_logits"] = True
-        if latest_only:
-            options["latest_only"] = True
+            wire["stamp"] = frame.stamp.to_dict()
+        if kw.get("latest_only"):
+            wire["latest_only"] = True
+        track = kw.get("track")
         if track is not None:
-            options["track"] = dict(track)
+            wire["track"] = (track if isinstance(track, TrackOptions)
+                             else TrackOptions.from_mapping(track, what="track")).to_dict()
         if frame.intrinsics is not None:
             k = frame.intrinsics
-            options["intrinsics"] = [k.fx, k.fy, k.cx, k.cy]
+            wire["intrinsics"] = [k.fx, k.fy, k.cx, k.cy]
+        deadline_s = kw.get("deadline_s")
         budget = self.timeout if deadline_s is None else float(deadline_s)
         rid = self._new_id()
-        header = build_header(rid, "segment", query=query, image=spec, depth=depth_spec, options=options,
+        header = build_header(rid, "segment", query=query, image=spec, depth=depth_spec, options=wire,
                               timeout_ms=round(budget * 1000.0, 3))
         return rid, [header, *frames]
 
@@ -202,7 +239,7 @@ class _ClientCore:
             return None  # a late reply to an earlier request; an id-less error can only be ours (one
             # request in flight per socket) and is raised below
         if not reply.get("ok"):
-            raise error_from_reply(reply.get("error"))
+            raise error_from_dict(reply.get("error"))
         return reply, frames
 
     def _unavailable(self, op: str) -> ServerUnavailableError:
@@ -239,11 +276,11 @@ class _ClientCore:
                     raise RemoteError(Code.INTERNAL, f"{self.endpoint} answered request {rid!r} with the reply to "
                                                      f"{reply.get('id')!r}")
                 if not reply.get("ok"):
-                    raise error_from_reply(reply.get("error"))
+                    raise error_from_dict(reply.get("error"))
                 return reply, rframes
             text = " ".join(data[:300].decode("utf-8", "replace").split()) or "(empty body)"
             if status == 503 and "backpressure" in text.lower():
-                raise ServerBusyError(Code.QUEUE_FULL, f"{self.endpoint} is busy (Ray Serve: {text}); nothing was run, "
+                raise ServerBusyError(f"{self.endpoint} is busy (Ray Serve: {text}); nothing was run, "
                                                        "retry later")
             if status not in RETRY_STATUSES:
                 raise ServerUnavailableError(
@@ -307,37 +344,18 @@ class LisaClient(_ClientCore):
             self._reset()  # Lazy Pirate: the socket may be stuck; a fresh one reconnects cleanly
         raise self._unavailable(op)
 
-    def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                answer: str | None = None, frame_id: str | None = None, depth: np.ndarray | None = None,
-                depth_scale: float | None = None, intrinsics: Any = None, encoding: str = "raw",
-                quality: int = 90, deadline_s: float | None = None, return_logits: bool = False,
-                latest_only: bool = False, track: dict[str, Any] | None = None) -> SegmentationResult:
-        """Segment ``image`` (a :class:`~lisa_agent.frames.Frame` or HxWx3 uint8 RGB) for ``query`` on the server.
-
-        Args mirror :meth:`LisaSegmenter.segment`, plus:
-            frame_id: the frame's name, carried into the result (the server keys its feature cache
-                by the pixels, so several queries on one frame share its encoding either way).
-            depth, depth_scale, intrinsics: the keyword form of a Frame's depth (uint16 mm or float32
-                m, ``depth_scale`` metres per unit) and ``[fx, fy, cx, cy]``; the result then carries
-                ``targets`` (median depth and 3D point per mask) or a ``depth_note`` saying why not.
-            encoding: ``raw`` (no loss, most bytes), ``jpeg`` (``quality``) or ``png``.
-            deadline_s: the server drops the request unrun (``DeadlineExceededError``) if it is still
-                queued after this many seconds; default: ``timeout``.
-            latest_only: a newer ``latest_only`` frame from this client supersedes this one while it
-                is still queued (``SupersededError``): for camera streams.
-            track: follow the query's masks along this client's stream between reasoning steps on the
-                server (``{"tracker": "flow"|"sam"|"none", "reason_every": K, "reason_period_s": T,
-                "min_confidence": C}``, all optional; docs/tracking.md); the result's ``track`` says whether
-                LISA reasoned on this frame or a tracker carried its masks.
+    def segment(self, image: Frame | np.ndarray, query: str, options: QueryOptions | None = None,
+                **keywords: Unpack[SegmentKeywords]) -> SegmentationResult:
+        """Segment ``image`` (a :class:`~lisa_agent.frames.Frame` or HxWx3 uint8 RGB) for ``query`` on the server,
+        answered as ``options`` say (:class:`~lisa_agent.options.QueryOptions`; the server's defaults are the
+        library's). ``keywords`` (:class:`SegmentKeywords`) change single query options, carry the frame's name and
+        depth, and say how to send it.
 
         Returns the same :class:`SegmentationResult` type as the engine (masks decoded from RLE;
         ``timings_ms`` adds ``server_queue``, ``server_decode`` and ``client_roundtrip``).
         """
         t0 = time.perf_counter()
-        rid, frames = self._segment_message(
-            image, query, mode=mode, max_new_tokens=max_new_tokens, answer=answer, frame_id=frame_id, depth=depth,
-            depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
-            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only, track=track)
+        rid, frames = self._segment_message(image, query, options, keywords)
         reply, rframes = self._request(rid, "segment", frames)
         return self._result(reply, rframes, t0)
 
@@ -408,18 +426,11 @@ class AsyncLisaClient(_ClientCore):
             self._reset()
         raise self._unavailable(op)
 
-    async def segment(self, image: Frame | np.ndarray, query: str, *, mode: str = "fast", max_new_tokens: int = 32,
-                      answer: str | None = None, frame_id: str | None = None,
-                      depth: np.ndarray | None = None, depth_scale: float | None = None, intrinsics: Any = None,
-                      encoding: str = "raw", quality: int = 90, deadline_s: float | None = None,
-                      return_logits: bool = False, latest_only: bool = False,
-                      track: dict[str, Any] | None = None) -> SegmentationResult:
+    async def segment(self, image: Frame | np.ndarray, query: str, options: QueryOptions | None = None,
+                      **keywords: Unpack[SegmentKeywords]) -> SegmentationResult:
         """See :meth:`LisaClient.segment`."""
         t0 = time.perf_counter()
-        rid, frames = self._segment_message(
-            image, query, mode=mode, max_new_tokens=max_new_tokens, answer=answer, frame_id=frame_id, depth=depth,
-            depth_scale=depth_scale, intrinsics=intrinsics, encoding=encoding, quality=quality,
-            deadline_s=deadline_s, return_logits=return_logits, latest_only=latest_only, track=track)
+        rid, frames = self._segment_message(image, query, options, keywords)
         reply, rframes = await self._request(rid, "segment", frames)
         return self._result(reply, rframes, t0)
 

@@ -24,10 +24,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..errors import LisaError
-from ..frames import Frame, SegmentBackend
+from ..backend import SegmentBackend
+from ..errors import Code, LisaError, RemoteError, describe_error
+from ..frames import Frame
+from ..options import QueryOptions, TrackOptions
 from ..result import SegmentationResult
-from .protocol import Code, Limits, RemoteError, Request, logits_frames
+from .codecs import logits_frames
+from .protocol import Limits, Request
 
 log = logging.getLogger("lisa_agent.serving")
 
@@ -59,9 +62,9 @@ class Job:
     owner: str = ""
 
     def batchable(self) -> bool:
-        o = self.request.options
-        return (o["mode"] == "fast" and o.get("answer") is None and not o["return_logits"]
-                and self.request.depth_spec is None and o.get("track") is None)
+        q = self.request.query_options
+        return (q.mode == "fast" and q.answer is None and not q.return_logits and self.request.depth_spec is None
+                and self.request.track is None)
 
     def same_frame(self, other: Job) -> bool:
         """Both requests are on the same pixels with the same frame id and stamp (one Frame serves both)."""
@@ -87,27 +90,23 @@ class TrackSessions:
         self.max_sessions = max_sessions
         self.idle_s = idle_s
         self.max_bytes = max_bytes
-        #: (owner, stream) -> (session, its settings, last used (monotonic), bytes it holds)
+        #: (owner, stream) -> (session, its options, last used (monotonic), bytes it holds)
         self._items: collections.OrderedDict[tuple[str, str], tuple[Any, tuple[Any, ...], float, int]] = (
             collections.OrderedDict())
         self.nbytes = 0
 
-    def process(self, owner: str, stream: str, query: str, frame: Frame, track: dict[str, Any], *, mode: str,
-                max_new_tokens: int) -> SegmentationResult:
+    def process(self, owner: str, stream: str, query: str, frame: Frame, track: TrackOptions,
+                options: QueryOptions) -> SegmentationResult:
         from ..tracking import StreamSegmenter
 
         now = time.monotonic()
         self.sweep(now)
-        settings = (track["tracker"], track["reason_every"], track["reason_period_s"], track["min_confidence"], mode,
-                    max_new_tokens)
+        settings = (track, options)
         key = (owner, stream)
         entry = self._drop(key)
         session = entry[0] if entry is not None and entry[1] == settings else None
         if session is None:
-            session = StreamSegmenter(self.backend, track["tracker"], reason_every=track["reason_every"],
-                                      reason_period_s=track["reason_period_s"],
-                                      min_confidence=track["min_confidence"], mode=mode,
-                                      max_new_tokens=max_new_tokens)
+            session = StreamSegmenter(self.backend, track, query=options)
         if session.instruction != query.strip():
             session.set_instruction(query)
         result = session.process(frame)
@@ -196,28 +195,29 @@ def run_on_one_frame(jobs: list[Job], *, backend: SegmentBackend,
     for k, job in enumerate(live):
         outcome = outcomes[id(job)]
         outcome.ran, outcome.started = True, time.perf_counter()
-        request, o = job.request, job.request.options
+        request, query = job.request, job.request.query_options
         try:
             if results is not None:
                 result = results[k]
-            elif o.get("track") is not None:
+            elif request.track is not None:
                 result = sessions.process(job.owner, request.stream or "", request.query, frames[id(job)],
-                                          o["track"], mode=o["mode"], max_new_tokens=o["max_new_tokens"])
+                                          request.track, query)
             else:
-                result = backend.segment(frames[id(job)], request.query, mode=o["mode"],
-                                         max_new_tokens=o["max_new_tokens"], answer=o.get("answer"),
-                                         return_logits=o["return_logits"])
+                result = backend.segment(frames[id(job)], request.query, options=query)
             payload = result.to_dict()
             payload["timings_ms"]["server_queue"] = round((now - job.received) * 1e3, 3)
             payload["timings_ms"]["server_decode"] = round(decode_ms, 3)
-            desc, extra = logits_frames(result) if o["return_logits"] else (None, [])
+            desc, extra = logits_frames(result) if query.return_logits else (None, [])
             if desc is not None:
                 payload["logits"] = desc
             outcome.payload, outcome.extra = payload, extra
-        except LisaError as exc:
-            outcome.error = exc
         except Exception as exc:  # noqa: BLE001 - the model failing must not kill the server
-            log.exception("backend failed on request %s", request.id)
-            outcome.error = RemoteError(Code.INTERNAL, f"{type(exc).__name__}: {exc}")
-            outcome.model_failed = True
+            info = describe_error(exc)
+            if isinstance(exc, LisaError):
+                outcome.error = exc
+            else:
+                log.exception("backend failed on request %s", request.id)
+                outcome.error = RemoteError(Code.INTERNAL, info.message)
+            # only the model's or the device's faults count toward a server's health, never a caller's mistake
+            outcome.model_failed = not (info.caller_fault or info.retry)
     return FrameRun([outcomes[id(job)] for job in jobs], len(live) if results is not None else 0)

@@ -45,8 +45,8 @@ from collections.abc import AsyncIterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import InvalidArgumentError
-from .protocol import Code, Limits, ProtocolError, RemoteError, json_loads, parse_header
+from ..errors import Code, InvalidArgumentError, ProtocolError, RemoteError, code_info
+from .protocol import Limits, json_loads, parse_header
 
 #: Ray Serve's session-affinity header (its default; a cluster may rename it with
 #: ``RAY_SERVE_SESSION_ID_HEADER_KEY``): the client's stream name.
@@ -58,14 +58,6 @@ BODY_KEYS = frozenset({"header", "frames"})
 #: frames after the header a request may carry (image, depth)
 MAX_REQUEST_FRAMES = 2
 
-_STATUS = {
-    Code.BAD_REQUEST: 400, Code.UNSUPPORTED_VERSION: 400, Code.UNKNOWN_OP: 400, Code.INVALID_IMAGE: 400,
-    Code.INVALID_QUERY: 400, Code.INVALID_ARGUMENT: 400, Code.TOO_LARGE: 413, Code.SUPERSEDED: 409,
-    Code.QUEUE_FULL: 503, Code.SHUTTING_DOWN: 503, Code.DEADLINE_EXCEEDED: 504,
-    Code.FORBIDDEN_HOST: 403, Code.CROSS_ORIGIN: 403, Code.UNSUPPORTED_MEDIA_TYPE: 415,
-}
-
-
 def is_http_endpoint(endpoint: str) -> bool:
     """True for ``http://`` and ``https://`` endpoints (the Ray Serve deployment), False for ZeroMQ ones."""
     return isinstance(endpoint, str) and endpoint.lower().startswith(("http://", "https://"))
@@ -74,9 +66,7 @@ def is_http_endpoint(endpoint: str) -> bool:
 def http_status(code: str | None) -> int:
     """The HTTP status of a reply: 200 for success (``code`` None), else by error code (500 for engine
     and unknown codes)."""
-    if code is None:
-        return 200
-    return _STATUS.get(code, 500)
+    return 200 if code is None else code_info(code).status
 
 
 def max_body_bytes(limits: Limits) -> int:

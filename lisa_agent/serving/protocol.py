@@ -30,19 +30,19 @@ from typing import Any
 import numpy as np
 import xxhash
 
-from ..config import MODES, mask_budget
-from ..engine.prompts import IMAGE_TOKEN
+from ..config import mask_budget
 from ..errors import (
-    CheckpointError,
-    InvalidArgumentError,
-    InvalidImageError,
+    CODES,
+    Code,
     InvalidQueryError,
     LisaError,
-    ModelNotFoundError,
-    QuantizationError,
+    ProtocolError,
+    RemoteError,
+    describe_error,
 )
-from ..frames import DEPTH_TOLERANCE_S, Frame, Stamp, check_query
-from .security import CROSS_ORIGIN, FORBIDDEN_HOST, UNSUPPORTED_MEDIA_TYPE
+from ..frames import DEPTH_TOLERANCE_S, Frame, check_query
+from ..options import QueryOptions, TrackOptions
+from .codecs import DEFAULT_DEPTH_SCALE, DEPTH_DTYPES, decode_depth, decode_image
 
 #: Version of this wire format; a header with another ``v`` gets ``unsupported_version``.
 PROTOCOL_VERSION = 2
@@ -50,120 +50,21 @@ SUPPORTED_VERSIONS = (2,)
 
 OPS = ("segment", "info", "health")
 IMAGE_FORMATS = ("raw", "jpeg", "png")
-DEPTH_DTYPES: dict[str, np.dtype[Any]] = {"uint16": np.dtype("<u2"), "float32": np.dtype("<f4")}
-#: metres per depth unit when the header gives no ``scale``: uint16 depth is millimetres, float32 metres.
-DEFAULT_DEPTH_SCALE = {"uint16": 0.001, "float32": 1.0}
 
 HEADER_KEYS = frozenset({"v", "id", "op", "query", "image", "depth", "options", "timeout_ms"})
-OPTION_KEYS = frozenset(
-    {"mode", "max_new_tokens", "answer", "return_logits", "frame_id", "stamp", "latest_only", "stream", "intrinsics",
-     "track"}
-)
-TRACK_KEYS = frozenset({"tracker", "reason_every", "reason_period_s", "min_confidence"})
-TRACKERS = ("none", "flow", "sam")
+#: ``options`` keys: the query options (:class:`~lisa_agent.options.QueryOptions`), the frame's (``frame_id``,
+#: ``stamp``, ``intrinsics``), the stream's (``stream``, ``latest_only``) and ``track``
+#: (:class:`~lisa_agent.options.TrackOptions` or null).
+OPTION_KEYS = frozenset(QueryOptions.field_names()) | {"frame_id", "stamp", "latest_only", "stream", "intrinsics",
+                                                       "track"}
 DEPTH_KEYS = frozenset({"shape", "dtype", "scale", "stamp", "tolerance_s"})
 MAX_ID_CHARS = 128
-MAX_NEW_TOKENS = 1024
 #: Deepest nesting of arrays and objects a JSON document a door reads may have (a header needs 3).
 MAX_JSON_DEPTH = 32
 
 
-class Code:
-    """Error codes a reply may carry (``error.code``). Engine codes come from :mod:`lisa_agent.errors`."""
-
-    BAD_REQUEST = "bad_request"  # malformed message: frames missing or extra, header not a JSON object, bad field
-    UNSUPPORTED_VERSION = "unsupported_version"  # header ``v`` is not a version this server speaks
-    UNKNOWN_OP = "unknown_op"  # ``op`` is not segment / info / health
-    TOO_LARGE = "too_large"  # a frame or the image side exceeds the server's limits
-    INVALID_IMAGE = InvalidImageError.code  # undecodable JPEG/PNG, wrong shape, dtype or byte count
-    INVALID_QUERY = InvalidQueryError.code  # empty or non-string query
-    INVALID_ARGUMENT = InvalidArgumentError.code  # unknown option or option out of range
-    QUEUE_FULL = "queue_full"  # the bounded queue is full; retry later (nothing was run)
-    DEADLINE_EXCEEDED = "deadline_exceeded"  # the request waited past its ``timeout_ms``; not run
-    SUPERSEDED = "superseded"  # a newer ``latest_only`` frame of the same stream replaced it; not run
-    SHUTTING_DOWN = "shutting_down"  # the server stopped before running the request
-    FORBIDDEN_HOST = FORBIDDEN_HOST  # HTTP only: a Host header that is not this machine's (DNS rebinding)
-    CROSS_ORIGIN = CROSS_ORIGIN  # HTTP only: sent by a web page of another site
-    UNSUPPORTED_MEDIA_TYPE = UNSUPPORTED_MEDIA_TYPE  # HTTP only: a POST body not sent as application/json
-    INTERNAL = "internal"  # an unexpected server-side failure (logged on the server)
-    UNAVAILABLE = "unavailable"  # client side only: no reply from the server within the timeout
-
-
-#: Every code a server may put in a reply (engine codes included).
-ERROR_CODES = frozenset(
-    v for k, v in vars(Code).items() if k.isupper() and v != Code.UNAVAILABLE
-) | {CheckpointError.code, ModelNotFoundError.code, QuantizationError.code, LisaError.code}
-
-
-class ProtocolError(LisaError):
-    """A request the server refuses before running it; ``code`` is one of :data:`ERROR_CODES`.
-
-    Raised by :func:`parse_request` / :func:`decode_image` on the server; ``request_id`` is the id
-    read from the header when one could be read (so the reply can carry it), else ``None``.
-    """
-
-    def __init__(self, code: str, message: str, request_id: Any = None) -> None:
-        super().__init__(message)
-        self.code = code
-        self.request_id = request_id
-
-
-class ServerUnavailableError(LisaError):
-    """No reply from the server within ``timeout`` after every retry (server down, unreachable,
-    or the connection was refused by CurveZMQ authentication)."""
-
-    code = Code.UNAVAILABLE
-
-
-class RemoteError(LisaError):
-    """The server answered with an error; ``code`` and the message are the server's."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-class ServerBusyError(RemoteError):
-    """``queue_full``: the server's queue is full; nothing was run, retry later."""
-
-
-class DeadlineExceededError(RemoteError):
-    """``deadline_exceeded``: the request waited in the queue past its timeout and was not run."""
-
-
-class SupersededError(RemoteError):
-    """``superseded``: a newer ``latest_only`` frame of the same stream replaced this request."""
-
-
-_LOCAL_CLASSES: dict[str, type[LisaError]] = {
-    cls.code: cls
-    for cls in (InvalidImageError, InvalidQueryError, InvalidArgumentError, CheckpointError, ModelNotFoundError,
-                QuantizationError)
-}
-_REMOTE_CLASSES: dict[str, type[RemoteError]] = {
-    Code.QUEUE_FULL: ServerBusyError,
-    Code.DEADLINE_EXCEEDED: DeadlineExceededError,
-    Code.SUPERSEDED: SupersededError,
-}
-
-
-def error_from_reply(error: Any) -> LisaError:
-    """The exception a client raises for a reply's ``error`` object.
-
-    Codes the engine also raises locally map to the same class (``invalid_image`` ->
-    :class:`~lisa_agent.errors.InvalidImageError`, ...), so callers handle local and remote alike;
-    ``queue_full`` / ``deadline_exceeded`` / ``superseded`` map to their own :class:`RemoteError`
-    subclasses; anything else is a plain :class:`RemoteError` carrying the server's code.
-    """
-    if not isinstance(error, dict):
-        return RemoteError(Code.INTERNAL, f"server sent a malformed error: {error!r}")
-    code = str(error.get("code", Code.INTERNAL))
-    message = str(error.get("message", ""))
-    if code in _LOCAL_CLASSES:
-        exc = _LOCAL_CLASSES[code](f"{message} (server)")
-        exc.remote = True  # type: ignore[attr-defined]
-        return exc
-    return _REMOTE_CLASSES.get(code, RemoteError)(code, message)
+#: Every code a server may put in a reply (``unavailable`` is the client's own).
+ERROR_CODES = frozenset(CODES) - {Code.UNAVAILABLE}
 
 
 @dataclass(frozen=True)
@@ -174,10 +75,12 @@ class Limits:
     max_side: int = 4096  # image height / width after decoding
     max_header_bytes: int = 64 * 1024
     max_query_chars: int = 4000
+    max_new_tokens: int = 1024  # the most a request's chat answer may generate here (the library allows more)
 
     def to_dict(self) -> dict[str, int]:
         return {"max_frame_bytes": self.max_frame_bytes, "max_side": self.max_side,
-                "max_header_bytes": self.max_header_bytes, "max_query_chars": self.max_query_chars}
+                "max_header_bytes": self.max_header_bytes, "max_query_chars": self.max_query_chars,
+                "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -191,8 +94,13 @@ class Request:
     image_data: bytes = b""
     depth_spec: dict[str, Any] | None = None
     depth_data: bytes | None = None
+    #: the frame's and the stream's options: ``frame_id``, ``stamp``, ``intrinsics``, ``stream``, ``latest_only``
     options: dict[str, Any] = field(default_factory=dict)
     timeout_ms: float | None = None
+    #: how the query is answered (``options.mode``, ``max_new_tokens``, ``answer``, ``return_logits``)
+    query_options: QueryOptions = field(default_factory=QueryOptions)
+    #: ``options.track``: the request's stream is tracked between reasoning steps (None: not)
+    track: TrackOptions | None = None
 
     @property
     def stream(self) -> str | None:
@@ -207,7 +115,7 @@ class Request:
         return "xxh3:" + h.hexdigest()
 
     def image(self, limits: Limits) -> np.ndarray:
-        return decode_image(self.image_spec, self.image_data, limits)
+        return decode_image(self.image_spec, self.image_data, limits.max_side)
 
     def check_mask_budget(self, info: Mapping[str, Any]) -> None:
         """Refuse (``too_large``) a forced answer (``options.answer``) with more ``[SEG]`` than the engine
@@ -215,7 +123,7 @@ class Request:
         on this frame, so a server can refuse it before queueing (the engine checks again, and bounds
         generated answers itself). A frame whose size is not in its spec (JPEG, PNG) is held to
         ``max_masks`` here."""
-        answer = self.options.get("answer")
+        answer = self.query_options.answer
         max_masks = info.get("max_masks")
         if answer is None or not isinstance(max_masks, int):
             return
@@ -343,33 +251,8 @@ def _check_stamp(value: Any, what: str, fail: Any) -> dict[str, int] | None:
     return {"sec": value["sec"], "nanosec": value["nanosec"]}
 
 
-def _check_track(value: Any, fail: Any) -> dict[str, Any] | None:
-    """``options.track``: a stream of frames tracked between reasoning steps (see docs/protocol.md)."""
-    if value is None:
-        return None
-    if not isinstance(value, dict):
-        raise fail(f"options.track must be an object {{tracker, reason_every, ...}} or null; got {value!r:.100}")
-    unknown = sorted(set(value) - TRACK_KEYS)
-    if unknown:
-        raise fail(f"unknown options.track fields {unknown}; known: {sorted(TRACK_KEYS)}")
-    tracker = value.get("tracker", "flow")
-    if tracker not in TRACKERS:
-        raise fail(f"options.track.tracker must be one of {list(TRACKERS)}; got {tracker!r:.50}")
-    every = value.get("reason_every", 10)
-    if isinstance(every, bool) or not isinstance(every, int) or not 1 <= every <= 100_000:
-        raise fail(f"options.track.reason_every must be a whole number in [1, 100000]; got {every!r:.50}")
-    period = value.get("reason_period_s")
-    if period is not None:
-        period = _number(period)
-        if period is None or period <= 0:
-            raise fail("options.track.reason_period_s must be a positive, finite number of seconds or null")
-    confidence = _number(value.get("min_confidence", 0.5))
-    if confidence is None or not 0.0 <= confidence <= 1.0:
-        raise fail("options.track.min_confidence must be a number in [0, 1]")
-    return {"tracker": tracker, "reason_every": every, "reason_period_s": period, "min_confidence": confidence}
-
-
-def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
+def _check_options(options: Any, rid: Any, limits: Limits) -> tuple[dict[str, Any], QueryOptions, TrackOptions | None]:
+    """``options``: (the frame's and stream's fields, the :class:`QueryOptions`, the :class:`TrackOptions` or None)."""
     if options is None:
         options = {}
     if not isinstance(options, dict):
@@ -377,49 +260,54 @@ def _check_options(options: Any, rid: Any, limits: Limits) -> dict[str, Any]:
     unknown = sorted(set(options) - OPTION_KEYS)
     if unknown:
         raise _bad(f"unknown options {unknown}; known: {sorted(OPTION_KEYS)}", rid, Code.INVALID_ARGUMENT)
-    out = dict(options)
 
     def fail(message: str) -> ProtocolError:
         return _bad(message, rid, Code.INVALID_ARGUMENT)
 
-    mode = out.setdefault("mode", "fast")
-    if mode not in MODES:
-        raise fail(f"options.mode must be one of {list(MODES)}; got {mode!r}")
-    mnt = out.setdefault("max_new_tokens", 32)
-    if isinstance(mnt, bool) or not isinstance(mnt, int) or not 1 <= mnt <= MAX_NEW_TOKENS:
-        raise fail(f"options.max_new_tokens must be an integer in [1, {MAX_NEW_TOKENS}]; got {mnt!r}")
-    answer = out.get("answer")
-    if answer is not None and (not isinstance(answer, str) or len(answer) > limits.max_query_chars
-                               or not _unicode(answer)):
-        raise fail(f"options.answer must be a (valid Unicode) string of at most {limits.max_query_chars} chars or null")
-    if answer is not None and IMAGE_TOKEN in answer:
-        raise fail(f"options.answer must not contain {IMAGE_TOKEN!r} (the prompt's image placeholder)")
-    for flag in ("return_logits", "latest_only"):
-        value = out.setdefault(flag, False)
-        if not isinstance(value, bool):
-            raise fail(f"options.{flag} must be true or false; got {value!r}")
-    fid = out.get("frame_id")
+    answer = options.get("answer")
+    if isinstance(answer, str) and len(answer) > limits.max_query_chars:
+        raise fail(f"options.answer is {len(answer)} chars; the limit is {limits.max_query_chars}")
+    try:
+        query = QueryOptions.from_mapping({k: v for k, v in options.items() if k in QueryOptions.field_names()})
+    except LisaError as exc:
+        raise fail(f"options.{exc}") from None
+    try:
+        track = None if options.get("track") is None else TrackOptions.from_mapping(options["track"],
+                                                                                        what="options.track")
+    except LisaError as exc:
+        message = str(exc)
+        raise fail(message if message.startswith(("options.track", "unknown")) else f"options.track.{message}") \
+            from None
+    if query.max_new_tokens > limits.max_new_tokens:
+        raise fail(f"options.max_new_tokens must be an integer in [1, {limits.max_new_tokens}] on this server; got "
+                   f"{query.max_new_tokens}")
+    if track is not None and (query.mode not in ("fast", "chat") or query.answer is not None):
+        raise fail("options.track works with mode fast or chat and no forced answer")
+    out: dict[str, Any] = {}
+    latest = options.get("latest_only", False)
+    if not isinstance(latest, bool):
+        raise fail(f"options.latest_only must be true or false; got {latest!r:.50}")
+    out["latest_only"] = latest
+    fid = options.get("frame_id")
     if fid is not None:
         if isinstance(fid, bool) or not isinstance(fid, (str, int)) or len(str(fid)) > MAX_ID_CHARS \
                 or not _unicode(str(fid)):
             raise fail(f"options.frame_id must be a string (at most {MAX_ID_CHARS} chars), an integer or null")
         out["frame_id"] = str(fid)
-    out["stamp"] = _check_stamp(out.get("stamp"), "options.stamp", fail)
-    out["track"] = _check_track(out.get("track"), fail)
-    if out["track"] is not None and (out["mode"] not in ("fast", "chat") or out.get("answer") is not None):
-        raise fail("options.track works with mode fast or chat and no forced answer")
-    stream = out.get("stream")
-    if stream is not None and (not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS
-                               or not _unicode(stream)):
-        raise fail(f"options.stream must be a non-empty string of at most {MAX_ID_CHARS} chars")
-    intr = out.get("intrinsics")
+    out["stamp"] = _check_stamp(options.get("stamp"), "options.stamp", fail)
+    stream = options.get("stream")
+    if stream is not None:
+        if not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS or not _unicode(stream):
+            raise fail(f"options.stream must be a non-empty string of at most {MAX_ID_CHARS} chars")
+        out["stream"] = stream
+    intr = options.get("intrinsics")
     if intr is not None:
         numbers = [_number(v) for v in intr] if isinstance(intr, list) and len(intr) == 4 else []
         values = [v for v in numbers if v is not None]
         if len(values) != 4 or values[0] <= 0 or values[1] <= 0:
             raise fail(f"options.intrinsics must be [fx, fy, cx, cy] (finite pixels, fx, fy > 0); got {intr!r:.200}")
         out["intrinsics"] = values
-    return out
+    return out, query, track
 
 
 def _check_image_spec(spec: Any, rid: Any, limits: Limits) -> dict[str, Any]:
@@ -483,7 +371,7 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
     except InvalidQueryError as exc:
         raise _bad(str(exc), rid, Code.INVALID_QUERY) from None
     spec = _check_image_spec(header.get("image"), rid, limits)
-    options = _check_options(header.get("options"), rid, limits)
+    options, query_options, track = _check_options(header.get("options"), rid, limits)
     dspec = header.get("depth")
     expected = 3 if dspec is not None else 2
     if len(frames) != expected:
@@ -530,91 +418,8 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
         depth_spec = {"shape": list(dshape), "dtype": dtype, "scale": float(scale), "tolerance_s": float(tolerance),
                       "stamp": _check_stamp(dspec.get("stamp"), "depth.stamp", stamp_fail)}
     return Request(id=rid, op=op, query=query, image_spec=spec, image_data=data, depth_spec=depth_spec,
-                   depth_data=depth_data, options=options, timeout_ms=timeout_ms)
-
-
-# ------------------------------------------------------------------------------------------ images
-
-_MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
-
-
-def decode_image(spec: dict[str, Any], data: bytes, limits: Limits | None = None) -> np.ndarray:
-    """Decode an image frame into a writable HxWx3 uint8 RGB array.
-
-    JPEG / PNG go through the one decoder every door uses (:func:`lisa_agent.images.decode_image_bytes`):
-    the size is read from the file header and checked against ``limits.max_side`` before any pixel is
-    decoded (a decompression bomb costs nothing); 16-bit and grey images are converted as everywhere;
-    EXIF orientation is ignored so pixels arrive exactly as the client encoded them.
-    """
-    from ..images import decode_image_bytes
-
-    limits = limits or Limits()
-    fmt = spec["format"]
-    if fmt == "raw":
-        h, w, c = spec["shape"]
-        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, c).copy()  # writable, owned by the caller
-    if not data.startswith(_MAGIC[fmt]):
-        raise ProtocolError(Code.INVALID_IMAGE, f"image.format is {fmt!r} but the frame is not {fmt.upper()} data "
-                                                f"(starts with {data[:8]!r})")
-    try:
-        image = decode_image_bytes(data, max_side=limits.max_side, exif=False, label=f"the {fmt.upper()} image")
-    except LisaError as exc:  # too_large or invalid_image, with the decoder's message
-        raise ProtocolError(exc.code, str(exc)) from None
-    if "shape" in spec and list(image.shape) != spec["shape"]:
-        raise ProtocolError(Code.INVALID_IMAGE, f"decoded {fmt.upper()} image has shape {list(image.shape)}; the "
-                                                f"header says {spec['shape']}")
-    return image
-
-
-def decode_depth(spec: dict[str, Any], data: bytes, shape: tuple[int, int]) -> np.ndarray:
-    """Depth frame -> HxW float32 metres, NaN where invalid (0, NaN, inf). Raises ``invalid_image`` when it does not match ``shape``."""
-    dshape = tuple(spec["shape"])
-    if dshape != tuple(shape):
-        raise ProtocolError(Code.INVALID_IMAGE, f"depth shape {list(dshape)} does not match the image's {list(shape)}")
-    raw = np.frombuffer(data, dtype=DEPTH_DTYPES[spec["dtype"]]).reshape(dshape)
-    depth = raw.astype(np.float32) * np.float32(spec["scale"])
-    depth[~np.isfinite(depth) | (depth <= 0)] = np.nan
-    return depth
-
-
-def encode_image(image: np.ndarray, encoding: str = "raw", quality: int = 90) -> tuple[dict[str, Any], bytes]:
-    """Client side: (image spec for the header, image frame bytes) for an HxWx3 uint8 RGB array."""
-    from ..frames import check_image
-
-    image = check_image(image)
-    shape = [int(v) for v in image.shape]
-    if encoding == "raw":
-        return {"format": "raw", "shape": shape, "dtype": "uint8"}, image.tobytes()
-    if encoding not in ("jpeg", "png"):
-        raise InvalidArgumentError(f"encoding must be one of {list(IMAGE_FORMATS)}; got {encoding!r}")
-    import cv2
-
-    bgr = np.ascontiguousarray(image[..., ::-1])
-    params = [cv2.IMWRITE_JPEG_QUALITY, int(quality)] if encoding == "jpeg" else [cv2.IMWRITE_PNG_COMPRESSION, 1]
-    ok, buf = cv2.imencode(".jpg" if encoding == "jpeg" else ".png", bgr, params)
-    if not ok:  # pragma: no cover - OpenCV encodes any valid uint8 RGB image
-        raise InvalidImageError(f"OpenCV could not encode the image as {encoding}")
-    return {"format": encoding, "shape": shape, "dtype": "uint8"}, buf.tobytes()
-
-
-def encode_depth(depth: np.ndarray, scale: float | None = None, *, stamp: Stamp | None = None,
-                 tolerance_s: float = DEPTH_TOLERANCE_S) -> tuple[dict[str, Any], bytes]:
-    """Client side: (depth spec, bytes) for an HxW uint16 (default mm) or float32 (default m) array,
-    with the depth's ``stamp`` and the colour/depth ``tolerance_s`` (see :class:`~lisa_agent.frames.Frame`)."""
-    depth = np.asarray(depth)
-    if depth.ndim != 2:
-        raise InvalidImageError(f"depth must be HxW; got shape {depth.shape}")
-    if depth.dtype == np.uint16:
-        dtype = "uint16"
-    elif depth.dtype in (np.float32, np.float64):
-        dtype = "float32"
-    else:
-        raise InvalidImageError(f"depth must be uint16 (mm) or float32 (m); got {depth.dtype}")
-    arr = np.ascontiguousarray(depth, dtype=DEPTH_DTYPES[dtype])
-    spec = {"shape": [int(v) for v in depth.shape], "dtype": dtype,
-            "scale": float(DEFAULT_DEPTH_SCALE[dtype] if scale is None else scale),
-            "stamp": None if stamp is None else stamp.to_dict(), "tolerance_s": float(tolerance_s)}
-    return spec, arr.tobytes()
+                   depth_data=depth_data, options=options, timeout_ms=timeout_ms, query_options=query_options,
+                   track=track)
 
 
 # ------------------------------------------------------------------------------------------ headers
@@ -627,13 +432,12 @@ def build_header(request_id: Any, op: str, **fields: Any) -> bytes:
     return json.dumps(header, separators=(",", ":")).encode("utf-8")
 
 
-def encode_reply(request_id: Any, result: Any = None, error: LisaError | None = None,
+def encode_reply(request_id: Any, result: Any = None, error: BaseException | None = None,
                  extra_frames: list[bytes] | None = None) -> list[bytes]:
-    """Server side: the reply frames (header JSON first). ``error`` wins over ``result``."""
+    """Server side: the reply frames (header JSON first). ``error`` wins over ``result``: its
+    :func:`~lisa_agent.errors.describe_error` (``{"code", "message", "advice"}``)."""
     if error is not None:
-        code = getattr(error, "code", Code.INTERNAL)
-        body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": False,
-                "error": {"code": str(code), "message": str(error)}}
+        body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": describe_error(error).to_dict()}
         extra_frames = None
     else:
         body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
@@ -653,21 +457,3 @@ def parse_reply(frames: list[bytes]) -> dict[str, Any]:
     if not isinstance(reply, dict) or "ok" not in reply:
         raise RemoteError(Code.INTERNAL, f"server reply is not a protocol reply: {reply!r:.200}")
     return reply
-
-
-def logits_frames(result: Any) -> tuple[dict[str, Any] | None, list[bytes]]:
-    """Server side: (descriptor, frames) carrying ``result.logits`` (N x H x W float32) if present."""
-    logits = getattr(result, "logits", None)
-    if logits is None:
-        return None, []
-    arr = np.ascontiguousarray(np.asarray(logits, dtype="<f4"))
-    return {"shape": [int(v) for v in arr.shape], "dtype": "float32", "frame": 1}, [arr.tobytes()]
-
-
-def logits_from_frames(desc: dict[str, Any], frames: list[bytes]) -> np.ndarray:
-    """Client side: inverse of :func:`logits_frames` (``frames`` = the reply frames, header first)."""
-    k = int(desc.get("frame", 1))
-    if k >= len(frames):
-        raise RemoteError(Code.INTERNAL, "reply announces logits but the frame is missing")
-    shape = tuple(int(v) for v in desc["shape"])
-    return np.frombuffer(frames[k], dtype="<f4").reshape(shape).copy()

@@ -59,9 +59,9 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import Response
 
 from .. import __version__, errors
+from ..backend import SegmentBackend
 from ..config import EngineConfig
-from ..errors import InvalidArgumentError, LisaError
-from ..frames import SegmentBackend
+from ..errors import Code, InvalidArgumentError, LisaError, ProtocolError, RemoteError
 from ..result import SegmentationResult
 from .execution import TRACK_BUDGET_BYTES, TRACK_IDLE_S, Job, TrackSessions, default_stream, run_on_one_frame
 from .http_transport import (
@@ -76,10 +76,7 @@ from .protocol import (
     OPS,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
-    Code,
     Limits,
-    ProtocolError,
-    RemoteError,
     Request,
     encode_reply,
     parse_request,

@@ -22,14 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..errors import InvalidArgumentError
+from ..errors import Code, InvalidArgumentError, code_info
 
 KeyPair = tuple[bytes, bytes]
-
-#: Codes of the guard's refusals (the console's API and the Ray ingress reply with them).
-FORBIDDEN_HOST = "forbidden_host"
-CROSS_ORIGIN = "cross_origin"
-UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
 
 
 def is_loopback_host(host: str) -> bool:
@@ -45,11 +40,15 @@ def is_loopback_host(host: str) -> bool:
 
 @dataclass(frozen=True)
 class Refusal:
-    """Why :func:`refuse_browser_request` refused a request: the HTTP status, the error code, a message."""
+    """Why :func:`refuse_browser_request` refused a request: the error code (:class:`~lisa_agent.errors.Code`)
+    and a message; ``status`` is the code's HTTP status."""
 
-    status: int
     code: str
     message: str
+
+    @property
+    def status(self) -> int:
+        return code_info(self.code).status
 
 
 def _host_port(authority: str, scheme: str = "http") -> tuple[str, int | None]:
@@ -82,17 +81,17 @@ def refuse_browser_request(method: str, host: str | None, origin: str | None, co
     name, port = _host_port(host or "")
     allowed_hosts = {h.strip().strip("[]").lower() for h in hosts}
     if check_host and not (is_loopback_host(name) or name in allowed_hosts or "*" in allowed_hosts):
-        return Refusal(403, FORBIDDEN_HOST, f"host {host!r} is not this machine's loopback address")
+        return Refusal(Code.FORBIDDEN_HOST, f"host {host!r} is not this machine's loopback address")
     if origin is not None:
         seen = origin.strip().rstrip("/").lower()
         scheme = urlsplit(seen).scheme
         same = seen != "null" and bool(name) and _host_port(urlsplit(seen).netloc, scheme) == (name, port)
         if not same and seen not in {o.strip().rstrip("/").lower() for o in origins}:
-            return Refusal(403, CROSS_ORIGIN, f"requests from pages of another site ({origin[:100]!r}) are refused")
+            return Refusal(Code.CROSS_ORIGIN, f"requests from pages of another site ({origin[:100]!r}) are refused")
     if json_posts and method.upper() == "POST":
         mime = (content_type or "").split(";", 1)[0].strip().lower()
         if mime != "application/json":
-            return Refusal(415, UNSUPPORTED_MEDIA_TYPE, "send the body as JSON (Content-Type: application/json)")
+            return Refusal(Code.UNSUPPORTED_MEDIA_TYPE, "send the body as JSON (Content-Type: application/json)")
     return None
 
 

@@ -30,8 +30,8 @@ from collections.abc import Callable
 from typing import Any
 
 from .. import __version__
-from ..errors import InvalidArgumentError, LisaError
-from ..frames import SegmentBackend
+from ..backend import SegmentBackend
+from ..errors import Code, InvalidArgumentError, LisaError, ProtocolError, RemoteError
 from ..result import SegmentationResult
 from . import security
 from .execution import TRACK_BUDGET_BYTES, TRACK_IDLE_S, Job, TrackSessions, default_stream, run_on_one_frame
@@ -39,10 +39,7 @@ from .protocol import (
     OPS,
     PROTOCOL_VERSION,
     SUPPORTED_VERSIONS,
-    Code,
     Limits,
-    ProtocolError,
-    RemoteError,
     Request,
     encode_reply,
     parse_request,

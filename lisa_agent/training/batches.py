@@ -249,8 +249,8 @@ class ReferSource:
     """
 
     def __init__(self, data: str, datasets: Sequence[str] | None = None):
-        from ..data.reasonseg import DatasetError
         from ..data.refcoco import DATASET_IMAGES, TRAIN_SPLIT_BY, ReferDataset, find_root
+        from ..errors import DatasetError
 
         if datasets is None:
             datasets = []
