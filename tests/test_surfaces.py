@@ -634,7 +634,7 @@ def _nest(value: Any, depth: int) -> str:
     return "[" * depth + json.dumps(value) + "]" * depth
 
 
-def _dumps(value: Any) -> bytes:
+def dumps_json(value: Any) -> bytes:
     return json.dumps(value).encode()  # ensure_ascii: lone surrogates travel as \ud800 escapes
 
 
@@ -642,8 +642,8 @@ console_bodies = st.one_of(
     st.fixed_dictionaries({}, optional={"text": st.one_of(_unicode_text(2100), json_values),
                                         "mode": st.one_of(st.sampled_from(["fast", "chat", "reference"]), json_values),
                                         "index": json_values, "point": json_values, "on": json_values,
-                                        "extra": json_values}).map(_dumps),
-    json_values.map(_dumps),
+                                        "extra": json_values}).map(dumps_json),
+    json_values.map(dumps_json),
     st.builds(lambda v, d: ('{"text": ' + _nest(v, d) + "}").encode(), json_values, st.integers(1, 5000)),
     st.integers(60_000, 70_000).map(lambda n: json.dumps({"text": "x" * n}).encode()),  # around the 64 KB limit
     st.binary(max_size=200),
@@ -689,12 +689,12 @@ header_values = st.fixed_dictionaries({}, optional={
     "timeout_ms": json_values, "depth": json_values,
 })
 ray_bodies = st.one_of(
-    st.builds(lambda h, f: _dumps({"header": h, "frames": f}), header_values,
+    st.builds(lambda h, f: dumps_json({"header": h, "frames": f}), header_values,
               st.one_of(st.lists(st.binary(max_size=300).map(lambda b: base64.b64encode(b).decode()), max_size=3),
                         json_values)),
     st.builds(lambda h, d: ('{"header": ' + json.dumps(h)[:-1] + (", " if len(h) else "") + '"x": '
                             + _nest(0, d) + "}}").encode(), header_values, st.integers(1, 5000)),
-    json_values.map(_dumps),
+    json_values.map(dumps_json),
     st.binary(max_size=300),
 )
 

@@ -278,9 +278,9 @@ def test_one_error_reads_the_same_through_every_door(exc, code, status):
         raise exc
     assert str(raised.value) == info.sentence() and str(raised.value).startswith(info.title)
     # the console's API: the same code and the code's HTTP status
-    from lisa_agent.console.web import _error
+    from lisa_agent.console.http import error_response
 
-    response = _error(info.code, info.message, info.advice)
+    response = error_response(info.code, info.message, info.advice)
     assert response.status == status and json.loads(response.text)["error"] == info.to_dict()
 
 

@@ -26,10 +26,8 @@ it (or answer the heartbeat) within ``ws_send_timeout_s`` (``ws_heartbeat_s``) i
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import hmac
-import json
 import logging
 import math
 import secrets
@@ -40,20 +38,20 @@ from typing import Any
 
 from aiohttp import WSMsgType, web
 
-from ..errors import (
-    Code,
-    InvalidArgumentError,
-    LisaError,
-    NoFrameError,
-    UnknownTargetError,
-    code_info,
-    describe_error,
-)
-from ..serving.gate import reset_connection
+from ..errors import Code, InvalidArgumentError, LisaError, NoFrameError, UnknownTargetError, describe_error
 from ..serving.protocol import json_loads
-from ..serving.security import check_listen, is_loopback_host, refuse_browser_request
+from ..serving.security import is_loopback_host, refuse_browser_request
 from .answers import Answer, FrameEvent
 from .core import MAX_PENDING, ConsoleCore
+from .http import (
+    CSP,
+    SECURITY_HEADERS,
+    TOKEN_COOKIE,
+    WebSocketClient,
+    check_access,
+    dumps_json,
+    error_response,
+)
 
 log = logging.getLogger("lisa_agent.console")
 
@@ -63,92 +61,8 @@ ASSETS = {"index.html": "text/html", "console.js": "text/javascript", "console.c
           "favicon.svg": "image/svg+xml"}
 #: Largest request body (bytes): an instruction is at most MAX_INSTRUCTION_CHARS characters.
 MAX_BODY_BYTES = 64 * 1024
-#: Text messages kept for a WebSocket client that reads slowly (older ones are dropped).
-WS_BACKLOG = 64
-TOKEN_COOKIE = "lisa_console_token"
-MIN_TOKEN_CHARS = 12
-_SECURITY_HEADERS = {
-    "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
-    "X-Frame-Options": "DENY",
-    "Cache-Control": "no-store",
-}
-_CSP = ("default-src 'self'; img-src 'self' blob: data:; connect-src 'self'; style-src 'self'; "
-        "script-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'")
-
-
 #: ``localhost`` and loopback addresses: the serving layer's rule (:func:`~lisa_agent.serving.security.is_loopback_host`).
 is_loopback = is_loopback_host
-
-
-def _error(code: str, message: str, advice: str | None = None) -> web.Response:
-    """The API's error reply: ``{"error": {"code", "message", "advice"}}`` with the code's HTTP status."""
-    info = code_info(code)
-    return web.json_response({"error": {"code": code, "message": " ".join(str(message).split())[:2000],
-                                        "advice": info.advice if advice is None else advice}},
-                             status=info.status, headers=_SECURITY_HEADERS)
-
-
-def _dumps(payload: Any) -> str:
-    return json.dumps(payload, allow_nan=False, separators=(",", ":"))
-
-
-def check_access(host: str, port: int, token: str | None, *, listen: bool = False) -> None:
-    """Refuse (:class:`InvalidArgumentError`) a port out of range or a weak token (fewer than
-    ``MIN_TOKEN_CHARS`` printable characters, or spaces); with ``listen``, also an address this machine cannot
-    listen on. The console command checks this before it loads a model."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise InvalidArgumentError(f"port must be in [0, 65535]; got {port!r}")
-    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
-        raise InvalidArgumentError(f"token must be at least {MIN_TOKEN_CHARS} printable characters without spaces")
-    if listen:
-        check_listen(host, port, "--bind")
-
-
-class _Client:
-    """One WebSocket client: its own sender task, the newest frame only, a bounded backlog of JSON messages.
-    A send that the client does not take within ``send_timeout_s`` (it stopped reading: the socket's buffers
-    are full) aborts the connection."""
-
-    def __init__(self, ws: web.WebSocketResponse, transport: asyncio.BaseTransport | None,
-                 send_timeout_s: float) -> None:
-        self.ws = ws
-        self.transport = transport
-        self.send_timeout_s = send_timeout_s
-        self.texts: collections.deque[str] = collections.deque(maxlen=WS_BACKLOG)
-        self.frame: bytes | None = None
-        self.wake = asyncio.Event()
-
-    async def _send(self, data: str | bytes) -> None:
-        send = self.ws.send_str(data) if isinstance(data, str) else self.ws.send_bytes(data)
-        try:
-            await asyncio.wait_for(send, self.send_timeout_s)
-        except asyncio.TimeoutError:
-            log.info("console: a WebSocket client took nothing for %.3g s; dropping it", self.send_timeout_s)
-            if self.transport is not None:
-                reset_connection(self.transport)  # close() would wait for the full buffer to drain, i.e. for ever
-            raise ConnectionError("WebSocket client stalled") from None
-
-    def push_text(self, text: str) -> None:
-        self.texts.append(text)
-        self.wake.set()
-
-    def push_frame(self, jpeg: bytes) -> None:
-        self.frame = jpeg  # a slow client skips frames; it never builds a backlog of them
-        self.wake.set()
-
-    async def run(self) -> None:
-        try:
-            while not self.ws.closed:
-                await self.wake.wait()
-                self.wake.clear()
-                while self.texts and not self.ws.closed:
-                    await self._send(self.texts.popleft())
-                if self.frame is not None and not self.ws.closed:
-                    frame, self.frame = self.frame, None
-                    await self._send(frame)
-        except (ConnectionError, RuntimeError, asyncio.CancelledError):
-            pass  # the client went away (possibly mid-frame): its handler cleans up
 
 
 class ConsoleServer:
@@ -184,7 +98,7 @@ class ConsoleServer:
         self.ws_send_timeout_s = float(ws_send_timeout_s)
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=MAX_PENDING + 2,
                                                            thread_name_prefix="lisa-console-model")
-        self._clients: set[_Client] = set()
+        self._clients: set[WebSocketClient] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._runner: web.AppRunner | None = None
         self._thread: threading.Thread | None = None
@@ -214,14 +128,14 @@ class ConsoleServer:
                 raise
             code = {404: Code.NOT_FOUND, 405: Code.METHOD_NOT_ALLOWED, 413: Code.TOO_LARGE}.get(exc.status,
                                                                                                    Code.BAD_REQUEST)
-            return _error(code, exc.text or exc.reason)
+            return error_response(code, exc.text or exc.reason)
         except (ConnectionError, asyncio.CancelledError):
             raise
         except Exception as exc:  # the model's failure or a bug: answer, log, keep serving
             if not isinstance(exc, LisaError):
                 log.exception("console: %s %s failed", request.method, request.path)
             info = describe_error(exc)
-            return _error(info.code, info.message, info.advice)
+            return error_response(info.code, info.message, info.advice)
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -230,12 +144,12 @@ class ConsoleServer:
                                          request.headers.get("Content-Type"), check_host=not self.require_token,
                                          hosts=[self.host])
         if refusal is not None:
-            return _error(refusal.code, refusal.message)
+            return error_response(refusal.code, refusal.message)
         from_query = False
         if self.require_token:
             offered = self._offered_token(request)
             if offered is None or not hmac.compare_digest(offered.encode(), str(self.token).encode()):
-                return _error(Code.UNAUTHORIZED, "this console needs its access token: open the URL printed at "
+                return error_response(Code.UNAUTHORIZED, "this console needs its access token: open the URL printed at "
                               "its start (…/?token=…) or send 'Authorization: Bearer TOKEN'")
             from_query = request.query.get("token") is not None
         response = await handler(request)
@@ -263,9 +177,9 @@ class ConsoleServer:
     def _asset(self, name: str) -> web.StreamResponse:
         kind = ASSETS.get(name)
         if kind is None:
-            return _error(Code.NOT_FOUND, f"no asset {name!r}")
+            return error_response(Code.NOT_FOUND, f"no asset {name!r}")
         body = (STATIC_DIR / name).read_bytes()
-        headers = {**_SECURITY_HEADERS, "Content-Security-Policy": _CSP, "Cache-Control": "no-cache"}
+        headers = {**SECURITY_HEADERS, "Content-Security-Policy": CSP, "Cache-Control": "no-cache"}
         return web.Response(body=body, content_type=kind, charset="utf-8" if kind.startswith("text/") else None,
                             headers=headers)
 
@@ -287,13 +201,13 @@ class ConsoleServer:
             raise InvalidArgumentError(f"unknown keys {unknown}; allowed: {sorted(allowed)}")
 
     async def _state(self, request: web.Request) -> web.Response:
-        return web.json_response(self.core.state(), dumps=_dumps, headers=_SECURITY_HEADERS)
+        return web.json_response(self.core.state(), dumps=dumps_json, headers=SECURITY_HEADERS)
 
     async def _frame(self, request: web.Request) -> web.Response:
         latest = self.core.latest_frame()
         if latest is None:
             raise NoFrameError("no frame yet")
-        return web.Response(body=latest.jpeg, content_type="image/jpeg", headers=_SECURITY_HEADERS)
+        return web.Response(body=latest.jpeg, content_type="image/jpeg", headers=SECURITY_HEADERS)
 
     async def _instruction(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -305,7 +219,7 @@ class ConsoleServer:
                                                                           body.get("mode"))
         target = self.core.target()
         return web.json_response(answer.to_dict(None if target is None or target["request"] != answer.request
-                                                else target["index"]), dumps=_dumps, headers=_SECURITY_HEADERS)
+                                                else target["index"]), dumps=dumps_json, headers=SECURITY_HEADERS)
 
     async def _target(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -324,7 +238,7 @@ class ConsoleServer:
         else:
             raise InvalidArgumentError('the body needs "index" (a mask number, or null to clear) or "point": [x, y]')
         state.pop("last_result", None)
-        return web.json_response(state, dumps=_dumps, headers=_SECURITY_HEADERS)
+        return web.json_response(state, dumps=dumps_json, headers=SECURITY_HEADERS)
 
     async def _continuous(self, request: web.Request) -> web.Response:
         body = await self._body(request)
@@ -333,15 +247,15 @@ class ConsoleServer:
             raise InvalidArgumentError('the body needs "on": true or false')
         state = await asyncio.get_running_loop().run_in_executor(self._pool, self.core.set_continuous, body["on"])
         state.pop("last_result", None)
-        return web.json_response(state, dumps=_dumps, headers=_SECURITY_HEADERS)
+        return web.json_response(state, dumps=dumps_json, headers=SECURITY_HEADERS)
 
     # ------------------------------------------------------------------ WebSocket
     async def _websocket(self, request: web.Request) -> web.StreamResponse:
         ws = web.WebSocketResponse(heartbeat=self.ws_heartbeat_s, max_msg_size=MAX_BODY_BYTES)
         transport = request.transport
         await ws.prepare(request)
-        client = _Client(ws, transport, self.ws_send_timeout_s)
-        client.push_text(_dumps({"type": "hello", "state": self.core.state()}))
+        client = WebSocketClient(ws, transport, self.ws_send_timeout_s)
+        client.push_text(dumps_json({"type": "hello", "state": self.core.state()}))
         latest = self.core.latest_frame()
         if latest is not None:
             client.push_frame(latest.jpeg)
@@ -350,7 +264,7 @@ class ConsoleServer:
         try:
             async for msg in ws:
                 if msg.type == WSMsgType.TEXT and msg.data.strip() == '{"type":"ping"}':
-                    client.push_text(_dumps({"type": "pong"}))
+                    client.push_text(dumps_json({"type": "pong"}))
                 elif msg.type == WSMsgType.ERROR:
                     break
                 # anything else a client sends is ignored: the API is HTTP
@@ -375,11 +289,11 @@ class ConsoleServer:
             assert isinstance(payload, Answer)
             target = self.core.target()
             index = None if target is None or target["request"] != payload.request else target["index"]
-            data = _dumps({"type": "result", "result": payload.to_dict(index)})
+            data = dumps_json({"type": "result", "result": payload.to_dict(index)})
         elif kind == "state":
-            data = _dumps({"type": "state", "state": payload})
+            data = dumps_json({"type": "state", "state": payload})
         elif kind == "error":
-            data = _dumps({"type": "error", "error": payload})
+            data = dumps_json({"type": "error", "error": payload})
         else:
             return
         try:
