@@ -105,8 +105,7 @@ CODES: dict[str, CodeInfo] = {
     Code.NO_FRAME: CodeInfo(503, "No camera frame", "No camera frame has arrived yet; check the camera, then call "
                                                     "again.", retry=True),
     Code.UNAVAILABLE: CodeInfo(503, "Unavailable", "The vision model server is down or unreachable; retrying now "
-                                                   "will not help. Tell the user the vision model is unavailable.",
-                               retry=True),
+                                                   "will not help. Tell the user the vision model is unavailable."),
     Code.INTERNAL: CodeInfo(500, "Vision model failed", "Do not retry with the same input; tell the user the vision "
                                                         "model failed (the service logged why)."),
     Code.CHECKPOINT_ERROR: CodeInfo(500, "Bad checkpoint", "Check the checkpoint folder the message names."),

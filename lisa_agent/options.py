@@ -10,7 +10,7 @@ parameter, a launch argument or a form field carries). The doors are generated f
 object (the wire protocol's ``options``, the console's API, tool arguments). No door keeps defaults of
 its own: where a door has a reason to start elsewhere it says so through ``defaults=`` and its help.
 
-The defaults, chosen once (docs/result.md, "Options"):
+The defaults, chosen once (docs/vocabulary.md):
 
 - ``QueryOptions()``: ``fast`` mode (one teacher-forced pass, LISA's own evaluation), at most 32 new tokens
   in ``chat``, the forced answer ``"Sure, [SEG]."``, no logits.
