@@ -22,7 +22,8 @@ from lisa_agent.errors import Code, InvalidQueryError, LimitExceededError, Proto
 from lisa_agent.options import QueryOptions
 from lisa_agent.serving.client import LisaClient
 from lisa_agent.serving.codecs import encode_depth, encode_image
-from lisa_agent.serving.protocol import Request, build_header
+from lisa_agent.serving.framing import build_header
+from lisa_agent.serving.protocol import Request
 from lisa_agent.serving.server import LisaServer
 
 ANY_PORT = "tcp://127.0.0.1:*"

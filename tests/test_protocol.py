@@ -22,15 +22,15 @@ from lisa_agent.errors import (
 )
 from lisa_agent.errors import error_from_dict as error_from_reply
 from lisa_agent.serving.codecs import decode_image, encode_depth, encode_image
-from lisa_agent.serving.protocol import (
+from lisa_agent.serving.framing import (
     ERROR_CODES,
     PROTOCOL_VERSION,
     Limits,
     build_header,
     encode_reply,
     parse_reply,
-    parse_request,
 )
+from lisa_agent.serving.protocol import parse_request
 from lisa_agent.serving.security import check_bind, is_loopback_endpoint
 
 
@@ -195,6 +195,18 @@ def test_replies_and_error_mapping():
     assert type(other) is RemoteError and other.code == "unknown_op" and "no such op" in str(other)
     with pytest.raises(RemoteError):
         parse_reply([b"garbage"])
+
+
+def test_the_public_names_keep_their_import_paths():
+    """Users and docs import these from lisa_agent.serving.protocol / .client / .server (their homes moved when
+    the modules were split by responsibility)."""
+    from lisa_agent.serving import client, framing, protocol, server
+
+    for name in ("PROTOCOL_VERSION", "Limits", "build_header", "encode_reply", "parse_reply"):
+        assert getattr(protocol, name) is getattr(framing, name)
+    assert protocol.Request.__module__ == protocol.parse_request.__module__ == "lisa_agent.serving.protocol"
+    assert client.LisaClient.__name__ == "LisaClient" and client.AsyncLisaClient.__name__ == "AsyncLisaClient"
+    assert server.LisaServer.__name__ == "LisaServer"
 
 
 def test_bind_rule():

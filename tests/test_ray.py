@@ -52,8 +52,8 @@ from lisa_agent.errors import (
 )
 from lisa_agent.result import SegmentationResult
 from lisa_agent.serving import ray_app
+from lisa_agent.serving.framing import ERROR_CODES, Limits, build_header
 from lisa_agent.serving.http_transport import encode_http_request
-from lisa_agent.serving.protocol import ERROR_CODES, Limits, build_header
 from lisa_agent.serving.server import LisaServer
 
 pytestmark = pytest.mark.slow

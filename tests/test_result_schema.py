@@ -29,7 +29,7 @@ def test_the_server_reply_is_the_result_schema(tiny_segmenter):
     import zmq
 
     from lisa_agent.serving.codecs import encode_depth, encode_image
-    from lisa_agent.serving.protocol import build_header
+    from lisa_agent.serving.framing import build_header
     from lisa_agent.serving.server import LisaServer
 
     image = random_frame(48, 64, seed=5)

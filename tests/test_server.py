@@ -31,7 +31,7 @@ from lisa_agent.errors import (
 from lisa_agent.geometry import Intrinsics, mask_target
 from lisa_agent.result import SegmentationResult
 from lisa_agent.serving.codecs import decode_image, encode_image
-from lisa_agent.serving.protocol import ERROR_CODES, PROTOCOL_VERSION, Limits, build_header
+from lisa_agent.serving.framing import ERROR_CODES, PROTOCOL_VERSION, Limits, build_header
 from lisa_agent.serving.security import create_keypair
 from lisa_agent.serving.server import LisaServer
 

@@ -46,8 +46,8 @@ from lisa_agent.integrations.foxglove import FoxglovePublisher
 from lisa_agent.options import QueryOptions, TrackOptions
 from lisa_agent.result import SegmentationResult
 from lisa_agent.serving.execution import TrackSessions
+from lisa_agent.serving.framing import ERROR_CODES, Limits, build_header
 from lisa_agent.serving.http_transport import encode_http_request, max_body_bytes
-from lisa_agent.serving.protocol import ERROR_CODES, Limits, build_header
 from lisa_agent.serving.server import LisaServer
 
 ANY_PORT = "tcp://127.0.0.1:*"
@@ -126,14 +126,14 @@ _REPLICA_LOOP: list[asyncio.AbstractEventLoop] = []
 
 
 class Replica:
-    """A Ray Serve replica of :class:`~lisa_agent.serving.ray_app.LisaDeployment` in this process, driven by
+    """A Ray Serve replica of :class:`~lisa_agent.serving.ray_replica.LisaDeployment` in this process, driven by
     starlette requests (as Serve's proxy drives a replica) on one event loop kept for the whole session:
     ``serve.batch`` keeps one batch queue per decorated method, bound to the loop that first used it."""
 
     def __init__(self, backend_factory: Callable[[], Any], **settings: Any) -> None:
-        from lisa_agent.serving import ray_app
+        from lisa_agent.serving import ray_replica
 
-        self.deployment = ray_app.LisaDeployment.func_or_class(settings=settings, backend_factory=backend_factory)
+        self.deployment = ray_replica.LisaDeployment.func_or_class(settings=settings, backend_factory=backend_factory)
         if not _REPLICA_LOOP:
             _REPLICA_LOOP.append(asyncio.new_event_loop())
         self.loop = _REPLICA_LOOP[0]
@@ -167,7 +167,7 @@ class Replica:
         return self.deployment.health()
 
     def close(self) -> None:
-        self.deployment._executor.shutdown(wait=True)
+        self.deployment.worker.close()
 
 
 @pytest.fixture

@@ -205,7 +205,7 @@ def test_the_server_tracks_a_stream_between_reasoning_steps(tiny_segmenter):
     import zmq
 
     from lisa_agent.serving.codecs import encode_image
-    from lisa_agent.serving.protocol import build_header
+    from lisa_agent.serving.framing import build_header
     from lisa_agent.serving.server import LisaServer
 
     seq = render_sequence(SEED, n_frames=8, size=(96, 128))

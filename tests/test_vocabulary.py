@@ -38,7 +38,8 @@ from lisa_agent.options import (
     track_options_from_args,
 )
 from lisa_agent.serving.codecs import encode_image
-from lisa_agent.serving.protocol import OPTION_KEYS, build_header, encode_reply, parse_request
+from lisa_agent.serving.framing import build_header, encode_reply
+from lisa_agent.serving.protocol import OPTION_KEYS, parse_request
 
 QUERY = {f.name for f in fields(QueryOptions)}
 TRACK = {f.name for f in fields(TrackOptions)}

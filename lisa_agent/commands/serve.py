@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import engine_config_from_args
     from ..errors import InvalidArgumentError
     from ..serving import security
-    from ..serving.protocol import Limits
+    from ..serving.framing import Limits
     from ..serving.server import LisaServer
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -208,6 +208,7 @@ def _run_ray(args: argparse.Namespace, config: EngineConfig, log: logging.Logger
         raise InvalidArgumentError(f"--engine ray needs Ray Serve ({exc}): pip install 'lisa-agent[ray]'") from None
     from ray import serve
 
+    from ..serving.framing import PROTOCOL_VERSION
     from ..serving.security import is_loopback_host
 
     # a loopback ingress answers loopback Host names only (DNS rebinding); one on a network (--insecure) any
@@ -237,7 +238,7 @@ def _run_ray(args: argparse.Namespace, config: EngineConfig, log: logging.Logger
         deployed = True
         url = ray_app.deploy(app, http_host=args.http_host, http_port=args.http_port)
         log.info("serving %s on %s (Ray Serve, %s replica(s), protocol %d)", config.model, url, count,
-                 ray_app.PROTOCOL_VERSION)
+                 PROTOCOL_VERSION)
         if args.detach:
             deployed = False
             log.info("detached: application %r stays on the cluster", ray_app.APP_NAME)

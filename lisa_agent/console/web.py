@@ -39,7 +39,7 @@ from typing import Any
 from aiohttp import WSMsgType, web
 
 from ..errors import Code, InvalidArgumentError, LisaError, NoFrameError, UnknownTargetError, describe_error
-from ..serving.protocol import json_loads
+from ..serving.framing import json_loads
 from ..serving.security import is_loopback_host, refuse_browser_request
 from .answers import Answer, FrameEvent
 from .core import MAX_PENDING, ConsoleCore

@@ -2,11 +2,11 @@
 
 The endpoint's scheme picks the transport:
 
-- ``tcp://`` (``ipc://``, ...): ``lisa-agent serve`` over ZeroMQ. Both clients follow the ZeroMQ guide's
-  "Lazy Pirate" pattern on a DEALER socket: send, poll for the reply up to ``timeout`` seconds, and
-  when nothing comes close the socket (linger 0), open a fresh one and resend, ``retries`` times;
-  then raise :class:`~lisa_agent.errors.ServerUnavailableError`. Every call waits at most
-  ``timeout * (retries + 1)`` seconds. Replies are matched by request id, so a late reply to an
+- ``tcp://`` (``ipc://``, ...): ``lisa-agent serve`` over ZeroMQ (:mod:`~lisa_agent.serving.zmq_transport`).
+  Both clients follow the ZeroMQ guide's "Lazy Pirate" pattern on a DEALER socket: send, poll for the reply
+  up to ``timeout`` seconds, and when nothing comes close the socket (linger 0), open a fresh one and
+  resend, ``retries`` times; then raise :class:`~lisa_agent.errors.ServerUnavailableError`. Every call waits
+  at most ``timeout * (retries + 1)`` seconds. Replies are matched by request id, so a late reply to an
   earlier call can never be mistaken for the current one.
 - ``http://`` / ``https://``: the Ray Serve deployment (``lisa-agent serve --engine ray``,
   ``http://HOST:8000/lisa``), the same messages as JSON bodies
@@ -17,6 +17,8 @@ The endpoint's scheme picks the transport:
   backpressure (``503``: every replica and its queue full) is ``ServerBusyError``, like ``queue_full``.
   Each request carries the client's stream as ``x-session-id``, so Serve's session affinity keeps a
   client's frames on one replica. The asyncio client runs each exchange in a worker thread.
+
+Here: the clients' API (building requests, reading results); the transports do the sending.
 
 Server errors are raised as the same classes the engine raises in-process (``invalid_image`` ->
 :class:`~lisa_agent.errors.InvalidImageError`, ...) or as
@@ -30,9 +32,7 @@ sequence). An HTTP client's exchanges are serialized by a lock, so sharing one i
 from __future__ import annotations
 
 import asyncio
-import http.client
 import itertools
-import logging
 import os
 import time
 import uuid
@@ -41,40 +41,20 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
 
-from ..errors import (
-    Code,
-    InvalidArgumentError,
-    RemoteError,
-    ServerBusyError,
-    ServerUnavailableError,
-    error_from_dict,
-)
+from ..errors import InvalidArgumentError
 from ..frames import Frame, as_frame, check_query
 from ..options import QueryOptions, TrackOptions
 from ..result import SegmentationResult
 from . import security
 from .codecs import encode_depth, encode_image, logits_from_frames
-from .http_transport import (
-    CONTENT_TYPE,
-    REQUEST_ID_HEADER,
-    SESSION_HEADER,
-    HttpExchange,
-    decode_http_reply,
-    encode_http_request,
-    is_http_endpoint,
-)
-from .protocol import build_header, parse_reply
+from .framing import build_header
+from .http_transport import HttpExchange, is_http_endpoint, request_over_http
+from .zmq_transport import AsyncDealerSocket, DealerSocket, Reply
 
 if TYPE_CHECKING:
-    import zmq
     from typing_extensions import Unpack
 
 DEFAULT_ENDPOINT = "tcp://127.0.0.1:5557"
-#: HTTP statuses Ray Serve answers for a deployment that could not (a replica died mid-request, a
-#: request timeout, a gateway in between failing): the request is sent again
-RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
-
-log = logging.getLogger("lisa_agent.serving.client")
 
 _Keys = tuple[bytes, bytes] | str | os.PathLike[str] | None
 
@@ -115,14 +95,14 @@ class SegmentKeywords(TypedDict, total=False):
 
 
 class _ClientCore:
-    """Request building, reply decoding and socket setup shared by the two clients."""
+    """What the two clients share: their settings, request building and result decoding, and the transport the
+    endpoint's scheme picks (``_dealer_class``: the client's ZeroMQ socket kind)."""
 
-    #: the ZeroMQ context the sockets come from, set by each client (a ``zmq.asyncio.Context``: async);
-    #: None for an HTTP endpoint
-    _ctx: zmq.Context[Any] | None
+    _dealer_class: type[DealerSocket] | type[AsyncDealerSocket]
 
-    def __init__(self, endpoint: str, timeout: float, retries: int, curve_server_key: Any,
-                 curve_client_keys: _Keys) -> None:
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, retries: int = 2,
+                 curve_server_key: str | bytes | os.PathLike[str] | None = None,
+                 curve_client_keys: _Keys = None) -> None:
         if not timeout > 0:
             raise InvalidArgumentError(f"timeout must be > 0 seconds; got {timeout!r}")
         if retries < 0:
@@ -139,42 +119,28 @@ class _ClientCore:
         self.endpoint = endpoint
         self.timeout = float(timeout)
         self.retries = int(retries)
-        self._server_key = security.load_public_key(curve_server_key) if curve_server_key is not None else None
-        self._client_keys = security.client_keypair(curve_client_keys) if curve_client_keys is not None else None
+        server_key = security.load_public_key(curve_server_key) if curve_server_key is not None else None
+        client_keys = security.client_keypair(curve_client_keys) if curve_client_keys is not None else None
         #: stream name sent with every request: names this client's frames on the server (frame
         #: ids, latest_only) and survives socket resets.
         self.stream = uuid.uuid4().hex
         self._ids = itertools.count(1)
-        self._sock: Any = None
+        #: the DEALER socket of a ZeroMQ endpoint; None for HTTP endpoints
+        self._dealer = None if self._http is not None else self._dealer_class(endpoint, server_key, client_keys)
 
     def _new_id(self) -> str:
         return f"{self.stream[:8]}-{next(self._ids)}"
 
-    def _open(self) -> Any:
-        """The DEALER socket, created on first use (and after a reset) from ``self._ctx``."""
-        import zmq
-
-        if self._sock is None:
-            assert self._ctx is not None  # ZeroMQ endpoints only
-            self._sock = self._ctx.socket(zmq.DEALER)
-            self._configure(self._sock)
-        return self._sock
-
     def _reset(self) -> None:
-        if self._sock is not None:
-            self._sock.close(linger=0)
-            self._sock = None
+        if self._dealer is not None:
+            self._dealer.reset()
         if self._http is not None:
             self._http.reset()
 
-    def _configure(self, sock: Any) -> None:
-        import zmq
-
-        sock.setsockopt(zmq.LINGER, 0)
-        if self._server_key is not None and self._client_keys is not None:
-            sock.curve_serverkey = self._server_key
-            sock.curve_publickey, sock.curve_secretkey = self._client_keys
-        sock.connect(self.endpoint)
+    def _http_call(self, rid: str, op: str, frames: list[bytes]) -> Reply:
+        assert self._http is not None
+        return request_over_http(self._http, rid, op, frames, timeout=self.timeout, retries=self.retries,
+                                 session=self.stream)
 
     def _segment_message(self, image: Frame | np.ndarray, query: str, options: QueryOptions | None,
                          keywords: SegmentKeywords) -> tuple[str, list[bytes]]:
@@ -229,70 +195,6 @@ class _ClientCore:
             result.logits = logits_from_frames(payload["logits"], frames)
         return result
 
-    def _match(self, rid: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]] | None:
-        """The reply if ``frames`` answer ``rid`` (else None: a stale reply, dropped); raises the
-        server's error as a local exception."""
-        if frames and frames[0] == b"":
-            frames = frames[1:]
-        reply = parse_reply(frames)
-        if reply.get("id") != rid and not (reply.get("id") is None and not reply.get("ok")):
-            return None  # a late reply to an earlier request; an id-less error can only be ours (one
-            # request in flight per socket) and is raised below
-        if not reply.get("ok"):
-            raise error_from_dict(reply.get("error"))
-        return reply, frames
-
-    def _unavailable(self, op: str) -> ServerUnavailableError:
-        return ServerUnavailableError(
-            f"no reply from the LISA server at {self.endpoint} to {op!r} after {self.retries + 1} attempt(s) of "
-            f"{self.timeout:g} s: is `lisa-agent serve` running there (and, with CurveZMQ, is this client's key "
-            "allow-listed)?")
-
-    def _http_call(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
-        """One request to an HTTP endpoint, with this client's timeout and retries (blocking; see the
-        module docstring): the reply and its frames, or the server's error raised as a local exception."""
-        assert self._http is not None
-        body = encode_http_request(frames)
-        headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE, SESSION_HEADER: self.stream,
-                   REQUEST_ID_HEADER: rid}
-        last = "no attempt"
-        for attempt in range(self.retries + 1):
-            if attempt:
-                log.warning("LISA server %s: %s on %r id=%s; retrying (attempt %d of %d)", self.endpoint, last, op,
-                            rid, attempt + 1, self.retries + 1)
-            try:
-                status, data = self._http.post(body, headers, self.timeout)
-            except TimeoutError:
-                last = f"no reply within {self.timeout:g} s"
-                continue
-            except (OSError, http.client.HTTPException) as exc:
-                last = f"{type(exc).__name__}: {exc}"
-                time.sleep(min(0.05 * 2 ** attempt, 0.5))  # refused at once: give a restarting server a moment
-                continue
-            decoded = decode_http_reply(data)
-            if decoded is not None:
-                reply, rframes = decoded
-                if reply.get("id") != rid and not (reply.get("id") is None and not reply.get("ok")):
-                    raise RemoteError(Code.INTERNAL, f"{self.endpoint} answered request {rid!r} with the reply to "
-                                                     f"{reply.get('id')!r}")
-                if not reply.get("ok"):
-                    raise error_from_dict(reply.get("error"))
-                return reply, rframes
-            text = " ".join(data[:300].decode("utf-8", "replace").split()) or "(empty body)"
-            if status == 503 and "backpressure" in text.lower():
-                raise ServerBusyError(f"{self.endpoint} is busy (Ray Serve: {text}); nothing was run, "
-                                                       "retry later")
-            if status not in RETRY_STATUSES:
-                raise ServerUnavailableError(
-                    f"{self.endpoint} answered {op!r} with HTTP {status} ({text}), not a LISA reply: is the route right "
-                    "(`lisa-agent serve --engine ray` serves http://HOST:PORT/lisa)?")
-            last = f"HTTP {status} ({text})"
-            self._http.reset()
-            time.sleep(min(0.05 * 2 ** attempt, 0.5))
-        raise ServerUnavailableError(
-            f"no reply from the LISA server at {self.endpoint} to {op!r} after {self.retries + 1} attempt(s) of "
-            f"{self.timeout:g} s (last: {last}): is `lisa-agent serve --engine ray` running there?")
-
 
 class LisaClient(_ClientCore):
     """Blocking client of ``lisa-agent serve``.
@@ -313,36 +215,13 @@ class LisaClient(_ClientCore):
             result = client.segment(frame, "something to cut with")
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, retries: int = 2,
-                 curve_server_key: str | bytes | os.PathLike[str] | None = None,
-                 curve_client_keys: _Keys = None) -> None:
-        super().__init__(endpoint, timeout, retries, curve_server_key, curve_client_keys)
-        self._ctx = None
-        if self._http is None:
-            import zmq
+    _dealer_class = DealerSocket
+    _dealer: DealerSocket | None
 
-            self._ctx = zmq.Context.instance()
-
-    def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
-        if self._http is not None:
+    def _request(self, rid: str, op: str, frames: list[bytes]) -> Reply:
+        if self._dealer is None:
             return self._http_call(rid, op, frames)
-        import zmq
-
-        for _attempt in range(self.retries + 1):
-            sock = self._open()
-            try:
-                sock.send_multipart([b"", *frames], flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                pass  # nothing to send to: wait out the timeout like a lost reply
-            end = time.monotonic() + self.timeout
-            while (remaining := end - time.monotonic()) > 0:
-                if not sock.poll(remaining * 1000.0, zmq.POLLIN):
-                    break
-                matched = self._match(rid, sock.recv_multipart())
-                if matched is not None:
-                    return matched
-            self._reset()  # Lazy Pirate: the socket may be stuck; a fresh one reconnects cleanly
-        raise self._unavailable(op)
+        return self._dealer.request(rid, op, frames, self.timeout, self.retries)
 
     def segment(self, image: Frame | np.ndarray, query: str, options: QueryOptions | None = None,
                 **keywords: Unpack[SegmentKeywords]) -> SegmentationResult:
@@ -395,36 +274,13 @@ class AsyncLisaClient(_ClientCore):
             result = await client.segment(frame, "the red mug")
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, timeout: float = 10.0, retries: int = 2,
-                 curve_server_key: str | bytes | os.PathLike[str] | None = None,
-                 curve_client_keys: _Keys = None) -> None:
-        super().__init__(endpoint, timeout, retries, curve_server_key, curve_client_keys)
-        self._ctx = None
-        if self._http is None:
-            import zmq.asyncio
+    _dealer_class = AsyncDealerSocket
+    _dealer: AsyncDealerSocket | None
 
-            self._ctx = zmq.asyncio.Context()
-
-    async def _request(self, rid: str, op: str, frames: list[bytes]) -> tuple[dict[str, Any], list[bytes]]:
-        if self._http is not None:  # http.client in a worker thread; its lock keeps exchanges one at a time
+    async def _request(self, rid: str, op: str, frames: list[bytes]) -> Reply:
+        if self._dealer is None:  # http.client in a worker thread; its lock keeps exchanges one at a time
             return await asyncio.to_thread(self._http_call, rid, op, frames)
-        import zmq
-
-        for _attempt in range(self.retries + 1):
-            sock = self._open()
-            try:
-                await sock.send_multipart([b"", *frames], flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                pass
-            end = time.monotonic() + self.timeout
-            while (remaining := end - time.monotonic()) > 0:
-                if not await sock.poll(remaining * 1000.0, zmq.POLLIN):
-                    break
-                matched = self._match(rid, await sock.recv_multipart())
-                if matched is not None:
-                    return matched
-            self._reset()
-        raise self._unavailable(op)
+        return await self._dealer.request(rid, op, frames, self.timeout, self.retries)
 
     async def segment(self, image: Frame | np.ndarray, query: str, options: QueryOptions | None = None,
                       **keywords: Unpack[SegmentKeywords]) -> SegmentationResult:
@@ -447,8 +303,8 @@ class AsyncLisaClient(_ClientCore):
     def close(self) -> None:
         """Close the socket and the client's context (idempotent)."""
         self._reset()
-        if self._ctx is not None and not self._ctx.closed:
-            self._ctx.term()
+        if self._dealer is not None:
+            self._dealer.close()
 
     async def __aenter__(self) -> AsyncLisaClient:
         return self

@@ -1,13 +1,15 @@
-"""Running ``segment`` requests on the model: what both servers (the ZeroMQ one in
-:mod:`~lisa_agent.serving.server` and the Ray Serve replica in :mod:`~lisa_agent.serving.ray_app`) do once a
-request has left their queue.
+"""What both servers (the ZeroMQ one in :mod:`~lisa_agent.serving.server` and the Ray Serve replica in
+:mod:`~lisa_agent.serving.ray_replica`) do with a ``segment`` request: admit it as a :class:`Job`, answer it
+``superseded`` or ``deadline_exceeded`` when it must not run, and run it on the model once it has left their
+queue. Also the ``info`` reply both give (:func:`describe_server`).
 
-:func:`run_on_one_frame` decodes the frame once for requests on the same pixels, turns each into a
-:class:`~lisa_agent.frames.Frame`, answers them with one ``segment_batch`` call where the backend has it
-(falling back to one call each if the batch fails), with a tracking session for ``options.track``, or with
-``segment``; and builds each reply's payload: the result schema plus ``server_queue`` / ``server_decode``
-timings and, with ``return_logits``, the logits frames. Nothing here raises: every request gets an
-:class:`Outcome`.
+:func:`admit` refuses a forced answer the engine cannot make masks for, names the stream of a request that
+names none, and sets the deadline. :func:`run_on_one_frame` decodes the frame once for requests on the same
+pixels, turns each into a :class:`~lisa_agent.frames.Frame`, answers them with one ``segment_batch`` call where
+the backend has it (falling back to one call each if the batch fails), with a tracking session for
+``options.track``, or with ``segment``; and builds each reply's payload: the result schema plus
+``server_queue`` / ``server_decode`` timings and, with ``return_logits``, the logits frames. Nothing there
+raises: every request gets an :class:`Outcome`.
 
 Tracking sessions (:class:`TrackSessions`) belong to a caller: each is keyed by the request's ``owner`` (who
 sent it, as the door established: a CurveZMQ key, a ZeroMQ connection, a Ray session id) and its stream
@@ -18,19 +20,22 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .. import __version__
 from ..backend import SegmentBackend
-from ..errors import Code, LisaError, RemoteError, describe_error
+from ..errors import Code, LisaError, ProtocolError, RemoteError, describe_error
 from ..frames import Frame
 from ..options import QueryOptions, TrackOptions
 from ..result import SegmentationResult
 from .codecs import logits_frames
-from .protocol import Limits, Request
+from .framing import OPS, PROTOCOL_VERSION, SUPPORTED_VERSIONS, Limits
+from .protocol import Request
 
 log = logging.getLogger("lisa_agent.serving")
 
@@ -72,6 +77,55 @@ class Job:
         return (self.key == other.key and a.image_spec == b.image_spec
                 and a.options.get("frame_id") == b.options.get("frame_id")
                 and a.options.get("stamp") == b.options.get("stamp"))
+
+
+def admit(request: Request, *, owner: str, received: float, secret: bytes, info: Mapping[str, Any],
+          envelope: list[bytes] | None = None) -> Job:
+    """A validated ``segment`` request of ``owner``, received at ``received`` (``time.monotonic()``), as a
+    :class:`Job`. Refused (``too_large``) when its forced answer asks for more masks than the engine described
+    by ``info`` makes; a request naming no ``options.stream`` gets its owner's default one
+    (:func:`default_stream` with the server's ``secret``); ``timeout_ms`` becomes the job's deadline."""
+    request.check_mask_budget(info)
+    if request.options.get("stream") is None:
+        request.options["stream"] = default_stream(secret, owner)
+    deadline = received + request.timeout_ms / 1000.0 if request.timeout_ms is not None else None
+    return Job(envelope if envelope is not None else [], request, request.frame_key(), received, deadline, owner=owner)
+
+
+def superseded() -> ProtocolError:
+    """The answer to a queued request a newer ``latest_only`` frame of its stream replaced."""
+    return ProtocolError(Code.SUPERSEDED, "superseded by a newer frame of its stream (latest_only); not run")
+
+
+def expired(job: Job, now: float, where: str) -> ProtocolError | None:
+    """``deadline_exceeded`` for ``job`` when it is still waiting (in ``where``: the queue, the replica) at
+    ``now`` past its deadline; None while it may run."""
+    if job.deadline is None or now <= job.deadline:
+        return None
+    return ProtocolError(Code.DEADLINE_EXCEEDED, f"waited {(now - job.received) * 1e3:.0f} ms in {where}, past its "
+                                                 f"timeout of {job.request.timeout_ms:g} ms; not run")
+
+
+def batch_call(backend: SegmentBackend, enabled: bool) -> Callable[..., list[SegmentationResult]] | None:
+    """The backend's ``segment_batch`` (optional: not part of :class:`~lisa_agent.backend.SegmentBackend`)
+    when ``enabled`` and the backend has one, else None."""
+    segment_batch = getattr(backend, "segment_batch", None)
+    return segment_batch if enabled and callable(segment_batch) else None
+
+
+def describe_server(backend: SegmentBackend, limits: Limits, **door: Any) -> dict[str, Any]:
+    """The ``info`` reply: ``backend.info()`` (where it has one) with the protocol's versions and operations,
+    ``limits`` and the door's own fields (``max_queue``, ``curve``, ``batch``, ...), as JSON carries it."""
+    backend_info = backend.info() if callable(getattr(backend, "info", None)) else {}
+    return json.loads(json.dumps({
+        **dict(backend_info),
+        "protocol_version": PROTOCOL_VERSION,
+        "server_version": __version__,
+        "supported_versions": list(SUPPORTED_VERSIONS),
+        "ops": list(OPS),
+        "limits": limits.to_dict(),
+        **door,
+    }, default=str))
 
 
 class TrackSessions:

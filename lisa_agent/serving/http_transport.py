@@ -29,7 +29,8 @@ Headers the client sends: ``x-session-id`` (the client's stream name: Ray Serve'
 keeps a stream on one replica) and ``x-request-id`` (the request id; Serve's logs show it).
 
 :class:`HttpExchange` is the client side of one connection (standard library ``http.client``,
-kept alive between requests). Nothing here imports Ray, ZeroMQ or torch.
+kept alive between requests); :func:`request_over_http` is the clients' request on it, with their timeout and
+retries. Nothing here imports Ray, ZeroMQ or torch.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import base64
 import binascii
 import http.client
 import json
+import logging
 import ssl
 import threading
 import time
@@ -45,8 +47,20 @@ from collections.abc import AsyncIterable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
-from ..errors import Code, InvalidArgumentError, ProtocolError, RemoteError, code_info
-from .protocol import Limits, json_loads, parse_header
+from ..errors import (
+    Code,
+    InvalidArgumentError,
+    ProtocolError,
+    RemoteError,
+    ServerBusyError,
+    ServerUnavailableError,
+    code_info,
+    error_from_dict,
+)
+from .framing import Limits, answers, json_loads, parse_header
+
+#: the clients' logger (their retries are logged here, whichever transport)
+log = logging.getLogger("lisa_agent.serving.client")
 
 #: Ray Serve's session-affinity header (its default; a cluster may rename it with
 #: ``RAY_SERVE_SESSION_ID_HEADER_KEY``): the client's stream name.
@@ -57,6 +71,10 @@ CONTENT_TYPE = "application/json"
 BODY_KEYS = frozenset({"header", "frames"})
 #: frames after the header a request may carry (image, depth)
 MAX_REQUEST_FRAMES = 2
+#: HTTP statuses Ray Serve answers for a deployment that could not (a replica died mid-request, a
+#: request timeout, a gateway in between failing): the request is sent again
+RETRY_STATUSES = frozenset({408, 500, 502, 503, 504})
+
 
 def is_http_endpoint(endpoint: str) -> bool:
     """True for ``http://`` and ``https://`` endpoints (the Ray Serve deployment), False for ZeroMQ ones."""
@@ -267,3 +285,55 @@ class HttpExchange:
                 if response.will_close:
                     self.reset()
                 return response.status, data
+
+
+def request_over_http(exchange: HttpExchange, request_id: str, op: str, frames: list[bytes], *, timeout: float,
+                      retries: int, session: str) -> tuple[dict[str, Any], list[bytes]]:
+    """Client side: one request (``frames``, header first) on ``exchange``, with the client's ``timeout`` and
+    ``retries`` and its stream as the ``session`` header (blocking): the reply and its frames, or the server's
+    error raised as a local exception.
+
+    An attempt that gets no reply within ``timeout`` (connection refused or dropped, a timeout) or an answer from
+    Ray Serve instead of the deployment (:data:`RETRY_STATUSES`) is retried on a fresh connection, ``retries``
+    times, then :class:`~lisa_agent.errors.ServerUnavailableError`; Serve's backpressure (``503``) is
+    :class:`~lisa_agent.errors.ServerBusyError`."""
+    endpoint = exchange.endpoint
+    body = encode_http_request(frames)
+    headers = {"Content-Type": CONTENT_TYPE, "Accept": CONTENT_TYPE, SESSION_HEADER: session,
+               REQUEST_ID_HEADER: request_id}
+    last = "no attempt"
+    for attempt in range(retries + 1):
+        if attempt:
+            log.warning("LISA server %s: %s on %r id=%s; retrying (attempt %d of %d)", endpoint, last, op,
+                        request_id, attempt + 1, retries + 1)
+        try:
+            status, data = exchange.post(body, headers, timeout)
+        except TimeoutError:
+            last = f"no reply within {timeout:g} s"
+            continue
+        except (OSError, http.client.HTTPException) as exc:
+            last = f"{type(exc).__name__}: {exc}"
+            time.sleep(min(0.05 * 2 ** attempt, 0.5))  # refused at once: give a restarting server a moment
+            continue
+        decoded = decode_http_reply(data)
+        if decoded is not None:
+            reply, rframes = decoded
+            if not answers(reply, request_id):
+                raise RemoteError(Code.INTERNAL, f"{endpoint} answered request {request_id!r} with the reply to "
+                                                 f"{reply.get('id')!r}")
+            if not reply.get("ok"):
+                raise error_from_dict(reply.get("error"))
+            return reply, rframes
+        text = " ".join(data[:300].decode("utf-8", "replace").split()) or "(empty body)"
+        if status == 503 and "backpressure" in text.lower():
+            raise ServerBusyError(f"{endpoint} is busy (Ray Serve: {text}); nothing was run, retry later")
+        if status not in RETRY_STATUSES:
+            raise ServerUnavailableError(
+                f"{endpoint} answered {op!r} with HTTP {status} ({text}), not a LISA reply: is the route right "
+                "(`lisa-agent serve --engine ray` serves http://HOST:PORT/lisa)?")
+        last = f"HTTP {status} ({text})"
+        exchange.reset()
+        time.sleep(min(0.05 * 2 ** attempt, 0.5))
+    raise ServerUnavailableError(
+        f"no reply from the LISA server at {endpoint} to {op!r} after {retries + 1} attempt(s) of "
+        f"{timeout:g} s (last: {last}): is `lisa-agent serve --engine ray` running there?")

@@ -1,22 +1,18 @@
-"""The LISA wire protocol, version 2: message layout, validation, image coding and typed error codes.
+"""The LISA wire protocol, version 2: what a request may say, checked before anything runs.
 
-A request is a ZeroMQ multipart message (after the REQ-style empty delimiter frame)::
-
-    frame 0   header: UTF-8 JSON object (see docs/protocol.md)
-    frame 1   image bytes (``segment`` only): raw HxWx3 uint8 RGB pixels, or a JPEG / PNG file
-    frame 2   optional depth aligned with the image: raw HxW uint16 or float32, little-endian
-
-A reply is a JSON header frame, optionally followed by raw frames (mask logits)::
-
-    {"v": 2, "id": <request id>, "ok": true, "result": {...}}
-    {"v": 2, "id": <request id>, "ok": false, "error": {"code": "...", "message": "..."}}
+:func:`parse_request` turns a request's frames (:mod:`~lisa_agent.serving.framing` describes the message and
+reads the header) into a :class:`Request`: the query, the image and depth specs (their bytes still encoded;
+:mod:`~lisa_agent.serving.codecs` decodes them), the frame's and the stream's options, the
+:class:`~lisa_agent.options.QueryOptions` and the :class:`~lisa_agent.options.TrackOptions`. Every mistake is a
+:class:`~lisa_agent.errors.ProtocolError` with its code and the request's id, raised before the request is
+queued. The ZeroMQ server and the Ray Serve replica both validate with it, so every door answers alike.
 
 Version 2 (lisa-agent 0.2): results are the library's result schema (docs/result.md: per-mask
 ``target`` instead of version 1's ``depth_m`` / ``point``), and requests may carry ``options.stamp``,
 ``depth.stamp`` and ``depth.tolerance_s``. Version 1 clients are answered ``unsupported_version``.
 
-This module is pure Python + numpy (zmq is not imported here): the server and both clients use it,
-and it is what ``docs/protocol.md`` describes.
+The envelope's names (:data:`PROTOCOL_VERSION`, :class:`Limits`, :func:`build_header`, :func:`encode_reply`,
+:func:`parse_reply`) are importable from here too. Pure Python + numpy: it is what ``docs/protocol.md`` describes.
 """
 
 from __future__ import annotations
@@ -31,56 +27,28 @@ import numpy as np
 import xxhash
 
 from ..config import mask_budget
-from ..errors import (
-    CODES,
-    Code,
-    InvalidQueryError,
-    LisaError,
-    ProtocolError,
-    RemoteError,
-    describe_error,
-)
+from ..errors import Code, InvalidQueryError, LisaError, ProtocolError
 from ..frames import DEPTH_TOLERANCE_S, Frame, check_query
 from ..options import QueryOptions, TrackOptions
-from .codecs import DEFAULT_DEPTH_SCALE, DEPTH_DTYPES, decode_depth, decode_image
+from .codecs import DEFAULT_DEPTH_SCALE, DEPTH_DTYPES, IMAGE_FORMATS, decode_depth, decode_image
+from .framing import (
+    MAX_ID_CHARS,
+    PROTOCOL_VERSION,
+    Limits,
+    build_header,
+    encode_reply,
+    parse_header,
+    parse_reply,
+)
 
-#: Version of this wire format; a header with another ``v`` gets ``unsupported_version``.
-PROTOCOL_VERSION = 2
-SUPPORTED_VERSIONS = (2,)
+__all__ = ["PROTOCOL_VERSION", "Limits", "Request", "build_header", "encode_reply", "parse_reply", "parse_request"]
 
-OPS = ("segment", "info", "health")
-IMAGE_FORMATS = ("raw", "jpeg", "png")
-
-HEADER_KEYS = frozenset({"v", "id", "op", "query", "image", "depth", "options", "timeout_ms"})
 #: ``options`` keys: the query options (:class:`~lisa_agent.options.QueryOptions`), the frame's (``frame_id``,
 #: ``stamp``, ``intrinsics``), the stream's (``stream``, ``latest_only``) and ``track``
 #: (:class:`~lisa_agent.options.TrackOptions` or null).
 OPTION_KEYS = frozenset(QueryOptions.field_names()) | {"frame_id", "stamp", "latest_only", "stream", "intrinsics",
                                                        "track"}
 DEPTH_KEYS = frozenset({"shape", "dtype", "scale", "stamp", "tolerance_s"})
-MAX_ID_CHARS = 128
-#: Deepest nesting of arrays and objects a JSON document a door reads may have (a header needs 3).
-MAX_JSON_DEPTH = 32
-
-
-#: Every code a server may put in a reply (``unavailable`` is the client's own).
-ERROR_CODES = frozenset(CODES) - {Code.UNAVAILABLE}
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What a server accepts. Each violation is answered with ``too_large`` (or ``bad_request``)."""
-
-    max_frame_bytes: int = 64 * 1024 * 1024  # any single frame (header, image or depth)
-    max_side: int = 4096  # image height / width after decoding
-    max_header_bytes: int = 64 * 1024
-    max_query_chars: int = 4000
-    max_new_tokens: int = 1024  # the most a request's chat answer may generate here (the library allows more)
-
-    def to_dict(self) -> dict[str, int]:
-        return {"max_frame_bytes": self.max_frame_bytes, "max_side": self.max_side,
-                "max_header_bytes": self.max_header_bytes, "max_query_chars": self.max_query_chars,
-                "max_new_tokens": self.max_new_tokens}
 
 
 @dataclass
@@ -172,53 +140,6 @@ def _shape(value: Any, ndim: int, what: str, rid: Any) -> tuple[int, ...]:
     return tuple(value)
 
 
-def parse_header(data: bytes, limits: Limits) -> dict[str, Any]:
-    """Decode frame 0 into a dict, checking size, JSON syntax, version and id type."""
-    if len(data) > limits.max_header_bytes:
-        raise _bad(f"header is {len(data)} bytes; the limit is {limits.max_header_bytes}", None, Code.TOO_LARGE)
-    try:
-        header = json_loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad(f"header frame is not UTF-8 JSON: {exc}") from None
-    if not isinstance(header, dict):
-        raise _bad(f"header must be a JSON object; got {type(header).__name__}")
-    rid = header.get("id")
-    if isinstance(rid, bool) or not (isinstance(rid, int) or (isinstance(rid, str) and 0 < len(rid) <= MAX_ID_CHARS)):
-        raise _bad(f"header.id must be a non-empty string (at most {MAX_ID_CHARS} chars) or an integer; "
-                   f"got {rid!r}")
-    version = header.get("v")
-    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
-        raise _bad(f"protocol version {version!r} is not supported; this server speaks "
-                   f"{list(SUPPORTED_VERSIONS)}", rid, Code.UNSUPPORTED_VERSION)
-    unknown = sorted(set(header) - HEADER_KEYS)
-    if unknown:
-        raise _bad(f"unknown header fields {unknown}; known: {sorted(HEADER_KEYS)}", rid)
-    op = header.get("op")
-    if op not in OPS:
-        raise _bad(f"unknown op {op!r}; expected one of {list(OPS)}", rid, Code.UNKNOWN_OP)
-    return header
-
-
-def json_loads(text: str | bytes, max_depth: int = MAX_JSON_DEPTH) -> Any:
-    """``json.loads`` for what callers send: a document nested deeper than ``max_depth`` arrays / objects is a
-    ``ValueError`` like any other malformed JSON (``json.loads`` itself raises ``RecursionError`` at ~1000
-    levels, and a value nested a few hundred deep would do the same later in ``repr`` or ``json.dumps``)."""
-    try:
-        value = json.loads(text)
-    except RecursionError:
-        raise ValueError(f"JSON nested too deeply (at most {max_depth} levels of arrays and objects)") from None
-    pending: list[tuple[Any, int]] = [(value, 1)]
-    while pending:
-        item, depth = pending.pop()
-        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
-        for child in children:
-            if isinstance(child, (dict, list)):
-                if depth + 1 > max_depth:
-                    raise ValueError(f"JSON nested too deeply (at most {max_depth} levels of arrays and objects)")
-                pending.append((child, depth + 1))
-    return value
-
-
 def _number(value: Any) -> float | None:
     """``value`` as a finite float, or None when it is not a JSON number that fits one (bools, strings,
     NaN, inf, and integers too large for a float such as 10**400 are all None)."""
@@ -240,14 +161,15 @@ def _unicode(text: str) -> bool:
         return False
 
 
-def _check_stamp(value: Any, what: str, fail: Any) -> dict[str, int] | None:
-    """``{"sec": int >= 0, "nanosec": int in [0, 1e9)}`` or null; anything else raises ``fail(message)``."""
+def _check_stamp(value: Any, what: str, rid: Any) -> dict[str, int] | None:
+    """``{"sec": int >= 0, "nanosec": int in [0, 1e9)}`` or null; anything else is ``invalid_argument``."""
     if value is None:
         return None
     if (not isinstance(value, dict) or set(value) != {"sec", "nanosec"}
             or not all(isinstance(value[k], int) and not isinstance(value[k], bool) for k in value)
             or not 0 <= value["sec"] < 2**63 // 10**9 or not 0 <= value["nanosec"] < 10**9):
-        raise fail(f"{what} must be {{\"sec\": int >= 0, \"nanosec\": int in [0, 1e9)}} or null; got {value!r:.100}")
+        raise _bad(f"{what} must be {{\"sec\": int >= 0, \"nanosec\": int in [0, 1e9)}} or null; got {value!r:.100}",
+                   rid, Code.INVALID_ARGUMENT)
     return {"sec": value["sec"], "nanosec": value["nanosec"]}
 
 
@@ -294,7 +216,7 @@ def _check_options(options: Any, rid: Any, limits: Limits) -> tuple[dict[str, An
                 or not _unicode(str(fid)):
             raise fail(f"options.frame_id must be a string (at most {MAX_ID_CHARS} chars), an integer or null")
         out["frame_id"] = str(fid)
-    out["stamp"] = _check_stamp(options.get("stamp"), "options.stamp", fail)
+    out["stamp"] = _check_stamp(options.get("stamp"), "options.stamp", rid)
     stream = options.get("stream")
     if stream is not None:
         if not isinstance(stream, str) or not 0 < len(stream) <= MAX_ID_CHARS or not _unicode(stream):
@@ -411,49 +333,8 @@ def parse_request(frames: list[bytes], limits: Limits | None = None) -> Request:
         if tolerance is None or tolerance < 0:
             raise _bad(f"depth.tolerance_s must be a non-negative, finite number of seconds; got "
                        f"{dspec.get('tolerance_s')!r:.100}", rid, Code.INVALID_ARGUMENT)
-
-        def stamp_fail(message: str) -> ProtocolError:
-            return _bad(message, rid, Code.INVALID_ARGUMENT)
-
         depth_spec = {"shape": list(dshape), "dtype": dtype, "scale": float(scale), "tolerance_s": float(tolerance),
-                      "stamp": _check_stamp(dspec.get("stamp"), "depth.stamp", stamp_fail)}
+                      "stamp": _check_stamp(dspec.get("stamp"), "depth.stamp", rid)}
     return Request(id=rid, op=op, query=query, image_spec=spec, image_data=data, depth_spec=depth_spec,
                    depth_data=depth_data, options=options, timeout_ms=timeout_ms, query_options=query_options,
                    track=track)
-
-
-# ------------------------------------------------------------------------------------------ headers
-
-
-def build_header(request_id: Any, op: str, **fields: Any) -> bytes:
-    """Client side: frame 0 of a request (``v`` filled in; ``None`` fields left out)."""
-    header = {"v": PROTOCOL_VERSION, "id": request_id, "op": op}
-    header.update({k: v for k, v in fields.items() if v is not None})
-    return json.dumps(header, separators=(",", ":")).encode("utf-8")
-
-
-def encode_reply(request_id: Any, result: Any = None, error: BaseException | None = None,
-                 extra_frames: list[bytes] | None = None) -> list[bytes]:
-    """Server side: the reply frames (header JSON first). ``error`` wins over ``result``: its
-    :func:`~lisa_agent.errors.describe_error` (``{"code", "message", "advice"}``)."""
-    if error is not None:
-        body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": False, "error": describe_error(error).to_dict()}
-        extra_frames = None
-    else:
-        body = {"v": PROTOCOL_VERSION, "id": request_id, "ok": True, "result": result}
-    frames = [json.dumps(body, separators=(",", ":"), allow_nan=False).encode("utf-8")]
-    return frames + list(extra_frames or [])
-
-
-def parse_reply(frames: list[bytes]) -> dict[str, Any]:
-    """Client side: the reply header as a dict (``frames`` after the delimiter); raises RemoteError
-    when the server sent something that is not a protocol reply."""
-    if not frames:
-        raise RemoteError(Code.INTERNAL, "empty reply from server")
-    try:
-        reply = json.loads(bytes(frames[0]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise RemoteError(Code.INTERNAL, f"server reply is not JSON: {exc}") from None
-    if not isinstance(reply, dict) or "ok" not in reply:
-        raise RemoteError(Code.INTERNAL, f"server reply is not a protocol reply: {reply!r:.200}")
-    return reply

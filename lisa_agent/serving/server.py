@@ -6,10 +6,11 @@ stale ``latest_only`` frames. The worker thread owns the model: it decodes the i
 requests past their deadline, runs the backend (batching queued ``fast`` queries on one frame when
 the backend has ``segment_batch``) and hands the reply back to the socket thread over an inproc
 PUSH/PULL pair (ZeroMQ sockets are not shared between threads). Every request gets exactly one
-reply. Running requests on the model is :func:`lisa_agent.serving.execution.run_on_one_frame`, shared with
-the Ray Serve replica.
+reply. The queue is :class:`~lisa_agent.serving.request_queue.RequestQueue`; replies a peer does not take wait
+in its :class:`~lisa_agent.serving.outbox.Outbox`; admitting a request and running it on the model is
+:mod:`lisa_agent.serving.execution`, shared with the Ray Serve replica.
 
-``backend`` is a :class:`~lisa_agent.frames.SegmentBackend` (``segment(frame, query, **options) ->
+``backend`` is a :class:`~lisa_agent.backend.SegmentBackend` (``segment(frame, query, **options) ->
 SegmentationResult`` and ``info() -> dict``; ``segment_batch(frame, queries, return_logits=...)``
 optional): in production a :class:`~lisa_agent.LisaSegmenter`. The worker turns each request into a
 :class:`~lisa_agent.frames.Frame` (pixels, ``frame_id``, ``stamp``, depth, intrinsics) and replies with
@@ -20,89 +21,36 @@ to its ``timings_ms`` and, with ``return_logits``, a ``logits`` descriptor.
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import os
 import secrets
 import threading
 import time
-from collections.abc import Callable
 from typing import Any
 
-from .. import __version__
 from ..backend import SegmentBackend
 from ..errors import Code, InvalidArgumentError, LisaError, ProtocolError, RemoteError
-from ..result import SegmentationResult
 from . import security
-from .execution import TRACK_BUDGET_BYTES, TRACK_IDLE_S, Job, TrackSessions, default_stream, run_on_one_frame
-from .protocol import (
-    OPS,
-    PROTOCOL_VERSION,
-    SUPPORTED_VERSIONS,
-    Limits,
-    Request,
-    encode_reply,
-    parse_request,
+from .execution import (
+    TRACK_BUDGET_BYTES,
+    TRACK_IDLE_S,
+    Job,
+    TrackSessions,
+    admit,
+    batch_call,
+    describe_server,
+    expired,
+    run_on_one_frame,
+    superseded,
 )
+from .framing import PROTOCOL_VERSION, Limits, encode_reply
+from .outbox import Outbox
+from .protocol import Request, parse_request
+from .request_queue import RequestQueue
 
 log = logging.getLogger("lisa_agent.serving")
 
 DEFAULT_BIND = "tcp://127.0.0.1:5557"
-
-
-class RequestQueue:
-    """A bounded FIFO of jobs with "latest frame only" supersession and same-frame batching."""
-
-    def __init__(self, maxsize: int) -> None:
-        if maxsize < 1:
-            raise InvalidArgumentError(f"max_queue must be at least 1; got {maxsize}")
-        self.maxsize = maxsize
-        self._items: collections.deque[Job] = collections.deque()
-        self._cond = threading.Condition()
-
-    def __len__(self) -> int:
-        with self._cond:
-            return len(self._items)
-
-    def put(self, job: Job) -> bool:
-        """Append ``job``; False (nothing queued) when the queue is full."""
-        with self._cond:
-            if len(self._items) >= self.maxsize:
-                return False
-            self._items.append(job)
-            self._cond.notify()
-            return True
-
-    def supersede(self, owner: str, stream: str, key: str) -> list[Job]:
-        """Remove and return queued jobs of ``owner``'s ``stream`` for another frame than ``key``."""
-        with self._cond:
-            old = [j for j in self._items if j.owner == owner and j.request.stream == stream and j.key != key]
-            for j in old:
-                self._items.remove(j)
-            return old
-
-    def get(self, timeout: float, batch: bool) -> list[Job]:
-        """Wait up to ``timeout`` s for a job; with ``batch``, also take the queued jobs that can run
-        in one ``segment_batch`` call with it (same frame, fast mode). [] on timeout."""
-        with self._cond:
-            if not self._items and not self._cond.wait(timeout):
-                return []
-            if not self._items:
-                return []
-            first = self._items.popleft()
-            jobs = [first]
-            if batch and first.batchable():
-                same = [j for j in self._items if j.batchable() and j.same_frame(first)]
-                for j in same:
-                    self._items.remove(j)
-                jobs += same
-            return jobs
-
-    def drain(self) -> list[Job]:
-        with self._cond:
-            items = list(self._items)
-            self._items.clear()
-            return items
 
 
 class LisaServer:
@@ -161,10 +109,7 @@ class LisaServer:
         self.limits = limits or Limits()
         self.queue = RequestQueue(max_queue)
         self.latest_only = latest_only
-        # segment_batch is optional (not part of SegmentBackend): fetched once, None when not used
-        segment_batch = getattr(backend, "segment_batch", None)
-        self._segment_batch: Callable[..., list[SegmentationResult]] | None = (
-            segment_batch if batch and callable(segment_batch) else None)
+        self._segment_batch = batch_call(backend, batch)  # fetched once, None when not used
         self.batch = self._segment_batch is not None
         self._curve_keys = security.load_keypair(curve_secret) if curve_secret is not None else None
         self._curve_allow = security.check_allow_dir(curve_allow) if curve_allow is not None else None
@@ -182,13 +127,10 @@ class LisaServer:
         self._worker: threading.Thread | None = None
         self._info: dict[str, Any] = {}
         self.endpoint: str = ""
-        if max_pending_reply_bytes < 1:
-            raise InvalidArgumentError(f"max_pending_reply_bytes must be positive; got {max_pending_reply_bytes}")
         #: replies a peer has not taken yet (it does not read, or reads slowly), by peer identity:
-        #: at most this many bytes each; beyond, the peer's oldest replies are dropped (and counted)
-        self.max_pending_reply_bytes = int(max_pending_reply_bytes)
-        self._outbox: dict[bytes, collections.deque[tuple[list[bytes], int]]] = {}
-        self._outbox_bytes: collections.Counter[bytes] = collections.Counter()
+        #: at most ``max_pending_reply_bytes`` each; beyond, the peer's oldest replies are dropped (and counted)
+        self._outbox = Outbox(max_pending_reply_bytes, self._count)
+        self.max_pending_reply_bytes = self._outbox.max_bytes
         #: tracked streams (``options.track``): one StreamSegmenter per caller's stream, used by the worker only
         self._sessions = TrackSessions(backend, idle_s=track_idle_s, max_bytes=max_track_bytes)
         self._stream_secret = secrets.token_bytes(32)  # default stream names: unguessable, never shown
@@ -201,18 +143,8 @@ class LisaServer:
 
         if self._io_thread is not None:
             raise RuntimeError("server already started")
-        backend_info = self.backend.info() if callable(getattr(self.backend, "info", None)) else {}
-        self._info = json.loads(json.dumps({
-            **dict(backend_info),
-            "protocol_version": PROTOCOL_VERSION,
-            "server_version": __version__,
-            "supported_versions": list(SUPPORTED_VERSIONS),
-            "ops": list(OPS),
-            "limits": self.limits.to_dict(),
-            "max_queue": self.queue.maxsize,
-            "curve": self._curve_keys is not None,
-            "batch": self.batch,
-        }, default=str))
+        self._info = describe_server(self.backend, self.limits, max_queue=self.queue.maxsize,
+                                     curve=self._curve_keys is not None, batch=self.batch)
         self._ctx = zmq.Context()
         try:
             if self._curve_keys is not None:
@@ -306,7 +238,7 @@ class LisaServer:
                                          ProtocolError(Code.SHUTTING_DOWN, "server is shutting down; not run"))
                 events = dict(poller.poll(50 if not self._outbox else 5))
                 if self._outbox:
-                    self._flush(router)
+                    self._outbox.flush(router)
                 if pull in events:
                     self._forward(pull, router)
                 if router in events:
@@ -332,59 +264,7 @@ class LisaServer:
                 frames = pull.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            self._deliver(router, frames)
-
-    def _deliver(self, router: Any, frames: list[bytes]) -> None:
-        """Send a reply (identity first) now, or keep it in the peer's outbox when the peer is not taking
-        replies; never blocks the socket loop."""
-        import zmq
-
-        peer = frames[0]
-        if peer in self._outbox:  # keep the order: behind what is already waiting
-            self._hold(peer, frames)
-            return
-        try:
-            router.send_multipart(frames, zmq.NOBLOCK)
-        except zmq.Again:
-            self._hold(peer, frames)
-        except zmq.ZMQError:  # the peer is gone (EHOSTUNREACH): nobody to answer
-            self._count("replies_unroutable")
-
-    def _hold(self, peer: bytes, frames: list[bytes]) -> None:
-        box = self._outbox.setdefault(peer, collections.deque())
-        size = sum(len(f) for f in frames)
-        box.append((frames, size))
-        self._outbox_bytes[peer] += size
-        dropped = 0
-        while self._outbox_bytes[peer] > self.max_pending_reply_bytes and len(box) > 1:
-            _, old = box.popleft()
-            self._outbox_bytes[peer] -= old
-            dropped += 1
-        if dropped:
-            with self._stats_lock:
-                self._stats["replies_dropped"] += dropped
-            log.warning("peer %s does not read its replies: dropped its %d oldest (%d bytes still waiting, limit %d)",
-                        peer.hex(), dropped, self._outbox_bytes[peer], self.max_pending_reply_bytes)
-
-    def _flush(self, router: Any) -> None:
-        """Send what waits in the outboxes, as far as each peer takes it."""
-        import zmq
-
-        for peer in list(self._outbox):
-            box = self._outbox[peer]
-            while box:
-                frames, size = box[0]
-                try:
-                    router.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                except zmq.ZMQError:
-                    self._count("replies_unroutable")
-                box.popleft()
-                self._outbox_bytes[peer] -= size
-            if not box:
-                del self._outbox[peer]
-                del self._outbox_bytes[peer]
+            self._outbox.deliver(router, frames)
 
     def _caller(self, parts: list[Any]) -> str:
         """Who sent a message: ``curve:KEY`` (the client's CurveZMQ public key, which the authenticator
@@ -424,17 +304,11 @@ class LisaServer:
             self._send_error(router, envelope, rid, op, RemoteError(Code.INTERNAL, f"{type(exc).__name__}: {exc}"), t0)
 
     def _enqueue(self, router: Any, envelope: list[bytes], req: Request, caller: str) -> None:
-        req.check_mask_budget(self._info)
-        if req.options.get("stream") is None:
-            req.options["stream"] = default_stream(self._stream_secret, caller)
-        key = req.frame_key()
-        now = time.monotonic()
-        deadline = now + req.timeout_ms / 1000.0 if req.timeout_ms is not None else None
-        job = Job(envelope, req, key, now, deadline, owner=caller)
+        job = admit(req, owner=caller, received=time.monotonic(), secret=self._stream_secret, info=self._info,
+                    envelope=envelope)
         if req.options["latest_only"] or self.latest_only:
-            for old in self.queue.supersede(caller, req.stream or "", key):
-                self._send_error(router, old.envelope, old.request.id, "segment", ProtocolError(
-                    Code.SUPERSEDED, "superseded by a newer frame of its stream (latest_only); not run"))
+            for old in self.queue.supersede(caller, req.stream or "", job.key):
+                self._send_error(router, old.envelope, old.request.id, "segment", superseded())
         if not self.queue.put(job):
             raise ProtocolError(Code.QUEUE_FULL, f"server queue is full ({self.queue.maxsize} requests waiting); "
                                                  "retry later", req.id)
@@ -451,19 +325,19 @@ class LisaServer:
             "busy": self._busy,
             "uptime_s": round(time.monotonic() - self._started, 3),
             "replies": stats,
-            "pending_reply_bytes": int(sum(self._outbox_bytes.values())),
+            "pending_reply_bytes": self._outbox.nbytes,
             "track_sessions": len(self._sessions),
             "track_bytes": int(self._sessions.nbytes),
         }
 
-    def _count(self, key: str) -> None:
+    def _count(self, key: str, n: int = 1) -> None:
         with self._stats_lock:
-            self._stats[key] += 1
+            self._stats[key] += n
 
     def _emit(self, sock: Any, frames: list[bytes]) -> None:
         """The worker hands replies to the socket thread (inproc); the socket thread delivers them."""
         if sock is self._router:
-            self._deliver(sock, frames)
+            self._outbox.deliver(sock, frames)
         else:
             sock.send_multipart(frames)
 
@@ -514,11 +388,9 @@ class LisaServer:
         now = time.monotonic()
         live = []
         for job in jobs:
-            if job.deadline is not None and now > job.deadline:
-                waited = (now - job.received) * 1e3
-                self._send_error(push, job.envelope, job.request.id, "segment", ProtocolError(
-                    Code.DEADLINE_EXCEEDED, f"waited {waited:.0f} ms in the queue, past its timeout of "
-                                            f"{job.request.timeout_ms:g} ms; not run"))
+            late = expired(job, now, "the queue")
+            if late is not None:
+                self._send_error(push, job.envelope, job.request.id, "segment", late)
             else:
                 live.append(job)
         if not live:
