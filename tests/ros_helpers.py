@@ -192,7 +192,7 @@ class Probe:
                 if time.monotonic() > deadline:
                     log = process.log()[-3000:] if process is not None else ""
                     raise AssertionError(f"{node_name} not ready within {timeout:.0f} s\n{log}") from None
-        deadline = time.monotonic() + 10.0
+        deadline = time.monotonic() + 60.0
         while self.pub_instruction.get_subscription_count() == 0 and time.monotonic() < deadline:
             time.sleep(0.05)
 
