@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import http.client
 import http.server
+import json
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -141,3 +143,25 @@ def serve_png(body: bytes, redirects: dict[str, str] | None = None) -> Iterator[
     finally:
         server.shutdown()
         server.server_close()
+
+
+def http_call(port: int, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+              headers: dict[str, str] | None = None, timeout: float = 180.0) -> tuple[int, dict[str, str], Any]:
+    """One HTTP request to 127.0.0.1:``port``: (status, lower-cased headers, JSON body or bytes). ``body`` is sent
+    as JSON (with its content type unless ``headers`` say otherwise), ``raw`` as given."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
+    sent = dict(headers or {})
+    data = raw
+    if body is not None:
+        data = json.dumps(body).encode()
+        sent.setdefault("Content-Type", "application/json")
+    try:
+        conn.request(method, path, body=data, headers=sent)
+        response = conn.getresponse()
+        payload = response.read()
+        got = {k.lower(): v for k, v in response.getheaders()}
+    finally:
+        conn.close()
+    if got.get("content-type", "").startswith("application/json"):
+        return response.status, got, json.loads(payload)
+    return response.status, got, payload

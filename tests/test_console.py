@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
 import io
 import json
 import os
@@ -36,7 +35,7 @@ import cv2
 import numpy as np
 import pytest
 import websockets
-from helpers import assert_result_schema
+from helpers import assert_result_schema, http_call
 from PIL import Image
 
 from lisa_agent.console.core import MAX_INSTRUCTION_CHARS, ConsoleCore
@@ -57,22 +56,7 @@ REPO = Path(__file__).resolve().parents[1]
 def call(server: ConsoleServer, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
          headers: dict[str, str] | None = None, timeout: float = 180.0) -> tuple[int, dict[str, str], Any]:
     """One HTTP request to the console on 127.0.0.1: (status, headers, JSON body or bytes)."""
-    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=timeout)
-    sent = dict(headers or {})
-    data = raw
-    if body is not None:
-        data = json.dumps(body).encode()
-        sent.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=data, headers=sent)
-        response = conn.getresponse()
-        payload = response.read()
-        got = {k.lower(): v for k, v in response.getheaders()}
-    finally:
-        conn.close()
-    if got.get("content-type", "").startswith("application/json"):
-        return response.status, got, json.loads(payload)
-    return response.status, got, payload
+    return http_call(server.port, method, path, body, raw=raw, headers=headers, timeout=timeout)
 
 
 def ws_url(server: ConsoleServer, query: str = "") -> str:

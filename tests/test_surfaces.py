@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import http.client
+import contextlib
 import json
 import os
 import socket
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import websockets
-from helpers import random_frame
+from helpers import http_call, random_frame
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import RawPeer, segment_msg
@@ -91,22 +91,12 @@ def ask(endpoint: str, frames: list[bytes]) -> dict[str, Any]:
 
 def console_call(port: int, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
                  headers: dict[str, str] | None = None) -> tuple[int, Any]:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
-    sent = dict(headers or {})
-    data = raw
-    if body is not None:
-        data = json.dumps(body).encode()
-        sent.setdefault("Content-Type", "application/json")
-    try:
-        conn.request(method, path, body=data, headers=sent)
-        response = conn.getresponse()
-        payload = response.read()
-    finally:
-        conn.close()
-    try:
-        return response.status, json.loads(payload)
-    except ValueError:
-        return response.status, payload
+    """(status, the reply's JSON, or its bytes when it is not JSON)."""
+    status, _, payload = http_call(port, method, path, body, raw=raw, headers=headers, timeout=120)
+    if isinstance(payload, bytes):
+        with contextlib.suppress(ValueError):
+            return status, json.loads(payload)
+    return status, payload
 
 
 @pytest.fixture(scope="module")
