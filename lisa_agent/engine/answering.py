@@ -241,7 +241,6 @@ class AnsweringMixin(OnDevice):
                                 scores, prompts_out, timings)
 
 
-
 def clean_answer(text: str) -> str:
     """Decoded answer text on one line, single-spaced, trimmed."""
     return text.replace("\n", "").replace("  ", " ").strip()
