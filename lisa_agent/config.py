@@ -13,7 +13,7 @@ and :meth:`EngineConfig.to_texts` convert.
 
 Nothing here imports torch: the CLI builds its parser and the launch file its arguments without it.
 ``device="auto"`` and ``dtype="auto"`` are resolved when the model loads
-(:func:`lisa_agent.engine.loading.resolve_precision`): CUDA when present, bf16 on CUDA and fp32 on the CPU.
+(:func:`lisa_agent.engine.device.resolve_precision`): CUDA when present, bf16 on CUDA and fp32 on the CPU.
 """
 
 from __future__ import annotations

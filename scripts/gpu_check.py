@@ -62,7 +62,7 @@ print(json.dumps(info))
 IMPORTS = r"""
 import json, sys
 import lisa_agent, segment_anything, torchao, pycocotools, xxhash, pytest, transformers
-from lisa_agent.engine.loading import check_transformers
+from lisa_agent.engine.build import check_transformers
 check_transformers()
 site = sys.argv[1]
 where = {m.__name__: m.__file__ for m in (lisa_agent, segment_anything, torchao, pycocotools, xxhash, pytest)}

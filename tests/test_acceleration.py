@@ -158,7 +158,7 @@ def test_static_caches_are_bounded_and_reported(tiny_segmenter):
 
 
 def test_the_lru_evicts_the_least_recently_used():
-    from lisa_agent.engine.acceleration import LRU
+    from lisa_agent.engine.lru import LRU
 
     lru: LRU[str, int] = LRU(2)
     lru.put("a", 1)
@@ -236,7 +236,7 @@ def test_int4_uses_the_tile_packed_layout_with_a_group_size_that_divides_each_la
     """torchao's default int4 layout ("plain") runs on the separate mslk kernels, which Jetson Orin lacks; the
     tile-packed layout runs on PyTorch's own _weight_int4pack_mm (sm_80 and later, Orin's sm_87 included).
     A group size that does not divide a layer's width made torchao skip that layer silently."""
-    from lisa_agent.engine.loading import torchao_config
+    from lisa_agent.engine.quantization import torchao_config
 
     for width, group in ((4096, 128), (11008, 128), (192, 64), (96, 32)):
         config = torchao_config("4bit", width)
@@ -249,18 +249,18 @@ def test_a_bitsandbytes_that_ends_its_process_leaves_the_engine_running(tmp_path
     """bitsandbytes' native code has called exit() on CUDA errors: the probe for quant_backend="auto" runs
     in a child process, so such an exit only tells us to use torchao. (A stand-in bitsandbytes that exits
     on import plays that part here.)"""
-    from lisa_agent.engine import loading
+    from lisa_agent.engine import quantization
 
     fake = tmp_path / "site" / "bitsandbytes"
     fake.mkdir(parents=True)
     (fake / "__init__.py").write_text("import os\nos._exit(3)\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path / "site"))
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
-    loading._bitsandbytes_runs.cache_clear()
+    quantization.bitsandbytes_runs.cache_clear()
     try:
-        assert loading._bitsandbytes_runs(0, "8bit") is False  # and this process is still here
+        assert quantization.bitsandbytes_runs(0, "8bit") is False  # and this process is still here
     finally:
-        loading._bitsandbytes_runs.cache_clear()
+        quantization.bitsandbytes_runs.cache_clear()
 
 
 def test_4bit_on_the_cpu_is_refused_with_a_reason(tiny_checkpoint):

@@ -37,7 +37,7 @@ def taught_checkpoint(tiny_checkpoint, tmp_path_factory) -> Path:
     """The tiny random checkpoint after its LLM was taught, on the GPU, to answer ANSWER (two [SEG]) to QUERY
     on FRAME; saved in the published layout, so that any precision or quantization can load it."""
     from lisa_agent.engine.checkpoints import read_config, write_checkpoint
-    from lisa_agent.engine.loading import published_state_dict
+    from lisa_agent.engine.weights import published_state_dict
 
     seg = LisaSegmenter.from_pretrained(tiny_checkpoint, device="cuda", dtype="fp32", **EAGER)
     teach_answer(seg, FRAME, QUERY, ANSWER)  # the engine's own device: CUDA tensors for a CUDA model
@@ -150,10 +150,10 @@ def test_bitsandbytes_quantized_masks_match_bf16(name, quantization, taught_chec
 
 
 def test_the_bitsandbytes_probe_answers_without_ending_this_process():
-    from lisa_agent.engine import loading
+    from lisa_agent.engine import quantization
 
-    loading._bitsandbytes_runs.cache_clear()
-    runs = loading._bitsandbytes_runs(torch.cuda.current_device(), "8bit")  # in a child process
+    quantization.bitsandbytes_runs.cache_clear()
+    runs = quantization.bitsandbytes_runs(torch.cuda.current_device(), "8bit")  # in a child process
     assert isinstance(runs, bool)
     if importlib.util.find_spec("bitsandbytes") is None:
         assert runs is False

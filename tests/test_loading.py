@@ -11,8 +11,8 @@ import torch
 from helpers import random_frame
 
 from lisa_agent import LisaSegmenter
-from lisa_agent.engine.loading import read_state_dict
 from lisa_agent.engine.tiny import make_tiny_checkpoint
+from lisa_agent.engine.weights import read_state_dict
 from lisa_agent.errors import CheckpointError, ModelNotFoundError
 
 
@@ -150,7 +150,7 @@ def test_sam_shape_inferred_from_weights(tiny_segmenter):
 
 
 def test_vit_h_spec_is_the_default_shape():
-    from lisa_agent.engine.loading import LisaConfig, build_model
+    from lisa_agent.engine.build import LisaConfig, build_model
     from lisa_agent.engine.modeling.lisa import to_published_key
     from lisa_agent.engine.modeling.sam import SAM_PRESETS, infer_sam_spec
 
@@ -181,7 +181,7 @@ def test_clip_tower_keys_in_a_checkpoint_are_skipped(tiny_checkpoint, tiny_segme
 
 
 def test_released_checkpoints_default_to_llava_v1():
-    from lisa_agent.engine.loading import LisaConfig
+    from lisa_agent.engine.build import LisaConfig
 
     for name in ("xinlai/LISA-7B-v1", "xinlai/LISA-13B-llama2-v1"):
         cfg = LisaConfig.from_dict({"hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,

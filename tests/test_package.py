@@ -166,3 +166,50 @@ def test_the_vocabulary_sits_below_the_engine_and_the_doors():
     offenders = {m: d for m, d in offenders.items() if d}
     # open_backend loads the engine or the client when it is called (the one place that chooses between them)
     assert offenders == {"lisa_agent.backend": ["lisa_agent.engine.segmenter", "lisa_agent.serving.client"]}
+
+
+#: Names users import from the engine's modules that were split by responsibility (issue 27), and the module
+#: that owns each now: the old import keeps working and gives the same object.
+MOVED_NAMES = {
+    "lisa_agent": {"LisaSegmenter": "lisa_agent.engine.segmenter", "Conversation": "lisa_agent.engine.segmenter"},
+    "lisa_agent.engine.segmenter": {
+        "LisaSegmenter": "lisa_agent.engine.segmenter", "Conversation": "lisa_agent.engine.segmenter",
+        "optimization_switches": "lisa_agent.engine.segmenter", "ImageInput": "lisa_agent.engine.encoding",
+        "DECLINE_MAX_TOKENS": "lisa_agent.engine.answering"},
+    "lisa_agent.engine.loading": {
+        "BUNDLED_MODELS": "lisa_agent.engine.loading", "resolve_checkpoint": "lisa_agent.engine.loading",
+        "load_vision_tower": "lisa_agent.engine.loading", "load_lisa": "lisa_agent.engine.loading",
+        "read_state_dict": "lisa_agent.engine.weights", "published_state_dict": "lisa_agent.engine.weights",
+        "map_published_keys": "lisa_agent.engine.weights", "load_weights": "lisa_agent.engine.weights",
+        "LisaConfig": "lisa_agent.engine.build", "build_model": "lisa_agent.engine.build",
+        "assemble": "lisa_agent.engine.build", "check_transformers": "lisa_agent.engine.build",
+        "MIN_TRANSFORMERS": "lisa_agent.engine.build", "torchao_config": "lisa_agent.engine.quantization",
+        "resolve_quant_backend": "lisa_agent.engine.quantization", "quantize_llm": "lisa_agent.engine.quantization",
+        "resolve_precision": "lisa_agent.engine.device", "TORCH_DTYPES": "lisa_agent.engine.device"},
+    "lisa_agent.engine.acceleration": {
+        "BUCKET": "lisa_agent.engine.acceleration.static_cache", "bucket": "lisa_agent.engine.acceleration.static_cache",
+        "pad_length": "lisa_agent.engine.acceleration.static_cache",
+        "preallocated_cache": "lisa_agent.engine.acceleration.static_cache",
+        "StaticDecoder": "lisa_agent.engine.acceleration.static_cache",
+        "MAX_DECODE_GRAPHS": "lisa_agent.engine.acceleration.static_cache",
+        "GraphCapturer": "lisa_agent.engine.acceleration.graphs", "GraphedStages": "lisa_agent.engine.acceleration.graphs",
+        "MAX_STAGE_GRAPHS": "lisa_agent.engine.acceleration.graphs",
+        "CompiledEncoders": "lisa_agent.engine.acceleration.compiled", "LRU": "lisa_agent.engine.lru"},
+}
+
+
+def test_names_of_the_split_engine_modules_import_from_where_they_did():
+    import importlib
+
+    wrong = []
+    for old, names in MOVED_NAMES.items():
+        for name, owner in names.items():
+            if getattr(importlib.import_module(old), name) is not getattr(importlib.import_module(owner), name):
+                wrong.append(f"{old}.{name} is not {owner}.{name}")
+    assert wrong == []
+
+
+def test_the_engines_modules_stay_small():
+    """One responsibility per module: none of the engine's is over 450 lines."""
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "lisa_agent" / "engine").rglob("*.py")}
+    assert {p: n for p, n in sizes.items() if n > 450} == {}

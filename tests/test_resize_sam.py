@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lisa_agent import LisaSegmenter
-from lisa_agent.engine.loading import read_state_dict
+from lisa_agent.engine.weights import read_state_dict
 from lisa_agent.errors import InvalidArgumentError
 from lisa_agent.training.resize_sam import ENCODER_PREFIX, resize_sam_state, stretch_rel_pos
 

@@ -22,8 +22,9 @@ import pytest
 import torch
 from helpers import iou
 
+from lisa_agent.engine.build import MIN_TRANSFORMERS, check_transformers
 from lisa_agent.engine.generation import cache_keyword, decoder_pass
-from lisa_agent.engine.loading import BUNDLED_MODELS, MIN_TRANSFORMERS, check_transformers, load_vision_tower
+from lisa_agent.engine.loading import BUNDLED_MODELS, load_vision_tower
 from lisa_agent.errors import CheckpointError, DependencyError
 
 ROOT = Path(__file__).resolve().parents[1]

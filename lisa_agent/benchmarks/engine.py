@@ -56,12 +56,14 @@ def random_segmenter(llama: dict[str, Any], sam: SamSpec, clip: dict[str, Any], 
     directly on ``config``'s device in its dtype (a LISA-7B staged in float32 would take ~27 GB, more than a
     32 GB Orin holds beside the rest) with every parameter and buffer initialised by the modules' own
     constructors (SAM's random positional-encoding matrix included), then assembled as a loaded checkpoint is
-    (:func:`lisa_agent.engine.loading.assemble`) with ``config``'s quantization, SAM attention and mask augmentation
+    (:func:`lisa_agent.engine.build.assemble`) with ``config``'s quantization, SAM attention and mask augmentation
     (``checkpoint``: off)."""
     from transformers import CLIPVisionConfig, CLIPVisionModel
 
-    from ..engine.loading import LisaConfig, assemble, build_model, resolve_precision, resolve_quant_backend
+    from ..engine.build import LisaConfig, assemble, build_model
+    from ..engine.device import resolve_precision
     from ..engine.modeling.clip import ClipPatchFeatures
+    from ..engine.quantization import resolve_quant_backend
     from ..engine.segmenter import LisaSegmenter, optimization_switches
     from ..engine.tiny import add_lisa_tokens, train_tokenizer
     from ..engine.tokenization import LisaTokenizer

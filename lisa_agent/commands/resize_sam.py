@@ -18,8 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ..engine.checkpoints import copy_vision_tower, read_config, write_checkpoint
-    from ..engine.loading import read_state_dict, resolve_checkpoint
+    from ..engine.loading import resolve_checkpoint
     from ..engine.modeling.sam import infer_sam_spec
+    from ..engine.weights import read_state_dict
     from ..training.resize_sam import SAM_PREFIX, resize_sam_state
 
     src = Path(resolve_checkpoint(args.model))

@@ -1,4 +1,5 @@
-"""Writing checkpoints in the published LISA layout (reading them is :mod:`lisa_agent.engine.loading`).
+"""Writing checkpoints in the published LISA layout (reading them is :mod:`lisa_agent.engine.loading`, the
+weights :mod:`lisa_agent.engine.weights`).
 
 Every writer goes through here: tiny checkpoints (:mod:`lisa_agent.engine.tiny`), the trainer's saves
 (:class:`lisa_agent.training.trainer.Trainer`), ``resize-sam`` and ``calibrate-gate --write``. The

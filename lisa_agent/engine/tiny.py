@@ -132,7 +132,8 @@ def make_tiny_checkpoint(out_dir: str | Path, seed: int = 0, *, shape: TinyShape
                          safetensors: bool = False, corpus: Iterable[str] | None = None,
                          vocab_size: int = 400) -> Path:
     """Write a random-weight tiny LISA checkpoint in the published layout to ``out_dir``; returns it."""
-    from .loading import LisaConfig, build_model, published_state_dict
+    from .build import LisaConfig, build_model
+    from .weights import published_state_dict
 
     shape = shape or TinyShape()
     out = Path(out_dir)

@@ -15,8 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from ..engine.checkpoints import VISION_TOWER_DIR, read_config, save_vision_tower, write_checkpoint
-from ..engine.loading import published_state_dict
 from ..engine.segmenter import LisaSegmenter
+from ..engine.weights import published_state_dict
 from ..errors import InvalidArgumentError
 from .batches import Batch, TrainingImage, collate
 from .losses import BCE_WEIGHT, CE_WEIGHT, DICE_WEIGHT, dice, sigmoid_bce
