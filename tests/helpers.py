@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import http.client
 import http.server
 import json
+import os
+import socket
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -165,3 +168,21 @@ def http_call(port: int, method: str, path: str, body: Any = None, *, raw: bytes
     if got.get("content-type", "").startswith("application/json"):
         return response.status, got, json.loads(payload)
     return response.status, got, payload
+
+
+def ws_handshake(port: int, *, receive_buffer: int | None = None, timeout: float = 30.0) -> socket.socket:
+    """A raw socket that has completed the console's WebSocket upgrade on ``/ws`` (asserts the 101 reply).
+
+    ``receive_buffer`` (bytes) shrinks SO_RCVBUF, for tests of a client that stops reading.
+    """
+    sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    if receive_buffer is not None:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    key = base64.b64encode(os.urandom(16)).decode()
+    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += sock.recv(1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock

@@ -35,7 +35,7 @@ import cv2
 import numpy as np
 import pytest
 import websockets
-from helpers import assert_result_schema, http_call
+from helpers import assert_result_schema, http_call, ws_handshake
 from PIL import Image
 
 from lisa_agent.console.core import MAX_INSTRUCTION_CHARS, ConsoleCore
@@ -328,17 +328,6 @@ def test_websocket_pushes_jpeg_frames_results_and_state(tiny_console):
     assert any(m["type"] == "state" and m["state"]["busy"] for m in got.messages)  # the page can say "thinking"
 
 
-def _ws_handshake(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
 
 def _read_exact(sock: socket.socket, n: int) -> bytes:
     out = b""
@@ -352,7 +341,7 @@ def _read_exact(sock: socket.socket, n: int) -> bytes:
 
 def _leave_mid_frame(port: int) -> None:
     """A WebSocket client that reads the start of a binary (JPEG) frame and vanishes (TCP reset)."""
-    sock = _ws_handshake(port)
+    sock = ws_handshake(port)
     while True:
         first, second = _read_exact(sock, 2)
         length = second & 0x7F
@@ -405,10 +394,10 @@ def test_bad_input_gets_json_errors_and_the_console_keeps_serving(tiny_console):
     assert call(server, "DELETE", "/api/state")[0] == 405
     # WebSocket clients that misbehave: one vanishes mid-frame, one sends half a frame, one never reads
     _leave_mid_frame(server.port)
-    half = _ws_handshake(server.port)
+    half = ws_handshake(server.port)
     half.sendall(bytes([0x81, 0xFE]))  # a masked text frame header, cut short
     half.close()
-    stuck = _ws_handshake(server.port)
+    stuck = ws_handshake(server.port)
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     try:
         got = asyncio.run(ws_collect(ws_url(server), want_frames=5, timeout=20))

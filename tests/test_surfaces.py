@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 import pytest
 import websockets
-from helpers import http_call, random_frame
+from helpers import http_call, random_frame, ws_handshake
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_server import RawPeer, segment_msg
@@ -504,25 +504,13 @@ def test_9_the_console_closes_connections_that_never_finish_their_request_head(b
         core.close()
 
 
-def _ws_handshake(port: int) -> socket.socket:
-    sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    key = base64.b64encode(os.urandom(16)).decode()
-    sock.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-                  f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
-    head = b""
-    while b"\r\n\r\n" not in head:
-        head += sock.recv(1)
-    assert head.startswith(b"HTTP/1.1 101"), head
-    return sock
-
 
 def test_9_the_console_drops_a_websocket_client_that_stopped_reading():
     core = ConsoleCore(EchoBackend(), SyntheticSource(size=(480, 640), fps=30.0), query=QueryOptions(mode="fast"))
     server = ConsoleServer(core, port=0, ws_send_timeout_s=0.5, ws_heartbeat_s=600).start_in_thread()
     try:
         # takes the upgrade, then never reads: the kernel's buffers fill (a few MB), then the console's
-        stuck = _ws_handshake(server.port)
+        stuck = ws_handshake(server.port, receive_buffer=4096)
         wait_until(lambda: server.websocket_clients == 1, what="the client's registration")
         assert _closed_by_server(stuck, 300), "the stalled client's connection is still open"
         wait_until(lambda: server.websocket_clients == 0, what="the stalled client's removal")

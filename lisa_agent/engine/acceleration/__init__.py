@@ -1,14 +1,9 @@
 """Fixed shapes, a static KV cache and CUDA graphs for the engine's hot path.
 
-- **Buckets**: sequence lengths are rounded up to multiples of :data:`BUCKET` (right padding: causal
-  attention never lets a real position see a later pad), so every stage runs with one of a few shapes.
-- **Static KV cache** (:class:`StaticDecoder`): greedy decoding writes into a KV cache allocated once per
-  bucketed length. With CUDA graphs or bucket padding it is ``transformers.StaticCache``, whose write
-  position lives in a device tensor (a captured decode step advances it on every replay); with bucket
-  padding the prompt is prefilled padded to its bucket and the write position then set back to the real
-  length, so decoding overwrites the pads. Without either (the CPU's default) it is
-  :func:`preallocated_cache`, whose write position is a Python int. Outputs equal the dynamic cache's
-  (tested on the CPU, padded and not).
+- **Buckets and the static KV cache** (:class:`StaticDecoder`): sequence lengths rounded up to multiples of
+  :data:`BUCKET`, greedy decoding into a KV cache allocated once per bucketed length; outputs equal the
+  dynamic cache's. The details (which cache class when, the write position) are in
+  :mod:`~lisa_agent.engine.acceleration.static_cache`.
 - **CUDA graphs** (CUDA only; :class:`GraphCapturer`, one per engine): the decode step of each cache length,
   the forced ``fast`` pass of each (batch, bucket) shape, CLIP, SAM's image encoder and its mask decoder
   (per mask count) are captured at first use on the engine's device, into one memory pool per replay
