@@ -245,3 +245,19 @@ def test_cli_segment_runs_the_reasoner(checkpoints, tmp_path, capsys):
                  str(tmp_path / "frame.png"), "--query", "the knife", "--max-new-tokens", "3", "--json"]) == 0
     out = assert_result_schema(json.loads(capsys.readouterr().out))
     assert out["image_size"] == [H, W] and out["frame_id"] == "frame.png" and "reasoning" in out
+
+
+def test_a_stream_tracks_the_reasoners_masks_with_flow(reasoner):
+    from lisa_agent.options import QueryOptions, TrackOptions
+    from lisa_agent.tracking import StreamSegmenter
+
+    with pytest.raises(InvalidArgumentError, match="sam tracker"):
+        StreamSegmenter(reasoner, TrackOptions(tracker="sam"))
+    stream = StreamSegmenter(reasoner, TrackOptions(tracker="flow", reason_every=3, reason_period_s=None),
+                             query=QueryOptions(answer=ANSWER))
+    stream.set_instruction("the knife")
+    results = [stream.process(random_frame(H, W, seed=6)) for _ in range(3)]
+    assert [r.track.source for r in results] == ["reasoned", "tracked", "tracked"]
+    assert all(r.masks.shape == (2, H, W) for r in results)
+    assert results[1].reasoning == results[0].reasoning and results[1].prompts is None
+    stream.close()
