@@ -261,3 +261,32 @@ def test_a_stream_tracks_the_reasoners_masks_with_flow(reasoner):
     assert all(r.masks.shape == (2, H, W) for r in results)
     assert results[1].reasoning == results[0].reasoning and results[1].prompts is None
     stream.close()
+
+
+def test_eval_command_runs_a_reasoner_on_a_reasonseg_split(checkpoints, tmp_path, monkeypatch, capsys):
+    """``lisa-agent eval --model <reasoner>`` on the ReasonSeg folder layout: the reasoner answers the query as
+    written (generated, raw prompt), the report is the same as for LISA."""
+    from lisa_agent.cli import main
+    from lisa_agent.data.queries import queries_for_scene
+    from lisa_agent.data.reasonseg import iter_samples, write_sample
+    from lisa_agent.data.tabletop import render_scene, split_seed
+
+    for i in range(2):
+        scene = render_scene(split_seed("val", i), size=(64, 80))
+        write_sample(tmp_path / "val", f"s{i}", scene, queries_for_scene(scene), image_format="png", split="val")
+    texts = {q.text for s in iter_samples(tmp_path / "val") for q in s.queries}
+    asked = []
+    original = ReasonerSegmenter.reason
+
+    def reason(self, rgb, query, max_new_tokens, answer=None, timings=None):
+        asked.append(query)
+        return original(self, rgb, query, max_new_tokens, ANSWER, timings)  # generation only is replaced
+
+    monkeypatch.setattr(ReasonerSegmenter, "reason", reason)
+    folder, sam = checkpoints
+    assert main(["eval", "--model", str(folder), "--sam-model", str(sam), "--device", "cpu", "--data", str(tmp_path),
+                 "--split", "val", "--limit", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["n"] == 3 and report["answer"] == "generated" and report["prompt"] == "raw"
+    assert report["model"]["backend"] == "reasoner" and "reasoner writes its own answer" in report["note"]
+    assert 0.0 <= report["gIoU"] <= 1.0 and len(asked) == 3 and set(asked) <= texts
