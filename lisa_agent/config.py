@@ -69,6 +69,9 @@ TEMPLATE_CHOICES = ("llava_v1", "llava_llama_2")
 #: Prompt styles of reasoner checkpoints (Qwen2.5-VL: VisionReasoner, Seg-Zero), also accepted as ``template``;
 #: :data:`lisa_agent.reasoner.templates.STYLES` holds them.
 REASONER_TEMPLATE_CHOICES = ("vision_reasoner", "seg_zero")
+#: How a reasoner's answer becomes masks: ``ours`` (one mask per object, a tolerant parser, a stop after
+#: ``</answer>``) or ``public`` (the public code's single union mask, its parser, EOS only).
+REASONER_BEHAVIOURS = ("ours", "public")
 #: The default model: the bundled checkpoint, so every door works offline on a fresh machine.
 DEFAULT_MODEL = "tabletop-tiny"
 
@@ -145,6 +148,9 @@ class EngineConfig(Declared):
         sam_model: the SAM 2 checkpoint (transformers' format, Hub id or folder) of a reasoner checkpoint
             (``config.json`` model_type ``qwen2_5_vl``: :mod:`lisa_agent.reasoner`); None:
             ``facebook/sam2.1-hiera-large``. LISA checkpoints bring their own SAM and ignore it.
+        reasoner_behaviour: a reasoner's ``ours`` (one mask per object, the tolerant answer parser, a stop right
+            after ``</answer>``) or ``public`` (as the public VisionReasoner / Seg-Zero code: the union of the
+            objects' masks as one mask, its answer extraction, EOS only). Ignored by LISA.
     """
 
     what: ClassVar[str] = "engine options"
@@ -211,6 +217,10 @@ class EngineConfig(Declared):
         "SAM 2 checkpoint of a reasoner model (Qwen2.5-VL: VisionReasoner, Seg-Zero), a Hub id or folder in "
         "transformers' format (empty: facebook/sam2.1-hiera-large); LISA checkpoints bring their own SAM",
         parse=parse_optional, text=none_text, metavar="SAM2"))
+    reasoner_behaviour: str = option("ours", Option(
+        "a reasoner model's output: ours (one mask per object, a tolerant answer parser) or public (the public "
+        "VisionReasoner / Seg-Zero code's single union mask and answer parser); LISA ignores it",
+        parse=str.strip, choices=REASONER_BEHAVIOURS))
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -261,7 +271,7 @@ class EngineConfig(Declared):
         put("presence_threshold", threshold)
         for name, choices in (("quant_backend", QUANT_BACKENDS), ("static_cache", SWITCH), ("cuda_graphs", SWITCH),
                               ("overlap", SWITCH), ("compile", COMPILE),
-                              ("preprocess", PREPROCESS)):
+                              ("preprocess", PREPROCESS), ("reasoner_behaviour", REASONER_BEHAVIOURS)):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.sam_attention not in SAM_ATTENTION:

@@ -290,3 +290,20 @@ def test_eval_command_runs_a_reasoner_on_a_reasonseg_split(checkpoints, tmp_path
     assert report["n"] == 3 and report["answer"] == "generated" and report["prompt"] == "raw"
     assert report["model"]["backend"] == "reasoner" and "reasoner writes its own answer" in report["note"]
     assert 0.0 <= report["gIoU"] <= 1.0 and len(asked) == 3 and set(asked) <= texts
+
+
+def test_public_behaviour_from_the_engine_options(checkpoints, reasoner):
+    """``reasoner_behaviour=public`` (``--reasoner-behaviour public``): the public union mask and parser."""
+    folder, sam = checkpoints
+    public = open_backend(str(folder), sam_model=str(sam), device="cpu", reasoner_behaviour="public")
+    info = public.info()
+    assert info["union"] and info["strict"] and not info["stop_at_answer"]
+    frame = random_frame(H, W, seed=7)
+    merged = public.segment(frame, "the knife", answer=ANSWER)
+    ours = reasoner.segment(frame, "the knife", answer=ANSWER)
+    assert merged.masks.shape == (1, H, W) and np.array_equal(merged.masks[0], ours.masks.any(axis=0))
+    truncated = ANSWER[:120]  # the public extraction reads nothing from an unclosed answer; ours keeps the first
+    assert public.segment(frame, "the knife", answer=truncated).empty
+    assert len(reasoner.segment(frame, "the knife", answer=truncated)) == 1
+    with pytest.raises(InvalidArgumentError, match="reasoner_behaviour"):
+        EngineConfig(reasoner_behaviour="faithful")

@@ -149,7 +149,7 @@ def load_reasoner(config: EngineConfig) -> Any:
     """A :class:`~lisa_agent.reasoner.segmenter.ReasonerSegmenter` for ``config.model`` (a reasoner checkpoint:
     :func:`is_reasoner`), with ``config``'s device, precision, quantization, SAM 2 checkpoint (``sam_model``),
     template (a reasoner style, or None: the checkpoint's ``lisa_agent.reasoner_template``, else guessed from its
-    name) and mask limits."""
+    name), ``reasoner_behaviour`` (``public``: union mask, strict parser, EOS only) and mask limits."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     from ..engine.device import resolve_precision
@@ -182,7 +182,9 @@ def load_reasoner(config: EngineConfig) -> Any:
     sam_name = config.sam_model or DEFAULT_SAM2
     sam, sam_processor = load_sam2(sam_name, dtype, device)
     log.info("loaded reasoner %s (%s) with SAM 2 %s", config.model, style.name, sam_name)
+    public = config.reasoner_behaviour == "public"
     return ReasonerSegmenter(model, processor, sam, sam_processor, style=style, name=config.model, sam_name=sam_name,
+                             union=public, strict=public, stop_at_answer=not public,
                              max_masks=config.max_masks, max_mask_megapixels=config.max_mask_megapixels,
                              quantization=config.quantization, quant_backend=backend, config=config)
 
