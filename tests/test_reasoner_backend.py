@@ -307,3 +307,43 @@ def test_public_behaviour_from_the_engine_options(checkpoints, reasoner):
     assert len(reasoner.segment(frame, "the knife", answer=truncated)) == 1
     with pytest.raises(InvalidArgumentError, match="reasoner_behaviour"):
         EngineConfig(reasoner_behaviour="faithful")
+
+
+def test_seg_zero_style_prompts_sam2_with_its_two_points(checkpoints, monkeypatch):
+    folder, sam = checkpoints
+    backend = open_backend(str(folder), sam_model=str(sam), device="cpu", template="seg_zero")
+    assert backend.info()["style"] == "seg_zero" and backend.info()["max_new_tokens"] == 1024
+    force(backend, monkeypatch, '<think>the bottle</think><answer>{"bbox": [100,200,400,600], "points_1": '
+                                '[200,300], "points_2": [300,500]}</answer>')
+    seen = []
+    original = backend.sam.prompt_encoder.forward
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["input_labels"].reshape(-1).tolist())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(backend.sam.prompt_encoder, "forward", spy)
+    result = backend.segment(random_frame(H, W), "The unusual object.")
+    assert "Please find 'the unusual object' with bbox and points." in result.prompt
+    # Seg-Zero's mapping: round(int(v) * factor)
+    assert result.prompts == [(result.prompts[0][0],)] and result.prompts[0][0].box == (31, 36, 124, 107)
+    assert result.prompts[0][0].points == ((62, 54), (93, 89)) and seen == [[1, 1]]
+
+
+def test_the_model_server_serves_a_reasoner(reasoner):
+    """The ZeroMQ server and its client, unchanged: the reasoner's masks, reasoning and prompts cross the wire."""
+    from lisa_agent.serving.client import LisaClient
+    from lisa_agent.serving.server import LisaServer
+
+    frame = random_frame(H, W, seed=8)
+    local = reasoner.segment(frame, "the knife", answer=ANSWER)
+    with LisaServer(reasoner, "tcp://127.0.0.1:*") as server:
+        client = LisaClient(server.endpoint, timeout=60.0)
+        try:
+            remote = client.segment(frame, "the knife", answer=ANSWER, frame_id="cam")
+            info = client.info()
+        finally:
+            client.close()
+    assert np.array_equal(remote.masks, local.masks) and remote.frame_id == "cam"
+    assert remote.prompts == local.prompts and remote.reasoning == local.reasoning
+    assert info["backend"] == "reasoner" and info["style"] == "vision_reasoner"
