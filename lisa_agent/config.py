@@ -59,6 +59,8 @@ SAM_ATTENTION = ("auto", "sdpa", "original")
 QUANT_BACKENDS = ("auto", "bitsandbytes", "torchao")
 #: Hot-path optimizations: ``auto`` (on where they apply) or ``off``.
 SWITCH = ("auto", "off")
+#: An opt-out switch: ``on`` (the default) or ``off``.
+SWITCH_ON = ("on", "off")
 #: torch.compile of the image encoders: opt-in.
 COMPILE = ("off", "on")
 #: Where frames are resized and normalised: PIL on the CPU (``exact``) or torch on the engine's device.
@@ -151,6 +153,8 @@ class EngineConfig(Declared):
         reasoner_behaviour: a reasoner's ``ours`` (one mask per object, the tolerant answer parser, a stop right
             after ``</answer>``) or ``public`` (as the public VisionReasoner / Seg-Zero code: the union of the
             objects' masks as one mask, its answer extraction, EOS only). Ignored by LISA.
+        reasoner_think: ``on`` (a reasoner writes its reasoning first, as published) or ``off`` (ours, for
+            latency: its turn starts with an empty ``<think> </think>`` block; the models were not trained for it).
     """
 
     what: ClassVar[str] = "engine options"
@@ -221,6 +225,9 @@ class EngineConfig(Declared):
         "a reasoner model's output: ours (one mask per object, a tolerant answer parser) or public (the public "
         "VisionReasoner / Seg-Zero code's single union mask and answer parser); LISA ignores it",
         parse=str.strip, choices=REASONER_BEHAVIOURS))
+    reasoner_think: str = option("on", Option(
+        "a reasoner model's reasoning: on (it reasons in <think> first, as published) or off (ours, for latency: "
+        "its answer starts after an empty <think> </think>); LISA ignores it", parse=str.strip, choices=SWITCH_ON))
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -271,7 +278,8 @@ class EngineConfig(Declared):
         put("presence_threshold", threshold)
         for name, choices in (("quant_backend", QUANT_BACKENDS), ("static_cache", SWITCH), ("cuda_graphs", SWITCH),
                               ("overlap", SWITCH), ("compile", COMPILE),
-                              ("preprocess", PREPROCESS), ("reasoner_behaviour", REASONER_BEHAVIOURS)):
+                              ("preprocess", PREPROCESS), ("reasoner_behaviour", REASONER_BEHAVIOURS),
+                              ("reasoner_think", SWITCH_ON)):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.sam_attention not in SAM_ATTENTION:

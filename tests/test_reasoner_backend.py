@@ -347,3 +347,16 @@ def test_the_model_server_serves_a_reasoner(reasoner):
     assert np.array_equal(remote.masks, local.masks) and remote.frame_id == "cam"
     assert remote.prompts == local.prompts and remote.reasoning == local.reasoning
     assert info["backend"] == "reasoner" and info["style"] == "vision_reasoner"
+
+
+def test_think_off_starts_the_answer_after_an_empty_think_block(checkpoints, monkeypatch):
+    """``reasoner_think=off`` (ours, for latency): the assistant's turn opens with ``<think> </think>``."""
+    folder, sam = checkpoints
+    fast = open_backend(str(folder), sam_model=str(sam), device="cpu", reasoner_think="off")
+    assert fast.info()["think"] is False
+    calls = force(fast, monkeypatch, '<answer>[{"bbox_2d": [100,200,400,600], "point_2d": [250,400]}]</answer>')
+    result = fast.segment(random_frame(H, W), "the knife")
+    assert result.prompt.endswith("<|im_start|>assistant\n<think> </think>")
+    ids = calls[-1]["input_ids"][0].tolist()
+    assert fast.processor.tokenizer.decode(ids).endswith("assistant\n<think> </think>")
+    assert len(result) == 1 and result.reasoning.think == "" and result.reasoning.status == "ok"

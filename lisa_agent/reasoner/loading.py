@@ -185,6 +185,7 @@ def load_reasoner(config: EngineConfig) -> Any:
     public = config.reasoner_behaviour == "public"
     return ReasonerSegmenter(model, processor, sam, sam_processor, style=style, name=config.model, sam_name=sam_name,
                              union=public, strict=public, stop_at_answer=not public,
+                             think=config.reasoner_think == "on",
                              max_masks=config.max_masks, max_mask_megapixels=config.max_mask_megapixels,
                              quantization=config.quantization, quant_backend=backend, config=config)
 

@@ -15,7 +15,9 @@ One query (:meth:`ReasonerSegmenter.segment`):
 
 What differs from the public code, each selectable: one mask per object (``union=True``: their union as one
 mask, as the public code returns it); a tolerant parser (``strict=True``: the public extraction); coordinates
-clipped into the frame (always); the stop after ``</answer>``.
+clipped into the frame (always); the stop after ``</answer>``. ``think=False`` (ours, for latency; the models were
+not trained for it) opens the assistant's turn with an empty ``<think> </think>`` block, so the model goes
+straight to its ``<answer>``.
 
 Query options: ``answer`` (when given) replaces the model's output (no generation: replays and tests);
 ``max_new_tokens`` applies when it differs from :class:`~lisa_agent.options.QueryOptions`' default (32, a
@@ -41,6 +43,8 @@ from ..result import MaskPrompt, ReasoningInfo, SegmentationResult
 from .parsing import ParsedAnswer, ReasonerObject, parse_output
 from .templates import RESIZE, STYLES, PromptStyle
 
+#: What opens the assistant's turn with ``think=False`` (ours): an empty reasoning block, in the template's form.
+NO_THINK = "<think> </think>"
 #: QueryOptions' default max_new_tokens: a reasoner uses its style's budget instead (see the module docstring).
 DEFAULT_QUERY_TOKENS = QueryOptions().max_new_tokens
 
@@ -85,7 +89,8 @@ class ReasonerSegmenter:
 
     def __init__(self, model: Any, processor: Any, sam: Any, sam_processor: Any, *,
                  style: PromptStyle | str = "vision_reasoner", name: str = "", sam_name: str = "",
-                 union: bool = False, strict: bool = False, stop_at_answer: bool = True, size: int = RESIZE,
+                 union: bool = False, strict: bool = False, stop_at_answer: bool = True, think: bool = True,
+                 size: int = RESIZE,
                  max_masks: int = 16, max_mask_megapixels: float = 256.0, quantization: str | None = None,
                  quant_backend: str | None = None, config: EngineConfig | None = None):
         """
@@ -98,6 +103,7 @@ class ReasonerSegmenter:
             union: one mask for all objects (the public code's output) instead of one per object.
             strict: the public code's answer extraction instead of the tolerant parser.
             stop_at_answer: stop generating once ``</answer>`` is written (else at EOS only, as published).
+            think: let the model reason (as published); False: its turn starts with :data:`NO_THINK`.
             size: the square side the frame is resized to (840 published).
             max_masks, max_mask_megapixels: per-answer mask limits (see ``EngineConfig``); extra objects dropped.
             quantization, quant_backend: what :meth:`info` reports.
@@ -113,6 +119,7 @@ class ReasonerSegmenter:
         self.union = bool(union)
         self.strict = bool(strict)
         self.stop_at_answer = bool(stop_at_answer)
+        self.think = bool(think)
         self.size = int(size)
         self.max_masks = int(max_masks)
         self.max_mask_megapixels = float(max_mask_megapixels)
@@ -138,7 +145,7 @@ class ReasonerSegmenter:
             "dtype": str(self.dtype).replace("torch.", ""), "device": str(self.device),
             "quantization": self.quantization, "quant_backend": self.quant_backend, "image_size": self.size,
             "max_new_tokens": self.style.max_new_tokens, "union": self.union, "strict": self.strict,
-            "stop_at_answer": self.stop_at_answer, "max_masks": self.max_masks,
+            "stop_at_answer": self.stop_at_answer, "think": self.think, "max_masks": self.max_masks,
             "max_mask_megapixels": self.max_mask_megapixels, "modes": ["fast", "chat", "reference"],
         }
 
@@ -194,6 +201,8 @@ class ReasonerSegmenter:
         messages = [{"role": "user", "content": [{"type": "image", "image": resized},
                                                  {"type": "text", "text": self.style.instruction(query)}]}]
         prompt = self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        if not self.think:
+            prompt += NO_THINK
         inputs = self.processor(text=[prompt], images=[resized], padding=True, return_tensors="pt").to(self.device)
         prompt_ids = [int(t) for t in inputs["input_ids"][0]]
         timings["preprocess"] = timer.lap()
@@ -258,4 +267,4 @@ class ReasonerSegmenter:
         return stacked > 0.0, scores, stacked
 
 
-__all__ = ["DEFAULT_QUERY_TOKENS", "ReasonerSegmenter", "StopAfterAnswer", "nothing_found"]
+__all__ = ["DEFAULT_QUERY_TOKENS", "NO_THINK", "ReasonerSegmenter", "StopAfterAnswer", "nothing_found"]
