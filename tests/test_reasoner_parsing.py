@@ -180,3 +180,14 @@ def test_seg_zero_answers_strict_and_tolerant():
     assert parse_output(single, 480, 640, style="seg_zero").objects == strict.objects
     # a VisionReasoner list read with Seg-Zero's style keeps at most two points per object
     assert parse_output(TWO, 480, 640, style="seg_zero").status == "ok"
+
+
+def test_the_package_exports_the_reasoner_lazily():
+    import subprocess
+    import sys
+
+    code = ("import sys, lisa_agent, lisa_agent.reasoner, lisa_agent.reasoner.templates, lisa_agent.reasoner.parsing; "
+            "print(','.join(m for m in ('torch', 'transformers') if m in sys.modules)); "
+            "from lisa_agent import ReasonerSegmenter; print(ReasonerSegmenter.__module__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["lisa_agent.reasoner.segmenter"]  # nothing heavy before the class is asked for
