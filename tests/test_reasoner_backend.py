@@ -204,6 +204,7 @@ def test_max_masks_caps_the_objects(checkpoints, monkeypatch):
     capped = open_backend(str(folder), sam_model=str(sam), device="cpu", max_masks=1)
     result = capped.segment(random_frame(H, W), "the knife", answer=ANSWER)
     assert len(result) == 1 and result.prompts[0][0].box == BOXES[0]
+    assert "1 of 2 objects dropped: at most 1 masks" in result.reasoning.notes[-1]
 
 
 def test_stop_after_answer(reasoner):

@@ -176,15 +176,22 @@ class ReasonerSegmenter:
             timer = StageTimer(self.device)
             h, w = frame.size
             parsed = parse_output(output, h, w, style=self.style, size=self.size, strict=self.strict)
-            objects = list(parsed.objects)[:mask_budget(self.max_masks, self.max_mask_megapixels, 1, h, w)]
+            keep = mask_budget(self.max_masks, self.max_mask_megapixels, 1, h, w)
+            objects = list(parsed.objects)[:keep]
             timings["parse"] = timer.lap()
             masks, scores, logits = self.masks_for(frame.rgb, objects, timings)
         prompts = [tuple(MaskPrompt(o.box, o.points) for o in objects)] if self.union and objects else \
             [(MaskPrompt(o.box, o.points),) for o in objects]
         timings["total"] = sum(timings.values())
-        reasoning = ReasoningInfo(parsed.think, parsed.answer, parsed.status, parsed.notes, self.style.name)
+        notes = parsed.notes
+        if len(parsed.objects) > keep:
+            notes += (f"{len(parsed.objects) - keep} of {len(parsed.objects)} objects dropped: at most {keep} masks "
+                      "per answer on this frame (max_masks, max_mask_megapixels)",)
+        reasoning = ReasoningInfo(parsed.think, parsed.answer, parsed.status, notes, self.style.name)
+        text = parsed.text if objects else nothing_found(query, parsed) if not parsed.objects else \
+            f"Nothing was segmented for \"{query}\": {notes[-1]}."
         return SegmentationResult.from_frame(
-            frame, masks, scores, text=parsed.text if objects else nothing_found(query, parsed), query=query,
+            frame, masks, scores, text=text, query=query,
             mode=opts.mode, prompt=prompt, input_ids=input_ids, timings_ms=timings, output_ids=output_ids,
             logits=logits if opts.return_logits else None, reasoning=reasoning, prompts=prompts)
 
