@@ -361,3 +361,16 @@ def test_think_off_starts_the_answer_after_an_empty_think_block(checkpoints, mon
     ids = calls[-1]["input_ids"][0].tolist()
     assert fast.processor.tokenizer.decode(ids).endswith("assistant\n<think> </think>")
     assert len(result) == 1 and result.reasoning.think == "" and result.reasoning.status == "ok"
+
+
+def test_eval_video_runs_a_reasoner_with_the_flow_tracker(checkpoints, tmp_path, capsys):
+    from lisa_agent.cli import main
+
+    folder, sam = checkpoints
+    assert main(["make-data", "--video", "--out", str(tmp_path), "--n", "1", "--frames", "6", "--size", "96x128",
+                 "--split", "test"]) == 0
+    capsys.readouterr()
+    assert main(["eval-video", "--model", str(folder), "--sam-model", str(sam), "--device", "cpu", "--data",
+                 str(tmp_path), "--tracker", "flow", "--reason-every", "3", "--max-new-tokens", "2", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["frames"] == 6 and 2 <= report["lisa_calls"] <= 6 and 0.0 <= report["mean_iou"] <= 1.0
