@@ -3,6 +3,9 @@
 Public entry points (imported lazily, so ``import lisa_agent`` loads no model and no torch)::
 
     from lisa_agent import LisaSegmenter, LisaClient, SegmentationResult, QueryOptions, open_backend
+
+``open_backend(model)`` loads LISA, or a reasoner (:class:`ReasonerSegmenter`: VisionReasoner / Seg-Zero with
+SAM 2, docs/reasoner.md) when the checkpoint's config.json says ``model_type: qwen2_5_vl``.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ _LAZY = {
     "open_backend": ("lisa_agent.backend", "open_backend"),
     "LisaError": ("lisa_agent.errors", "LisaError"),
     "StreamSegmenter": ("lisa_agent.tracking", "StreamSegmenter"),
+    "ReasonerSegmenter": ("lisa_agent.reasoner.segmenter", "ReasonerSegmenter"),
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -35,12 +39,13 @@ if TYPE_CHECKING:  # pragma: no cover
     from .errors import LisaError
     from .frames import Frame
     from .options import QueryOptions, TrackOptions
+    from .reasoner.segmenter import ReasonerSegmenter
     from .result import MaskInstance, SegmentationResult
     from .serving.client import AsyncLisaClient, LisaClient
     from .tracking import StreamSegmenter
 
 __all__ = ["AsyncLisaClient", "Conversation", "EngineConfig", "Frame", "LisaClient", "LisaError", "LisaSegmenter",
-           "MaskInstance", "QueryOptions", "SegmentBackend", "SegmentationResult", "StreamSegmenter", "TrackOptions",
+           "MaskInstance", "QueryOptions", "ReasonerSegmenter", "SegmentBackend", "SegmentationResult", "StreamSegmenter", "TrackOptions",
            "open_backend"]
 
 

@@ -4,8 +4,10 @@ place that chooses an in-process model or a client of a model server.
 A backend takes a :class:`~lisa_agent.frames.Frame` (or an HxWx3 uint8 RGB array), a query and
 :class:`~lisa_agent.options.QueryOptions`, and returns a :class:`~lisa_agent.result.SegmentationResult`.
 The LISA engine (:class:`~lisa_agent.engine.segmenter.LisaSegmenter`) is one, a client of ``lisa-agent
-serve`` (:class:`~lisa_agent.serving.client.LisaClient`) another; a backend that is not LISA (a reasoner that
-writes boxes for SAM 2) fits the same protocol: nothing in it names LISA's internals. The doors (the CLI's
+serve`` (:class:`~lisa_agent.serving.client.LisaClient`) another, a reasoner that writes boxes for SAM 2
+(:class:`~lisa_agent.reasoner.segmenter.ReasonerSegmenter`: VisionReasoner, Seg-Zero) a third: nothing in the
+protocol names LISA's internals. :func:`load_model` chooses between the in-process ones from the checkpoint's
+``config.json`` (``model_type`` ``qwen2_5_vl``: a reasoner; anything else: LISA). The doors (the CLI's
 commands, the server, the console, the LangChain tool, the ROS node, the bag tool) take any of them.
 """
 
@@ -91,10 +93,23 @@ def open_backend(model_or_address: str | None = None, *, config: EngineConfig | 
     config = config or EngineConfig()
     if model_or_address is not None or engine_options:
         config = config.replace(**({"model": str(model_or_address)} if model_or_address else {}), **engine_options)
+    return load_model(config)
+
+
+def load_model(config: EngineConfig) -> SegmentBackend:
+    """The in-process model ``config.model`` names, with ``config``'s options: a reasoner
+    (:func:`lisa_agent.reasoner.loading.load_reasoner`) when the checkpoint's ``config.json`` says
+    ``model_type: qwen2_5_vl``, else the LISA engine (:meth:`LisaSegmenter.from_config
+    <lisa_agent.engine.segmenter.LisaSegmenter.from_config>`, the default and the bundled ``tabletop-tiny``)."""
+    from .reasoner.loading import is_reasoner, load_reasoner
+
+    if is_reasoner(config.model):
+        backend: SegmentBackend = load_reasoner(config)
+        return backend
     from .engine.segmenter import LisaSegmenter
 
     return LisaSegmenter.from_config(config)
 
 
 __all__ = ["DEFAULT_MODEL", "SERVER_SCHEMES", "AsyncSegmentBackend", "SegmentBackend", "is_server_address",
-           "open_backend"]
+           "load_model", "open_backend"]

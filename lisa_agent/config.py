@@ -59,6 +59,8 @@ SAM_ATTENTION = ("auto", "sdpa", "original")
 QUANT_BACKENDS = ("auto", "bitsandbytes", "torchao")
 #: Hot-path optimizations: ``auto`` (on where they apply) or ``off``.
 SWITCH = ("auto", "off")
+#: An opt-out switch: ``on`` (the default) or ``off``.
+SWITCH_ON = ("on", "off")
 #: torch.compile of the image encoders: opt-in.
 COMPILE = ("off", "on")
 #: Where frames are resized and normalised: PIL on the CPU (``exact``) or torch on the engine's device.
@@ -66,6 +68,12 @@ PREPROCESS = ("auto", "exact", "device")
 #: Conversation templates of the released LISA models (``None``: the checkpoint's own); the engine's
 #: :data:`lisa_agent.engine.prompts.TEMPLATES` holds them (a test checks the two agree).
 TEMPLATE_CHOICES = ("llava_v1", "llava_llama_2")
+#: Prompt styles of reasoner checkpoints (Qwen2.5-VL: VisionReasoner, Seg-Zero), also accepted as ``template``;
+#: :data:`lisa_agent.reasoner.templates.STYLES` holds them.
+REASONER_TEMPLATE_CHOICES = ("vision_reasoner", "seg_zero")
+#: How a reasoner's answer becomes masks: ``ours`` (one mask per object, a tolerant parser, a stop after
+#: ``</answer>``) or ``public`` (the public code's single union mask, its parser, EOS only).
+REASONER_BEHAVIOURS = ("ours", "public")
 #: The default model: the bundled checkpoint, so every door works offline on a fresh machine.
 DEFAULT_MODEL = "tabletop-tiny"
 
@@ -113,7 +121,8 @@ class EngineConfig(Declared):
         dtype: ``auto`` (bf16 on CUDA, fp32 on the CPU), ``fp32``, ``bf16`` or ``fp16``.
         quantization: None, ``8bit`` or ``4bit``: LLaMA's decoder layers' weights only (``quant_backend``
             says with what; 4-bit needs CUDA, 8-bit runs on the CPU too with torchao).
-        template: conversation template (``llava_v1`` / ``llava_llama_2``); None: the checkpoint's.
+        template: conversation template (``llava_v1`` / ``llava_llama_2``; for a reasoner checkpoint its prompt
+            style, ``vision_reasoner`` / ``seg_zero``); None: the checkpoint's.
         mask_tta: mask test-time augmentation: ``checkpoint`` (what its config.json declares; off for
             published LISA), ``off``, ``hflip`` or ``flips``.
         presence_threshold: the presence gate of checkpoints that declare one: ``checkpoint`` (its own
@@ -138,12 +147,21 @@ class EngineConfig(Declared):
         preprocess: ``auto`` (``device`` with CUDA, ``exact`` on the CPU), ``exact`` (PIL on the CPU, as the
             published code: bit-exact inputs) or ``device`` (the frame uploaded once as uint8, resized and
             normalised by torch on the engine's device; within one grey level of PIL).
+        sam_model: the SAM 2 checkpoint (transformers' format, Hub id or folder) of a reasoner checkpoint
+            (``config.json`` model_type ``qwen2_5_vl``: :mod:`lisa_agent.reasoner`); None:
+            ``facebook/sam2.1-hiera-large``. LISA checkpoints bring their own SAM and ignore it.
+        reasoner_behaviour: a reasoner's ``ours`` (one mask per object, the tolerant answer parser, a stop right
+            after ``</answer>``) or ``public`` (as the public VisionReasoner / Seg-Zero code: the union of the
+            objects' masks as one mask, its answer extraction, EOS only). Ignored by LISA.
+        reasoner_think: ``on`` (a reasoner writes its reasoning first, as published) or ``off`` (ours, for
+            latency: its turn starts with an empty ``<think> </think>`` block; the models were not trained for it).
     """
 
     what: ClassVar[str] = "engine options"
 
     model: str = option(DEFAULT_MODEL, Option(
-        "Hub id (xinlai/LISA-7B-v1), local checkpoint folder, or a bundled model (tabletop-tiny)",
+        "Hub id (xinlai/LISA-7B-v1, Ricky06662/VisionReasoner-7B), local checkpoint folder, or a bundled model "
+        "(tabletop-tiny)",
         parse=str.strip, metavar="MODEL"))
     vision_tower: str | None = option(None, Option(
         "CLIP vision tower id or folder (empty: the checkpoint's own)", parse=parse_optional, text=none_text,
@@ -158,7 +176,8 @@ class EngineConfig(Declared):
         "on the CPU with torchao)",
         parse=_quantization, text=lambda v: "none" if v is None else str(v), choices=QUANTIZATIONS))
     template: str | None = option(None, Option(
-        f"conversation template: {' or '.join(TEMPLATE_CHOICES)} (empty: the checkpoint's own)",
+        f"conversation template: {' or '.join(TEMPLATE_CHOICES)}; for a reasoner checkpoint its prompt style, "
+        f"{' or '.join(REASONER_TEMPLATE_CHOICES)} (empty: the checkpoint's own)",
         parse=parse_optional, text=none_text, metavar="TEMPLATE"))
     mask_tta: str = option("checkpoint", Option(
         "mask test-time augmentation: checkpoint (what the checkpoint declares; off for published LISA), off, "
@@ -198,6 +217,17 @@ class EngineConfig(Declared):
         "where frames are resized and normalised: auto (device with CUDA, exact on the CPU), exact (PIL on the "
         "CPU, as the published code) or device (uploaded once as uint8, resized by torch there; within one "
         "grey level of PIL)", parse=str.strip, choices=PREPROCESS))
+    sam_model: str | None = option(None, Option(
+        "SAM 2 checkpoint of a reasoner model (Qwen2.5-VL: VisionReasoner, Seg-Zero), a Hub id or folder in "
+        "transformers' format (empty: facebook/sam2.1-hiera-large); LISA checkpoints bring their own SAM",
+        parse=parse_optional, text=none_text, metavar="SAM2"))
+    reasoner_behaviour: str = option("ours", Option(
+        "a reasoner model's output: ours (one mask per object, a tolerant answer parser) or public (the public "
+        "VisionReasoner / Seg-Zero code's single union mask and answer parser); LISA ignores it",
+        parse=str.strip, choices=REASONER_BEHAVIOURS))
+    reasoner_think: str = option("on", Option(
+        "a reasoner model's reasoning: on (it reasons in <think> first, as published) or off (ours, for latency: "
+        "its answer starts after an empty <think> </think>); LISA ignores it", parse=str.strip, choices=SWITCH_ON))
 
     def __post_init__(self) -> None:
         def put(name: str, value: Any) -> None:
@@ -207,7 +237,7 @@ class EngineConfig(Declared):
             put("model", os.fspath(self.model))
         if not isinstance(self.model, str) or not self.model.strip():
             raise InvalidArgumentError(f"model must name a Hub id, a folder or a bundled model; got {self.model!r}")
-        for name in ("vision_tower", "template"):
+        for name in ("vision_tower", "template", "sam_model"):
             value = getattr(self, name)
             if isinstance(value, os.PathLike):
                 value = os.fspath(value)
@@ -227,9 +257,10 @@ class EngineConfig(Declared):
         if quant not in (None, *QUANTIZATIONS[1:]):
             raise InvalidArgumentError(f"unknown quantization {self.quantization!r}; choose none, 8bit or 4bit")
         put("quantization", quant)
-        if self.template is not None and self.template not in TEMPLATE_CHOICES:
+        if self.template is not None and self.template not in (*TEMPLATE_CHOICES, *REASONER_TEMPLATE_CHOICES):
             raise InvalidArgumentError(f"unknown conversation template {self.template!r}; known: "
-                                       f"{', '.join(TEMPLATE_CHOICES)}")
+                                       f"{', '.join(TEMPLATE_CHOICES)} (LISA), "
+                                       f"{', '.join(REASONER_TEMPLATE_CHOICES)} (reasoners)")
         if self.mask_tta not in MASK_TTA_CHOICES:
             raise InvalidArgumentError(f"mask_tta must be one of {', '.join(MASK_TTA_CHOICES)}; got {self.mask_tta!r}")
         threshold = self.presence_threshold
@@ -247,7 +278,8 @@ class EngineConfig(Declared):
         put("presence_threshold", threshold)
         for name, choices in (("quant_backend", QUANT_BACKENDS), ("static_cache", SWITCH), ("cuda_graphs", SWITCH),
                               ("overlap", SWITCH), ("compile", COMPILE),
-                              ("preprocess", PREPROCESS)):
+                              ("preprocess", PREPROCESS), ("reasoner_behaviour", REASONER_BEHAVIOURS),
+                              ("reasoner_think", SWITCH_ON)):
             if getattr(self, name) not in choices:
                 raise InvalidArgumentError(f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}")
         if self.sam_attention not in SAM_ATTENTION:

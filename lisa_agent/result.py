@@ -95,6 +95,56 @@ class TrackInfo:
                    reasoned_stamp=d.get("reasoned_stamp"))
 
 
+@dataclass(frozen=True)
+class MaskPrompt:
+    """What prompted SAM for one mask of a reasoner backend (the result schema's per-mask ``prompts``).
+
+    Attributes:
+        box: (x1, y1, x2, y2) ints, frame pixels (the box the model wrote, mapped back and clipped).
+        points: positive points (x, y) ints, frame pixels.
+    """
+
+    box: tuple[int, int, int, int]
+    points: tuple[tuple[int, int], ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"box": [int(v) for v in self.box], "points": [[int(x), int(y)] for x, y in self.points]}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> MaskPrompt:
+        return cls(box=tuple(int(v) for v in d["box"]),  # type: ignore[arg-type]
+                   points=tuple((int(p[0]), int(p[1])) for p in d.get("points", ())))
+
+
+@dataclass(frozen=True)
+class ReasoningInfo:
+    """How a reasoner backend's answer read (the result schema's optional ``reasoning``; None for LISA).
+
+    Attributes:
+        think: the reasoning the model wrote inside ``<think>``; "" when it wrote none.
+        answer: the text inside ``<answer>`` as written (coordinates of the model's square input).
+        status: ``ok``, ``partial``, ``empty`` (the model listed no object), ``malformed`` or ``no_answer``
+            (:mod:`lisa_agent.reasoner.parsing`).
+        notes: what the answer parser dropped or changed (clipped coordinates, unreadable items).
+        style: the prompt style (``vision_reasoner`` or ``seg_zero``).
+    """
+
+    think: str
+    answer: str
+    status: str
+    notes: tuple[str, ...] = ()
+    style: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"think": self.think, "answer": self.answer, "status": self.status, "notes": list(self.notes),
+                "style": self.style}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ReasoningInfo:
+        return cls(think=str(d.get("think", "")), answer=str(d.get("answer", "")), status=str(d.get("status", "")),
+                   notes=tuple(str(n) for n in d.get("notes", ())), style=str(d.get("style", "")))
+
+
 @dataclass
 class SegmentationResult:
     """Everything one query produced.
@@ -123,6 +173,9 @@ class SegmentationResult:
         depth_note: why targets are missing (depth refused, intrinsics unknown, ...), else None.
         track: for results of a stream (:class:`lisa_agent.tracking.StreamSegmenter`, :class:`TrackInfo`): ``reasoned`` or
             ``tracked``, the tracker, the age of the reasoning step and per-mask confidence; else None.
+        reasoning: a reasoner backend's reasoning and answer (:class:`ReasoningInfo`); None for LISA.
+        prompts: per mask, the SAM prompts it came from (:class:`MaskPrompt`: box and points; several for a
+            reasoner's union mask); None for LISA.
     """
 
     masks: np.ndarray
@@ -143,6 +196,8 @@ class SegmentationResult:
     targets: list[Target | None] | None = None
     depth_note: str | None = None
     track: TrackInfo | None = None
+    reasoning: ReasoningInfo | None = None
+    prompts: list[tuple[MaskPrompt, ...]] | None = None
 
     @classmethod
     def from_masks(cls, masks: np.ndarray, scores: Sequence[float], **kwargs: Any) -> SegmentationResult:
@@ -177,17 +232,20 @@ class SegmentationResult:
         ``stamp`` {sec, nanosec} or null, ``cached``, ``masks`` (per mask ``bbox`` [x1, y1, x2, y2]
         inclusive, ``area``, ``centroid`` [x, y], ``score``, ``target`` {depth_m, point, pixel,
         valid_pixels} or null, and ``rle`` unless ``include_rle`` is False), ``depth_note``, ``track``
-        (null outside a stream) and ``timings_ms``. Doors add their own envelope keys beside these, never inside.
+        (null outside a stream) and ``timings_ms``; a reasoner backend's results add ``reasoning`` and per mask
+        ``prompts`` (absent otherwise). Doors add their own envelope keys beside these, never inside.
         """
         masks = []
         for k, inst in enumerate(self.instances):
             d = inst.to_dict()
             target = self.targets[k] if self.targets is not None else None
             d["target"] = None if target is None else target.to_dict()
+            if self.prompts is not None:
+                d["prompts"] = [p.to_dict() for p in self.prompts[k]]
             if include_rle:
                 d["rle"] = mask_to_rle(self.masks[k])
             masks.append(d)
-        return {
+        out: dict[str, Any] = {
             "schema_version": RESULT_SCHEMA_VERSION,
             "text": self.text,
             "query": self.query,
@@ -201,6 +259,9 @@ class SegmentationResult:
             "track": None if self.track is None else self.track.to_dict(),
             "timings_ms": {k: round(float(v), 3) for k, v in self.timings_ms.items()},
         }
+        if self.reasoning is not None:
+            out["reasoning"] = self.reasoning.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> SegmentationResult:
@@ -218,6 +279,9 @@ class SegmentationResult:
             )
             for m in entries
         ]
+        prompts = None
+        if entries and all("prompts" in m for m in entries):
+            prompts = [tuple(MaskPrompt.from_dict(p) for p in m["prompts"]) for m in entries]
         targets: list[Target | None] | None = None
         if any(m.get("target") is not None for m in entries):
             targets = [None if m.get("target") is None else Target.from_dict(m["target"]) for m in entries]
@@ -225,7 +289,9 @@ class SegmentationResult:
                    mode=d.get("mode", ""), image_size=(h, w), timings_ms=dict(d.get("timings_ms", {})),
                    frame_id=d.get("frame_id"), stamp=Stamp.of(d.get("stamp")), cached=bool(d.get("cached", False)),
                    targets=targets, depth_note=d.get("depth_note"),
-                   track=None if d.get("track") is None else TrackInfo.from_dict(d["track"]))
+                   track=None if d.get("track") is None else TrackInfo.from_dict(d["track"]),
+                   reasoning=None if d.get("reasoning") is None else ReasoningInfo.from_dict(d["reasoning"]),
+                   prompts=prompts)
 
     def label_mask(self) -> np.ndarray:
         """H x W uint8 label image: 0 background, k+1 where mask k is (later masks win)."""

@@ -217,7 +217,8 @@ def reorder(result: SegmentationResult, order: list[int]) -> SegmentationResult:
     return replace(result, masks=result.masks[pick], instances=[result.instances[i] for i in order],
                    logits=None if result.logits is None else result.logits[pick],
                    seg_embeddings=None if result.seg_embeddings is None else result.seg_embeddings[pick],
-                   targets=None if result.targets is None else [result.targets[i] for i in order])
+                   targets=None if result.targets is None else [result.targets[i] for i in order],
+                   prompts=None if result.prompts is None else [result.prompts[i] for i in order])
 
 
 class Follower:
@@ -268,7 +269,8 @@ class Follower:
         return SegmentationResult.from_frame(
             frame, masks, [inst.score for inst in r.instances], text=r.text, query=r.query, mode=r.mode,
             prompt=r.prompt, input_ids=r.input_ids, output_ids=r.output_ids, seg_embeddings=r.seg_embeddings,
-            cached=False, timings_ms={"track": ms, "total": ms}, track=self.info(frame, "tracked"))
+            cached=False, timings_ms={"track": ms, "total": ms}, track=self.info(frame, "tracked"),
+            reasoning=r.reasoning)
 
 
 class StreamSegmenter:

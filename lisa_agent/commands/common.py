@@ -13,6 +13,7 @@ from ..config import engine_config_from_args
 from ..errors import InvalidArgumentError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from ..backend import SegmentBackend
     from ..engine.segmenter import LisaSegmenter
 
 
@@ -22,6 +23,14 @@ def load_segmenter(args: argparse.Namespace, **overrides: Any) -> LisaSegmenter:
     from ..engine.segmenter import LisaSegmenter
 
     return LisaSegmenter.from_config(engine_config_from_args(args, **overrides))
+
+
+def load_backend(args: argparse.Namespace, **overrides: Any) -> SegmentBackend:
+    """The model named by the engine flags, whatever its kind (:func:`lisa_agent.backend.load_model`: LISA, or a
+    reasoner checkpoint with SAM 2), for the commands that only ask it queries."""
+    from ..backend import load_model
+
+    return load_model(engine_config_from_args(args, **overrides))
 
 
 def read_image(path: str | Path) -> np.ndarray:

@@ -6,7 +6,7 @@ import argparse
 
 from ..config import add_engine_arguments
 from ..options import add_query_arguments, query_options_from_args
-from .common import check_writable, load_segmenter, write_image
+from .common import check_writable, load_backend, write_image
 
 DEFAULT_QUERY = "grab something to cut with"
 DEFAULT_SEED = 2
@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")
     check_writable(args.image_out, "--image-out")
     scene = render_scene(split_seed("test", args.seed), size=(h, w))
-    seg = load_segmenter(args)
+    seg = load_backend(args)
     frame = Frame(scene.image, frame_id=f"tabletop test scene {args.seed}")
     result = seg.segment(frame, args.query, query_options_from_args(args))
     if args.image_out:

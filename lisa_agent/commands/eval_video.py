@@ -15,7 +15,7 @@ from ..options import (
     query_options_from_args,
     track_options_from_args,
 )
-from .common import load_segmenter
+from .common import load_backend
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     if not sequences:
         raise InvalidArgumentError(f"no video sequences (*/sequence.json) in {args.data}; write some with "
                                    "lisa-agent make-data --video")
-    report = evaluate_video(load_segmenter(args), sequences, track, query=query)
+    report = evaluate_video(load_backend(args), sequences, track, query=query)
     if args.json:
         print(json.dumps(report))
     else:

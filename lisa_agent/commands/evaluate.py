@@ -12,7 +12,10 @@ Two layouts:
   :mod:`lisa_agent.data.refcoco`).
 
 Default answers are teacher-forced ("[SEG]." with LISA's prompt forms); ``--answer generated`` lets the
-model answer (chat mode). The report (JSON with ``--json``, else a table) is the same for both layouts.
+model answer (chat mode). A reasoner checkpoint (``config.json`` model_type ``qwen2_5_vl``: VisionReasoner,
+Seg-Zero; :mod:`lisa_agent.reasoner`) always writes its own answer to the query as written (its own template
+wraps it): ``--answer generated --prompt raw`` apply, and the report says so. The report (JSON with ``--json``,
+else a table) is the same for both layouts.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from typing import Any
 
 from ..config import add_engine_arguments
 from ..errors import InvalidArgumentError
-from .common import check_writable, load_segmenter
+from .common import check_writable, load_backend
 
 #: ReasonSeg split folders ``--split`` may name; anything with "|" is a referring split.
 REASONSEG_SPLITS = ("train", "val", "test")
@@ -80,11 +83,17 @@ def run(args: argparse.Namespace) -> int:
         check_writable(Path(args.failures_out) / "overlay.png", "--failures-out")
     # the data is opened and checked before the (slow) model load
     samples, extra, options = _open_data(args.data, args.split)
-    segmenter = load_segmenter(args)
-    report = evaluate(segmenter, samples, answer=args.answer, prompt=args.prompt, limit=args.limit,
+    segmenter = load_backend(args)
+    answer, prompt = args.answer, args.prompt
+    reasoner = segmenter.info().get("backend") == "reasoner"
+    if reasoner:  # it answers the query as written, in its own template; a forced "[SEG]." means nothing to it
+        answer, prompt = "generated", "raw"
+    report = evaluate(segmenter, samples, answer=answer, prompt=prompt, limit=args.limit,
                       failures_out=args.failures_out, n_failures=args.n_failures,
                       max_new_tokens=args.max_new_tokens, progress=args.progress, **options)
     report["model"] = segmenter.info()
+    if reasoner and (args.answer, args.prompt) != (answer, prompt):
+        report["note"] = "a reasoner writes its own answer to the query as written: --answer generated --prompt raw"
     report.update(extra)
     text = json.dumps(report, indent=2)
     if args.out:

@@ -12,7 +12,7 @@ from ..config import add_engine_arguments
 from ..frames import Frame
 from ..options import add_query_arguments, query_options_from_args
 from ..result import SegmentationResult
-from .common import check_writable, load_segmenter, read_image, write_image
+from .common import check_writable, load_backend, read_image, write_image
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     check_writable(args.out, "--out")
     check_writable(args.mask_out, "--mask-out")
     image = read_image(args.image)
-    seg = load_segmenter(args)
+    seg = load_backend(args)
     frame = Frame(image, frame_id=Path(args.image).name)
     result = seg.segment(frame, args.query, query_options_from_args(args))
     report(result, image, args)

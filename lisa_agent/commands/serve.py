@@ -107,10 +107,10 @@ def run(args: argparse.Namespace) -> int:
         if not math.isfinite(value) or value <= 0 or value > 1024 * 1024:
             raise InvalidArgumentError(f"{flag} must be a positive number of MiB (at most 1048576); got {value}")
 
-    from ..engine.segmenter import LisaSegmenter
+    from ..backend import load_model
 
     log.info("loading %s", config.describe())
-    segmenter = LisaSegmenter.from_config(config)
+    segmenter = load_model(config)
     limits = Limits(max_frame_bytes=int(args.max_frame_mb * 1024 * 1024), max_side=args.max_side)
     server = LisaServer(segmenter, args.bind, max_queue=args.max_queue, limits=limits,
                         curve_secret=args.curve_secret, curve_allow=args.curve_allow, insecure=args.insecure,

@@ -164,11 +164,11 @@ class LisaDeployment:
         if backend_factory is not None:
             self.backend: SegmentBackend = backend_factory()
         else:
-            from ..engine.segmenter import LisaSegmenter
+            from ..backend import load_model
 
             config = EngineConfig.from_texts(dict(engine or {}))
             log.info("replica loading %s", config.describe())
-            self.backend = LisaSegmenter.from_config(config)
+            self.backend = load_model(config)
         #: the requests this replica holds, and the model thread that runs them
         self.requests = ReplicaRequests()
         self.worker = ModelWorker(self.backend, self.requests, limits=self.limits, batch=self.settings.batch,
