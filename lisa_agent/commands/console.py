@@ -94,6 +94,7 @@ def run(args: argparse.Namespace) -> int:
     from ..console.core import ConsoleCore
     from ..console.sources import open_source, parse_source
     from ..options import query_options_from_args, track_options_from_args
+    from ..serving.security import check_access
     from .common import check_writable
 
     kind, arg = parse_source(args.source)  # a bad --source fails before any model loads
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
     query, track = query_options_from_args(args), track_options_from_args(args)
     config = engine_config_from_args(args)
     try:
-        from ..console.web import ConsoleServer, check_access
+        from ..console.web import ConsoleServer
         if args.foxglove_port is not None or args.record:
             from ..integrations.foxglove import FoxglovePublisher, check_foxglove_bind
     except ImportError as exc:
