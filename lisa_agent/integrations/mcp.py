@@ -154,7 +154,7 @@ def build_server(session: ToolSession, *, name: str = "lisa-agent") -> MCPServer
     ``mcp.Client(server)``.
     """
     server: MCPServer = MCPServer(
-        name, version=__version__,
+        name, version=__version__, log_level="WARNING",  # the SDK configures the root logger when none is
         instructions=(f"LISA reasoning segmentation ({session.model_name or 'model'}; frames: "
                       f"{session.source_name}). Call look to see the scene, segment_objects to find what an "
                       "instruction refers to (implicit ones too, e.g. 'something to cut with'), explain_objects "
