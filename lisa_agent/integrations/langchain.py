@@ -60,6 +60,7 @@ from .tool_io import (
     ExplainObjectsInput,
     SegmentObjectsInput,
     describe_result,
+    given_image,
     validation_message,
 )
 
@@ -260,7 +261,8 @@ class LisaSegmentTool(BaseTool):
             raise InvalidArgumentError(f"mode must be one of {', '.join(INTERACTIVE_MODES)}; got {mode!r}")
         options = QueryOptions.of(self.query_options, mode=mode)
         t0 = time.perf_counter()
-        if image is not None and image.strip() and image.strip().lower() not in ("none", "null", "camera"):
+        image = given_image(image)
+        if image is not None:
             access = ImageAccess.of(self.image_folders, self.image_hosts)
             array = load_image(image, access=access, timeout=self.url_timeout)
             kind = "data URI" if image.lstrip()[:5].lower() == "data:" else repr(image.strip()[:80])

@@ -32,6 +32,7 @@ __all__ = [
     "TRACK_INSTRUCTION_HELP",
     "TRACK_STOP_HELP",
     "describe_result",
+    "given_image",
     "validation_message",
 ]
 
@@ -158,6 +159,14 @@ def describe_result(result: SegmentationResult, *, source: str, note: str = "", 
     if notes:
         lines.append("3D points unavailable or partial: " + "; ".join(notes) + ".")
     return "\n".join(lines)
+
+
+def given_image(image: str | None) -> str | None:
+    """The model's ``image`` argument, or None when it means "the camera" (left out, empty, or the words
+    ``none``, ``null`` or ``camera``, which models write for an absent argument)."""
+    if image is None or not image.strip() or image.strip().lower() in ("none", "null", "camera"):
+        return None
+    return image
 
 
 def validation_message(error: ValidationError) -> str:

@@ -42,6 +42,7 @@ from ..options import INTERACTIVE_MODES, QueryOptions, TrackOptions
 from ..result import SegmentationResult
 from ..tracking import StreamSegmenter
 from .images import ImageAccess, load_image
+from .tool_io import given_image
 
 log = logging.getLogger("lisa_agent.mcp")
 
@@ -233,6 +234,7 @@ class ToolSession:
         :class:`~lisa_agent.errors.LisaError`.
         """
         text, options = self.check_instruction(instruction, mode)
+        image = given_image(image)
         if frame_seq is not None and image:
             raise InvalidArgumentError("pass frame_seq or image, not both")
         t0 = time.perf_counter()
