@@ -12,6 +12,8 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -169,6 +171,8 @@ async def test_track_follows_the_knife_and_segment_objects_reports_the_tracked_m
         assert tracked["frame_seq"] >= first["frame_seq"] and tracked["track"]["age_frames"] >= 0
         other = await client.call_tool("segment_objects", {"instruction": "the yellow mug"})  # not the tracked one
         assert not other.is_error and other.structured_content["track"] is None
+        state = await client.call_tool("track", {})  # neither: what is tracked, nothing changed
+        assert state.structured_content["tracking"] and state.structured_content["instruction"] == QUERY
         stopped = await client.call_tool("track", {"stop": True})
         assert not stopped.is_error and not stopped.structured_content["tracking"]
         fresh = await assert_finds_the_knife(client, live.source)
@@ -297,6 +301,28 @@ async def test_stdio_session_lists_the_tools_and_answers(tmp_path):
             assert {t.name for t in (await client.list_tools()).tools} == TOOLS
             await assert_finds_the_knife(client, SyntheticSource())
     assert "lisa-agent mcp: synthetic tabletop" in (tmp_path / "stderr.txt").read_text()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stop, code", [(signal.SIGINT, 130), (signal.SIGTERM, 0)], ids=["ctrl-c", "sigterm"])
+async def test_http_command_serves_until_ctrl_c_or_sigterm(tmp_path, stop, code):
+    cmd = [sys.executable, "-m", "lisa_agent.cli", "mcp", "--transport", "http", "--port", "0", "--source", "synthetic",
+           "--size", "120x160", "--model", "tabletop-tiny", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert proc.stdout is not None
+        url = next((line.split()[2] for line in proc.stdout if line.startswith("MCP endpoint ")), None)  # it listens
+        assert url, proc.wait(60)
+        async with Client(url) as client:
+            result = await client.call_tool("look", {})
+            assert not result.is_error and result.structured_content["image_size"] == [120, 160]
+        proc.send_signal(stop)
+        assert proc.wait(600) == code  # the exit is the event: the bound only stops a hung process
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(60)
 
 
 @pytest.mark.slow

@@ -11,8 +11,9 @@ over a :class:`~lisa_agent.integrations.tool_session.ToolSession`:
   structured content: the result schema (``docs/result.md``: masks as COCO RLE, boxes, scores, 3D targets
   when there is depth) plus the envelope keys ``frame_seq``, ``image``, ``labels``, ``tool_ms``;
 - ``explain_objects(instruction, frame_seq?, image?)``: the chat-mode answer with its masks;
-- ``track(instruction?, stop?)``: start or stop following an instruction on every frame; ``segment_objects``
-  with the same instruction then answers with the masks tracked to the newest frame, and their age.
+- ``track(instruction?, stop?)``: start or stop following an instruction on every frame (neither: say what is
+  tracked); ``segment_objects`` with the same instruction then answers with the masks tracked to the newest
+  frame, and their age.
 
 Resources: ``lisa://frame/latest`` (PNG) and ``lisa://result/latest`` (the result schema, JSON).
 
@@ -269,12 +270,16 @@ def _segment(session: ToolSession, instruction: str, frame_seq: int | None, imag
 
 
 def _track(session: ToolSession, instruction: str | None, stop: bool, mode: str | None) -> CallToolResult:
-    if stop or instruction is None:
+    if stop or instruction is None:  # stop, or (neither) say what is tracked
         before = session.tracking()["instruction"]
-        session.track(None)
+        if stop:
+            session.track(None)
+            text = f"Stopped tracking {before!r}." if before else "Nothing was being tracked."
+        else:
+            text = f"Tracking {before!r}." if before else "Nothing is being tracked; pass an instruction to start."
         state = session.tracking()
-        text = f"Stopped tracking {before!r}." if before else "Nothing was being tracked."
-        out = TrackOutput(tracking=False, instruction=None, mode=None, options=state["options"], result=None)
+        out = TrackOutput(tracking=state["instruction"] is not None, instruction=state["instruction"],
+                          mode=state["mode"], options=state["options"], result=None)
         return CallToolResult(content=[TextContent(type="text", text=text)],
                               structured_content=out.model_dump(mode="json"))
     answer = session.track(instruction, mode=mode)

@@ -87,7 +87,8 @@ FRAME_SEQ_HELP = (
     "Optional number of a recent camera frame (the frame_seq that look or an earlier answer gave) to look "
     "at instead of the newest one. Leave it out to use the newest camera frame."
 )
-TRACK_INSTRUCTION_HELP = "What to keep finding, as for segment_objects. Leave it out when stopping."
+TRACK_INSTRUCTION_HELP = ("What to keep finding, as for segment_objects. Leave it out when stopping, or to hear "
+                          "what is being tracked.")
 TRACK_STOP_HELP = "true: stop tracking (the instruction is then not needed)."
 
 
