@@ -114,7 +114,7 @@ def result_schema() -> dict[str, Any]:
 class ResultOutput(RootModel[dict[str, Any]]):
     """Structured content of ``segment_objects`` and ``explain_objects``: the result schema and envelope keys.
 
-    Its JSON schema is the result schema itself (one declaration, ``docs/result.md``), never a copy."""
+    Its JSON schema is read from the result schema's file (one declaration, ``docs/result.md``), never copied."""
 
     @classmethod
     def __get_pydantic_json_schema__(cls, core_schema: Any, handler: Any) -> dict[str, Any]:
@@ -151,11 +151,11 @@ Mode = Annotated[Literal["fast", "chat"] | None, Field(description=MODE_HELP)]
 def build_server(session: ToolSession, *, name: str = "lisa-agent") -> MCPServer:
     """The MCP server over ``session`` (started by the caller): the four tools and the two resources.
 
-    Run it with ``server.run("stdio")``, :func:`lisa_agent.integrations.mcp_http.serve_http`, or in process with
-    ``mcp.Client(server)``.
+    Run it with ``server.run("stdio")``, over HTTP with :class:`lisa_agent.integrations.mcp_http.MCPHttpServer`, or
+    in process with ``mcp.Client(server)``.
     """
     server: MCPServer = MCPServer(
-        name, version=__version__, log_level="WARNING",  # the SDK configures the root logger when none is
+        name, version=__version__, log_level="WARNING",  # the SDK calls logging.basicConfig at this level
         instructions=(f"LISA reasoning segmentation ({session.model_name or 'model'}; frames: "
                       f"{session.source_name}). Call look to see the scene, segment_objects to find what an "
                       "instruction refers to (implicit ones too, e.g. 'something to cut with'), explain_objects "
