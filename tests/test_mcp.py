@@ -83,15 +83,17 @@ def error_of(result: Any) -> dict[str, str]:
     return dict(error)
 
 
-async def assert_finds_the_knife(client: Client, source: SyntheticSource, **arguments: Any) -> dict[str, Any]:
-    """segment_objects(QUERY) answers with one mask on the knife of the frame it names; returns its structured content."""
+async def assert_finds_the_knife(client: Client, source: SyntheticSource, min_iou: float = 0.6,
+                                 **arguments: Any) -> dict[str, Any]:
+    """segment_objects(QUERY) answers with one mask on the knife of the frame it names (IoU with the rendered truth
+    at least ``min_iou``; the model's own is ~0.83); returns its structured content."""
     result = await client.call_tool("segment_objects", {"instruction": QUERY, **arguments})
     assert not result.is_error, result.content
     answer = assert_result_schema(result.structured_content)
     assert answer["query"] == QUERY and len(answer["masks"]) == 1 and answer["labels"] == ["mask 1"]
     assert answer["frame_seq"] is not None
     truth = knife(source, answer["frame_seq"])
-    assert iou(rle_to_mask(answer["masks"][0]["rle"]), truth) >= 0.6
+    assert iou(rle_to_mask(answer["masks"][0]["rle"]), truth) >= min_iou
     text, overlay = result.content
     assert text.text.startswith(f'Found 1 object for "{QUERY}" in camera frame {answer["frame_seq"]}')
     assert overlay.mime_type == "image/jpeg" and decode(overlay).shape == (480, 640, 3)
@@ -166,7 +168,7 @@ async def test_track_follows_the_knife_and_segment_objects_reports_the_tracked_m
         assert not started.is_error, started.content
         assert started.structured_content["tracking"] and started.structured_content["instruction"] == QUERY
         first = assert_result_schema(started.structured_content["result"])
-        tracked = await assert_finds_the_knife(client, live.source)
+        tracked = await assert_finds_the_knife(client, live.source, min_iou=0.5)  # carried by optical flow
         assert tracked["track"] is not None and tracked["track"]["source"] in ("reasoned", "tracked")
         assert tracked["frame_seq"] >= first["frame_seq"] and tracked["track"]["age_frames"] >= 0
         other = await client.call_tool("segment_objects", {"instruction": "the yellow mug"})  # not the tracked one
