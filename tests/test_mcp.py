@@ -286,6 +286,8 @@ def test_command_refuses_a_weak_token_and_a_bad_source_before_loading_a_model(ca
     assert "token must be at least 12" in capsys.readouterr().err
     assert main(["mcp", "--source", "webcam"]) == 1
     assert "unknown source 'webcam'" in capsys.readouterr().err
+    assert main(["mcp", "--mode", "reference"]) == 1
+    assert "--mode must be one of fast, chat" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------- stdio, as hosts launch it

@@ -85,11 +85,14 @@ def _say(text: str) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..backend import is_server_address, open_backend
     from ..config import engine_config_from_args
-    from ..options import query_options_from_args, track_options_from_args
+    from ..options import INTERACTIVE_MODES, query_options_from_args, track_options_from_args
     from ..serving.security import check_access
 
     endpoint = _endpoint(args)
     query, track = query_options_from_args(args), track_options_from_args(args)
+    if query.mode not in INTERACTIVE_MODES:
+        raise InvalidArgumentError(f"--mode must be one of {', '.join(INTERACTIVE_MODES)} for the tools; got "
+                                   f"{query.mode!r}")
     config = engine_config_from_args(args)
     try:
         from ..integrations.mcp import build_server
