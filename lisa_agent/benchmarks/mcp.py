@@ -41,6 +41,14 @@ def _summary(calls: list[tuple[float, float]]) -> dict[str, float]:
             "overhead_ms": round(statistics.median(c - m for c, m in calls), 2)}
 
 
+def _load() -> list[float] | None:
+    """The machine's 1, 5 and 15 minute load averages (other work skews every number here), where known."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def measure_engine(engine: Any, *, calls: int, warmup: int, fps: float) -> dict[str, float]:
     """The baseline: the engine in process on a fresh frame of the synthetic scene each call."""
     from ..console.sources import SyntheticSource
@@ -152,10 +160,11 @@ def measure(model: str = "tabletop-tiny", device: str = "cpu", *, calls: int = 2
         "mcp_http": lambda: measure_http(model, device, calls=calls, warmup=warmup, fps=fps),
     }
     report: dict[str, Any] = {"model": model, "device": device, "calls": calls, "warmup": warmup, "fps": fps,
-                              "query": QUERY}
+                              "query": QUERY, "cpus": os.cpu_count(), "load_before": _load()}
     for name, way in ways.items():
         if not only or name in only:
             report[name] = way()
+    report["load_after"] = _load()
     if "engine" in report:
         base = report["engine"]["overhead_ms"]
         report["vs_engine_ms"] = {k: round(report[k]["overhead_ms"] - base, 2) for k in ways
