@@ -215,8 +215,13 @@ async def test_bad_inputs_are_tool_errors_in_the_library_vocabulary_and_the_serv
                                                                         "image": str(allowed / "scene.png")}))
             assert error["code"] == "invalid_argument"
             assert error_of(await client.call_tool("track", {"instruction": ""}))["code"] == "invalid_query"
-            not_a_string = await client.call_tool("segment_objects", {"instruction": 3})  # the schema's refusal
-            assert not_a_string.is_error and "instruction" in not_a_string.content[0].text
+            # the SDK's own refusals (the schema, the tool's name) speak the same vocabulary
+            error = error_of(await client.call_tool("segment_objects", {"instruction": 3}))
+            assert error["code"] == "invalid_argument" and "instruction" in error["message"]
+            error = error_of(await client.call_tool("segment_objects", {"instruction": QUERY, "mode": "psychic"}))
+            assert error["code"] == "invalid_argument" and "mode" in error["message"]
+            error = error_of(await client.call_tool("grab", {"instruction": QUERY}))
+            assert error["code"] == "unknown_op" and "segment_objects" in error["message"]
             await good()
     finally:
         session.close()
@@ -252,6 +257,9 @@ async def test_http_on_loopback_serves_this_machine_and_refuses_other_hosts_and_
         async with Client(http.url) as client:
             assert {t.name for t in (await client.list_tools()).tools} == TOOLS
             await assert_finds_the_knife(client, live.source)
+            assert error_of(await client.call_tool("segment_objects", {"instruction": ""}))["code"] == "invalid_query"
+            assert error_of(await client.call_tool("segment_objects", {}))["code"] == "invalid_argument"
+            await assert_finds_the_knife(client, live.source)  # still serving
         status, payload = _mcp_post(http.port, {"Host": "evil.example"})  # DNS rebinding
         assert status == 403 and payload["error"]["code"] == "forbidden_host"
         status, payload = _mcp_post(http.port, {"Origin": "https://evil.example"})
@@ -303,6 +311,7 @@ async def test_stdio_session_lists_the_tools_and_answers(tmp_path):
 
         async with Client(stdio_client(params, errlog=errlog)) as client:
             assert {t.name for t in (await client.list_tools()).tools} == TOOLS
+            assert error_of(await client.call_tool("segment_objects", {}))["code"] == "invalid_argument"
             await assert_finds_the_knife(client, SyntheticSource())
     assert "lisa-agent mcp: synthetic tabletop" in (tmp_path / "stderr.txt").read_text()
 

@@ -53,10 +53,10 @@ import anyio
 from mcp.server import MCPServer
 from mcp.server.mcpserver.exceptions import ResourceError
 from mcp.types import CallToolResult, ImageContent, TextContent, ToolAnnotations
-from pydantic import BaseModel, Field, RootModel
+from pydantic import BaseModel, Field, RootModel, ValidationError
 
 from .. import __version__
-from ..errors import LisaError, describe_error
+from ..errors import Code, InvalidArgumentError, LisaError, describe_error
 from ..images import encode_image_bytes
 from ..labels import mask_labels
 from ..result import RESULT_SCHEMA_PATH
@@ -156,6 +156,7 @@ def build_server(session: ToolSession, *, name: str = "lisa-agent") -> MCPServer
     """
     server: MCPServer = MCPServer(
         name, version=__version__, log_level="WARNING",  # the SDK calls logging.basicConfig at this level
+        middleware=[VocabularyMiddleware()],
         instructions=(f"LISA reasoning segmentation ({session.model_name or 'model'}; frames: "
                       f"{session.source_name}). Call look to see the scene, segment_objects to find what an "
                       "instruction refers to (implicit ones too, e.g. 'something to cut with'), explain_objects "
@@ -196,6 +197,35 @@ def build_server(session: ToolSession, *, name: str = "lisa-agent") -> MCPServer
         return await _resource(functools.partial(_latest_result_json, session))
 
     return server
+
+
+class VocabularyMiddleware:
+    """The SDK's own tool refusals (arguments that do not fit the schema, an unknown tool) in the library's
+    vocabulary too: ``invalid_argument`` / ``unknown_op`` with the code's advice, and the structured error, like
+    every refusal of the tools themselves (a ``ServerMiddleware`` of the SDK)."""
+
+    async def __call__(self, ctx: Any, call_next: Any) -> Any:
+        result = await call_next(ctx)
+        if getattr(ctx, "method", None) != "tools/call":
+            return result
+        try:  # the handler's result, as a model or in its wire form
+            seen = result if isinstance(result, CallToolResult) else CallToolResult.model_validate(result)
+        except ValidationError:
+            return result
+        if not seen.is_error or seen.structured_content is not None:
+            return result
+        said = " ".join(b.text for b in seen.content if isinstance(b, TextContent))
+        lines = [line.strip() for line in said.splitlines()
+                 if line.strip() and not line.strip().startswith("For further information")]
+        text = " ".join(lines).removeprefix("Error executing tool ").strip()
+        if text.lower().startswith("unknown tool"):
+            error = LisaError(f"{text}; the tools are look, segment_objects, explain_objects and track",
+                              code=Code.UNKNOWN_OP)
+        else:
+            error = InvalidArgumentError(f"the arguments do not fit the tool's schema: {text[:1000]}")
+        out = tool_error(error)
+        out.meta = seen.meta
+        return out
 
 
 # ---------------------------------------------------------------------- tool bodies (run in a worker thread)
