@@ -208,6 +208,8 @@ class VocabularyMiddleware:
         result = await call_next(ctx)
         if getattr(ctx, "method", None) != "tools/call":
             return result
+        if isinstance(result, dict) and (result.get("isError") is not True or result.get("structuredContent")):
+            return result  # an answer, or one of the tools' own errors (the wire form): nothing to read
         try:  # the handler's result, as a model or in its wire form
             seen = result if isinstance(result, CallToolResult) else CallToolResult.model_validate(result)
         except ValidationError:
