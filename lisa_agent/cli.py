@@ -44,6 +44,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serve", "serve a model over ZeroMQ, or over HTTP on Ray Serve replicas (docs/protocol.md, docs/ray.md)"),
     "bag": ("bag", "run LISA over a rosbag2 (sqlite3 or MCAP) and write results into a new bag"),
     "console": ("console", "teleoperation web console: live frames, instructions, masks, target (docs/console.md)"),
+    "mcp": ("mcp", "MCP server: any MCP host (desktop assistants, IDE agents) sees the camera and gets masks (docs/mcp.md)"),
 }
 
 

@@ -27,6 +27,7 @@ COMMANDS = {
     "bag": (["in", "--image-topic", "/t", "--query", "q", "--out", "o"], set()),
     "serve": ([], set()),
     "bench": ([], set()),
+    "mcp": ([], set()),
     # calibrate-gate reads the presence scores with the gate off: it has no --presence-threshold
     "calibrate-gate": (["--data", "d"], {"presence_threshold"}),
 }

@@ -52,6 +52,7 @@ COMMANDS: dict[str, tuple[list[str], set[str], set[str], dict[str, Any]]] = {
     "demo": ([], {"return_logits", "answer"}, set(), DEMO_DEFAULTS),
     "eval-video": (["--data", "d"], {"return_logits", "answer"}, TRACK, {}),
     "console": ([], {"return_logits", "answer"}, TRACK, CONSOLE_QUERY_DEFAULTS),
+    "mcp": ([], {"return_logits", "answer"}, TRACK, {}),
 }
 
 

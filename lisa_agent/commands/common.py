@@ -17,6 +17,26 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..engine.segmenter import LisaSegmenter
 
 
+def frame_size(text: str) -> tuple[int, int]:
+    """``--size HxW`` (``480x640``) -> (H, W); argparse's error otherwise."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"size must look like 480x640 (HxW); got {text!r}") from None
+    return h, w
+
+
+def port_number(text: str) -> int:
+    """``--port`` -> a TCP port in [0, 65535] (0: any free port); argparse's error otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a port is a whole number; got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535]; got {value}")
+    return value
+
+
 def load_segmenter(args: argparse.Namespace, **overrides: Any) -> LisaSegmenter:
     """The engine named by the flags :func:`~lisa_agent.config.add_engine_arguments` added (``overrides``
     replace fields, e.g. a command that needs the presence gate off)."""

@@ -22,24 +22,7 @@ from ..config import add_engine_arguments
 from ..console import CONSOLE_QUERY_DEFAULTS
 from ..errors import DependencyError, InvalidArgumentError
 from ..options import add_query_arguments, add_track_arguments
-
-
-def _size(text: str) -> tuple[int, int]:
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"size must look like 480x640 (HxW); got {text!r}") from None
-    return h, w
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"a port is a whole number; got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"a port is in [0, 65535]; got {value}")
-    return value
+from .common import frame_size, port_number
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "instead of loading --model")
     parser.add_argument("--server-timeout", type=float, default=60.0,
                         help="seconds to wait for the model server per request (default 60)")
-    parser.add_argument("--port", type=_port, default=8080, help="web page and API port (default 8080; 0: any free)")
+    parser.add_argument("--port", type=port_number, default=8080, help="web page and API port (default 8080; 0: any free)")
     parser.add_argument("--bind", default="127.0.0.1",
                         help="address to serve on (default 127.0.0.1: this machine only; any other address needs "
                              "the access token)")
@@ -62,7 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="access token (at least 12 characters), required on every request; default: "
                              "$LISA_CONSOLE_TOKEN, else none on loopback and a new one printed at start for any "
                              "other --bind")
-    parser.add_argument("--foxglove-port", type=_port, default=None, metavar="PORT",
+    parser.add_argument("--foxglove-port", type=port_number, default=None, metavar="PORT",
                         help="also serve a Foxglove WebSocket live view on PORT (0: any free port; default: off)")
     parser.add_argument("--foxglove-bind", default="127.0.0.1",
                         help="address of the Foxglove server (default 127.0.0.1; its protocol has no authentication: "
@@ -76,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--record", default=None, metavar="FILE",
                         help="record the session (frames, masks, answers, targets, instructions) to this MCAP file")
     parser.add_argument("--fps", type=float, default=10.0, help="frame rate of the synthetic source (default 10)")
-    parser.add_argument("--size", type=_size, default=(480, 640), help="synthetic frame size HxW (default 480x640)")
+    parser.add_argument("--size", type=frame_size, default=(480, 640), help="synthetic frame size HxW (default 480x640)")
     add_query_arguments(parser, exclude=("return_logits", "answer"), defaults=CONSOLE_QUERY_DEFAULTS)
     add_track_arguments(parser)
     add_engine_arguments(parser)
@@ -94,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from ..console.core import ConsoleCore
     from ..console.sources import open_source, parse_source
     from ..options import query_options_from_args, track_options_from_args
+    from ..serving.security import check_access
     from .common import check_writable
 
     kind, arg = parse_source(args.source)  # a bad --source fails before any model loads
@@ -102,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     query, track = query_options_from_args(args), track_options_from_args(args)
     config = engine_config_from_args(args)
     try:
-        from ..console.web import ConsoleServer, check_access
+        from ..console.web import ConsoleServer
         if args.foxglove_port is not None or args.record:
             from ..integrations.foxglove import FoxglovePublisher, check_foxglove_bind
     except ImportError as exc:

@@ -1,6 +1,7 @@
 """The console's HTTP pieces that are not routes: JSON error replies in the library's vocabulary, the security
-headers every reply carries, the access rule (port, token, bind address) checked before anything slow starts,
-and one WebSocket client's sender (newest frame only, a bounded backlog, cut off when it stops reading)."""
+headers every reply carries, and one WebSocket client's sender (newest frame only, a bounded backlog, cut off
+when it stops reading). The access rule (port, token, bind address) checked before anything slow starts is
+every HTTP door's, :func:`lisa_agent.serving.security.check_access` (re-exported here)."""
 
 from __future__ import annotations
 
@@ -12,16 +13,18 @@ from typing import Any
 
 from aiohttp import web
 
-from ..errors import InvalidArgumentError, code_info
+from ..errors import code_info
 from ..serving.gate import reset_connection
-from ..serving.security import check_listen
+from ..serving.security import MIN_TOKEN_CHARS, check_access  # the access rule every HTTP door shares
 
 log = logging.getLogger("lisa_agent.console")
+
+__all__ = ["CSP", "MIN_TOKEN_CHARS", "SECURITY_HEADERS", "TOKEN_COOKIE", "WebSocketClient", "check_access",
+           "dumps_json", "error_response"]
 
 #: Text messages kept for a WebSocket client that reads slowly (older ones are dropped).
 WS_BACKLOG = 64
 TOKEN_COOKIE = "lisa_console_token"
-MIN_TOKEN_CHARS = 12
 SECURITY_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -42,18 +45,6 @@ def error_response(code: str, message: str, advice: str | None = None) -> web.Re
 
 def dumps_json(payload: Any) -> str:
     return json.dumps(payload, allow_nan=False, separators=(",", ":"))
-
-
-def check_access(host: str, port: int, token: str | None, *, listen: bool = False) -> None:
-    """Refuse (:class:`InvalidArgumentError`) a port out of range or a weak token (fewer than
-    ``MIN_TOKEN_CHARS`` printable characters, or spaces); with ``listen``, also an address this machine cannot
-    listen on. The console command checks this before it loads a model."""
-    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise InvalidArgumentError(f"port must be in [0, 65535]; got {port!r}")
-    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
-        raise InvalidArgumentError(f"token must be at least {MIN_TOKEN_CHARS} printable characters without spaces")
-    if listen:
-        check_listen(host, port, "--bind")
 
 
 class WebSocketClient:

@@ -40,7 +40,7 @@ from aiohttp import WSMsgType, web
 
 from ..errors import Code, InvalidArgumentError, LisaError, NoFrameError, UnknownTargetError, describe_error
 from ..serving.framing import json_loads
-from ..serving.security import is_loopback_host, refuse_browser_request
+from ..serving.security import check_access, is_loopback_host, refuse_browser_request
 from .answers import Answer, FrameEvent
 from .core import MAX_PENDING, ConsoleCore
 from .http import (
@@ -48,7 +48,6 @@ from .http import (
     SECURITY_HEADERS,
     TOKEN_COOKIE,
     WebSocketClient,
-    check_access,
     dumps_json,
     error_response,
 )

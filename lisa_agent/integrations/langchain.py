@@ -55,9 +55,12 @@ from ..result import SegmentationResult
 from ..tracking import StreamSegmenter
 from .images import ImageAccess, load_image
 from .tool_io import (
+    EXPLAIN_DESCRIPTION,
+    SEGMENT_DESCRIPTION,
     ExplainObjectsInput,
     SegmentObjectsInput,
     describe_result,
+    given_image,
     validation_message,
 )
 
@@ -142,14 +145,7 @@ class LisaSegmentTool(BaseTool):
     """
 
     name: str = "segment_objects"
-    description: str = (
-        "Locate objects in the robot's camera image (or a given image) from a natural-language "
-        "description, including implicit ones such as 'something to cut with' or 'what I can drink "
-        "from'. Returns how many objects match and, for each, its bounding box [x1, y1, x2, y2] in "
-        "pixels, its share of the image, its centroid, a 3D point in the camera frame when depth is "
-        "available, and the vision model's answer. Call it before acting on or talking about an "
-        "object's position."
-    )
+    description: str = SEGMENT_DESCRIPTION
     args_schema: type[BaseModel] = SegmentObjectsInput
     response_format: Literal["content", "content_and_artifact"] = "content_and_artifact"
     handle_tool_error: bool = True
@@ -265,7 +261,8 @@ class LisaSegmentTool(BaseTool):
             raise InvalidArgumentError(f"mode must be one of {', '.join(INTERACTIVE_MODES)}; got {mode!r}")
         options = QueryOptions.of(self.query_options, mode=mode)
         t0 = time.perf_counter()
-        if image is not None and image.strip() and image.strip().lower() not in ("none", "null", "camera"):
+        image = given_image(image)
+        if image is not None:
             access = ImageAccess.of(self.image_folders, self.image_hosts)
             array = load_image(image, access=access, timeout=self.url_timeout)
             kind = "data URI" if image.lstrip()[:5].lower() == "data:" else repr(image.strip()[:80])
@@ -373,12 +370,7 @@ class LisaExplainTool(LisaSegmentTool):
     """``explain_objects``: LISA in chat mode, for answers that explain, with the masks they refer to."""
 
     name: str = "explain_objects"
-    description: str = (
-        "Ask the vision model a question about the robot's camera image (or a given image) that needs "
-        "reasoning, e.g. 'What here could I use to cut the rope, and why?'. Returns the model's answer in "
-        "words and the bounding boxes of the objects it points at. Slower than segment_objects; use "
-        "segment_objects when you only need where an object is."
-    )
+    description: str = EXPLAIN_DESCRIPTION
     args_schema: type[BaseModel] = ExplainObjectsInput
     query_options: QueryOptions = Field(default_factory=lambda: QueryOptions(mode="chat"))
     _explain: bool = True

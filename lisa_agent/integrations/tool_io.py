@@ -1,8 +1,11 @@
-"""What the LISA tools exchange with the calling language model: argument schemas and answer text.
+"""What the LISA tools exchange with the calling language model: descriptions, argument schemas, answer text.
 
-The schemas' field descriptions tell the model what to pass; :func:`describe_result` is the short
-text it reads back (the masks themselves travel in the tool's artifact). Kept apart from the tools
-(:mod:`lisa_agent.integrations.langchain`) so the wording can be read and tested on its own.
+The one wording source of every tool door: the LangChain tools (:mod:`lisa_agent.integrations.langchain`)
+and the MCP server (:mod:`lisa_agent.integrations.mcp`) take their tool descriptions (``*_DESCRIPTION``)
+and argument descriptions (``*_HELP``) from here. The schemas' field descriptions tell the model what to
+pass; :func:`describe_result` is the short text it reads back (the masks themselves travel in the tool's
+artifact, or an MCP tool's structured content). Kept apart from the tools so the wording can be read and
+tested on its own.
 """
 
 from __future__ import annotations
@@ -13,51 +16,95 @@ from pydantic import BaseModel, Field, ValidationError
 
 from ..result import SegmentationResult
 
-__all__ = ["ExplainObjectsInput", "SegmentObjectsInput", "describe_result", "validation_message"]
+__all__ = [
+    "EXPLAIN_DESCRIPTION",
+    "EXPLAIN_IMAGE_HELP",
+    "EXPLAIN_QUERY_HELP",
+    "ExplainObjectsInput",
+    "FRAME_SEQ_HELP",
+    "IMAGE_HELP",
+    "LOOK_DESCRIPTION",
+    "MODE_HELP",
+    "QUERY_HELP",
+    "SEGMENT_DESCRIPTION",
+    "SegmentObjectsInput",
+    "TRACK_DESCRIPTION",
+    "TRACK_INSTRUCTION_HELP",
+    "TRACK_STOP_HELP",
+    "describe_result",
+    "given_image",
+    "validation_message",
+]
+
+# ---------------------------------------------------------------------- tool descriptions
+SEGMENT_DESCRIPTION = (
+    "Locate objects in the robot's camera image (or a given image) from a natural-language "
+    "description, including implicit ones such as 'something to cut with' or 'what I can drink "
+    "from'. Returns how many objects match and, for each, its bounding box [x1, y1, x2, y2] in "
+    "pixels, its share of the image, its centroid, a 3D point in the camera frame when depth is "
+    "available, and the vision model's answer. Call it before acting on or talking about an "
+    "object's position."
+)
+EXPLAIN_DESCRIPTION = (
+    "Ask the vision model a question about the robot's camera image (or a given image) that needs "
+    "reasoning, e.g. 'What here could I use to cut the rope, and why?'. Returns the model's answer in "
+    "words and the bounding boxes of the objects it points at. Slower than segment_objects; use "
+    "segment_objects when you only need where an object is."
+)
+LOOK_DESCRIPTION = (
+    "See the robot's newest camera frame: returns it as an image, with its frame number (frame_seq) and "
+    "stamp. Pass that frame_seq to segment_objects to ask about exactly this frame."
+)
+TRACK_DESCRIPTION = (
+    "Keep finding one object on every camera frame: start with an instruction (as for segment_objects); "
+    "a segment_objects call with the same instruction then answers at once with the masks tracked to the "
+    "newest frame and their age. Call it with stop=true to end tracking."
+)
+
+# ---------------------------------------------------------------------- argument descriptions
+QUERY_HELP = (
+    "What to find, in natural language. Name the object ('the red mug') or describe it by "
+    "use or property ('something to cut with', 'the item that holds liquid'). One request "
+    "per call; the answer lists every object that matches."
+)
+IMAGE_HELP = (
+    "Optional image to look at: a data URI (data:image/png;base64,...), or a local file path or "
+    "http(s) URL where this tool allows them. Leave it out to use the newest camera frame."
+)
+MODE_HELP = (
+    "'fast' (default): one quick pass that returns the masks. 'chat': the vision model "
+    "writes its own answer first (slower); use it when its wording matters."
+)
+EXPLAIN_QUERY_HELP = (
+    "A question or instruction about the scene that needs reasoning, e.g. 'What here could "
+    "I use to cut the rope, and why?'. The answer explains and points at the objects."
+)
+EXPLAIN_IMAGE_HELP = (
+    "Optional image: a data URI, or a local file path or http(s) URL where this tool allows them. "
+    "Leave it out to use the newest camera frame."
+)
+FRAME_SEQ_HELP = (
+    "Optional number of a recent camera frame (the frame_seq that look or an earlier answer gave) to look "
+    "at instead of the newest one. Leave it out to use the newest camera frame."
+)
+TRACK_INSTRUCTION_HELP = ("What to keep finding, as for segment_objects. Leave it out when stopping, or to hear "
+                          "what is being tracked.")
+TRACK_STOP_HELP = "true: stop tracking (the instruction is then not needed)."
 
 
 class SegmentObjectsInput(BaseModel):
     """Arguments the calling model passes to ``segment_objects``."""
 
-    query: str = Field(
-        description=(
-            "What to find, in natural language. Name the object ('the red mug') or describe it by "
-            "use or property ('something to cut with', 'the item that holds liquid'). One request "
-            "per call; the answer lists every object that matches."
-        ),
-    )
-    image: str | None = Field(
-        default=None,
-        description=(
-            "Optional image to look at: a data URI (data:image/png;base64,...), or a local file path or "
-            "http(s) URL where this tool allows them. Leave it out to use the newest camera frame."
-        ),
-    )
-    mode: Literal["fast", "chat"] | None = Field(
-        default=None,
-        description=(
-            "'fast' (default): one quick pass that returns the masks. 'chat': the vision model "
-            "writes its own answer first (slower); use it when its wording matters."
-        ),
-    )
+    query: str = Field(description=QUERY_HELP)
+    image: str | None = Field(default=None, description=IMAGE_HELP)
+    mode: Literal["fast", "chat"] | None = Field(default=None, description=MODE_HELP)
 
 
 class ExplainObjectsInput(BaseModel):
     """Arguments the calling model passes to ``explain_objects``."""
 
-    query: str = Field(
-        description=(
-            "A question or instruction about the scene that needs reasoning, e.g. 'What here could "
-            "I use to cut the rope, and why?'. The answer explains and points at the objects."
-        ),
-    )
-    image: str | None = Field(
-        default=None,
-        description=(
-            "Optional image: a data URI, or a local file path or http(s) URL where this tool allows them. "
-            "Leave it out to use the newest camera frame."
-        ),
-    )
+    query: str = Field(description=EXPLAIN_QUERY_HELP)
+    image: str | None = Field(default=None, description=EXPLAIN_IMAGE_HELP)
 
 
 def describe_result(result: SegmentationResult, *, source: str, note: str = "", explain: bool = False,
@@ -113,6 +160,14 @@ def describe_result(result: SegmentationResult, *, source: str, note: str = "", 
     if notes:
         lines.append("3D points unavailable or partial: " + "; ".join(notes) + ".")
     return "\n".join(lines)
+
+
+def given_image(image: str | None) -> str | None:
+    """The model's ``image`` argument, or None when it means "the camera" (left out, empty, or the words
+    ``none``, ``null`` or ``camera``, which models write for an absent argument)."""
+    if image is None or not image.strip() or image.strip().lower() in ("none", "null", "camera"):
+        return None
+    return image
 
 
 def validation_message(error: ValidationError) -> str:

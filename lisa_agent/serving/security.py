@@ -1,4 +1,9 @@
-"""CurveZMQ helpers, the loopback-bind rule, and the guard every HTTP door puts before its handlers.
+"""CurveZMQ helpers, the loopback-bind rule, the access-token rule, and the guard every HTTP door puts before
+its handlers.
+
+The access rule (:func:`check_access`, :data:`MIN_TOKEN_CHARS`) is what the console and the MCP server's HTTP
+transport check before anything slow starts: a loopback bind needs no token; any other address needs one of at
+least :data:`MIN_TOKEN_CHARS` printable characters (given, or generated and printed at start).
 
 The guard (:func:`refuse_browser_request`) is what keeps web pages the operator happens to open from driving
 a door through the operator's browser: the web console, the Ray Serve ingress and the Foxglove live view
@@ -25,6 +30,8 @@ from urllib.parse import urlsplit
 from ..errors import Code, InvalidArgumentError, code_info
 
 KeyPair = tuple[bytes, bytes]
+#: Shortest access token an HTTP door accepts (the console's, the MCP server's).
+MIN_TOKEN_CHARS = 12
 
 
 def is_loopback_host(host: str) -> bool:
@@ -110,6 +117,18 @@ def check_listen(host: str, port: int, what: str) -> None:
             probe.bind(address)
         except OSError as exc:
             raise InvalidArgumentError(f"cannot listen on {host}:{port} ({what}): {exc.strerror or exc}") from None
+
+
+def check_access(host: str, port: int, token: str | None, *, listen: bool = False) -> None:
+    """Refuse (:class:`InvalidArgumentError`) a port out of range or a weak token (fewer than
+    :data:`MIN_TOKEN_CHARS` printable characters, or spaces); with ``listen``, also an address this machine
+    cannot listen on. The console and ``lisa-agent mcp --transport http`` check this before a model loads."""
+    if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
+        raise InvalidArgumentError(f"port must be in [0, 65535]; got {port!r}")
+    if token is not None and (len(token) < MIN_TOKEN_CHARS or not token.isprintable() or " " in token):
+        raise InvalidArgumentError(f"token must be at least {MIN_TOKEN_CHARS} printable characters without spaces")
+    if listen:
+        check_listen(host, port, "--bind")
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
