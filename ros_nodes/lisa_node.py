@@ -14,7 +14,9 @@ or sensor_msgs/CompressedImage on ``<image_topic>/compressed`` with ``compressed
 Publications (:mod:`ros_nodes.publishing`), in the node's namespace, each stamped with the source
 frame's header: ``~/mask``, ``~/overlay``, ``~/overlay/compressed``, ``~/answer``, ``~/result`` (the
 library's result schema plus the node's envelope), ``~/target_point``, ``~/markers``,
-``~/detections``; and ``/diagnostics``. With ``foxglove_port`` set, the same outputs also go to a
+``~/detections``, ``~/segmentation`` (typed ``lisa_interfaces/Segmentation``); and ``/diagnostics``. Where
+``lisa_interfaces`` is built, the node also serves the ``Segment`` action and service on ``~/segment``
+(:mod:`ros_nodes.action_server`). With ``foxglove_port`` set, the same outputs also go to a
 Foxglove live view (:class:`lisa_agent.integrations.foxglove.FoxglovePublisher`, foxglove-sdk) that takes
 instructions from Foxglove's Publish panel (``/lisa/instruction``, ``{"data": "..."}``). Parameters:
 :mod:`ros_nodes.parameters` (the engine's come from :class:`lisa_agent.config.EngineConfig`).
@@ -25,24 +27,25 @@ the engine computes the 3D targets and refuses depth from another instant (``syn
 
 Threading: callbacks only store the newest message; one worker thread takes the newest frame when
 a request is pending, so inference never blocks the executor and a slow model never works through
-a backlog (replaced frames are counted as dropped).
+a backlog (replaced frames are counted as dropped). The node spins a multi-threaded executor: the action's
+callbacks (reentrant group) may wait for a frame while the camera callbacks run; the model is shared
+between the worker and the action under ``engine_lock``.
 """
 
 from __future__ import annotations
 
 import collections
-import re
 import sys
 import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.executors import ExternalShutdownException
+from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
 from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
@@ -53,13 +56,8 @@ from lisa_agent.frames import Frame, Stamp
 from lisa_agent.noise import quiet_library_noise
 from lisa_agent.tracking import StreamSegmenter
 
-from . import outputs, parameters
-from .conversions import (
-    camera_info_intrinsics,
-    compressed_to_rgb,
-    depth_to_meters_array,
-    image_to_rgb,
-)
+from . import depth_sync, outputs, parameters
+from .conversions import compressed_to_rgb, image_to_rgb
 from .publishing import ResultPublisher
 
 STOP_WORDS = frozenset({"stop", "cancel", "halt"})
@@ -104,6 +102,8 @@ class LisaNode(Node):
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._backend = backend
+        #: held around every model call (the topic worker's and the action's)
+        self.engine_lock = threading.Lock()
         self._cond = threading.Condition()
         self._frame: _Arrival | None = None
         self._frame_taken = True
@@ -142,6 +142,7 @@ class LisaNode(Node):
         self.create_subscription(String, str(self.get_parameter("instruction_topic").value),
                                  self.instruction_callback, parameters.RELIABLE)
         self._outputs = ResultPublisher(self)
+        self.segment_server: Any = None  # the Segment action, from start() (once the model is loaded)
         self._foxglove = self._start_foxglove()
         self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", parameters.RELIABLE)
         self.create_timer(1.0, self.diagnostics_callback)
@@ -162,6 +163,49 @@ class LisaNode(Node):
         self.get_logger().info(f"ready in {time.perf_counter() - t0:.1f} s: {what}; images on "
                                f"{self._image_topic}, instructions on "
                                f"{self.resolve_topic_name(str(self.get_parameter('instruction_topic').value))}")
+
+    def _start_segment_server(self) -> Any:
+        """The Segment action/service and ``~/segmentation`` (:mod:`ros_nodes.action_server`), or None (logged)
+        where ``lisa_interfaces`` is not built."""
+        try:
+            from .action_server import SegmentServer
+        except ImportError as exc:
+            self.get_logger().warning(f"lisa_interfaces is not available ({exc}): no Segment action and no "
+                                      "~/segmentation; build ros/lisa_interfaces with colcon and source the "
+                                      "workspace (docs/ros.md)")
+            return None
+        return SegmentServer(self)
+
+    # ------------------------------------------------------------------ what the action reads
+    @property
+    def backend(self) -> SegmentBackend | None:
+        return self._backend
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping or not self.context.ok()
+
+    @property
+    def image_topic(self) -> str:
+        return self._image_topic
+
+    def now_ns(self) -> int:
+        return int(self.get_clock().now().nanoseconds)
+
+    def newest_arrival(self) -> _Arrival | None:
+        """The newest camera message (not decoded), or None before the first."""
+        with self._cond:
+            return self._frame
+
+    def arrival_age_s(self, arrival: _Arrival) -> float:
+        """Seconds from the message's source stamp (its arrival, when unstamped) to now."""
+        stamp_ns = _stamp_ns(arrival.msg.header)
+        return (self.now_ns() - (stamp_ns if stamp_ns > 0 else arrival.received_ns)) / 1e9
+
+    def wait_for_frame(self, timeout: float) -> None:
+        """Block until a camera message arrives (or ``timeout`` seconds pass)."""
+        with self._cond:
+            self._cond.wait(timeout)
 
     def _start_foxglove(self) -> Any:
         """The Foxglove live view when ``foxglove_port`` is set (ValueError when it cannot start), else None."""
@@ -189,9 +233,11 @@ class LisaNode(Node):
         self.instruction_callback(String(data=text))
 
     def start(self) -> None:
-        """Start the inference worker thread (after :meth:`load_backend`)."""
+        """Start the inference worker thread and serve the Segment action (after :meth:`load_backend`)."""
         if self._backend is None:
             raise RuntimeError("load_backend() must run before start()")
+        if self.segment_server is None:
+            self.segment_server = self._start_segment_server()
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="lisa-inference", daemon=True)
             self._worker.start()
@@ -343,7 +389,8 @@ class LisaNode(Node):
                 else:
                     self._counts["errors"] += 1
 
-    def _decode(self, msg: Any) -> Any:
+    def decode(self, msg: Any) -> Any:
+        """HxWx3 uint8 RGB of a camera message (InvalidImageError)."""
         return compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
 
     def _answer(self, req: _Request, arrival: _Arrival) -> str:
@@ -351,11 +398,11 @@ class LisaNode(Node):
         header = arrival.msg.header
         log = self.get_logger()
         try:
-            frame = Frame(self._decode(arrival.msg), frame_id=str(header.frame_id), stamp=header.stamp)
+            frame = Frame(self.decode(arrival.msg), frame_id=str(header.frame_id), stamp=header.stamp)
         except InvalidImageError as exc:
             log.warning(f"frame {arrival.seq} ({_describe(header)}) skipped: {exc}")
             return "bad_frame"
-        frame, depth_missing = self._with_depth(frame)
+        frame, depth_missing = self.with_depth(frame)
         t0 = time.perf_counter()
         queue_ms = (self.get_clock().now().nanoseconds - arrival.received_ns) / 1e6
         assert self._backend is not None
@@ -366,7 +413,8 @@ class LisaNode(Node):
                     return "ok"
                 result = tracked
             else:
-                result = self._backend.segment(frame, req.text, options=parameters.query_options(self))
+                with self.engine_lock:
+                    result = self._backend.segment(frame, req.text, options=parameters.query_options(self))
         except InvalidImageError as exc:
             log.warning(f"frame {arrival.seq} ({_describe(header)}) skipped: {exc}")
             return "bad_frame"
@@ -387,41 +435,19 @@ class LisaNode(Node):
         return "ok"
 
     def _warn_depth(self, note: str) -> None:
-        """Log why 3D targets are missing: a new kind of reason at once, the same kind (numbers aside) at most
-        every 5 s."""
-        now = time.monotonic()
-        kind = re.sub(r"[0-9.]+", "#", note)
-        if kind != self._depth_warned[0] or now - self._depth_warned[1] >= 5.0:
-            self._depth_warned = (kind, now)
-            self.get_logger().warning(f"3D targets: {note}")
+        """Log why 3D targets are missing (:func:`ros_nodes.depth_sync.throttled_warning`)."""
+        self._depth_warned = depth_sync.throttled_warning(self.get_logger(), note, self._depth_warned)
 
-    def _with_depth(self, frame: Frame) -> tuple[Frame, str | None]:
-        """``frame`` with the depth image closest in time to it (with that image's stamp: the engine
-        refuses one further than ``sync_tolerance``) and the CameraInfo intrinsics, scaled to the frame's
-        size; or ``frame`` unchanged and why, when there is nothing to attach."""
+    def with_depth(self, frame: Frame) -> tuple[Frame, str | None]:
+        """``frame`` with the depth image closest in time and the CameraInfo intrinsics
+        (:func:`ros_nodes.depth_sync.attach_depth`), or unchanged and why not."""
         if not self.get_parameter("depth_topic").value or not self.get_parameter("camera_info_topic").value:
             return frame, None  # 3D targets are not configured: nothing is missing
         with self._cond:
             info = self._camera_info
             candidates = list(self._depth)
-        if info is None:
-            return frame, "no CameraInfo received yet"
-        if not candidates:
-            return frame, "no depth image received yet"
-        stamp_ns = frame.stamp.ns if frame.stamp is not None else 0
-        depth_ns, depth_msg = min(candidates, key=lambda item: abs(item[0] - stamp_ns))
-        try:
-            depth = depth_to_meters_array(depth_msg)
-            intrinsics, info_size = camera_info_intrinsics(info)
-        except LisaError as exc:
-            self.get_logger().warning(f"depth unusable: {exc}", throttle_duration_sec=5.0)
-            return frame, f"depth unusable: {exc}"
-        size = frame.size
-        if info_size[0] and info_size[1] and info_size != size:
-            intrinsics = intrinsics.scaled(size[1] / info_size[1], size[0] / info_size[0])
-        return replace(frame, depth=depth, depth_stamp=Stamp(depth_ns // 10**9, depth_ns % 10**9),
-                       intrinsics=intrinsics,
-                       depth_tolerance_s=float(self.get_parameter("sync_tolerance").value)), None
+        return depth_sync.attach_depth(frame, info, candidates, float(self.get_parameter("sync_tolerance").value),
+                                       self.get_logger())
 
     def _publish(self, req: _Request, arrival: _Arrival, frame: Frame, result: Any, depth_missing: str | None,
                  queue_ms: float, inference_ms: float) -> None:
@@ -437,6 +463,9 @@ class LisaNode(Node):
                                      queue_ms=queue_ms, inference_ms=inference_ms, counters=counters)
         self._outputs.publish(result, frame.rgb, arrival.msg.header, report,
                               overlay=bool(self.get_parameter("publish_overlay").value), depth_missing=depth_missing)
+        if self.segment_server is not None:
+            self.segment_server.publish(result, arrival.msg.header, latency_ms, inference_ms=inference_ms,
+                                        result_json=outputs.result_json(result, report, depth_missing=depth_missing))
         log = self.get_logger()
         summary = (f"request {req.seq} frame {arrival.seq} ({frame.describe()}): {len(result.instances)} mask(s), "
                    f"latency {latency_ms:.0f} ms (inference {inference_ms:.0f} ms), dropped "
@@ -471,7 +500,9 @@ def main(args: list[str] | None = None) -> int:
         node = LisaNode()
         node.load_backend()
         node.start()
-        rclpy.spin(node)
+        executor = MultiThreadedExecutor(num_threads=4)
+        executor.add_node(node)
+        executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (LisaError, ValueError) as exc:
