@@ -7,7 +7,7 @@ Scenarios: ``knife`` (publish a tabletop frame as the camera; goal without image
 topic's message for the same frame, IoU with the knife), ``cancel`` (goal waiting for a frame that never comes,
 canceled), ``bad_goals`` (no frame, malformed image, empty instruction, bad mode, then a good goal with its own
 image), ``preempt`` (action_policy preempt: a second goal supersedes the first), ``service`` (the Segment
-service). Prints one JSON line (the last line of stdout) with what happened.
+service), ``grasp`` (a goal with depth and CameraInfo: 3D target and grasp pose of the knife). Prints one JSON line (the last line of stdout) with what happened.
 """
 
 from __future__ import annotations
@@ -216,6 +216,41 @@ def preempt(c: Client, timeout: float) -> dict[str, Any]:
     return {"first": out_first, "second": out_second}
 
 
+def grasp(c: Client, timeout: float) -> dict[str, Any]:
+    """A goal with its own image, aligned depth and CameraInfo (the tabletop's rendered depth): 3D target and
+    grasp pose of the knife; its long axis's image angle against the knife's drawn angle, and against the
+    library's grasp of the same mask."""
+    from sensor_msgs.msg import CameraInfo
+
+    from lisa_agent.data.tabletop_depth import render_depth
+    from lisa_agent.geometry import depth_to_meters, mask_grasp
+
+    scene = knife_scene()
+    depth, camera = render_depth(scene)
+    image = rgb_msg(scene.image)
+    depth_msg = to_image_msg(depth, "16UC1")
+    depth_msg.header = image.header
+    k = camera.intrinsics
+    info = CameraInfo(header=image.header, height=SIZE[0], width=SIZE[1], distortion_model="plumb_bob")
+    info.k = [k.fx, 0.0, k.cx, 0.0, k.fy, k.cy, 0.0, 0.0, 1.0]
+    out, result = c.outcome(c.send(Segment.Goal(instruction="grab something to cut with", image=image,
+                                                depth=depth_msg, camera_info=info), timeout), timeout)
+    if result.segmentation.instances:
+        inst = result.segmentation.instances[0]
+        knife = next(o for o in scene.objects if o.category == "knife")
+        diff = abs(inst.grasp_angle_deg - knife.angle) % 180.0
+        # the library's grasp of the returned mask on the same depth: the message carries exactly it
+        mask = image_to_array(inst.mask) > 0
+        library = mask_grasp(depth_to_meters(depth), mask, camera.intrinsics)
+        p = inst.grasp.pose.position
+        out.update(has_target=inst.has_target, has_grasp=inst.has_grasp, depth_m=inst.depth_m,
+                   grasp_frame=inst.grasp.header.frame_id, width_m=inst.grasp_width_m,
+                   angle_error_deg=min(diff, 180.0 - diff),
+                   library_angle_diff=abs(library.angle_deg - inst.grasp_angle_deg) if library else None,
+                   position_vs_target=abs(p.z - inst.target.point.z) + abs(p.x - inst.target.point.x))
+    return out
+
+
 def service(c: Client, timeout: float) -> dict[str, Any]:
     client = c.node.create_client(SegmentService, f"{c.ns}/segment")
     assert client.wait_for_service(timeout_sec=timeout)
@@ -225,7 +260,8 @@ def service(c: Client, timeout: float) -> dict[str, Any]:
     return {"code": reply.code, "instances": len(reply.segmentation.instances), "bad_code": bad.code}
 
 
-SCENARIOS = {"knife": knife, "cancel": cancel, "bad_goals": bad_goals, "preempt": preempt, "service": service}
+SCENARIOS = {"knife": knife, "cancel": cancel, "bad_goals": bad_goals, "preempt": preempt, "service": service,
+             "grasp": grasp}
 
 
 def main() -> None:

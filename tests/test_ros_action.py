@@ -89,3 +89,15 @@ def test_preempt_policy_supersedes_the_running_goal(action_node):
 def test_segment_service(action_node):
     out = run_client(action_node, "service")
     assert out == {"code": "ok", "instances": 1, "bad_code": "invalid_query"}
+
+
+def test_goal_with_depth_gets_the_knifes_target_and_grasp_pose(action_node):
+    """Depth + CameraInfo in the goal: the knife's 3D target and the library's grasp of the returned mask, whose
+    long axis in the image agrees with the knife's known pose (the tabletop's rendered depth; the mask is the
+    model's, IoU ~0.8)."""
+    out = run_client(action_node, "grasp")
+    assert (out["status"], out["code"]) == ("SUCCEEDED", "ok")
+    assert out["has_target"] and out["has_grasp"] and 0.4 < out["depth_m"] < 1.0
+    assert out["grasp_frame"] == "camera_color_optical_frame" and 0 < out["width_m"] < 0.1
+    assert out["library_angle_diff"] < 0.01 and out["position_vs_target"] < 1e-4  # the library's grasp, typed
+    assert out["angle_error_deg"] < 10, out  # the model's knife mask (IoU ~0.8) still gives the knife's axis

@@ -210,6 +210,8 @@ def test_colcon_install_tree(colcon_install):
     assert node.is_file() and os.access(node, os.X_OK)
     entry_points = "".join(p.read_text() for p in pkg.glob("lib/python3*/site-packages/*.egg-info/entry_points.txt"))
     assert "lisa_node = ros_nodes.lisa_node:main" in entry_points
+    assert "lisa_lifecycle_node = ros_nodes.lisa_lifecycle_node:main" in entry_points
+    assert os.access(pkg / "lib" / "lisa_agent" / "lisa_lifecycle_node", os.X_OK)
     assert (pkg / "share" / "lisa_agent" / "package.xml").read_text() == (ROS_PKG / "package.xml").read_text()
     assert (pkg / "share" / "lisa_agent" / "launch" / "lisa.launch.py").is_file()
     assert (pkg / "share" / "ament_index" / "resource_index" / "packages" / "lisa_agent").is_file()

@@ -85,6 +85,7 @@ def _ros_setup() -> None:
         entry_points={
             "console_scripts": [
                 "lisa_node = ros_nodes.lisa_node:main",
+                "lisa_lifecycle_node = ros_nodes.lisa_lifecycle_node:main",
             ],
             **FRAME_SOURCES,
         },
