@@ -76,8 +76,15 @@ def main() -> None:
     threading.Thread(target=executor.spin, daemon=True).start()
     scene = render_scene(split_seed("test", 969), size=(240, 320))
 
+    count = [0]
+
     def frame() -> Image:
-        msg = to_image_msg(scene.image, "rgb8")
+        """The scene with one pixel changed per request: new pixels, so the engine encodes every frame (no
+        feature-cache hit), as with a live camera."""
+        count[0] += 1
+        rgb = scene.image.copy()
+        rgb[0, 0] = (count[0] % 256, count[0] // 256 % 256, 7)
+        msg = to_image_msg(rgb, "rgb8")
         ns = time.time_ns()
         msg.header.frame_id = "camera_color_optical_frame"
         msg.header.stamp.sec, msg.header.stamp.nanosec = ns // 10**9, ns % 10**9
