@@ -36,7 +36,7 @@ INTERFACES = REPO / "ros" / "lisa_interfaces"
 DOMAIN = 89
 REQUIRED_ARGS = {"camera", "image_topic", "compressed", "depth", "camera_info_topic", "instruction_topic",
                  "camera_qos", "model", "device", "dtype", "quantization", "mask_tta", "server", "mode", "continuous",
-                 "max_rate", "publish_overlay"}
+                 "max_rate", "publish_overlay", "action_policy", "action_max_age", "action_frame_timeout", "lifecycle"}
 
 
 def test_package_xml_is_format_3_ament_python_with_run_deps():
@@ -154,6 +154,8 @@ def test_launch_file_maps_arguments_to_node_parameters(monkeypatch, overrides, e
     context = {**declared, **overrides}
     (node,) = opaque.kwargs["function"](context)
     assert (node.kwargs["package"], node.kwargs["executable"]) == ("lisa_agent", "lisa_node")
+    (managed,) = opaque.kwargs["function"]({**context, "lifecycle": "true"})
+    assert managed.kwargs["executable"] == "lisa_lifecycle_node"
     (params,) = node.kwargs["parameters"]
     for key, value in expect.items():
         assert params[key] == value, key
