@@ -29,7 +29,7 @@ import sys
 from typing import Any
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
 from lisa_agent.errors import LisaError, describe_error
@@ -111,9 +111,7 @@ def main(args: list[str] | None = None) -> int:
     code = 0
     try:
         node = LisaLifecycleNode()
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
-        executor.spin()
+        rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (LisaError, ValueError) as exc:

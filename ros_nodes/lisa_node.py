@@ -27,9 +27,9 @@ the engine computes the 3D targets and refuses depth from another instant (``syn
 
 Threading: callbacks only store the newest message; one worker thread takes the newest frame when
 a request is pending, so inference never blocks the executor and a slow model never works through
-a backlog (replaced frames are counted as dropped). The node spins a multi-threaded executor: the action's
-callbacks (reentrant group) may wait for a frame while the camera callbacks run; the model is shared
-between the worker and the action under ``engine_lock``.
+a backlog (replaced frames are counted as dropped). The Segment action runs on a companion node with its own
+executor thread (:mod:`ros_nodes.action_server`), so a goal waiting for a frame never blocks the camera
+callbacks; the model is shared between the worker and the action under ``engine_lock``.
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ from typing import Any
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
@@ -264,6 +264,13 @@ class LisaNode(TopicWorker):
             self._foxglove.close()
             self._foxglove = None
 
+    def destroy_node(self) -> None:
+        """Stop serving the action (its companion node's executor thread joins first), then destroy the node."""
+        if self.segment_server is not None:
+            self.segment_server.close()
+            self.segment_server = None
+        super().destroy_node()
+
     @property
     def counters(self) -> dict[str, int]:
         with self._cond:
@@ -350,9 +357,7 @@ def main(args: list[str] | None = None) -> int:
         node = LisaNode()
         node.load_backend()
         node.start()
-        executor = MultiThreadedExecutor(num_threads=4)
-        executor.add_node(node)
-        executor.spin()
+        rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except (LisaError, ValueError) as exc:

@@ -63,7 +63,7 @@ def test_goal_on_the_camera_frame_finds_the_knife_with_feedback_and_the_typed_to
 
 def test_cancel_while_waiting_for_a_frame_returns_canceled(action_node):
     out = run_client(action_node, "cancel")
-    assert out["feedback_before_cancel"] == ["waiting_for_frame"]
+    assert set(out["feedback_before_cancel"]) == {"waiting_for_frame"}  # repeated each second while waiting
     assert (out["status"], out["code"]) == ("CANCELED", "canceled")
 
 
