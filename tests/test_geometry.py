@@ -194,3 +194,14 @@ def test_grasp_axes_agree_with_tabletop_poses():
     overall = report["overall"]
     assert overall["n"] > 60 and overall["within_10deg"] >= 0.9 and overall["median_deg"] < 3
     assert report["per_class"]["knife"]["median_deg"] < 3
+
+
+@pytest.mark.slow
+def test_grasp_axes_through_the_bundled_model():
+    """The whole path on a few held-out scenes: the bundled model's masks for explicit queries, then grasps."""
+    from lisa_agent.data.tabletop_depth import evaluate_grasp_axes
+    report = evaluate_grasp_axes(scenes=4, masks="model", model="tabletop-tiny")
+    assert report["masks"] == "model tabletop-tiny" and report["median_iou"] is not None
+    assert report["overall"]["n"] + report["no_mask"] + report["no_grasp"] >= 8
+    hit = report["overall_mask_hit"]  # where the model found the object (IoU >= 0.5), the axis follows it
+    assert hit["n"] >= 3 and hit["median_deg"] < 10

@@ -8,8 +8,10 @@ with depth noise (1 mm + 0.15 % of the depth), millimetre quantisation and 1 % d
 ground truth (:func:`true_axis`) deprojects two points along the drawn axis onto the object's top plane.
 
 :func:`evaluate_grasp_axes` runs :func:`lisa_agent.geometry.mask_grasp` on each object of the held-out test
-split (ground-truth masks) and reports the angle between the estimated and the true long axis (lines, so
-0-90 degrees), per category. Run it: ``python -m lisa_agent.data.tabletop_depth --scenes 200``.
+split and reports the angle between the estimated and the true long axis (lines, so 0-90 degrees), per
+category: on the ground-truth masks (the geometry alone) or, with ``masks="model"``, on the masks a model
+returns for an explicit query naming each object (the whole path: model, mask, depth, grasp). Run it:
+``python -m lisa_agent.data.tabletop_depth --scenes 200 [--masks model --model tabletop-tiny]``.
 """
 
 from __future__ import annotations
@@ -97,15 +99,32 @@ def axis_error_deg(a: np.ndarray, b: np.ndarray) -> float:
     return math.degrees(math.acos(min(1.0, abs(float(np.dot(a, b))))))
 
 
-def evaluate_grasp_axes(scenes: int = 200, categories: tuple[str, ...] = ELONGATED,
-                        split: str = "test") -> dict[str, object]:
+def evaluate_grasp_axes(scenes: int = 200, categories: tuple[str, ...] = ELONGATED, split: str = "test",
+                        masks: str = "truth", model: str = "tabletop-tiny", device: str = "cpu") -> dict[str, object]:
     """Long-axis angle errors of :func:`~lisa_agent.geometry.mask_grasp` on ``scenes`` scenes of ``split``.
 
+    Args:
+        masks: ``truth`` (each object's ground-truth mask) or ``model`` (the first mask ``model`` returns, in
+            fast mode, for an explicit query naming the object, e.g. "the red knife"; no mask counts as
+            ``no_mask``).
+
     Returns a JSON-ready dict: ``overall`` and ``per_class`` (each ``n``, ``median_deg``, ``p90_deg``,
-    ``max_deg``, ``within_10deg``, ``within_5deg``) and ``no_grasp`` (objects without a grasp).
+    ``max_deg``, ``within_10deg``, ``within_5deg``), ``no_grasp`` (objects without a grasp), and with model
+    masks ``no_mask``, ``median_iou`` (of the masks used) and ``overall_mask_hit`` (the same statistics over the
+    objects whose mask has IoU >= 0.5 with the truth: the geometry's error once the model found the object).
     """
+    if masks not in ("truth", "model"):
+        raise ValueError(f"masks must be 'truth' or 'model'; got {masks!r}")
+    segmenter = None
+    if masks == "model":
+        from ..engine.segmenter import LisaSegmenter
+        from .queries import explicit_query
+
+        segmenter = LisaSegmenter.from_pretrained(model, dtype="fp32" if device == "cpu" else "bf16", device=device)
     errors: dict[str, list[float]] = {c: [] for c in categories}
-    no_grasp = 0
+    no_grasp = no_mask = 0
+    ious: list[float] = []
+    hit_errors: list[float] = []
     for i in range(scenes):
         scene = render_scene(split_seed(split, i))
         depth, camera = render_depth(scene)
@@ -113,11 +132,23 @@ def evaluate_grasp_axes(scenes: int = 200, categories: tuple[str, ...] = ELONGAT
         for k, obj in enumerate(scene.objects):
             if obj.category not in errors:
                 continue
-            grasp = mask_grasp(depth_m, obj.mask, camera.intrinsics)
+            mask = obj.mask
+            if segmenter is not None:
+                query = explicit_query(scene, k, np.random.default_rng([scene.seed, k]))
+                result = segmenter.segment(scene.image, query.text, mode="fast")
+                if not len(result.masks) or not result.masks[0].any():
+                    no_mask += 1
+                    continue
+                mask = result.masks[0]
+                ious.append(float((mask & obj.mask).sum()) / max(float((mask | obj.mask).sum()), 1.0))
+            grasp = mask_grasp(depth_m, mask, camera.intrinsics)
             if grasp is None:
                 no_grasp += 1
                 continue
-            errors[obj.category].append(axis_error_deg(np.array(grasp.axis), true_axis(scene, k, camera)))
+            error = axis_error_deg(np.array(grasp.axis), true_axis(scene, k, camera))
+            errors[obj.category].append(error)
+            if segmenter is not None and ious[-1] >= 0.5:
+                hit_errors.append(error)
 
     def stats(values: list[float]) -> dict[str, float | int]:
         arr = np.asarray(values, dtype=np.float64)
@@ -127,17 +158,27 @@ def evaluate_grasp_axes(scenes: int = 200, categories: tuple[str, ...] = ELONGAT
                 "p90_deg": round(float(np.percentile(arr, 90)), 2), "max_deg": round(float(arr.max()), 2),
                 "within_10deg": round(float((arr <= 10).mean()), 4), "within_5deg": round(float((arr <= 5).mean()), 4)}
 
-    return {"split": split, "scenes": scenes, "masks": "ground truth",
-            "overall": stats([e for v in errors.values() for e in v]),
-            "per_class": {c: stats(v) for c, v in errors.items()}, "no_grasp": no_grasp}
+    report: dict[str, object] = {
+        "split": split, "scenes": scenes, "masks": "ground truth" if segmenter is None else f"model {model}",
+        "overall": stats([e for v in errors.values() for e in v]),
+        "per_class": {c: stats(v) for c, v in errors.items()}, "no_grasp": no_grasp}
+    if segmenter is not None:
+        report.update(no_mask=no_mask, median_iou=round(float(np.median(ious)), 4) if ious else None,
+                      overall_mask_hit=stats(hit_errors))
+    return report
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--scenes", type=int, default=200, help="held-out scenes to evaluate")
     parser.add_argument("--split", default="test", choices=("train", "val", "test"))
+    parser.add_argument("--masks", default="truth", choices=("truth", "model"),
+                        help="ground-truth masks, or the model's for an explicit query naming each object")
+    parser.add_argument("--model", default="tabletop-tiny", help="with --masks model: the checkpoint")
+    parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    print(json.dumps(evaluate_grasp_axes(args.scenes, split=args.split), indent=2))
+    print(json.dumps(evaluate_grasp_axes(args.scenes, split=args.split, masks=args.masks, model=args.model,
+                                         device=args.device), indent=2))
 
 
 if __name__ == "__main__":
