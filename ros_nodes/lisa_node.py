@@ -168,8 +168,9 @@ class LisaNode(TopicWorker):
         self._backend = open_backend(server or config.model, config=config,
                                      timeout=float(self.get_parameter("server_timeout").value))
         self._state = "ready"
+        images = self._image_topic or str(self.get_parameter("image_topic").value)
         self.get_logger().info(f"ready in {time.perf_counter() - t0:.1f} s: {what}; images on "
-                               f"{self._image_topic}, instructions on "
+                               f"{images}, instructions on "
                                f"{self.resolve_topic_name(str(self.get_parameter('instruction_topic').value))}")
 
     def _start_segment_server(self) -> Any:
