@@ -5,6 +5,8 @@
     ros2 launch lisa_agent lisa.launch.py camera:=/camera/color depth:=/camera/aligned_depth_to_color
     ros2 launch lisa_agent lisa.launch.py camera:=/camera/color server:=tcp://gpu-box:5557 continuous:=true
     ros2 topic pub --once /lisa/lisa_node/instruction std_msgs/String "{data: 'grab something to cut with'}"
+    ros2 action send_goal /lisa/lisa_node/segment lisa_interfaces/action/Segment "{instruction: 'the knife'}"
+    ros2 launch lisa_agent lisa.launch.py camera:=/camera/color lifecycle:=true   # then configure, activate
 
 ``camera`` is the camera namespace: the node reads ``<camera>/image_raw`` (or
 ``<camera>/image_raw/compressed`` with ``compressed:=true``) and ``<camera>/camera_info``;
@@ -39,6 +41,10 @@ NODE_ARGUMENTS = (
     ("publish_overlay", "true", "publish the overlay image for operators"),
     ("track", "false", "continuous mode: a tracker gives every camera frame a mask between reasoning steps"),
     ("foxglove_port", "0", "Foxglove live view on this port (loopback; instructions on /lisa/instruction); 0: off"),
+    ("action_policy", "queue", "Segment action: a goal arriving while one runs waits (queue) or replaces it (preempt)"),
+    ("action_max_age", "1.0", "Segment action without an image: the newest camera frame may be this old (s)"),
+    ("action_frame_timeout", "5.0", "Segment action without an image: wait this long for such a frame (s)"),
+    ("lifecycle", "false", "run lisa_lifecycle_node (a managed node: configure loads the model, activate serves)"),
     ("namespace", "lisa", "namespace of the node"),
     ("node_name", "lisa_node", "name of the node"),
 )
@@ -52,9 +58,9 @@ TRACK_ARGUMENTS = tuple((name, str(default), description) for name, default, des
 ARGUMENTS = NODE_ARGUMENTS + QUERY_ARGUMENTS + TRACK_ARGUMENTS + ENGINE_ARGUMENTS
 
 _BOOL = {"compressed", "continuous", "publish_overlay", "track"}
-_FLOAT = {"max_rate"}
+_FLOAT = {"max_rate", "action_max_age", "action_frame_timeout"}
 _INT = {"foxglove_port"}
-_PASSTHROUGH = ("instruction_topic", "camera_qos", "server",
+_PASSTHROUGH = ("instruction_topic", "camera_qos", "server", "action_policy",
                 *(name for name, _, _ in QUERY_ARGUMENTS + TRACK_ARGUMENTS + ENGINE_ARGUMENTS))
 
 
@@ -86,7 +92,8 @@ def node_parameters(values: dict) -> dict:
 
 def _make_node(context, *args, **kwargs):
     values = {name: LaunchConfiguration(name).perform(context) for name, _, _ in ARGUMENTS}
-    return [Node(package="lisa_agent", executable="lisa_node", name=values["node_name"],
+    executable = "lisa_lifecycle_node" if _as_bool(values["lifecycle"]) else "lisa_node"
+    return [Node(package="lisa_agent", executable=executable, name=values["node_name"],
                  namespace=values["namespace"], parameters=[node_parameters(values)], output="screen",
                  emulate_tty=True)]
 

@@ -1,4 +1,4 @@
-"""Camera geometry for masks: median depth inside a mask and pinhole deprojection (pure numpy).
+"""Camera geometry for masks: median depth inside a mask, pinhole deprojection and a grasp pose (pure numpy).
 
 Conventions: pixel coordinates ``(u, v)`` = (column, row), pixel centres at integer coordinates
 (the ROS ``CameraInfo`` convention); camera frame ``x`` right, ``y`` down, ``z`` forward (the ROS
@@ -103,9 +103,168 @@ def project(point: Sequence[float], intrinsics: Intrinsics) -> tuple[float, floa
     return (intrinsics.fx * x / z + intrinsics.cx, intrinsics.fy * y / z + intrinsics.cy)
 
 
+#: Fewest valid 3D points a grasp is computed from (fewer: no grasp).
+MIN_GRASP_POINTS = 20
+#: At most this many points enter the principal-axis fit (an even subsample of larger masks).
+MAX_GRASP_POINTS = 20_000
+
+
+@dataclass(frozen=True)
+class Grasp:
+    """A parallel-gripper grasp pose of one mask, in the camera optical frame (x right, y down, z forward).
+
+    The gripper frame (its axes are the columns of the rotation ``quaternion`` describes): ``z`` the approach
+    direction, along the camera ray through ``position`` (from the camera towards the object); ``x`` the
+    object's long axis (the first principal axis of the mask's 3D points, made perpendicular to ``z``);
+    ``y = z x x`` the closing direction: the fingers close across the long axis.
+
+    Attributes:
+        position: (x, y, z) metres: where the gripper's fingertips meet (the target's 3D point).
+        quaternion: (x, y, z, w) unit quaternion of the gripper frame (the ``geometry_msgs/Pose`` order).
+        axis: (x, y, z) unit vector of the object's long axis in 3D (the first principal axis; its sign
+            agrees with the gripper's ``x``, which points to the image's right, or down when vertical).
+        angle_deg: the long axis's angle in the image, degrees in [0, 180), from +u (right) towards +v
+            (down): the angle of a line, so 0 and 180 are the same.
+        width_m: the object's extent across the long axis (the finger opening it needs), metres
+            (2nd to 98th percentile of the points along ``y``).
+        length_m: its extent along the long axis, metres (same percentiles).
+        elongation: sqrt of the ratio of the first to the second principal variance (1 = round: the axis is
+            then arbitrary; a knife or pen is 4 or more).
+    """
+
+    position: tuple[float, float, float]
+    quaternion: tuple[float, float, float, float]
+    axis: tuple[float, float, float]
+    angle_deg: float
+    width_m: float
+    length_m: float
+    elongation: float
+
+    def rotation(self) -> np.ndarray:
+        """3x3 rotation matrix whose columns are the gripper's x (long axis), y (closing), z (approach)."""
+        return quaternion_to_matrix(self.quaternion)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON form (the result schema's ``target.grasp``): metres to 0.1 mm, unit vectors to 1e-5."""
+        return {"position": [round(float(c), 4) for c in self.position],
+                "quaternion": [round(float(c), 5) for c in self.quaternion],
+                "axis": [round(float(c), 5) for c in self.axis],
+                "angle_deg": round(float(self.angle_deg), 2), "width_m": round(float(self.width_m), 4),
+                "length_m": round(float(self.length_m), 4), "elongation": round(float(self.elongation), 3)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Grasp:
+        def vec(key: str) -> Any:
+            return tuple(float(c) for c in d[key])
+        return cls(position=vec("position"), quaternion=vec("quaternion"), axis=vec("axis"),
+                   angle_deg=float(d["angle_deg"]), width_m=float(d["width_m"]), length_m=float(d["length_m"]),
+                   elongation=float(d["elongation"]))
+
+
+def matrix_to_quaternion(r: np.ndarray) -> tuple[float, float, float, float]:
+    """(x, y, z, w) unit quaternion of a 3x3 rotation matrix (Shepperd's method, w >= 0)."""
+    m = np.asarray(r, dtype=np.float64)
+    trace = m[0, 0] + m[1, 1] + m[2, 2]
+    if trace > 0:
+        s = math.sqrt(trace + 1.0) * 2
+        q = (m[2, 1] - m[1, 2]) / s, (m[0, 2] - m[2, 0]) / s, (m[1, 0] - m[0, 1]) / s, 0.25 * s
+    elif m[0, 0] > m[1, 1] and m[0, 0] > m[2, 2]:
+        s = math.sqrt(1.0 + m[0, 0] - m[1, 1] - m[2, 2]) * 2
+        q = 0.25 * s, (m[0, 1] + m[1, 0]) / s, (m[0, 2] + m[2, 0]) / s, (m[2, 1] - m[1, 2]) / s
+    elif m[1, 1] > m[2, 2]:
+        s = math.sqrt(1.0 + m[1, 1] - m[0, 0] - m[2, 2]) * 2
+        q = (m[0, 1] + m[1, 0]) / s, 0.25 * s, (m[1, 2] + m[2, 1]) / s, (m[0, 2] - m[2, 0]) / s
+    else:
+        s = math.sqrt(1.0 + m[2, 2] - m[0, 0] - m[1, 1]) * 2
+        q = (m[0, 2] + m[2, 0]) / s, (m[1, 2] + m[2, 1]) / s, 0.25 * s, (m[1, 0] - m[0, 1]) / s
+    arr = np.array(q, dtype=np.float64)
+    arr /= np.linalg.norm(arr)
+    if arr[3] < 0:
+        arr = -arr
+    return (float(arr[0]), float(arr[1]), float(arr[2]), float(arr[3]))
+
+
+def quaternion_to_matrix(q: Sequence[float]) -> np.ndarray:
+    """3x3 rotation matrix of an (x, y, z, w) quaternion."""
+    x, y, z, w = (float(c) for c in q)
+    n = x * x + y * y + z * z + w * w
+    s = 2.0 / n if n > 0 else 0.0
+    return np.array([[1 - s * (y * y + z * z), s * (x * y - z * w), s * (x * z + y * w)],
+                     [s * (x * y + z * w), 1 - s * (x * x + z * z), s * (y * z - x * w)],
+                     [s * (x * z - y * w), s * (y * z + x * w), 1 - s * (x * x + y * y)]])
+
+
+def mask_points(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics) -> np.ndarray:
+    """N x 3 float64 camera-frame points (metres) of the mask pixels with a valid depth, each deprojected
+    at its own depth (an even subsample of at most :data:`MAX_GRASP_POINTS`)."""
+    valid = np.asarray(mask, dtype=bool) & np.isfinite(depth_m) & (depth_m >= MIN_DEPTH_M) & (depth_m <= MAX_DEPTH_M)
+    vs, us = np.nonzero(valid)
+    if len(us) > MAX_GRASP_POINTS:
+        keep = np.linspace(0, len(us) - 1, MAX_GRASP_POINTS).astype(np.int64)
+        vs, us = vs[keep], us[keep]
+    z = depth_m[vs, us].astype(np.float64)
+    return np.stack([(us - intrinsics.cx) * z / intrinsics.fx, (vs - intrinsics.cy) * z / intrinsics.fy, z], axis=1)
+
+
+def mask_grasp(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics,
+               position: Sequence[float] | None = None) -> Grasp | None:
+    """A parallel-gripper grasp of the object under ``mask`` (see :class:`Grasp` for the frame).
+
+    The mask's pixels with a valid depth are deprojected at their own depths; points further than
+    max(2 cm, 4 x the median absolute deviation) from the median depth are dropped (mask edges bleeding onto
+    the table or the background); the long axis is the first principal axis of the rest.
+
+    Args:
+        depth_m: HxW float32 metres, NaN where invalid (:func:`depth_to_meters`), aligned with ``mask``.
+        mask: HxW bool.
+        intrinsics: of the depth camera.
+        position: where to put the grasp (default: the points' median, per axis).
+
+    Returns:
+        The grasp, or None with fewer than :data:`MIN_GRASP_POINTS` valid points.
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != depth_m.shape:
+        raise InvalidArgumentError(f"mask {mask.shape} and depth {depth_m.shape} must have the same HxW size")
+    pts = mask_points(depth_m, mask, intrinsics)
+    if len(pts) < MIN_GRASP_POINTS:
+        return None
+    med = float(np.median(pts[:, 2]))
+    mad = float(np.median(np.abs(pts[:, 2] - med)))
+    inliers = pts[np.abs(pts[:, 2] - med) <= max(0.02, 4.0 * 1.4826 * mad)]
+    if len(inliers) >= MIN_GRASP_POINTS:
+        pts = inliers
+    pos = np.median(pts, axis=0) if position is None else np.asarray(position, dtype=np.float64)
+    centred = pts - pts.mean(axis=0)
+    eigval, eigvec = np.linalg.eigh(centred.T @ centred / len(pts))  # ascending
+    long_axis = eigvec[:, 2]
+    approach = pos / max(float(np.linalg.norm(pos)), 1e-9)  # the camera ray through the grasp point
+    x = long_axis - approach * float(long_axis @ approach)
+    if float(np.linalg.norm(x)) < 1e-6:  # the long axis points along the ray: any axis across it
+        x = np.cross(approach, [0.0, 1.0, 0.0] if abs(approach[1]) < 0.9 else [1.0, 0.0, 0.0])
+    x /= np.linalg.norm(x)
+    if x[0] < 0 or (abs(x[0]) < 1e-9 and x[1] < 0):  # one sign per line: towards image right (or down)
+        x = -x
+    if float(long_axis @ x) < 0:
+        long_axis = -long_axis
+    y = np.cross(approach, x)
+    rot = np.stack([x, y, approach], axis=1)
+    along, across = centred @ x, centred @ y
+    # the long axis in the image: project a point a few centimetres along it
+    u0, v0 = project(pos.tolist(), intrinsics)
+    u1, v1 = project((pos + long_axis * max(float(np.ptp(along)), 1e-3) * 0.25).tolist(), intrinsics)
+    angle = math.degrees(math.atan2(v1 - v0, u1 - u0)) % 180.0
+    second = max(float(eigval[1]), 1e-12)
+    return Grasp(position=(float(pos[0]), float(pos[1]), float(pos[2])), quaternion=matrix_to_quaternion(rot),
+                 axis=(float(long_axis[0]), float(long_axis[1]), float(long_axis[2])), angle_deg=angle,
+                 width_m=float(np.percentile(across, 98) - np.percentile(across, 2)),
+                 length_m=float(np.percentile(along, 98) - np.percentile(along, 2)),
+                 elongation=math.sqrt(max(float(eigval[2]), 0.0) / second))
+
+
 @dataclass(frozen=True)
 class Target:
-    """Where a mask's object is: its median depth and, with intrinsics, the 3D point.
+    """Where a mask's object is: its median depth and, with intrinsics, the 3D point and a grasp pose.
 
     Attributes:
         depth_m: median valid depth inside the mask, metres.
@@ -113,26 +272,33 @@ class Target:
             deprojected at ``pixel``; None when the camera intrinsics are unknown.
         pixel: (u, v) centroid of the mask pixels that have a valid depth.
         valid_pixels: how many mask pixels had a valid depth.
+        grasp: a parallel-gripper grasp pose from the principal axes of the mask's 3D points
+            (:func:`mask_grasp`); None without intrinsics or with too few valid points.
     """
 
     depth_m: float
     point: tuple[float, float, float] | None
     pixel: tuple[float, float]
     valid_pixels: int
+    grasp: Grasp | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON form (the result schema's ``target``): lengths rounded to 0.1 mm, pixels to 0.01 px."""
+        """JSON form (the result schema's ``target``): lengths rounded to 0.1 mm, pixels to 0.01 px;
+        ``grasp`` is :meth:`Grasp.to_dict` or null."""
         return {"depth_m": round(self.depth_m, 4),
                 "point": None if self.point is None else [round(float(c), 4) for c in self.point],
                 "pixel": [round(self.pixel[0], 2), round(self.pixel[1], 2)],
-                "valid_pixels": int(self.valid_pixels)}
+                "valid_pixels": int(self.valid_pixels),
+                "grasp": None if self.grasp is None else self.grasp.to_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Target:
         point = d.get("point")
+        grasp = d.get("grasp")
         return cls(depth_m=float(d["depth_m"]),
                    point=None if point is None else (float(point[0]), float(point[1]), float(point[2])),
-                   pixel=(float(d["pixel"][0]), float(d["pixel"][1])), valid_pixels=int(d["valid_pixels"]))
+                   pixel=(float(d["pixel"][0]), float(d["pixel"][1])), valid_pixels=int(d["valid_pixels"]),
+                   grasp=None if grasp is None else Grasp.from_dict(grasp))
 
 
 def mask_target(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics | None, *,
@@ -145,7 +311,8 @@ def mask_target(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics | 
         intrinsics: of the camera the depth and mask are in; None: depth only (``point`` None).
 
     Returns:
-        The target, or None when the mask is empty or no mask pixel has a valid depth.
+        The target, or None when the mask is empty or no mask pixel has a valid depth. With intrinsics
+        it carries a grasp pose (:func:`mask_grasp`) at ``point``.
     """
     mask = np.asarray(mask, dtype=bool)
     if mask.shape != depth_m.shape:
@@ -158,7 +325,10 @@ def mask_target(depth_m: np.ndarray, mask: np.ndarray, intrinsics: Intrinsics | 
     vs, us = np.nonzero(valid)
     u, v = float(us.mean()), float(vs.mean())
     point = None if intrinsics is None else deproject(u, v, z, intrinsics)
-    return Target(depth_m=z, point=point, pixel=(u, v), valid_pixels=count)
+    grasp = None
+    if intrinsics is not None and point is not None:
+        grasp = mask_grasp(depth_m, valid, intrinsics, position=point)
+    return Target(depth_m=z, point=point, pixel=(u, v), valid_pixels=count, grasp=grasp)
 
 
 def frame_targets(frame: Frame, masks: np.ndarray) -> tuple[list[Target | None] | None, str | None]:

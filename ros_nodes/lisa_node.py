@@ -14,7 +14,9 @@ or sensor_msgs/CompressedImage on ``<image_topic>/compressed`` with ``compressed
 Publications (:mod:`ros_nodes.publishing`), in the node's namespace, each stamped with the source
 frame's header: ``~/mask``, ``~/overlay``, ``~/overlay/compressed``, ``~/answer``, ``~/result`` (the
 library's result schema plus the node's envelope), ``~/target_point``, ``~/markers``,
-``~/detections``; and ``/diagnostics``. With ``foxglove_port`` set, the same outputs also go to a
+``~/detections``, ``~/segmentation`` (typed ``lisa_interfaces/Segmentation``); and ``/diagnostics``. Where
+``lisa_interfaces`` is built, the node also serves the ``Segment`` action and service on ``~/segment``
+(:mod:`ros_nodes.action_server`). With ``foxglove_port`` set, the same outputs also go to a
 Foxglove live view (:class:`lisa_agent.integrations.foxglove.FoxglovePublisher`, foxglove-sdk) that takes
 instructions from Foxglove's Publish panel (``/lisa/instruction``, ``{"data": "..."}``). Parameters:
 :mod:`ros_nodes.parameters` (the engine's come from :class:`lisa_agent.config.EngineConfig`).
@@ -25,42 +27,33 @@ the engine computes the 3D targets and refuses depth from another instant (``syn
 
 Threading: callbacks only store the newest message; one worker thread takes the newest frame when
 a request is pending, so inference never blocks the executor and a slow model never works through
-a backlog (replaced frames are counted as dropped).
+a backlog (replaced frames are counted as dropped). The Segment action runs on a companion node with its own
+executor thread (:mod:`ros_nodes.action_server`), so a goal waiting for a frame never blocks the camera
+callbacks; the model is shared between the worker and the action under ``engine_lock``.
 """
 
 from __future__ import annotations
 
 import collections
-import re
 import sys
 import threading
 import time
-import traceback
-from dataclasses import dataclass, replace
 from typing import Any
 
 import rclpy
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 from rcl_interfaces.msg import SetParametersResult
 from rclpy.executors import ExternalShutdownException
-from rclpy.node import Node
 from sensor_msgs.msg import CameraInfo, CompressedImage, Image
 from std_msgs.msg import String
 
 from lisa_agent.backend import SegmentBackend, open_backend
-from lisa_agent.errors import InvalidImageError, InvalidQueryError, LisaError, describe_error
-from lisa_agent.frames import Frame, Stamp
+from lisa_agent.errors import LisaError
 from lisa_agent.noise import quiet_library_noise
-from lisa_agent.tracking import StreamSegmenter
 
-from . import outputs, parameters
-from .conversions import (
-    camera_info_intrinsics,
-    compressed_to_rgb,
-    depth_to_meters_array,
-    image_to_rgb,
-)
+from . import parameters
 from .publishing import ResultPublisher
+from .worker import TopicWorker, _Arrival, _Request, _stamp_ns
 
 STOP_WORDS = frozenset({"stop", "cancel", "halt"})
 #: Parameters of the node, re-exported for launch files and tests (:mod:`ros_nodes.parameters`).
@@ -70,40 +63,26 @@ QUERY_PARAMETERS = parameters.QUERY_PARAMETERS
 TRACK_PARAMETERS = parameters.TRACK_PARAMETERS
 
 
-@dataclass
-class _Arrival:
-    """A camera message as it arrived (decoded only when the worker takes it)."""
-
-    msg: Any  # sensor_msgs Image or CompressedImage
-    seq: int  # arrival counter
-    received_ns: int  # node clock at arrival
-
-
-@dataclass
-class _Request:
-    text: str
-    seq: int
-    continuous: bool
-    last_frame_seq: int = -1  # frames with seq <= this are not eligible for this request
-    stream: StreamSegmenter | None = None  # continuous with a tracker: masks for every frame
-
-
-class LisaNode(Node):
+class LisaNode(TopicWorker):
     """The LISA node. Construct, then :meth:`load_backend` (slow), :meth:`start`, spin, :meth:`stop`.
 
     Args:
         backend: a :class:`~lisa_agent.frames.SegmentBackend` to use instead of loading one from the
             parameters (tests, or sharing one engine between nodes).
+        interfaces: subscribe and create the outputs now (:meth:`open_interfaces`); the lifecycle node opens
+            them on ``activate`` instead.
         **kwargs: passed to :class:`rclpy.node.Node` (``parameter_overrides``, ``context``, ...).
     """
 
     def __init__(self, node_name: str = "lisa_node", *, backend: SegmentBackend | None = None,
-                 **kwargs: Any) -> None:
+                 interfaces: bool = True, **kwargs: Any) -> None:
         super().__init__(node_name, **kwargs)
         parameters.declare(self)
         self.add_on_set_parameters_callback(self._on_set_parameters)
 
         self._backend = backend
+        #: held around every model call (the topic worker's and the action's)
+        self.engine_lock = threading.Lock()
         self._cond = threading.Condition()
         self._frame: _Arrival | None = None
         self._frame_taken = True
@@ -121,7 +100,20 @@ class LisaNode(Node):
         self._latency: collections.deque[float] = collections.deque(maxlen=50)
         self._last_latency_ms = float("nan")
         self._state = "loading" if backend is None else "ready"
+        self._image_topic = ""
+        self._outputs: Any = None
+        self._foxglove: Any = None
+        self.segment_server: Any = None  # the Segment action, from start() (once the model is loaded)
+        self._opened: list[Any] = []  # subscriptions and publishers of open_interfaces()
+        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", parameters.RELIABLE)
+        self.create_timer(1.0, self.diagnostics_callback)
+        if interfaces:
+            self.open_interfaces()
 
+    def open_interfaces(self) -> None:
+        """Subscribe to the camera, depth, CameraInfo and instruction topics and create the outputs (and the
+        Foxglove view when ``foxglove_port`` is set)."""
+        before = {id(e) for e in (*self.subscriptions, *self.publishers)}
         camera_qos = parameters.camera_qos(self.get_parameter("camera_qos").value)
         image_topic = str(self.get_parameter("image_topic").value)
         if self.get_parameter("compressed").value:
@@ -143,8 +135,25 @@ class LisaNode(Node):
                                  self.instruction_callback, parameters.RELIABLE)
         self._outputs = ResultPublisher(self)
         self._foxglove = self._start_foxglove()
-        self._pub_diag = self.create_publisher(DiagnosticArray, "/diagnostics", parameters.RELIABLE)
-        self.create_timer(1.0, self.diagnostics_callback)
+        self._opened = [e for e in (*self.subscriptions, *self.publishers) if id(e) not in before]
+
+    def close_interfaces(self) -> None:
+        """Undo :meth:`open_interfaces` and stop serving the Segment action (after :meth:`stop`)."""
+        if self.segment_server is not None:
+            self.segment_server.close()
+            self.segment_server = None
+        if self._foxglove is not None:
+            self._foxglove.close()
+            self._foxglove = None
+        for entity in self._opened:
+            if entity in self.subscriptions:
+                self.destroy_subscription(entity)
+            else:
+                self.destroy_publisher(entity)
+        self._opened = []
+        with self._cond:
+            self._frame, self._request, self._camera_info = None, None, None
+            self._depth.clear()
 
     # ------------------------------------------------------------------ setup
     def load_backend(self) -> None:
@@ -159,9 +168,53 @@ class LisaNode(Node):
         self._backend = open_backend(server or config.model, config=config,
                                      timeout=float(self.get_parameter("server_timeout").value))
         self._state = "ready"
+        images = self._image_topic or str(self.get_parameter("image_topic").value)
         self.get_logger().info(f"ready in {time.perf_counter() - t0:.1f} s: {what}; images on "
-                               f"{self._image_topic}, instructions on "
+                               f"{images}, instructions on "
                                f"{self.resolve_topic_name(str(self.get_parameter('instruction_topic').value))}")
+
+    def _start_segment_server(self) -> Any:
+        """The Segment action/service and ``~/segmentation`` (:mod:`ros_nodes.action_server`), or None (logged)
+        where ``lisa_interfaces`` is not built."""
+        try:
+            from .action_server import SegmentServer
+        except ImportError as exc:
+            self.get_logger().warning(f"lisa_interfaces is not available ({exc}): no Segment action and no "
+                                      "~/segmentation; build ros/lisa_interfaces with colcon and source the "
+                                      "workspace (docs/ros.md)")
+            return None
+        return SegmentServer(self)
+
+    # ------------------------------------------------------------------ what the action reads
+    @property
+    def backend(self) -> SegmentBackend | None:
+        return self._backend
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping or not self.context.ok()
+
+    @property
+    def image_topic(self) -> str:
+        return self._image_topic
+
+    def now_ns(self) -> int:
+        return int(self.get_clock().now().nanoseconds)
+
+    def newest_arrival(self) -> _Arrival | None:
+        """The newest camera message (not decoded), or None before the first."""
+        with self._cond:
+            return self._frame
+
+    def arrival_age_s(self, arrival: _Arrival) -> float:
+        """Seconds from the message's source stamp (its arrival, when unstamped) to now."""
+        stamp_ns = _stamp_ns(arrival.msg.header)
+        return (self.now_ns() - (stamp_ns if stamp_ns > 0 else arrival.received_ns)) / 1e9
+
+    def wait_for_frame(self, timeout: float) -> None:
+        """Block until a camera message arrives (or ``timeout`` seconds pass)."""
+        with self._cond:
+            self._cond.wait(timeout)
 
     def _start_foxglove(self) -> Any:
         """The Foxglove live view when ``foxglove_port`` is set (ValueError when it cannot start), else None."""
@@ -189,9 +242,13 @@ class LisaNode(Node):
         self.instruction_callback(String(data=text))
 
     def start(self) -> None:
-        """Start the inference worker thread (after :meth:`load_backend`)."""
+        """Start the inference worker thread and serve the Segment action (after :meth:`load_backend`)."""
         if self._backend is None:
             raise RuntimeError("load_backend() must run before start()")
+        if self.segment_server is None:
+            self.segment_server = self._start_segment_server()
+        with self._cond:
+            self._stopping = False
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="lisa-inference", daemon=True)
             self._worker.start()
@@ -203,8 +260,17 @@ class LisaNode(Node):
             self._cond.notify_all()
         if self._worker is not None:
             self._worker.join(timeout)
+            self._worker = None
         if self._foxglove is not None:
             self._foxglove.close()
+            self._foxglove = None
+
+    def destroy_node(self) -> None:
+        """Stop serving the action (its companion node's executor thread joins first), then destroy the node."""
+        if self.segment_server is not None:
+            self.segment_server.close()
+            self.segment_server = None
+        super().destroy_node()
 
     @property
     def counters(self) -> dict[str, int]:
@@ -276,189 +342,10 @@ class LisaNode(Node):
         out.status = [status]
         self._pub_diag.publish(out)
 
-    # ------------------------------------------------------------------ worker
-    def _make_stream(self, req: _Request) -> StreamSegmenter:
-        """A background-reasoning stream for a continuous request with a tracker (parameters read now)."""
-        assert self._backend is not None
-        stream = StreamSegmenter(self._backend, parameters.track_options(self), query=parameters.query_options(self),
-                                 background=True)
-        stream.set_instruction(req.text)
-        return stream
-
-    def _work(self) -> None:
-        last_start = 0.0
-        active_stream: StreamSegmenter | None = None
-        while True:
-            with self._cond:
-                job: tuple[_Request, _Arrival] | None = None
-                while not self._stopping:
-                    req, latest = self._request, self._frame
-                    if (req is not None and latest is not None and latest.seq > req.last_frame_seq
-                            and latest.seq != self._bad_frame_seq):
-                        rate = float(self.get_parameter("max_rate").value)
-                        tracked = req.continuous and bool(self.get_parameter("track").value)
-                        wait = (last_start + 1.0 / rate - time.monotonic()) if (req.continuous and rate > 0
-                                                                                and not tracked) else 0
-                        if wait <= 0:
-                            job = (req, latest)
-                            break
-                        self._cond.wait(wait)
-                    else:
-                        self._cond.wait(0.5)
-                if self._stopping or job is None:
-                    if active_stream is not None:
-                        active_stream.close(wait=False)
-                    return
-                req, arrival = job
-                self._frame_taken = True
-                req.last_frame_seq = arrival.seq
-                if not req.continuous:
-                    self._request = None
-            if active_stream is not None and active_stream is not req.stream:
-                active_stream.close(wait=False)  # the instruction changed or stopped: its reasoning thread ends
-                active_stream = None
-            if req.continuous and req.stream is None and bool(self.get_parameter("track").value):
-                req.stream = self._make_stream(req)
-            active_stream = req.stream or active_stream
-            last_start = time.monotonic()
-            try:
-                outcome = self._answer(req, arrival)
-            except Exception:  # keep serving whatever happens to one frame
-                if not self.context.ok():
-                    # SIGINT shut the context down while this frame was in inference: its publishers are
-                    # gone with it, so the result cannot be published; that is shutdown, not a failure
-                    self._stopping = True
-                    return
-                outcome = "error"
-                self.get_logger().error(f"request {req.seq}: unexpected failure on frame {arrival.seq}:\n"
-                                        f"{traceback.format_exc()}")
-            with self._cond:
-                if outcome == "ok":
-                    self._counts["frames_processed"] += 1
-                elif outcome == "bad_frame":
-                    self._counts["frames_bad"] += 1
-                    self._bad_frame_seq = arrival.seq  # not retried by later requests
-                    if not req.continuous and self._request is None:
-                        self._request = req  # a once request waits for the next usable frame
-                else:
-                    self._counts["errors"] += 1
-
-    def _decode(self, msg: Any) -> Any:
-        return compressed_to_rgb(msg) if isinstance(msg, CompressedImage) else image_to_rgb(msg)
-
-    def _answer(self, req: _Request, arrival: _Arrival) -> str:
-        """Segment one frame for one request and publish everything; returns ok / bad_frame / error."""
-        header = arrival.msg.header
-        log = self.get_logger()
-        try:
-            frame = Frame(self._decode(arrival.msg), frame_id=str(header.frame_id), stamp=header.stamp)
-        except InvalidImageError as exc:
-            log.warning(f"frame {arrival.seq} ({_describe(header)}) skipped: {exc}")
-            return "bad_frame"
-        frame, depth_missing = self._with_depth(frame)
-        t0 = time.perf_counter()
-        queue_ms = (self.get_clock().now().nanoseconds - arrival.received_ns) / 1e6
-        assert self._backend is not None
-        try:
-            if req.stream is not None:
-                tracked = req.stream.process(frame)
-                if tracked is None:  # the first reasoning step is still running: nothing to publish yet
-                    return "ok"
-                result = tracked
-            else:
-                result = self._backend.segment(frame, req.text, options=parameters.query_options(self))
-        except InvalidImageError as exc:
-            log.warning(f"frame {arrival.seq} ({_describe(header)}) skipped: {exc}")
-            return "bad_frame"
-        except InvalidQueryError as exc:
-            log.warning(f"request {req.seq} {req.text[:200]!r} refused: {exc}")
-            with self._cond:
-                if self._request is req:
-                    self._request = None
-            return "error"
-        except LisaError as exc:
-            info = describe_error(exc)
-            log.warning(f"request {req.seq} failed on frame {arrival.seq}: {info.code}: {info.message}")
-            return "error"
-        inference_ms = (time.perf_counter() - t0) * 1000.0
-        if result.depth_note:
-            self._warn_depth(result.depth_note)
-        self._publish(req, arrival, frame, result, depth_missing, queue_ms, inference_ms)
-        return "ok"
-
-    def _warn_depth(self, note: str) -> None:
-        """Log why 3D targets are missing: a new kind of reason at once, the same kind (numbers aside) at most
-        every 5 s."""
-        now = time.monotonic()
-        kind = re.sub(r"[0-9.]+", "#", note)
-        if kind != self._depth_warned[0] or now - self._depth_warned[1] >= 5.0:
-            self._depth_warned = (kind, now)
-            self.get_logger().warning(f"3D targets: {note}")
-
-    def _with_depth(self, frame: Frame) -> tuple[Frame, str | None]:
-        """``frame`` with the depth image closest in time to it (with that image's stamp: the engine
-        refuses one further than ``sync_tolerance``) and the CameraInfo intrinsics, scaled to the frame's
-        size; or ``frame`` unchanged and why, when there is nothing to attach."""
-        if not self.get_parameter("depth_topic").value or not self.get_parameter("camera_info_topic").value:
-            return frame, None  # 3D targets are not configured: nothing is missing
-        with self._cond:
-            info = self._camera_info
-            candidates = list(self._depth)
-        if info is None:
-            return frame, "no CameraInfo received yet"
-        if not candidates:
-            return frame, "no depth image received yet"
-        stamp_ns = frame.stamp.ns if frame.stamp is not None else 0
-        depth_ns, depth_msg = min(candidates, key=lambda item: abs(item[0] - stamp_ns))
-        try:
-            depth = depth_to_meters_array(depth_msg)
-            intrinsics, info_size = camera_info_intrinsics(info)
-        except LisaError as exc:
-            self.get_logger().warning(f"depth unusable: {exc}", throttle_duration_sec=5.0)
-            return frame, f"depth unusable: {exc}"
-        size = frame.size
-        if info_size[0] and info_size[1] and info_size != size:
-            intrinsics = intrinsics.scaled(size[1] / info_size[1], size[0] / info_size[0])
-        return replace(frame, depth=depth, depth_stamp=Stamp(depth_ns // 10**9, depth_ns % 10**9),
-                       intrinsics=intrinsics,
-                       depth_tolerance_s=float(self.get_parameter("sync_tolerance").value)), None
-
-    def _publish(self, req: _Request, arrival: _Arrival, frame: Frame, result: Any, depth_missing: str | None,
-                 queue_ms: float, inference_ms: float) -> None:
-        now_ns = self.get_clock().now().nanoseconds
-        stamp_ns = frame.stamp.ns if frame.stamp is not None else 0
-        latency_ms = (now_ns - (stamp_ns if stamp_ns > 0 else arrival.received_ns)) / 1e6
-        with self._cond:
-            self._latency.append(latency_ms)
-            self._last_latency_ms = latency_ms
-            counters = dict(self._counts)
-        counters["frames_processed"] += 1  # this one
-        report = outputs.FrameReport(request=req.seq, frame_seq=arrival.seq, latency_ms=latency_ms,
-                                     queue_ms=queue_ms, inference_ms=inference_ms, counters=counters)
-        self._outputs.publish(result, frame.rgb, arrival.msg.header, report,
-                              overlay=bool(self.get_parameter("publish_overlay").value), depth_missing=depth_missing)
-        log = self.get_logger()
-        summary = (f"request {req.seq} frame {arrival.seq} ({frame.describe()}): {len(result.instances)} mask(s), "
-                   f"latency {latency_ms:.0f} ms (inference {inference_ms:.0f} ms), dropped "
-                   f"{counters['frames_dropped']}")
-        if req.continuous:
-            log.info(summary, throttle_duration_sec=5.0)
-        else:
-            log.info(f"{summary}: {result.text[:200]!r}")
-
     # ------------------------------------------------------------------ parameters
     def _on_set_parameters(self, params: list[Any]) -> SetParametersResult:
         error = parameters.validate({p.name: p.value for p in params})
         return SetParametersResult(successful=error is None, reason=error or "")
-
-
-def _stamp_ns(header: Any) -> int:
-    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
-
-
-def _describe(header: Any) -> str:
-    """``frame_id @ sec.nanosec`` of a ROS header, for logs."""
-    return f"{header.frame_id or '?'} @ {Stamp.of(header.stamp)}"
 
 
 def main(args: list[str] | None = None) -> int:

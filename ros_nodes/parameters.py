@@ -24,6 +24,7 @@ from lisa_agent.frames import DEPTH_TOLERANCE_S
 from lisa_agent.options import QueryOptions, TrackOptions, parameters
 
 CAMERA_QOS = ("best_effort", "reliable")
+ACTION_POLICIES = ("queue", "preempt")
 
 #: The node's own parameters: name -> (default, description, read_only). Topics, QoS and the backend
 #: are fixed at start; the rest may be changed at run time with ``ros2 param set``.
@@ -44,6 +45,12 @@ NODE_PARAMETERS: dict[str, tuple[Any, str, bool]] = {
     "track": (False, "continuous mode: a tracker gives every camera frame a mask between reasoning steps (tracker, "
               "reason_every, reason_period_s, min_confidence); off: only the frames the model looked at get one; "
               "from the next instruction", False),
+    "action_policy": ("queue", "Segment action: a goal arriving while one runs waits (queue: one may wait, a third "
+                      "is rejected) or replaces it (preempt: the running goal ends with code superseded)", False),
+    "action_max_age": (1.0, "Segment action without an image: the newest camera frame may be this old (seconds, "
+                       "source stamp to now); a goal's max_age_s overrides it", False),
+    "action_frame_timeout": (5.0, "Segment action without an image: wait this long for such a frame, then abort "
+                             "with code no_frame; a goal's frame_timeout_s overrides it", False),
     "foxglove_port": (0, "Foxglove live view (foxglove-sdk WebSocket server) on this port: the answered frames, masks "
                       "as ImageAnnotations, answers and 3D targets; instructions from Foxglove's Publish panel on "
                       "/lisa/instruction ({\"data\": \"...\"}); 0: off", True),
@@ -117,6 +124,11 @@ def validate(values: dict[str, Any]) -> str | None:
         return f"max_rate must be >= 0 (0: unlimited); got {values['max_rate']}"
     if "sync_tolerance" in values and not float(values["sync_tolerance"]) >= 0:
         return f"sync_tolerance must be >= 0 seconds; got {values['sync_tolerance']}"
+    if "action_policy" in values and values["action_policy"] not in ACTION_POLICIES:
+        return f"action_policy must be one of {ACTION_POLICIES}; got {values['action_policy']!r}"
+    for name in ("action_max_age", "action_frame_timeout"):
+        if name in values and not float(values[name]) > 0:
+            return f"{name} must be > 0 seconds; got {values[name]}"
     if "foxglove_port" in values and not 0 <= int(values["foxglove_port"]) <= 65535:
         return f"foxglove_port must be in [0, 65535] (0: off); got {values['foxglove_port']}"
     return None

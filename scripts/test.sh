@@ -14,6 +14,9 @@ fi
 # torch/torchvision first, pinned: segment-anything imports torchvision, which must match torch.
 "$VENV/bin/pip" install -q torch==2.14.1 torchvision==0.29.1
 "$VENV/bin/pip" install -q -e ".[test]"
+# The PyPI rosidl wheels name their builder's include folders; colcon build of ros/lisa_interfaces needs this
+# venv's (idempotent; after every install).
+"$VENV/bin/python" scripts/fix_ros_wheels.py
 # The lowest transformers pyproject.toml allows, beside the venv's own (not on its path): the chat of
 # tests/test_transformers_versions.py runs on it in a subprocess. Reinstalled when the list changes.
 LOWEST="$VENV/transformers-lowest"
@@ -36,7 +39,7 @@ export ROS_AUTOMATIC_DISCOVERY_RANGE=LOCALHOST
 export ROS_DOMAIN_ID=${ROS_DOMAIN_ID:-87}
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 if [ "${LINT:-1}" != 0 ]; then
-  "$VENV/bin/ruff" check lisa_agent ros_nodes tests launch examples scripts
+  "$VENV/bin/ruff" check lisa_agent ros_nodes tests launch examples scripts ros/lisa_agent/setup.py
   "$VENV/bin/mypy"
 fi
 exec "$VENV/bin/python" -m pytest -q "$@"

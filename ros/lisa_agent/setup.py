@@ -1,9 +1,11 @@
-"""colcon / ament_python build of the ROS 2 package ``lisa_agent``.
+"""colcon / ament_python build of the ROS 2 package ``lisa_agent`` (``ros/lisa_agent`` of the repository).
 
-Two front ends read this file:
+colcon does not look inside a package's folder for more packages, so the repository root is no ROS
+package: ``ros/lisa_agent`` (this package: ``package.xml``, this file, ``setup.cfg``, ``resource/`` and
+symlinks to the root's ``lisa_agent``, ``ros_nodes`` and ``launch``) and ``ros/lisa_interfaces`` (the
+messages, the action and the service, ament_cmake + rosidl) sit side by side, and ``colcon build`` in a
+workspace whose ``src/`` holds the repository finds both. pip reads only the root's ``pyproject.toml``.
 
-* pip (PEP 517, ``setuptools.build_meta``): everything comes from ``pyproject.toml``; this file
-  adds nothing, so ``pip install .`` builds the ``lisa-agent`` distribution as declared there.
 * colcon (``colcon build`` runs ``python setup.py ...`` directly): the ROS 2 package ``lisa_agent``
   with the ament index marker, ``package.xml`` and the launch files under ``share/lisa_agent``, and
   the ``lisa_node`` console script (installed to ``lib/lisa_agent`` by ``setup.cfg``) that
@@ -15,7 +17,6 @@ Two front ends read this file:
 from __future__ import annotations
 
 import re
-import sys
 from glob import glob
 from pathlib import Path
 
@@ -24,11 +25,13 @@ from setuptools.dist import Distribution
 
 PACKAGE = "lisa_agent"
 HERE = Path(__file__).resolve().parent
+#: The repository root (pyproject.toml, the Python packages the symlinks here point to).
+ROOT = HERE.parent.parent
 
 
 def _pyproject_table(name: str) -> str:
     """The text of one ``[table]`` of pyproject.toml (this file runs without tomllib on Python 3.10)."""
-    text = (HERE / "pyproject.toml").read_text()
+    text = (ROOT / "pyproject.toml").read_text()
     match = re.search(rf"^\[{re.escape(name)}\]\n(.*?)(?=^\[|\Z)", text, re.MULTILINE | re.DOTALL)
     if not match:
         raise RuntimeError(f"pyproject.toml has no [{name}] table")
@@ -47,7 +50,7 @@ FRAME_SOURCES = {"lisa_agent.frame_sources": [
 def _version() -> str:
     """The version: ``lisa_agent.__version__`` (its one source; pip reads it too, and a test holds package.xml
     to it)."""
-    match = re.search(r'^__version__\s*=\s*"([^"]+)"', (HERE / "lisa_agent" / "__init__.py").read_text(),
+    match = re.search(r'^__version__\s*=\s*"([^"]+)"', (ROOT / "lisa_agent" / "__init__.py").read_text(),
                       re.MULTILINE)
     if not match:
         raise RuntimeError("lisa_agent/__init__.py declares no __version__")
@@ -82,13 +85,11 @@ def _ros_setup() -> None:
         entry_points={
             "console_scripts": [
                 "lisa_node = ros_nodes.lisa_node:main",
+                "lisa_lifecycle_node = ros_nodes.lisa_lifecycle_node:main",
             ],
             **FRAME_SOURCES,
         },
     )
 
 
-if "setuptools.build_meta" in sys.modules:  # pip / build: pyproject.toml is the whole story
-    setup()
-else:  # colcon (or a direct `python setup.py ...`): the ROS 2 package
-    _ros_setup()
+_ros_setup()
