@@ -103,12 +103,18 @@ class SegmentServer:
         self.service = self.companion.create_service(SegmentService, name, self._on_service, callback_group=self.group)
         self.executor = MultiThreadedExecutor(num_threads=4, context=node.context)
         self.executor.add_node(self.companion)
+        self._stop_spinning = threading.Event()
         self._spin = threading.Thread(target=self._spin_companion, name="lisa-segment-action", daemon=True)
         self._spin.start()
 
     def _spin_companion(self) -> None:
+        """Hand the companion node's ready callbacks to the executor's threads until :meth:`close`.
+
+        Waits of at most 0.1 s, so the thread is never inside a wait on entities that :meth:`close` destroys (an
+        unbounded ``executor.spin()`` could still be waiting after a shutdown raced its loop check)."""
         try:
-            self.executor.spin()
+            while not self._stop_spinning.is_set() and self.node.context.ok():
+                self.executor.spin_once(timeout_sec=0.1)
         except Exception:  # the context shut down (SIGINT): nothing left to serve
             pass
 
@@ -122,8 +128,12 @@ class SegmentServer:
         with self._cond:
             self._closing = True
             self._cond.notify_all()
-        self.executor.shutdown(timeout_sec=10.0)
-        self._spin.join(10.0)
+        self._stop_spinning.set()
+        self._spin.join(30.0)  # at most one 0.1 s wait away
+        self.executor.shutdown(timeout_sec=30.0)  # the executor's threads finish their callbacks and join
+        if self._spin.is_alive():  # never seen; destroying what a live thread may use could crash the process
+            self.node.get_logger().error("the Segment action's thread did not stop; its server is left to the exit")
+            return
         self.action.destroy()
         self.companion.destroy_node()
         self.node.destroy_publisher(self.publisher)

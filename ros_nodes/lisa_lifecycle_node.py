@@ -28,14 +28,11 @@ import gc
 import sys
 from typing import Any
 
-import rclpy
-from rclpy.executors import ExternalShutdownException
 from rclpy.lifecycle import LifecycleNode, LifecycleState, TransitionCallbackReturn
 
-from lisa_agent.errors import LisaError, describe_error
-from lisa_agent.noise import quiet_library_noise
+from lisa_agent.errors import describe_error
 
-from .lisa_node import LisaNode
+from .lisa_node import LisaNode, run_node
 
 
 class LisaLifecycleNode(LisaNode, LifecycleNode):
@@ -105,24 +102,7 @@ class LisaLifecycleNode(LisaNode, LifecycleNode):
 
 def main(args: list[str] | None = None) -> int:
     """Entry point of ``ros2 run lisa_agent lisa_lifecycle_node`` and ``python -m ros_nodes.lisa_lifecycle_node``."""
-    quiet_library_noise()
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = LisaLifecycleNode()
-        rclpy.spin(node)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except (LisaError, ValueError) as exc:
-        print(f"lisa_lifecycle_node: {exc}", file=sys.stderr)
-        code = 1
-    finally:
-        if node is not None:
-            node.stop()
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return code
+    return run_node("lisa_lifecycle_node", LisaLifecycleNode, args)
 
 
 if __name__ == "__main__":

@@ -35,9 +35,11 @@ callbacks; the model is shared between the worker and the action under ``engine_
 from __future__ import annotations
 
 import collections
+import faulthandler
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import rclpy
@@ -348,16 +350,23 @@ class LisaNode(TopicWorker):
         return SetParametersResult(successful=error is None, reason=error or "")
 
 
-def main(args: list[str] | None = None) -> int:
-    """Entry point of ``ros2 run lisa_agent lisa_node`` and ``python -m ros_nodes.lisa_node``."""
+def run_node(name: str, make: Callable[[], Any], args: list[str] | None = None, *,
+             start: Callable[[Any], None] | None = None) -> int:
+    """Run the node ``make()`` builds (after ``rclpy.init(args)``) until Ctrl-C or shutdown, then stop and destroy it.
+
+    ``start(node)`` runs before spinning (load the model, open the topics). Returns the exit status: 0, or 1 after
+    a ``LisaError`` / ``ValueError`` (logged as fatal by the node, or printed as ``name: message`` when the node
+    could not be built).
+    """
     quiet_library_noise()
+    faulthandler.enable()  # a crash in native code (rclpy, DDS, torch) prints every thread's Python stack
     rclpy.init(args=args)
     node = None
     code = 0
     try:
-        node = LisaNode()
-        node.load_backend()
-        node.start()
+        node = make()
+        if start is not None:
+            start(node)
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
@@ -365,7 +374,7 @@ def main(args: list[str] | None = None) -> int:
         if node is not None:
             node.get_logger().fatal(f"{exc}")
         else:
-            print(f"lisa_node: {exc}", file=sys.stderr)
+            print(f"{name}: {exc}", file=sys.stderr)
         code = 1
     finally:
         if node is not None:
@@ -375,6 +384,16 @@ def main(args: list[str] | None = None) -> int:
     if code:
         sys.stderr.flush()
     return code
+
+
+def _load_and_start(node: LisaNode) -> None:
+    node.load_backend()
+    node.start()
+
+
+def main(args: list[str] | None = None) -> int:
+    """Entry point of ``ros2 run lisa_agent lisa_node`` and ``python -m ros_nodes.lisa_node``."""
+    return run_node("lisa_node", LisaNode, args, start=_load_and_start)
 
 
 if __name__ == "__main__":
