@@ -347,3 +347,67 @@ def test_command_without_the_sdk_says_which_extra_to_install(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lisa_agent.cli", "mcp", "--source", "none"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 1 and "pip install 'lisa-agent[mcp]'" in proc.stderr, proc.stderr
+
+
+class _FastCamera:
+    """A camera far faster than any caller (each read is a new numbered frame at once); ``passed(n)`` is set once
+    frame ``n`` was read. A stand-in for a 30 Hz camera, which the MCP tests' synthetic source (5 Hz) is not."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.seq = -1
+        self._passed: dict[int, threading.Event] = {}
+        self._lock = threading.Lock()
+
+    def passed(self, n: int) -> Any:
+        import threading
+
+        with self._lock:
+            event = self._passed.setdefault(n, threading.Event())
+            if self.seq >= n:
+                event.set()
+            return event
+
+    def read(self, timeout: float = 1.0) -> Any:
+        from lisa_agent.console.sources import SourceFrame
+        from lisa_agent.frames import Frame
+
+        with self._lock:
+            self.seq += 1
+            for n, event in self._passed.items():
+                if self.seq >= n:
+                    event.set()
+        pixels = np.full((8, 8, 3), self.seq % 256, np.uint8)
+        return SourceFrame(self.seq, Frame(pixels))
+
+    def describe(self) -> str:
+        return "a fast test camera"
+
+    def close(self) -> None:
+        return None
+
+
+def test_a_frame_handed_out_stays_nameable_however_fast_the_camera_runs(engine):
+    """``look`` then ``segment_objects(frame_seq=...)``: the host's model thinks for seconds meanwhile, a 30 Hz camera
+    moves on by a hundred frames; the frame it was given is still there (the last 16 handed out are kept), frames
+    nobody was given are not, and the error names what is kept."""
+    camera = _FastCamera()
+    session = ToolSession(engine, camera).start()
+    try:
+        looked = session.latest(30.0)
+        assert camera.passed(looked.seq + 500).wait(60)
+        assert session.frame(looked.seq) is looked
+        with pytest.raises(InvalidArgumentError, match=f"frame {looked.seq + 1} is not one of") as info:
+            session.frame(looked.seq + 1)  # never handed out
+        assert str(looked.seq) in str(info.value)
+        handed = {looked.seq: looked}
+        while len(handed) < 17:  # 16 more handed out: the first is forgotten, the others stay
+            assert camera.passed(max(handed) + 2).wait(60)  # read and stored: the pump holds the next one
+            got = session.latest(30.0)
+            handed[got.seq] = got
+        with pytest.raises(InvalidArgumentError, match="is not one of"):
+            session.frame(looked.seq)
+        assert all(session.frame(seq) is got for seq, got in handed.items() if seq != looked.seq)
+    finally:
+        session.close()

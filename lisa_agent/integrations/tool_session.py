@@ -2,9 +2,9 @@
 stream and the latest answer.
 
 :class:`ToolSession` reads a :class:`~lisa_agent.console.sources.FrameSource` (the console's sources:
-``synthetic``, ``camera:N``, ``video:FILE``, ``ros:TOPIC``) in a thread of its own and keeps its newest
-:data:`KEEP_FRAMES` frames, numbered by the source (``frame_seq``), so a caller can ask about the frame it
-looked at. :meth:`ToolSession.segment` answers an instruction on the newest frame, on a recent frame by its
+``synthetic``, ``camera:N``, ``video:FILE``, ``ros:TOPIC``) in a thread of its own and keeps its newest frame
+and the last :data:`KEEP_FRAMES` frames it handed to a caller, numbered by the source (``frame_seq``), so a
+caller can ask about the frame it looked at however fast the camera runs. :meth:`ToolSession.segment` answers an instruction on the newest frame, on a recent frame by its
 number, or on an image the caller passes (a data URI, or a file or URL where allowed: the LangChain tool's
 rules, :class:`~lisa_agent.integrations.images.ImageAccess`, size checked before decoding).
 :meth:`ToolSession.track` starts (or stops) a :class:`~lisa_agent.tracking.StreamSegmenter` on the source:
@@ -46,8 +46,10 @@ from .tool_io import given_image
 
 log = logging.getLogger("lisa_agent.mcp")
 
-#: Recent frames kept, so a caller can name the frame it looked at (``frame_seq``).
-KEEP_FRAMES = 64
+#: Frames handed to callers (by ``look`` or an answer on the newest frame) kept, so a caller can name the frame
+#: it looked at (``frame_seq``). Counted in frames handed out, not camera frames: a host's model may think for
+#: seconds between ``look`` and ``segment_objects``, while a 30 Hz camera moves on by a hundred frames.
+KEEP_FRAMES = 16
 #: Largest image a caller may pass inline (decoded bytes; a data URI's base64 is checked before decoding). A
 #: protocol message is held in memory whole, and a camera frame is a few hundred kilobytes.
 MAX_INLINE_IMAGE_BYTES = 16 * 1024 * 1024
@@ -87,7 +89,7 @@ class ToolSession:
         image_hosts: URL hosts a caller may name (default: none, so no URLs; ``"*"`` any host).
         url_timeout: seconds to wait for an image URL.
         max_image_bytes: largest image a caller may pass (encoded bytes).
-        keep_frames: recent frames kept for ``frame_seq``.
+        keep_frames: frames handed to callers kept for ``frame_seq`` (besides the newest).
         model_name: the model, in words (for the server's instructions and logs).
 
     Use: :meth:`start`, then :meth:`latest`, :meth:`segment`, :meth:`track`; :meth:`close` at the end.
@@ -111,7 +113,9 @@ class ToolSession:
         self.access = ImageAccess.of(image_folders, image_hosts)
         self.url_timeout = float(url_timeout)
         self.max_image_bytes = int(max_image_bytes)
-        self._frames: collections.deque[SourceFrame] = collections.deque(maxlen=int(keep_frames))
+        self._newest: SourceFrame | None = None
+        self._keep = int(keep_frames)
+        self._handed: collections.OrderedDict[int, SourceFrame] = collections.OrderedDict()  # seq -> frame
         self._lock = threading.Condition(threading.RLock())
         self._stream: StreamSegmenter | None = None
         self._tracked: ToolAnswer | None = None  # the stream's newest masks
@@ -155,7 +159,7 @@ class ToolSession:
             if got is None:
                 continue
             with self._lock:
-                self._frames.append(got)
+                self._newest = got
                 stream = self._stream
                 self._lock.notify_all()
             if stream is not None:
@@ -182,33 +186,43 @@ class ToolSession:
 
     # ------------------------------------------------------------------ frames
     def latest(self, timeout: float = 10.0) -> SourceFrame:
-        """The newest camera frame, waiting up to ``timeout`` seconds for the first; NoFrameError without one."""
+        """The newest camera frame, waiting up to ``timeout`` seconds for the first; NoFrameError without one.
+
+        The frame is kept (with the last :data:`KEEP_FRAMES` others handed out), so :meth:`frame` finds it later.
+        """
         if self.source is None:
             raise NoFrameError("this server has no camera (--source none): pass an image instead",
                                advice="Pass the image as a data URI (data:image/png;base64,...).")
         deadline = time.monotonic() + timeout
         with self._lock:
-            while not self._frames:
+            while self._newest is None:
                 left = deadline - time.monotonic()
                 if left <= 0 or self._stop.is_set():
                     raise NoFrameError(f"no frame from {self.source_name} within {timeout:g} s")
                 self._lock.wait(left)
-            return self._frames[-1]
+            got = self._newest
+            self._handed[got.seq] = got
+            self._handed.move_to_end(got.seq)
+            while len(self._handed) > self._keep:
+                self._handed.popitem(last=False)
+            return got
 
     def frame(self, seq: int) -> SourceFrame:
-        """Recent frame number ``seq``; InvalidArgumentError naming the frames kept when it is not one of them."""
+        """Frame number ``seq`` (one handed out, or the newest); InvalidArgumentError naming those kept otherwise."""
         if isinstance(seq, bool) or not isinstance(seq, int):
             raise InvalidArgumentError(f"frame_seq must be a whole number; got {seq!r:.50}")
         if self.source is None:
             raise InvalidArgumentError("this server has no camera (--source none), so no frame numbers: pass an "
                                        "image instead")
         with self._lock:
-            frames = list(self._frames)
-        for got in frames:
-            if got.seq == seq:
-                return got
-        held = f"frames {frames[0].seq}..{frames[-1].seq}" if frames else "no frames yet"
-        raise InvalidArgumentError(f"frame {seq} is not one of the {len(frames)} recent frames kept ({held})",
+            kept = dict(self._handed)
+            if self._newest is not None:
+                kept[self._newest.seq] = self._newest
+        if seq in kept:
+            return kept[seq]
+        held = f"frames {', '.join(str(k) for k in sorted(kept))}" if kept else "no frames yet"
+        raise InvalidArgumentError(f"frame {seq} is not one of the {len(kept)} frames kept ({held}: the newest and "
+                                   f"the last {self._keep} handed out)",
                                    advice="Leave frame_seq out to use the newest frame, or call look for a "
                                           "current frame number.")
 
