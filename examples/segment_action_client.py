@@ -69,6 +69,11 @@ def main() -> int:
         print(f"\r{status:8s} {leaf.stage:20s}", end="", flush=True)
         time.sleep(0.05)
     result = leaf.result
+    if result is None:  # the server refused the goal (action_policy queue: one runs and one waits already)
+        print(f"\n{status}: goal rejected")
+        node.destroy_node()
+        rclpy.try_shutdown()
+        return 2
     print(f"\n{status}: code {result.code} {result.message}".rstrip())
     for inst in result.segmentation.instances if status == "SUCCESS" else []:
         p, q = inst.grasp.pose.position, inst.grasp.pose.orientation

@@ -47,6 +47,7 @@ from lisa_agent.errors import (
 from lisa_agent.frames import Frame, Stamp, check_query
 from lisa_agent.options import QueryOptions
 from lisa_agent.result import SegmentationResult
+from lisa_agent.serving.framing import Limits
 
 from . import parameters
 from .conversions import camera_info_intrinsics, depth_to_meters_array, image_to_rgb
@@ -55,10 +56,8 @@ from .typed import segmentation_msg
 if TYPE_CHECKING:  # pragma: no cover
     from .lisa_node import LisaNode
 
-#: Longest instruction a goal may carry (the model server's limit, lisa_agent.serving.framing.Limits).
-MAX_INSTRUCTION_CHARS = 4000
-
-STAGES = ("queued", "waiting_for_frame", "encoding", "reasoning", "decoding")
+#: Longest instruction a goal may carry (the model server's limit).
+MAX_INSTRUCTION_CHARS = Limits().max_query_chars
 
 
 class _Canceled(Exception):
@@ -141,9 +140,8 @@ class SegmentServer:
     def publish(self, result: SegmentationResult, header: Any, latency_ms: float, result_json: str | None = None,
                 inference_ms: float | None = None) -> Any:
         """Publish (and return) the typed ``Segmentation`` of one answered frame on ``~/segmentation``."""
-        msg = segmentation_msg(result, header, latency_ms=latency_ms, result_json=result_json)
-        if inference_ms is not None:
-            msg.inference_ms = float(inference_ms)
+        msg = segmentation_msg(result, header, latency_ms=latency_ms, inference_ms=inference_ms,
+                               result_json=result_json)
         self.publisher.publish(msg)
         return msg
 

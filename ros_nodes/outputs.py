@@ -73,6 +73,11 @@ def result_json(result: SegmentationResult, report: FrameReport, *, depth_missin
     return json.dumps(_clean(payload), allow_nan=False)
 
 
+def schema_json(result: SegmentationResult) -> str:
+    """The result schema of ``result`` as strict JSON text (masks without RLE; non-finite numbers null)."""
+    return json.dumps(_clean(result.to_dict(include_rle=False)), allow_nan=False)
+
+
 def answer_msg(result: SegmentationResult) -> String:
     return String(data=str(result.text))
 

@@ -48,8 +48,9 @@ class ResultPublisher:
             self.detections = node.create_publisher(outputs.Detection2DArray, "~/detections", RELIABLE)
 
     def publish(self, result: SegmentationResult, rgb: np.ndarray, source_header: Any, report: outputs.FrameReport,
-                *, overlay: bool, depth_missing: str | None = None) -> None:
-        """Publish every output of ``result`` (computed on ``rgb``, HxWx3 uint8) with ``source_header``."""
+                *, overlay: bool, depth_missing: str | None = None, result_json: str | None = None) -> None:
+        """Publish every output of ``result`` (computed on ``rgb``, HxWx3 uint8) with ``source_header``
+        (``result_json``: the ``~/result`` text when the caller made it already, :func:`outputs.result_json`)."""
         header = outputs.copy_header(source_header)
         self.mask.publish(to_image_msg(result.label_mask(), "mono8", header))
         if overlay:
@@ -70,7 +71,9 @@ class ResultPublisher:
         self.markers.publish(outputs.markers_msg(header, result))
         if self.detections is not None:
             self.detections.publish(outputs.detections_msg(header, result))
-        self.result.publish(String(data=outputs.result_json(result, report, depth_missing=depth_missing)))
+        if result_json is None:
+            result_json = outputs.result_json(result, report, depth_missing=depth_missing)
+        self.result.publish(String(data=result_json))
         if self.foxglove is not None:
             self._publish_foxglove(result, rgb, source_header, report)
 

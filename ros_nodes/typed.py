@@ -10,12 +10,11 @@ interfaces are built (``colcon build``, see docs/ros.md); the node runs without 
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 import numpy as np
-from geometry_msgs.msg import PointStamped, PoseStamped
+from geometry_msgs.msg import PoseStamped
 from lisa_interfaces.msg import Instance, Segmentation
 from sensor_msgs.msg import RegionOfInterest
 
@@ -23,7 +22,7 @@ from lisa_agent.labels import mask_labels
 from lisa_agent.result import SegmentationResult
 
 from .conversions import to_image_msg
-from .outputs import copy_header
+from .outputs import copy_header, point_msg, schema_json
 
 
 def instance_msgs(result: SegmentationResult, header: Any) -> list[Any]:
@@ -47,8 +46,7 @@ def instance_msgs(result: SegmentationResult, header: Any) -> list[Any]:
             msg.depth_m = float(target.depth_m)
             if target.point is not None:
                 msg.has_target = True
-                msg.target = PointStamped(header=copy_header(header))
-                msg.target.point.x, msg.target.point.y, msg.target.point.z = (float(c) for c in target.point)
+                msg.target = point_msg(header, target.point)
             grasp = target.grasp
             if grasp is not None:
                 msg.has_grasp = True
@@ -63,14 +61,15 @@ def instance_msgs(result: SegmentationResult, header: Any) -> list[Any]:
 
 
 def segmentation_msg(result: SegmentationResult, header: Any, *, latency_ms: float = 0.0,
-                     result_json: str | None = None) -> Any:
+                     inference_ms: float | None = None, result_json: str | None = None) -> Any:
     """The ``lisa_interfaces/Segmentation`` of one answered frame.
 
     Args:
         result: the engine's result (its ``query``, ``mode``, ``text``, masks, targets, ``track``).
         header: the source frame's ``std_msgs/Header`` (copied).
         latency_ms: source stamp (or arrival) to now.
-        result_json: the result schema text to carry (default: ``result.to_dict(include_rle=False)``).
+        inference_ms: the model call as the caller timed it (default: the engine's ``timings_ms["total"]``).
+        result_json: the result schema text to carry (default: :func:`~ros_nodes.outputs.schema_json`).
     """
     msg = Segmentation()
     msg.header = copy_header(header)
@@ -80,9 +79,9 @@ def segmentation_msg(result: SegmentationResult, header: Any, *, latency_ms: flo
     msg.source = "reasoned" if track is None else str(track.source)
     msg.age_frames = 0 if track is None else int(track.age_frames)
     msg.age_s = 0.0 if track is None else float(track.age_s)
-    total = result.timings_ms.get("total", 0.0)
+    total = result.timings_ms.get("total", 0.0) if inference_ms is None else inference_ms
     msg.inference_ms = float(total) if math.isfinite(total) else 0.0
     msg.latency_ms = float(latency_ms)
     msg.depth_note = result.depth_note or ""
-    msg.result_json = result_json if result_json is not None else json.dumps(result.to_dict(include_rle=False))
+    msg.result_json = result_json if result_json is not None else schema_json(result)
     return msg

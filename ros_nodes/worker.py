@@ -206,11 +206,13 @@ class TopicWorker(Node):
         counters["frames_processed"] += 1  # this one
         report = outputs.FrameReport(request=req.seq, frame_seq=arrival.seq, latency_ms=latency_ms,
                                      queue_ms=queue_ms, inference_ms=inference_ms, counters=counters)
+        text = outputs.result_json(result, report, depth_missing=depth_missing)  # ~/result and ~/segmentation's
         self._outputs.publish(result, frame.rgb, arrival.msg.header, report,
-                              overlay=bool(self.get_parameter("publish_overlay").value), depth_missing=depth_missing)
-        if self.segment_server is not None:
-            self.segment_server.publish(result, arrival.msg.header, latency_ms, inference_ms=inference_ms,
-                                        result_json=outputs.result_json(result, report, depth_missing=depth_missing))
+                              overlay=bool(self.get_parameter("publish_overlay").value), depth_missing=depth_missing,
+                              result_json=text)
+        server = self.segment_server
+        if server is not None and server.publisher.get_subscription_count() > 0:  # its masks: a full frame each
+            server.publish(result, arrival.msg.header, latency_ms, inference_ms=inference_ms, result_json=text)
         log = self.get_logger()
         summary = (f"request {req.seq} frame {arrival.seq} ({frame.describe()}): {len(result.instances)} mask(s), "
                    f"latency {latency_ms:.0f} ms (inference {inference_ms:.0f} ms), dropped "
