@@ -18,7 +18,7 @@ from lisa_agent.backend import SegmentBackend, load_model, open_backend
 from lisa_agent.config import EngineConfig
 from lisa_agent.errors import InvalidArgumentError
 from lisa_agent.reasoner.loading import checkpoint_model_type, is_reasoner
-from lisa_agent.reasoner.segmenter import ReasonerSegmenter, StopAfterAnswer
+from lisa_agent.reasoner.segmenter import ANSWER_END, ReasonerSegmenter
 from lisa_agent.result import SegmentationResult
 
 H, W = 150, 260  # a non-square frame: factors 260/840 and 150/840
@@ -207,14 +207,25 @@ def test_max_masks_caps_the_objects(checkpoints, monkeypatch):
     assert "1 of 2 objects dropped: at most 1 masks" in result.reasoning.notes[-1]
 
 
-def test_stop_after_answer(reasoner):
+def test_stop_after_answer(reasoner, checkpoints, monkeypatch):
+    """Ours: generate gets the stop string with the tokenizer, and that stops right after the answer's end on
+    this tokenizer's ids; public: no stop string (EOS only)."""
+    from transformers import StopStringCriteria
+
+    calls = force(reasoner, monkeypatch, ANSWER)
+    reasoner.segment(random_frame(H, W), "the knife")
+    assert calls[-1]["stop_strings"] == [ANSWER_END] and calls[-1]["tokenizer"] is reasoner.processor.tokenizer
     tok = reasoner.processor.tokenizer
-    prompt = tok("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
-    stop = StopAfterAnswer(tok, len(prompt))
-    open_ids = prompt + tok('<think>x</think><answer>[]', add_special_tokens=False)["input_ids"]
+    stop = StopStringCriteria(tok, [ANSWER_END])
+    open_ids = tok("<|im_start|>assistant\n<think>x</think><answer>[]", add_special_tokens=False)["input_ids"]
     closed = open_ids + tok("</answer>", add_special_tokens=False)["input_ids"]
     assert stop(torch.tensor([open_ids]), None).tolist() == [False]
     assert stop(torch.tensor([closed]), None).tolist() == [True]
+    folder, sam = checkpoints
+    public = open_backend(str(folder), sam_model=str(sam), device="cpu", reasoner_behaviour="public")
+    calls = force(public, monkeypatch, ANSWER)
+    public.segment(random_frame(H, W), "the knife")
+    assert "stop_strings" not in calls[-1]
 
 
 def test_bf16_precision(checkpoints, monkeypatch):

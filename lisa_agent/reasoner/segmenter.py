@@ -49,21 +49,9 @@ NO_THINK = "<think> </think>"
 DEFAULT_QUERY_TOKENS = QueryOptions().max_new_tokens
 
 
-class StopAfterAnswer:
-    """A generation stopping criterion: True once the decoded tail of the sequence holds ``</answer>``."""
-
-    def __init__(self, tokenizer: Any, prompt_length: int, marker: str = "</answer>", tail: int = 8):
-        self.tokenizer = tokenizer
-        self.prompt_length = prompt_length
-        self.marker = marker
-        self.tail = tail
-
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        done = []
-        for row in input_ids:
-            new = row[self.prompt_length:][-self.tail:]
-            done.append(self.marker in self.tokenizer.decode(new, skip_special_tokens=True))
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+#: Where generation stops early (ours; ``stop_at_answer=False``: at EOS only, as published): transformers'
+#: stop strings, matched on token ids without decoding text at every step.
+ANSWER_END = "</answer>"
 
 
 def nothing_found(query: str, parsed: ParsedAnswer) -> str:
@@ -224,12 +212,11 @@ class ReasonerSegmenter:
     def generate(self, inputs: Any, max_new_tokens: int) -> torch.Tensor:
         """The new token ids (1-D) of greedy generation from the processor's ``inputs`` (the public code's
         decoding: ``do_sample=False``, KV cache, the checkpoint's generation config otherwise)."""
-        from transformers import StoppingCriteriaList
-
         length = int(inputs["input_ids"].shape[1])
-        stops = StoppingCriteriaList([StopAfterAnswer(self.processor.tokenizer, length)] if self.stop_at_answer else [])
+        stop: dict[str, Any] = ({"stop_strings": [ANSWER_END], "tokenizer": self.processor.tokenizer}
+                                if self.stop_at_answer else {})
         out = self.model.generate(**inputs, use_cache=True, max_new_tokens=int(max_new_tokens), do_sample=False,
-                                  stopping_criteria=stops)
+                                  **stop)
         return out[0, length:]
 
     # ------------------------------------------------------------------ SAM 2
@@ -274,4 +261,4 @@ class ReasonerSegmenter:
         return stacked > 0.0, scores, stacked
 
 
-__all__ = ["DEFAULT_QUERY_TOKENS", "NO_THINK", "ReasonerSegmenter", "StopAfterAnswer", "nothing_found"]
+__all__ = ["ANSWER_END", "DEFAULT_QUERY_TOKENS", "NO_THINK", "ReasonerSegmenter", "nothing_found"]
