@@ -90,10 +90,12 @@ def resolve_checkpoint(model: str | os.PathLike[str]) -> Path:
         raise ModelNotFoundError(
             f"model {text!r} is neither a local folder nor a Hub id (owner/name); "
             f"bundled models: {sorted(BUNDLED_MODELS)}")
-    return _download(text, ["*.json", "*.bin", "*.safetensors", "tokenizer.model", "*.txt"])
+    return download_snapshot(text, ["*.json", "*.bin", "*.safetensors", "tokenizer.model", "*.txt"])
 
 
-def _download(repo_id: str, patterns: list[str]) -> Path:
+def download_snapshot(repo_id: str, patterns: list[str]) -> Path:
+    """The local folder of Hub repository ``repo_id`` with the files matching ``patterns`` (ModelNotFoundError naming the
+    model and the cause when it cannot be fetched)."""
     try:
         from huggingface_hub import snapshot_download
 

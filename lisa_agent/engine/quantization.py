@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -100,12 +101,18 @@ def quantize_llm_torchao(model: LisaModel, quantization: str) -> None:
     """Weight-only int8 (CPU and CUDA) or int4 (CUDA, see :func:`torchao_config`) for the LLaMA decoder
     layers' linear layers with torchao, in place on the model's device; SAM, the projector,
     ``text_hidden_fcs``, embeddings and ``lm_head`` stay as they are."""
+    quantize_layers_torchao(model.llm.model.layers, model.device, quantization)
+
+
+def quantize_layers_torchao(layers: Iterable[torch.nn.Module], device: torch.device, quantization: str) -> int:
+    """Weight-only torchao int8 / int4 (:func:`torchao_config`) for every linear layer inside ``layers`` (a
+    decoder's layers, on ``device``), in place; returns how many were quantized (int4 leaves a layer whose width
+    no group size divides, with a warning). QuantizationError when torchao or its kernels are missing."""
     try:
         from torchao.quantization import quantize_
 
-        linears = [m for layer in model.llm.model.layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+        linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
         skipped = 0
-        device = model.device
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             for linear in linears:  # torchao's kernels check the current device's capability
                 config = torchao_config(quantization, linear.in_features)
@@ -116,6 +123,7 @@ def quantize_llm_torchao(model: LisaModel, quantization: str) -> None:
         if skipped:
             log.warning("%d of %d linear layers stay unquantized: no int4 group size of %s divides their width",
                         skipped, len(linears), INT4_GROUP_SIZES)
+        return len(linears) - skipped
     except Exception as exc:  # ImportError, or kernels this device lacks
         raise QuantizationError(f"torchao cannot quantize to {quantization} here ({type(exc).__name__}: "
                                 f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); install lisa-agent[quant], "

@@ -13,7 +13,6 @@ bitsandbytes via transformers' ``BitsAndBytesConfig`` at load time, or torchao's
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -23,7 +22,7 @@ from typing import Any
 import torch
 
 from ..config import EngineConfig
-from ..errors import InvalidArgumentError, ModelNotFoundError, QuantizationError
+from ..errors import InvalidArgumentError, ModelNotFoundError
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +76,9 @@ def resolve_reasoner(model: str) -> Path:
         if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} is a folder but holds no config.json")
         return path
-    try:
-        from huggingface_hub import snapshot_download
+    from ..engine.loading import download_snapshot
 
-        return Path(snapshot_download(model, allow_patterns=HUB_PATTERNS))
-    except Exception as exc:  # noqa: BLE001 - the Hub client raises many types: name the model and the cause
-        raise ModelNotFoundError(f"model {model!r} is not a local folder and could not be fetched from the Hugging "
-                                 f"Face Hub ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-                                 ) from exc
+    return download_snapshot(model, list(HUB_PATTERNS))
 
 
 def _check_lisa_only(config: EngineConfig) -> None:
@@ -110,25 +104,9 @@ def _bnb_config(quantization: str, dtype: torch.dtype) -> Any:
 def quantize_language_model_torchao(model: Any, quantization: str) -> int:
     """torchao weight-only int8 / int4 for the linear layers of the language model's decoder layers (the vision
     encoder, embeddings and ``lm_head`` stay); returns how many layers were quantized."""
-    from ..engine.quantization import torchao_config
+    from ..engine.quantization import quantize_layers_torchao
 
-    try:
-        from torchao.quantization import quantize_
-
-        layers = model.model.language_model.layers
-        linears = [m for layer in layers for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-        device = next(model.parameters()).device
-        done = 0
-        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            for linear in linears:
-                cfg = torchao_config(quantization, linear.in_features)
-                if cfg is not None:
-                    quantize_(linear, cfg)
-                    done += 1
-        return done
-    except Exception as exc:  # ImportError, or kernels this device lacks
-        raise QuantizationError(f"torchao cannot quantize the reasoner to {quantization} here ({type(exc).__name__}: "
-                                f"{str(exc).splitlines()[0][:200] if str(exc) else ''})") from exc
+    return quantize_layers_torchao(model.model.language_model.layers, next(model.parameters()).device, quantization)
 
 
 def load_sam2(name: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
