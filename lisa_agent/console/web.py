@@ -30,7 +30,6 @@ import concurrent.futures
 import hmac
 import logging
 import math
-import secrets
 import threading
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from aiohttp import WSMsgType, web
 
 from ..errors import Code, InvalidArgumentError, LisaError, NoFrameError, UnknownTargetError, describe_error
 from ..serving.framing import json_loads
-from ..serving.security import check_access, is_loopback_host, refuse_browser_request
+from ..serving.security import access_token, is_loopback_host, refuse_browser_request
 from .answers import Answer, FrameEvent
 from .core import MAX_PENDING, ConsoleCore
 from .http import (
@@ -81,7 +80,7 @@ class ConsoleServer:
     def __init__(self, core: ConsoleCore, *, host: str = "127.0.0.1", port: int = 8080, token: str | None = None,
                  header_timeout_s: float = 15.0, ws_heartbeat_s: float = 20.0, ws_send_timeout_s: float = 20.0
                  ) -> None:
-        check_access(host, port, token)
+        token = access_token(host, port, token)
         for name, value in (("header_timeout_s", header_timeout_s), ("ws_heartbeat_s", ws_heartbeat_s),
                             ("ws_send_timeout_s", ws_send_timeout_s)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
@@ -90,8 +89,8 @@ class ConsoleServer:
         self.core = core
         self.host = host
         self.port = port
-        self.require_token = token is not None or not is_loopback(host)
-        self.token = token or (secrets.token_urlsafe(24) if self.require_token else None)
+        self.require_token = token is not None
+        self.token = token
         self.header_timeout_s = float(header_timeout_s)
         self.ws_heartbeat_s = float(ws_heartbeat_s)
         self.ws_send_timeout_s = float(ws_send_timeout_s)
@@ -400,4 +399,4 @@ class ConsoleServer:
             self._thread = None
 
 
-__all__ = ["ConsoleServer", "check_access", "is_loopback", "STATIC_DIR"]
+__all__ = ["ConsoleServer", "is_loopback", "STATIC_DIR"]

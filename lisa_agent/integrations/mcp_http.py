@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import secrets
 import socket
 import threading
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -27,7 +26,7 @@ from mcp.server import MCPServer
 from mcp.server.transport_security import TransportSecuritySettings
 
 from ..errors import Code, code_info
-from ..serving.security import check_access, is_loopback_host, refuse_browser_request
+from ..serving.security import access_token, refuse_browser_request
 from .tool_session import MAX_INLINE_IMAGE_BYTES
 
 __all__ = ["MCP_PATH", "MCPHttpServer"]
@@ -98,11 +97,10 @@ class MCPHttpServer:
 
     def __init__(self, server: MCPServer, *, host: str = "127.0.0.1", port: int = 8090,
                  token: str | None = None) -> None:
-        check_access(host, port, token)
+        self.token = access_token(host, port, token)
+        self.require_token = self.token is not None
         self.server = server
         self.host = host
-        self.require_token = token is not None or not is_loopback_host(host)
-        self.token = token or (secrets.token_urlsafe(24) if self.require_token else None)
         infos = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         family, kind, proto, _, address = infos[0]
         self._socket = socket.socket(family, kind, proto)

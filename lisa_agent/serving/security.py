@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import secrets
 import socket
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -129,6 +130,16 @@ def check_access(host: str, port: int, token: str | None, *, listen: bool = Fals
         raise InvalidArgumentError(f"token must be at least {MIN_TOKEN_CHARS} printable characters without spaces")
     if listen:
         check_listen(host, port, "--bind")
+
+
+def access_token(host: str, port: int, token: str | None) -> str | None:
+    """The token an HTTP door on ``host:port`` asks of every request: ``token`` when given, a new random one when
+    ``host`` is not loopback (printed for the operator), else None (loopback serves this machine only). Checks
+    :func:`check_access` first."""
+    check_access(host, port, token)
+    if token is None and not is_loopback_host(host):
+        return secrets.token_urlsafe(24)
+    return token
 
 
 def is_loopback_endpoint(endpoint: str) -> bool:
