@@ -152,7 +152,9 @@ def measure(model: str = "tabletop-tiny", device: str = "cpu", *, calls: int = 2
     """All four measurements (or ``only`` those named), and the overhead of each MCP way over the engine's."""
     from ..engine.segmenter import LisaSegmenter
 
-    engine = LisaSegmenter.from_pretrained(model, device=device)  # the command's defaults, as the processes load it
+    engine: Any = None  # loaded here only for the ways that run in this process (the others load their own)
+    if not only or {"engine", "mcp_inprocess"} & set(only):
+        engine = LisaSegmenter.from_pretrained(model, device=device)  # the command's defaults, as processes load it
     ways: dict[str, Callable[[], dict[str, float]]] = {
         "engine": lambda: measure_engine(engine, calls=calls, warmup=warmup, fps=fps),
         "mcp_inprocess": lambda: measure_inprocess(engine, calls=calls, warmup=warmup, fps=fps),
