@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from .templates import STYLES, PromptStyle, scale_factors
+from .templates import RESIZE, STYLES, PromptStyle, scale_factors
 
 #: Statuses of a parsed answer (see the module docstring).
 STATUSES = ("ok", "partial", "empty", "malformed", "no_answer")
@@ -262,7 +262,7 @@ def _public(output: str, style: PromptStyle, mapper: _Mapper) -> list[ReasonerOb
 
 
 def parse_output(output: str, height: int, width: int, *, style: PromptStyle | str = "vision_reasoner",
-                 size: int = 840, strict: bool = False) -> ParsedAnswer:
+                 size: int = RESIZE, strict: bool = False) -> ParsedAnswer:
     """Read ``output`` (the decoded generation, special tokens skipped) for a ``height`` x ``width`` frame
     that the model saw resized to ``size`` x ``size``.
 
@@ -302,7 +302,7 @@ def parse_output(output: str, height: int, width: int, *, style: PromptStyle | s
             region = answer
         else:
             answer = ""
-            region = _THINK_BLOCK.sub("", output)
+            region = text  # the output without its think block
         items, empty_list = _items(region, notes)
         has_answer = match is not None or bool(items)
         objects = _objects(items, mapper, notes, None if style.multi_object else 2)
