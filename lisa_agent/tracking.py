@@ -35,7 +35,7 @@ from .backend import SegmentBackend
 from .errors import InvalidArgumentError
 from .frames import Frame, as_frame, check_query
 from .options import INTERACTIVE_MODES, TRACKERS, QueryOptions, TrackOptions
-from .result import SegmentationResult, TrackInfo
+from .result import MaskPrompt, SegmentationResult, TrackInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from .engine.segmenter import LisaSegmenter
@@ -106,8 +106,12 @@ class FlowTracker:
         return cv2.cvtColor(frame.rgb, cv2.COLOR_RGB2GRAY)
 
     def start(self, frame: Frame, result: SegmentationResult) -> None:
+        self.reseed(frame, result.masks)
+
+    def reseed(self, frame: Frame, masks: np.ndarray) -> None:
+        """Follow ``masks`` (N x H x W bool, made on ``frame``) from now on."""
         self._gray = self._grey(frame)
-        self._seeds = np.asarray(result.masks, dtype=bool)
+        self._seeds = np.asarray(masks, dtype=bool)
         self._masks = self._seeds.copy()
         self._warps = [np.eye(3) for _ in range(len(self._seeds))]
 
@@ -175,13 +179,75 @@ class SamTracker:
         return masks, np.clip(scores, 0.0, 1.0)
 
 
+def prompt_from_mask(mask: np.ndarray, margin: float = 0.1) -> MaskPrompt | None:
+    """A SAM box-and-point prompt for ``mask`` (H x W bool): its tight box grown by ``margin`` of its width and
+    height on each side (clipped into the frame) and its most interior pixel as the positive point (of the pixels
+    farthest from the background, the one nearest their middle). None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if not len(xs):
+        return None
+    h, w = mask.shape
+    x1, y1, x2, y2 = int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())
+    gx, gy = round(margin * (x2 - x1 + 1)), round(margin * (y2 - y1 + 1))
+    box = (max(0, x1 - gx), max(0, y1 - gy), min(w - 1, x2 + gx), min(h - 1, y2 + gy))
+    inside = cv2.distanceTransform(np.pad(mask.astype(np.uint8), 1), cv2.DIST_L2, 3)[1:-1, 1:-1]
+    cy, cx = np.nonzero(inside >= inside.max() - 0.5)  # the ridge; its pixel nearest its middle
+    k = int(np.argmin((cx - cx.mean()) ** 2 + (cy - cy.mean()) ** 2))
+    return MaskPrompt(box, ((int(cx[k]), int(cy[k])),))
+
+
+class Sam2Tracker:
+    """``sam`` with a reasoner: optical flow carries each mask to the new frame (:class:`FlowTracker`), then the
+    reasoner's SAM 2 is prompted with the carried mask's box (grown by ``margin``) and most interior point
+    (:func:`prompt_from_mask`) and draws the mask afresh; flow follows SAM 2's masks from there. A mask whose
+    SAM 2 score falls below ``min_score`` keeps the flow's mask for that frame. Confidence: SAM 2's predicted IoU
+    (0 for a mask flow lost). One SAM 2 encoder pass a frame and one decode per mask; no language model.
+
+    What a reasoner's own prompts cannot do for a moving object (its box stays where the model saw it), the flow
+    does; what flow cannot (drift, a mask that slowly loses its shape), SAM 2 does. Not SAM 2's video memory
+    (its memory attention over past frames): the image model only, as the reasoner loads it.
+    """
+
+    name = "sam"
+
+    def __init__(self, reasoner: Any, margin: float = 0.1, min_score: float = 0.3) -> None:
+        if not callable(getattr(reasoner, "masks_from_boxes", None)):
+            raise InvalidArgumentError("the sam tracker for a reasoner needs its in-process SAM 2 (ReasonerSegmenter)")
+        self.reasoner = reasoner
+        self.margin = float(margin)
+        self.min_score = float(min_score)
+        self.flow = FlowTracker()
+
+    def start(self, frame: Frame, result: SegmentationResult) -> None:
+        self.flow.start(frame, result)
+
+    def update(self, frame: Frame) -> tuple[np.ndarray, np.ndarray]:
+        carried, _ = self.flow.update(frame)
+        conf = np.zeros(len(carried), np.float32)
+        prompts = [prompt_from_mask(m, self.margin) for m in carried]
+        live = [k for k, p in enumerate(prompts) if p is not None]
+        if not live:
+            return carried, conf
+        masks, scores = self.reasoner.masks_from_boxes(frame, [prompts[k] for k in live])
+        out = carried.copy()
+        for i, k in enumerate(live):
+            conf[k] = float(np.clip(scores[i], 0.0, 1.0))
+            if scores[i] >= self.min_score and masks[i].any():
+                out[k] = masks[i]
+        self.flow.reseed(frame, out)
+        return out, conf
+
+
 def make_tracker(name: str, backend: Any = None) -> Tracker:
-    """The tracker called ``name`` (:data:`TRACKERS`); ``sam`` prompts ``backend`` (a LisaSegmenter)."""
+    """The tracker called ``name`` (:data:`TRACKERS`); ``sam`` prompts ``backend``'s own SAM: a LisaSegmenter's
+    with its ``[SEG]`` prompts (:class:`SamTracker`), a reasoner's SAM 2 with boxes (:class:`Sam2Tracker`)."""
     if name == "none":
         return HoldTracker()
     if name == "flow":
         return FlowTracker()
     if name == "sam":
+        if callable(getattr(backend, "masks_from_boxes", None)):
+            return Sam2Tracker(backend)
         return SamTracker(backend)
     raise InvalidArgumentError(f"tracker must be one of {', '.join(TRACKERS)}; got {name!r}")
 

@@ -16,6 +16,9 @@ Steps, each in a child process with its own time limit (the whole check stays in
 5. ``bench_<shape>_bf16`` and ``bench_<shape>_4bit``: ``lisa-agent bench --compare`` on random weights of
    the LISA-7B shape, one round each, 4-bit with torchao (``--device cpu``: ``bench_tiny_fp32`` and
    ``bench_tiny_8bit``, torchao int8 in place of 4-bit, which needs CUDA).
+6. ``bench_reasoner``: ``lisa-agent bench --compare`` on random weights of VisionReasoner-7B's shape (Qwen2.5-VL-7B
+   with SAM 2.1 Hiera-L) in bf16: prefill, decoding per token with the static cache and compiled decoding step
+   against eager (``--device cpu``: the tiny reasoner shape, fp32).
 
 ``<out>/gpu_check.json`` is rewritten after every step (a run killed half-way still leaves what it did);
 beside it each step's log and the bench reports. Exits 1 when any step failed.
@@ -164,7 +167,8 @@ def bench_summary(path: Path) -> dict[str, Any]:
     return {"device": first["device"], "settings": first["settings"],
             "median_ms": {mode: m["median_ms"] for mode, m in first["modes"].items()},
             "ratios": result["ratios"], "peak_memory_mb": first["peak_memory_mb"],
-            "peak_reserved_mb": first.get("peak_reserved_mb"), "graph_memory": first.get("graph_memory")}
+            "peak_reserved_mb": first.get("peak_reserved_mb"), "graph_memory": first.get("graph_memory"),
+            **{k: first[k] for k in ("decode_ms_per_token", "query_ms_estimate") if k in first}}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -246,6 +250,20 @@ def main(argv: list[str] | None = None) -> int:
     ok = code == 0 and ran > 0 and not no_cuda and not summary.get("failures") and not summary.get("errors")
     report.add("tests", ok, secs, **summary, cuda_skips_counted_as_failures=no_cuda, detail=tail if not ok else "")
 
+    def bench_step(step: str, cmd: list[str], timeout: float, note: str = "") -> None:
+        """Run one ``bench --compare --json`` command and add its step with the report's headline numbers."""
+        code, secs, tail = run(cmd, env=env, timeout=timeout, stdout=out / f"{step}.json", log=out / f"{step}.log")
+        detail: dict[str, Any] = {"command": " ".join(cmd[2:]), **({"note": note} if note else {})}
+        ok = code == 0
+        if ok:
+            try:
+                detail.update(bench_summary(out / f"{step}.json"))
+            except (ValueError, KeyError, IndexError) as exc:
+                ok, detail["detail"] = False, f"unreadable report: {exc!r}"
+        else:
+            detail["detail"] = tail if code is not None else f"killed after {secs:.0f} s\n{tail}"
+        report.add(step, ok, secs, **detail)
+
     # 5. the bench, bf16 and 4-bit, one round each (the CPU: fp32, and int8 for 4-bit)
     cuda = args.device == "cuda"
     precision = ["--dtype", "bf16" if cuda else "fp32"]
@@ -260,19 +278,18 @@ def main(argv: list[str] | None = None) -> int:
                "--new-tokens", "8", "--compare", "--json"]
         if args.shape == "tiny":
             cmd += ["--image-size", "120x160"]
-        code, secs, tail = run(cmd, env=env, timeout=left(150), stdout=out / f"{step}.json", log=out / f"{step}.log")
-        detail: dict[str, Any] = {"command": " ".join(cmd[2:])}
-        if name == "8bit":
-            detail["note"] = "4-bit needs CUDA (torchao's int4 kernels): rehearsed with torchao int8"
-        ok = code == 0
-        if ok:
-            try:
-                detail.update(bench_summary(out / f"{step}.json"))
-            except (ValueError, KeyError, IndexError) as exc:
-                ok, detail["detail"] = False, f"unreadable report: {exc!r}"
-        else:
-            detail["detail"] = tail if code is not None else f"killed after {secs:.0f} s\n{tail}"
-        report.add(step, ok, secs, **detail)
+        note = "4-bit needs CUDA (torchao's int4 kernels): rehearsed with torchao int8" if name == "8bit" else ""
+        bench_step(step, cmd, left(150), note)
+
+    # 6. the reasoner's bench: VisionReasoner-7B's shape, bf16, levers on against off (the CPU: the tiny shape)
+    step = "bench_reasoner"
+    if left(1e9) < 30:
+        report.add(step, False, 0.0, detail="not run: the check's time budget is spent")
+    else:
+        cmd = [py, "-m", "lisa_agent.cli", "bench", "--shape", "reasoner-7b" if cuda else "reasoner-tiny",
+               "--device", args.device, *precision, "--runs", "3", "--warmup", "1", "--rounds", "1",
+               "--new-tokens", "32", "--compare", "--json"]
+        bench_step(step, cmd, left(180))
 
     report.data["finished"] = True
     report.data["ok"] = all(s["ok"] for s in report.data["steps"])

@@ -278,3 +278,21 @@ def test_the_benchs_random_model_is_built_on_the_gpu_in_bf16_without_float32_sta
         assert torch.isfinite(t.float()).all(), name
     result = seg.segment(FRAME, QUERY, mode="fast", return_logits=True)
     assert len(result.masks) == 1 and np.isfinite(result.logits).all()
+
+
+def test_the_reasoners_compiled_decoding_equals_eager(tmp_path):
+    """A tiny random reasoner on CUDA (fp32): the static cache with transformers' compiled decoding step (CUDA
+    graphs) writes the eager path's tokens, and the compile did not fail over to eager."""
+    from lisa_agent import open_backend
+    from lisa_agent.reasoner.tiny import make_tiny_reasoner, make_tiny_sam2
+
+    folder, sam = make_tiny_reasoner(tmp_path / "reasoner"), make_tiny_sam2(tmp_path / "sam2")
+    backend = open_backend(str(folder), sam_model=str(sam), device="cuda", dtype="fp32")
+    assert backend.static_cache and backend.cuda_graphs
+    backend.model.generation_config.eos_token_id = None
+    frame = random_frame(150, 260, seed=5)
+    compiled = [backend.segment(frame, "the knife", max_new_tokens=16).output_ids for _ in range(2)]
+    assert backend.graphs_error is None and backend.cuda_graphs
+    backend.set_optimizations(static_cache=False, cuda_graphs=False)
+    eager = backend.segment(frame, "the knife", max_new_tokens=16).output_ids
+    assert compiled[0] == compiled[1] == eager and len(eager) == 16

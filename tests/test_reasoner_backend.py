@@ -263,8 +263,6 @@ def test_a_stream_tracks_the_reasoners_masks_with_flow(reasoner):
     from lisa_agent.options import QueryOptions, TrackOptions
     from lisa_agent.tracking import StreamSegmenter
 
-    with pytest.raises(InvalidArgumentError, match="sam tracker"):
-        StreamSegmenter(reasoner, TrackOptions(tracker="sam"))
     stream = StreamSegmenter(reasoner, TrackOptions(tracker="flow", reason_every=3, reason_period_s=None),
                              query=QueryOptions(answer=ANSWER))
     stream.set_instruction("the knife")
@@ -385,3 +383,215 @@ def test_eval_video_runs_a_reasoner_with_the_flow_tracker(checkpoints, tmp_path,
                  str(tmp_path), "--tracker", "flow", "--reason-every", "3", "--max-new-tokens", "2", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["frames"] == 6 and 2 <= report["lisa_calls"] <= 6 and 0.0 <= report["mean_iou"] <= 1.0
+
+
+def spy(backend: ReasonerSegmenter, monkeypatch, fail_compiled: bool = False) -> list:
+    """Record the kwargs of the model's real ``generate`` (which still runs); with ``fail_compiled`` a compiled
+    decoding (``disable_compile`` False) raises as a failed compile would (compiling needs CUDA: not here)."""
+    real = backend.model.generate
+    calls = []
+
+    def generate(**kwargs):
+        calls.append(kwargs)
+        if fail_compiled and not kwargs.get("disable_compile", True):
+            raise RuntimeError("compile failed: Dynamo could not trace this")
+        return real(**kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", generate)
+    return calls
+
+
+def test_the_static_cache_generates_what_the_growing_cache_does(reasoner, monkeypatch):
+    """The static-cache lever reaches transformers' generate and changes how, not what, the model writes (random
+    weights: greedy decoding of 24 tokens, no EOS, compared token for token)."""
+    calls = spy(reasoner, monkeypatch)
+    eos = reasoner.model.generation_config.eos_token_id
+    reasoner.model.generation_config.eos_token_id = None
+    frame = random_frame(H, W)
+    try:
+        reasoner.set_optimizations(static_cache=False)
+        growing = reasoner.segment(frame, "the knife", max_new_tokens=24)
+        reasoner.set_optimizations(static_cache=True)
+        static = reasoner.segment(frame, "the knife", max_new_tokens=24)
+    finally:
+        reasoner.set_optimizations(static_cache=False)
+        reasoner.model.generation_config.eos_token_id = eos
+    assert "cache_implementation" not in calls[0] and calls[1]["cache_implementation"] == "static"
+    assert calls[0]["disable_compile"] is True and calls[1]["disable_compile"] is True  # no CUDA: never compiled
+    assert len(static.output_ids) == 24 and static.output_ids == growing.output_ids
+    assert reasoner.info()["static_cache"] is False and reasoner.cuda_graphs is False  # graphs only on CUDA
+
+
+def test_a_failed_compiled_decoding_answers_eagerly_and_says_why(checkpoints, monkeypatch):
+    """On CUDA the static cache lets transformers compile the decoding step (CUDA graphs); when that fails the
+    query is still answered, eagerly, and the backend says why and stops trying. (The failure is simulated:
+    compiling needs CUDA.)"""
+    folder, sam = checkpoints
+    backend = open_backend(str(folder), sam_model=str(sam), device="cpu")
+    backend.static_cache = backend.cuda_graphs = True  # as loading sets them on CUDA
+    calls = spy(backend, monkeypatch, fail_compiled=True)
+    result = backend.segment(random_frame(H, W), "the knife", max_new_tokens=4)
+    assert [c["disable_compile"] for c in calls] == [False, True]
+    assert 1 <= len(result.output_ids) <= 4
+    assert backend.cuda_graphs is False and "compile failed" in backend.info()["graphs_error"]
+    backend.segment(random_frame(H, W), "the knife", max_new_tokens=4)
+    assert calls[-1]["disable_compile"] is True and len(calls) == 3
+
+
+def test_the_engine_options_choose_the_levers(checkpoints):
+    """``static_cache`` / ``cuda_graphs`` auto: the static cache and compiled decoding on CUDA only (on the CPU the
+    static cache measured no faster: docs/reasoner.md); off stays off."""
+    folder, sam = checkpoints
+    backend = open_backend(str(folder), sam_model=str(sam), device="cpu")
+    assert (backend.static_cache, backend.cuda_graphs) == (False, False)
+    backend.set_optimizations(static_cache=True, cuda_graphs=True)
+    assert (backend.static_cache, backend.cuda_graphs) == (True, False)
+
+
+# ---------------------------------------------------------------------------------------------- the bench
+def test_bench_times_a_reasoners_prefill_generation_and_sam(capsys):
+    """``bench --shape reasoner-tiny``: the three modes generate what they say (1 token, exactly --new-tokens
+    whatever the random weights write, none with the forced one-object answer, which gives one mask), and the
+    derived figures are in the report (their values are timings: not asserted)."""
+    from lisa_agent.cli import main
+
+    assert main(["bench", "--shape", "reasoner-tiny", "--runs", "1", "--warmup", "0", "--new-tokens", "5",
+                 "--device", "cpu", "--image-size", "90x120", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    modes = report["modes"]
+    assert report["shape"] == "reasoner-tiny" and report["image_hw"] == [90, 120]
+    assert (modes["prefill"]["tokens"], modes["generate"]["tokens"], modes["sam"]["tokens"]) == (1, 5, 0)
+    assert (modes["prefill"]["masks"], modes["generate"]["masks"], modes["sam"]["masks"]) == (0, 0, 1)
+    assert modes["sam"]["stages_ms"]["generate"] == 0.0 and modes["sam"]["stages_ms"]["sam_encoder"] > 0
+    assert {"decode_ms_per_token", "query_ms_estimate"} <= set(report)
+    assert report["settings"]["static_cache"] is False and report["settings"]["style"] == "vision_reasoner"
+
+
+def test_bench_compare_turns_the_static_cache_on_then_off_and_restores_the_reasoner(checkpoints):
+    from lisa_agent.benchmarks.reasoner import compare_reasoner
+
+    folder, sam = checkpoints
+    backend = open_backend(str(folder), sam_model=str(sam), device="cpu")
+    result = compare_reasoner(backend, rounds=1, runs=1, warmup=0, new_tokens=3, image_hw=(60, 80))
+    assert [r["levers_off"] for r in result["runs"]] == [[], ["static_cache"]]
+    assert [r["report"]["settings"]["static_cache"] for r in result["runs"]] == [True, False]
+    # decode_ms_per_token's ratio too, unless noise made its baseline <= 0 (3 tokens, one run: timings not asserted)
+    assert {"prefill", "generate", "sam"} <= set(result["ratios"]["static_cache (slower without it)"])
+    assert backend.static_cache is False and backend.model.generation_config.eos_token_id is not None
+
+
+def test_the_7b_reasoner_shape_is_qwen2_5_vl_7b_and_builds_small_on_the_cpu():
+    """The bench's 7B table has Qwen2.5-VL-7B's 8,292,166,656 parameters (counted on the meta device); the same
+    builder with small overrides gives a reasoner that runs the bench's modes."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Sam2Config
+
+    from lisa_agent.benchmarks.reasoner import QWEN2_5_VL_7B, build_random_reasoner, run_reasoner_bench
+    from lisa_agent.reasoner.tiny import make_tiny_sam2
+
+    with torch.device("meta"):
+        big = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(**QWEN2_5_VL_7B))
+    assert sum(p.numel() for p in big.parameters()) == 8_292_166_656
+    import tempfile
+
+    sam = Sam2Config.from_pretrained(make_tiny_sam2(tempfile.mkdtemp())).to_dict()
+    small = build_random_reasoner(
+        EngineConfig(model="random", device="cpu"),
+        text={"vocab_size": 700, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}},
+        vision={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                "fullatt_block_indexes": [0]},
+        sam={k: sam[k] for k in ("vision_config", "prompt_encoder_config", "mask_decoder_config")},
+        sam_image_size=128)
+    assert small.model.config.vision_config.window_size == 112 and small.style.name == "vision_reasoner"
+    report = run_reasoner_bench(small, runs=1, warmup=0, new_tokens=2, image_hw=(60, 80))
+    assert report["modes"]["generate"]["tokens"] == 2 and report["modes"]["sam"]["masks"] == 1
+    with pytest.raises(InvalidArgumentError, match="8-bit or 4-bit"):
+        build_random_reasoner(EngineConfig(model="random", device="cpu", quantization="8bit"))
+
+
+def test_bench_refuses_lisas_modes_and_the_7b_reasoner_on_the_cpu(capsys):
+    from lisa_agent.cli import main
+
+    assert main(["bench", "--shape", "reasoner-tiny", "--mode", "fast", "--device", "cpu"]) != 0
+    assert "a reasoner's bench always times prefill, generate and sam" in capsys.readouterr().err
+    assert main(["bench", "--shape", "reasoner-7b", "--device", "cpu"]) != 0
+    assert "--shape reasoner-7b is meant for a GPU" in capsys.readouterr().err
+
+
+
+# ---------------------------------------------------------------------------------------------- the sam tracker
+def moved_scene(dx: int, dy: int):
+    """A tabletop frame, the same frame moved by (dx, dy) px (edges replicated), and its first object's mask on
+    both."""
+    import cv2
+
+    from lisa_agent.data.tabletop import render_scene
+
+    scene = render_scene(11, (120, 160))
+    shift = np.float32([[1, 0, dx], [0, 1, dy]])
+    moved = cv2.warpAffine(scene.image, shift, (160, 120), borderMode=cv2.BORDER_REPLICATE)
+    mask = scene.objects[0].mask
+    moved_mask = cv2.warpAffine(mask.astype(np.uint8), shift, (160, 120), flags=cv2.INTER_NEAREST) > 0
+    return scene.image, moved, mask, moved_mask
+
+
+def test_prompt_from_mask_is_the_grown_box_and_the_most_interior_point():
+    from lisa_agent.tracking import prompt_from_mask
+
+    mask = np.zeros((50, 80), bool)
+    mask[10:30, 20:60] = True  # 40 x 20: grown by 4 and 2 px
+    prompt = prompt_from_mask(mask, margin=0.1)
+    assert prompt.box == (16, 8, 63, 31)
+    x, y = prompt.points[0]
+    assert 38 <= x <= 41 and 18 <= y <= 21  # the middle of the block
+    assert prompt_from_mask(np.zeros((5, 5), bool)) is None
+    assert prompt_from_mask(np.ones((5, 5), bool), margin=1.0).box == (0, 0, 4, 4)  # clipped into the frame
+
+
+@pytest.mark.parametrize("accept", [True, False], ids=["sam2-mask", "flow-mask"])
+def test_the_sam_tracker_prompts_sam2_where_flow_carried_the_mask(reasoner, accept, monkeypatch):
+    """``tracker=sam`` with a reasoner: on a frame where the scene moved by (6, 4) px, SAM 2 is prompted with the
+    box and point of the mask flow carried there (that is, of the moved object); its mask is kept when its score
+    passes ``min_score`` (else flow's), and flow follows the kept mask. (The tiny SAM 2 has random weights, so
+    which mask SAM 2 draws is not the point here: that it is asked about the right place, and what is kept.)"""
+    from lisa_agent.frames import Frame
+    from lisa_agent.result import SegmentationResult
+    from lisa_agent.tracking import Sam2Tracker, make_tracker, prompt_from_mask
+
+    first, moved, mask, moved_mask = moved_scene(6, 4)
+    assert isinstance(make_tracker("sam", reasoner), Sam2Tracker)
+    tracker = Sam2Tracker(reasoner, min_score=-1.0 if accept else 2.0)
+    asked = []
+    real = reasoner.masks_from_boxes
+    monkeypatch.setattr(reasoner, "masks_from_boxes", lambda frame, prompts: asked.append(prompts) or real(frame, prompts))
+    tracker.start(Frame(first), SegmentationResult.from_frame(Frame(first), mask[None], [1.0], text="", query="q",
+                                                              mode="fast"))
+    masks, conf = tracker.update(Frame(moved))
+    expected = prompt_from_mask(moved_mask, tracker.margin)
+    (prompt,) = asked[-1]
+    assert all(abs(a - b) <= 1 for a, b in zip(prompt.box, expected.box, strict=True))
+    assert moved_mask[prompt.points[0][1], prompt.points[0][0]]
+    sam_masks, sam_scores = real(Frame(moved), [prompt])
+    assert conf[0] == pytest.approx(float(np.clip(sam_scores[0], 0, 1)), abs=1e-6)
+    if accept and sam_masks[0].any():
+        assert (masks[0] == sam_masks[0]).all()
+    else:
+        inter, union = (masks[0] & moved_mask).sum(), (masks[0] | moved_mask).sum()
+        assert inter / union > 0.9
+    assert (tracker.flow._seeds[0] == masks[0]).all()  # flow follows what was kept
+
+
+def test_a_stream_with_the_sam_tracker_runs_on_a_reasoner(reasoner):
+    from lisa_agent.options import QueryOptions, TrackOptions
+    from lisa_agent.tracking import StreamSegmenter
+
+    first, moved, _, _ = moved_scene(3, 2)
+    stream = StreamSegmenter(reasoner, TrackOptions(tracker="sam", reason_every=5, reason_period_s=None,
+                                                          min_confidence=0.0),
+                             query=QueryOptions(answer=ANSWER))
+    stream.set_instruction("the knife")
+    results = [stream.process(f) for f in (first, moved, moved)]
+    assert [r.track.source for r in results] == ["reasoned", "tracked", "tracked"]
+    assert all(r.masks.shape == (2, 120, 160) for r in results)
+    stream.close()

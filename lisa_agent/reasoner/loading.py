@@ -165,7 +165,9 @@ def load_reasoner(config: EngineConfig) -> Any:
                              union=public, strict=public, stop_at_answer=not public,
                              think=config.reasoner_think == "on",
                              max_masks=config.max_masks, max_mask_megapixels=config.max_mask_megapixels,
-                             quantization=config.quantization, quant_backend=backend, config=config)
+                             quantization=config.quantization, quant_backend=backend, config=config,
+                             static_cache=config.static_cache == "auto" and device.type == "cuda",
+                             cuda_graphs=config.cuda_graphs == "auto")
 
 
 __all__ = ["DEFAULT_SAM2", "HUB_PATTERNS", "REASONER_MODEL_TYPES", "checkpoint_model_type", "is_reasoner",

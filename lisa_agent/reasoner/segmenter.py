@@ -27,6 +27,7 @@ budget for LISA's short answers), else the public budget; ``mode`` is recorded (
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from typing import Any
@@ -42,6 +43,8 @@ from ..options import QueryOptions
 from ..result import MaskPrompt, ReasoningInfo, SegmentationResult
 from .parsing import ParsedAnswer, ReasonerObject, parse_output
 from .templates import RESIZE, STYLES, PromptStyle
+
+log = logging.getLogger(__name__)
 
 #: What opens the assistant's turn with ``think=False`` (ours): an empty reasoning block, in the template's form.
 NO_THINK = "<think> </think>"
@@ -80,7 +83,8 @@ class ReasonerSegmenter:
                  union: bool = False, strict: bool = False, stop_at_answer: bool = True, think: bool = True,
                  size: int = RESIZE,
                  max_masks: int = 16, max_mask_megapixels: float = 256.0, quantization: str | None = None,
-                 quant_backend: str | None = None, config: EngineConfig | None = None):
+                 quant_backend: str | None = None, config: EngineConfig | None = None,
+                 static_cache: bool = False, cuda_graphs: bool = False):
         """
         Args:
             model: a ``Qwen2_5_VLForConditionalGeneration`` (eval mode, on its device).
@@ -96,6 +100,7 @@ class ReasonerSegmenter:
             max_masks, max_mask_megapixels: per-answer mask limits (see ``EngineConfig``); extra objects dropped.
             quantization, quant_backend: what :meth:`info` reports.
             config: the options this backend was built from.
+            static_cache, cuda_graphs: the generation levers (:meth:`set_optimizations`).
         """
         self.model = model
         self.processor = processor
@@ -115,6 +120,23 @@ class ReasonerSegmenter:
         self.quant_backend = quant_backend if quantization else None
         self.config = config
         self._lock = threading.RLock()
+        self.static_cache = False
+        self.cuda_graphs = False
+        #: why compiled decoding was turned off after it failed (None: it never failed)
+        self.graphs_error: str | None = None
+        self.set_optimizations(static_cache=static_cache, cuda_graphs=cuda_graphs)
+
+    def set_optimizations(self, *, static_cache: bool | None = None, cuda_graphs: bool | None = None) -> None:
+        """Switch the generation levers (None: unchanged). ``static_cache``: the KV cache is allocated once per
+        generation at its full length (prompt + budget; transformers' ``StaticCache``) instead of growing each
+        token. ``cuda_graphs`` (CUDA, with the static cache): transformers compiles the decoding step
+        (``torch.compile``, mode ``reduce-overhead``: CUDA graphs; the first generation of each cache length
+        compiles). Off, or on another device, generation never compiles."""
+        with self._lock:
+            if static_cache is not None:
+                self.static_cache = bool(static_cache)
+            if cuda_graphs is not None:
+                self.cuda_graphs = bool(cuda_graphs) and self.device.type == "cuda"
 
     @property
     def device(self) -> torch.device:
@@ -135,6 +157,7 @@ class ReasonerSegmenter:
             "max_new_tokens": self.style.max_new_tokens, "union": self.union, "strict": self.strict,
             "stop_at_answer": self.stop_at_answer, "think": self.think, "max_masks": self.max_masks,
             "max_mask_megapixels": self.max_mask_megapixels, "modes": ["fast", "chat", "reference"],
+            "static_cache": self.static_cache, "cuda_graphs": self.cuda_graphs, "graphs_error": self.graphs_error,
         }
 
     # ------------------------------------------------------------------ the query
@@ -211,22 +234,53 @@ class ReasonerSegmenter:
 
     def generate(self, inputs: Any, max_new_tokens: int) -> torch.Tensor:
         """The new token ids (1-D) of greedy generation from the processor's ``inputs`` (the public code's
-        decoding: ``do_sample=False``, KV cache, the checkpoint's generation config otherwise)."""
+        decoding: ``do_sample=False``, KV cache, the checkpoint's generation config otherwise; the levers of
+        :meth:`set_optimizations` change how, not what, it computes)."""
         length = int(inputs["input_ids"].shape[1])
-        stop: dict[str, Any] = ({"stop_strings": [ANSWER_END], "tokenizer": self.processor.tokenizer}
-                                if self.stop_at_answer else {})
-        out = self.model.generate(**inputs, use_cache=True, max_new_tokens=int(max_new_tokens), do_sample=False,
-                                  **stop)
+        extra: dict[str, Any] = ({"stop_strings": [ANSWER_END], "tokenizer": self.processor.tokenizer}
+                                 if self.stop_at_answer else {})
+        if self.static_cache:
+            extra["cache_implementation"] = "static"
+        compiled = self.cuda_graphs and self.static_cache
+        try:
+            out = self.model.generate(**inputs, use_cache=True, max_new_tokens=int(max_new_tokens), do_sample=False,
+                                      disable_compile=not compiled, **extra)
+        except Exception as exc:  # a compile / capture failure: answer eagerly, say why, never compile again
+            if not compiled:
+                raise
+            self.cuda_graphs = False
+            self.graphs_error = f"{type(exc).__name__}: {exc}"[:300]
+            log.warning("compiled decoding failed (%s); this reasoner now generates eagerly", self.graphs_error)
+            out = self.model.generate(**inputs, use_cache=True, max_new_tokens=int(max_new_tokens), do_sample=False,
+                                      disable_compile=True, **extra)
         return out[0, length:]
 
     # ------------------------------------------------------------------ SAM 2
-    def masks_for(self, rgb: np.ndarray, objects: Sequence[ReasonerObject], timings: dict[str, float] | None = None
-                  ) -> tuple[np.ndarray, list[float], np.ndarray]:
+    def masks_from_boxes(self, image: Frame | np.ndarray, prompts: Sequence[MaskPrompt]) -> tuple[np.ndarray, np.ndarray]:
+        """SAM 2's masks on ``image`` for ``prompts`` (each a box and positive points in frame pixels), one per
+        prompt whatever ``union`` says: what the ``sam`` tracker runs on every frame between reasoning steps
+        (SAM 2's encoder on the frame, one prompted decode per box; no language model). Returns (N x H x W bool
+        masks, N float32 scores: SAM 2's predicted IoU of each kept mask)."""
+        frame = as_frame(image)
+        h, w = frame.size
+        if not prompts:
+            return np.zeros((0, h, w), bool), np.zeros(0, np.float32)
+        with self._lock, torch.inference_mode():
+            union, self.union = self.union, False
+            try:
+                masks, scores, _ = self.masks_for(frame.rgb, prompts)
+            finally:
+                self.union = union
+        return masks, np.asarray(scores, np.float32)
+
+    def masks_for(self, rgb: np.ndarray, objects: Sequence[ReasonerObject | MaskPrompt],
+                  timings: dict[str, float] | None = None) -> tuple[np.ndarray, list[float], np.ndarray]:
         """SAM 2's masks for ``objects`` on ``rgb`` (HxWx3 uint8): ``(masks, scores, logits)`` with masks
         N x H x W bool, N scores (the kept mask's predicted IoU) and logits N x H x W float32; N is the number
         of objects, or 1 with ``union`` (the masks OR-ed, the best score, the logits' maximum). Each object's
         prompt is its box and its points (label 1); of SAM 2's three masks the best-scored one is kept. Adds
-        ``sam_encoder`` and ``decoder`` to ``timings`` (ms; 0 without objects)."""
+        ``sam_encoder`` and ``decoder`` to ``timings`` (ms; 0 without objects). ``objects`` need only a ``box`` and
+        ``points`` (a :class:`~lisa_agent.result.MaskPrompt` will do)."""
         timings = {} if timings is None else timings
         h, w = rgb.shape[:2]
         if not objects:
