@@ -186,3 +186,19 @@ def ws_handshake(port: int, *, receive_buffer: int | None = None, timeout: float
         head += sock.recv(1)
     assert head.startswith(b"HTTP/1.1 101"), head
     return sock
+
+
+def force_generation(backend, monkeypatch, text: str) -> list:  # noqa: ANN001
+    """Replace a reasoner's generation (only: the rest of its path runs) by ``text``'s tokens followed by EOS, as
+    a trained model would write them; returns the kwargs of each call to ``generate``."""
+    tok = backend.processor.tokenizer
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
+    calls = []
+
+    def generate(**kwargs):  # noqa: ANN003, ANN202
+        calls.append(kwargs)
+        prompt = kwargs["input_ids"]
+        return torch.cat([prompt, torch.tensor([ids], dtype=prompt.dtype)], dim=1)
+
+    monkeypatch.setattr(backend.model, "generate", generate)
+    return calls

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from helpers import assert_result_schema, random_frame
+from helpers import assert_result_schema, force_generation, random_frame
 from PIL import Image
 
 from lisa_agent.backend import SegmentBackend, load_model, open_backend
@@ -41,21 +41,6 @@ def checkpoints(tmp_path_factory):
 def reasoner(checkpoints):
     folder, sam = checkpoints
     return open_backend(str(folder), sam_model=str(sam), device="cpu", dtype="fp32")
-
-
-def force(backend: ReasonerSegmenter, monkeypatch, text: str) -> list:
-    """Replace the model's generation (only) by ``text``'s tokens followed by EOS; returns the calls' kwargs."""
-    tok = backend.processor.tokenizer
-    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<|im_end|>")]
-    calls = []
-
-    def generate(**kwargs):
-        calls.append(kwargs)
-        prompt = kwargs["input_ids"]
-        return torch.cat([prompt, torch.tensor([ids], dtype=prompt.dtype)], dim=1)
-
-    monkeypatch.setattr(backend.model, "generate", generate)
-    return calls
 
 
 def test_open_backend_picks_the_reasoner_from_config_json(checkpoints, reasoner, tmp_path):
@@ -100,7 +85,7 @@ def test_real_generation_gives_a_result_of_the_right_shapes(reasoner):
 
 
 def test_the_public_decoding_settings_reach_generate(reasoner, monkeypatch):
-    calls = force(reasoner, monkeypatch, ANSWER)
+    calls = force_generation(reasoner, monkeypatch, ANSWER)
     reasoner.segment(random_frame(H, W), "the knife")
     kwargs = calls[-1]
     assert kwargs["do_sample"] is False and kwargs["use_cache"] is True and kwargs["max_new_tokens"] == 2048
@@ -110,7 +95,7 @@ def test_the_public_decoding_settings_reach_generate(reasoner, monkeypatch):
 
 
 def test_forced_answer_gives_one_mask_per_object_through_sam2(reasoner, monkeypatch):
-    force(reasoner, monkeypatch, ANSWER)
+    force_generation(reasoner, monkeypatch, ANSWER)
     frame = random_frame(H, W, seed=2)
     result = reasoner.segment(frame, "the knife", return_logits=True)
     assert result.masks.shape == (2, H, W) and result.masks.dtype == bool
@@ -132,7 +117,7 @@ def test_forced_answer_gives_one_mask_per_object_through_sam2(reasoner, monkeypa
 def test_sam2_is_prompted_with_each_box_and_point_and_keeps_its_best_mask(reasoner, monkeypatch):
     """The prompts SAM 2's prompt encoder receives, and the masks, equal transformers' own SAM 2 pipeline
     (processor on the frame, full forward, best of three by predicted IoU, post-processed to the frame)."""
-    force(reasoner, monkeypatch, ANSWER)
+    force_generation(reasoner, monkeypatch, ANSWER)
     seen = []
     encoder = reasoner.sam.prompt_encoder
     original = encoder.forward
@@ -167,7 +152,7 @@ def test_sam2_is_prompted_with_each_box_and_point_and_keeps_its_best_mask(reason
 
 
 def test_union_is_the_public_single_mask(checkpoints, reasoner, monkeypatch):
-    force(reasoner, monkeypatch, ANSWER)
+    force_generation(reasoner, monkeypatch, ANSWER)
     frame = random_frame(H, W, seed=4)
     per_object = reasoner.segment(frame, "the knife")
     union = ReasonerSegmenter(reasoner.model, reasoner.processor, reasoner.sam, reasoner.sam_processor, union=True)
@@ -183,7 +168,7 @@ def test_union_is_the_public_single_mask(checkpoints, reasoner, monkeypatch):
     ("<think>hmm</think><answer>the hammer</answer>", "malformed", "could not be read (malformed)"),
 ])
 def test_nothing_found_is_a_clear_no_target(reasoner, monkeypatch, answer, status, sentence):
-    force(reasoner, monkeypatch, answer)
+    force_generation(reasoner, monkeypatch, answer)
     result = reasoner.segment(random_frame(H, W), "the hammer")
     assert result.empty and result.masks.shape == (0, H, W) and sentence in result.text
     assert result.reasoning.status == status and result.timings_ms["sam_encoder"] == 0.0
@@ -212,7 +197,7 @@ def test_stop_after_answer(reasoner, checkpoints, monkeypatch):
     this tokenizer's ids; public: no stop string (EOS only)."""
     from transformers import StopStringCriteria
 
-    calls = force(reasoner, monkeypatch, ANSWER)
+    calls = force_generation(reasoner, monkeypatch, ANSWER)
     reasoner.segment(random_frame(H, W), "the knife")
     assert calls[-1]["stop_strings"] == [ANSWER_END] and calls[-1]["tokenizer"] is reasoner.processor.tokenizer
     tok = reasoner.processor.tokenizer
@@ -223,7 +208,7 @@ def test_stop_after_answer(reasoner, checkpoints, monkeypatch):
     assert stop(torch.tensor([closed]), None).tolist() == [True]
     folder, sam = checkpoints
     public = open_backend(str(folder), sam_model=str(sam), device="cpu", reasoner_behaviour="public")
-    calls = force(public, monkeypatch, ANSWER)
+    calls = force_generation(public, monkeypatch, ANSWER)
     public.segment(random_frame(H, W), "the knife")
     assert "stop_strings" not in calls[-1]
 
@@ -323,7 +308,7 @@ def test_seg_zero_style_prompts_sam2_with_its_two_points(checkpoints, monkeypatc
     folder, sam = checkpoints
     backend = open_backend(str(folder), sam_model=str(sam), device="cpu", template="seg_zero")
     assert backend.info()["style"] == "seg_zero" and backend.info()["max_new_tokens"] == 1024
-    force(backend, monkeypatch, '<think>the bottle</think><answer>{"bbox": [100,200,400,600], "points_1": '
+    force_generation(backend, monkeypatch, '<think>the bottle</think><answer>{"bbox": [100,200,400,600], "points_1": '
                                 '[200,300], "points_2": [300,500]}</answer>')
     seen = []
     original = backend.sam.prompt_encoder.forward
@@ -364,7 +349,7 @@ def test_think_off_starts_the_answer_after_an_empty_think_block(checkpoints, mon
     folder, sam = checkpoints
     fast = open_backend(str(folder), sam_model=str(sam), device="cpu", reasoner_think="off")
     assert fast.info()["think"] is False
-    calls = force(fast, monkeypatch, '<answer>[{"bbox_2d": [100,200,400,600], "point_2d": [250,400]}]</answer>')
+    calls = force_generation(fast, monkeypatch, '<answer>[{"bbox_2d": [100,200,400,600], "point_2d": [250,400]}]</answer>')
     result = fast.segment(random_frame(H, W), "the knife")
     assert result.prompt.endswith("<|im_start|>assistant\n<think> </think>")
     ids = calls[-1]["input_ids"][0].tolist()
@@ -595,3 +580,20 @@ def test_a_stream_with_the_sam_tracker_runs_on_a_reasoner(reasoner):
     assert [r.track.source for r in results] == ["reasoned", "tracked", "tracked"]
     assert all(r.masks.shape == (2, 120, 160) for r in results)
     stream.close()
+
+
+def test_lisa_only_commands_refuse_a_reasoner_by_name(checkpoints, tmp_path, capsys):
+    """finetune and calibrate-gate say that the checkpoint is a reasoner (not that a config field is missing)."""
+    from lisa_agent.cli import main
+    from lisa_agent.data.tabletop import render_scene
+
+    folder, _ = checkpoints
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(render_scene(3, (64, 64)).image).save(data / "a.jpg")
+    (data / "a.json").write_text(json.dumps({"text": ["the mug"], "is_sentence": False, "shapes": []}))
+    assert main(["calibrate-gate", "--model", str(folder), "--data", str(data), "--device", "cpu"]) != 0
+    assert "is a reasoner (Qwen2.5-VL + SAM 2): calibrate-gate calibrates LISA's presence head" in capsys.readouterr().err
+    assert main(["finetune", "--model", str(folder), "--data", "synthetic", "--out", str(tmp_path / "o"),
+                 "--steps", "1"]) != 0
+    assert "is a reasoner (Qwen2.5-VL + SAM 2): finetune trains LISA" in capsys.readouterr().err

@@ -33,6 +33,12 @@ def run(args: argparse.Namespace) -> int:
         raise InvalidArgumentError(f"--min-decline must be in (0, 1]; got {args.min_decline}")
     if not list_images(args.data):
         raise InvalidArgumentError(f"no image + json pairs in {args.data}")
+    from ..reasoner.loading import is_reasoner
+
+    if is_reasoner(args.engine_model):
+        raise InvalidArgumentError(f"{args.engine_model} is a reasoner (Qwen2.5-VL + SAM 2): calibrate-gate "
+                                   "calibrates LISA's presence head; a reasoner has none: it says itself when "
+                                   "nothing matches (an empty answer list)")
     folder = resolve_checkpoint(args.engine_model)
     config = read_config(folder)
     if not (config.get("lisa_agent") or {}).get("presence_gate"):

@@ -178,6 +178,11 @@ def run(args: argparse.Namespace) -> int:
         if not args.val_data:
             raise InvalidArgumentError("--val-split names a referring split of --val-data: give --val-data")
         open_refer_split(args.val_data, args.val_split)  # checked now, not after the model loads
+    from ..reasoner.loading import is_reasoner
+
+    if is_reasoner(args.model):
+        raise InvalidArgumentError(f"{args.model} is a reasoner (Qwen2.5-VL + SAM 2): finetune trains LISA (a "
+                                   "reasoner is trained with python -m lisa_agent.reasoner.train)")
     source = resolve_checkpoint(args.model)
     seg = LisaSegmenter.from_pretrained(source, vision_tower=args.vision_tower, dtype="fp32", device="cpu")
     lr = args.lr if args.lr is not None else (3e-4 if args.method == "lora" else 1e-3)

@@ -113,28 +113,31 @@ def describe_result(result: SegmentationResult, *, source: str, note: str = "", 
 
     Objects are numbered as the masks (``Object k`` is ``artifact["result"]["masks"][k - 1]``). Masks
     with no pixels (LISA emitted ``[SEG]`` but nothing was segmented) do not count as found.
-    ``explain`` leads with LISA's answer (the ``explain_objects`` wording); at most ``max_listed``
+    ``explain`` leads with the model's answer (the ``explain_objects`` wording; "LISA answered", or "The
+    reasoner answered" for a reasoner's result); at most ``max_listed``
     objects are described, the rest are only counted. The frame's stamp and the result's
     ``depth_note`` (why 3D points are missing) are included; ``note`` adds the tool's own.
     """
     h, w = result.image_size
     found = [k for k, inst in enumerate(result.instances) if inst.area > 0]
     answer = result.text.strip()
+    who = "LISA" if result.reasoning is None else "The reasoner"  # a reasoner's result carries its reasoning
     where = f"{source} ({w}x{h} px" + (f", stamp {result.stamp.seconds:.3f})" if result.stamp else ")")
     if explain:
-        lines = [f"LISA answered: {answer!r}."]
+        lines = [f"{who} answered: {answer!r}."]
         lines.append(f"It points at {len(found)} object{'s' if len(found) != 1 else ''} in {where}"
                      + ("." if found else "; no mask to report."))
     elif found:
         lines = [f"Found {len(found)} object{'s' if len(found) != 1 else ''} for \"{_short(result.query)}\" in "
-                 f"{where}. LISA answered: {answer!r}."]
+                 f"{where}. {who} answered: {answer!r}."]
     else:
         lines = [f"No object matched \"{_short(result.query)}\" in {where}."]
         if answer:
-            lines.append(f"LISA answered: {answer!r}.")
+            lines.append(f"{who} answered: {answer!r}.")
     empty = len(result.instances) - len(found)
     if empty:
-        lines.append(f"{empty} of LISA's {len(result.instances)} mask(s) came out empty.")
+        lines.append(f"{empty} of {'LISA' if result.reasoning is None else 'the reasoner'}'s {len(result.instances)} "
+                     "mask(s) came out empty.")
     for k in found[:max_listed]:
         inst = result.instances[k]
         cx, cy = inst.centroid
