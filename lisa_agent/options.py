@@ -272,7 +272,7 @@ class QueryOptions(Declared):
         mode: ``fast`` (the answer is teacher-forced: one pass, no generation; LISA's own evaluation),
             ``chat`` (greedy generation with a KV cache: the model's own words, "nothing matches" answers)
             or ``reference`` (the public code's way, for parity tests).
-        max_new_tokens: most tokens a ``chat`` / ``reference`` answer may generate, in [1, 1024].
+        max_new_tokens: most tokens a ``chat`` / ``reference`` answer may generate, in [1, :data:`MAX_NEW_TOKENS`].
         answer: the forced answer of ``fast`` mode (None: ``"Sure, [SEG]."``; ``"[SEG]."`` as LISA's eval);
             each ``[SEG]`` in it is one mask.
         return_logits: also return float32 mask logits (N x H x W) and the mask decoder's prompts (N x D).
