@@ -102,6 +102,112 @@ def make_tiny_reasoner(out_dir: str | Path, seed: int = 0, *, style: str | None 
     return out
 
 
+def tabletop_corpus() -> list[str]:
+    """Texts the tabletop reasoner's tokenizer is trained on: Qwen's system prompt and roles, the VisionReasoner
+    instruction around every noun phrase and sentence the tabletop world asks with, and answers in the trained
+    form (``<think> ... </think><answer>[{"bbox_2d": [...], "point_2d": [...]}]</answer>``)."""
+    from ..data.knowledge import AFFORDANCES, CATEGORIES, COLOURS
+    from ..data.queries import _EXPLICIT_SENTENCES, _NP_SENTENCES
+    from .templates import STYLES
+
+    style = STYLES["vision_reasoner"]
+    phrases = [f"the {c}" for c in CATEGORIES] + [f"the {k} {c}" for c in CATEGORIES for k in COLOURS]
+    for aff in AFFORDANCES.values():
+        phrases += list(aff.phrases) + [f"{p} that is {k}" for p in aff.phrases for k in COLOURS]
+    queries = list(phrases)
+    queries += [t.format(np=p) for t in _EXPLICIT_SENTENCES + _NP_SENTENCES for p in phrases[:40]]
+    queries += [s for aff in AFFORDANCES.values() for s in aff.sentences]
+    texts = ["<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n", "assistant\n"]
+    texts += [style.instruction(q) for q in queries]
+    texts += [f"<think> The target is the {k} {c}. </think>" for c in CATEGORIES for k in COLOURS]
+    texts += ['<answer>[{"bbox_2d": [10,100,200,210], "point_2d": [30,110]}]</answer>', "0123456789"]
+    return texts
+
+
+def tabletop_tokenizer(vocab_size: int = 1024):  # noqa: ANN201
+    """A ``Qwen2TokenizerFast`` for the tabletop reasoner: byte-level BPE trained on :func:`tabletop_corpus`, with
+    Qwen's special tokens (ids 0-6) and numbers split into single digits before BPE (as Qwen2's tokenizer does),
+    so every coordinate digit is one token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Qwen2TokenizerFast  # type: ignore[attr-defined]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(tabletop_corpus() * 2, trainer=trainer)
+    return Qwen2TokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                              unk_token=None, bos_token=None, padding_side="left")
+
+
+#: The tabletop reasoner's shape (:func:`make_tabletop_reasoner`): a 4-layer, 256-wide language model with 8 heads
+#: of 32 and a 2-block, 96-wide vision encoder with full attention. ``processor.max_pixels`` is the image processor's
+#: pixel budget: 420 x 420 makes it halve the 840 x 840 square (30 x 30 patches, 15 x 15 = 225 image tokens of
+#: 56 x 56 square pixels each) instead of keeping it (900 tokens, the published processor's budget); None keeps the
+#: published budget.
+#:
+#: Rotary: base 1e5, so a head's 16 frequencies run from 1 to 2e-5 radians per position. transformers' M-RoPE gives
+#: consecutive chunks of them (``mrope_section``) to the temporal, row and column positions in turn; the sections
+#: [0, 1, 1] x 4 + [8] give the 8 fastest frequencies alternately to rows and columns (1, 0.24, 0.056, 0.013 and
+#: 0.49, 0.12, 0.027, 0.0065: offsets of 0-30 tokens turn them by useful angles, so image tokens can find their
+#: row and column) and the 8 slowest to the temporal position, nearly position-free over a few hundred tokens, so
+#: a head can match content (the query's words, the target's image tokens) wherever it lies.
+TABLETOP_SHAPE: dict[str, dict] = {
+    "processor": {"max_pixels": 420 * 420},
+    "text": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8,
+             "num_key_value_heads": 8, "rope_theta": 1e5, "mrope_section": [0, 1, 1] * 4 + [8]},
+    "vision": {"depth": 2, "hidden_size": 96, "intermediate_size": 192, "num_heads": 2,
+               "fullatt_block_indexes": [0, 1]},
+}
+
+
+def make_tabletop_reasoner(out_dir: str | Path, seed: int = 0, shape: dict[str, dict] | None = None) -> Path:
+    """Write an untrained Qwen2.5-VL checkpoint of the tabletop shape (:data:`TABLETOP_SHAPE`, or ``shape``) with
+    :func:`tabletop_tokenizer`, in the published layout and declaring the ``vision_reasoner`` template, to
+    ``out_dir``; returns it. ``lisa_agent.reasoner.train`` trains it."""
+    import json
+
+    from transformers import (
+        Qwen2_5_VLConfig,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2_5_VLProcessor,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
+
+    shape = shape or TABLETOP_SHAPE
+    text, vision = dict(shape["text"]), dict(shape["vision"])
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = tabletop_tokenizer()
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    torch.manual_seed(seed)
+    rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"), "rope_theta": text.pop("rope_theta")}
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 4096, "rope_parameters": rope,
+                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"], **text},
+        vision_config={"out_hidden_size": text["hidden_size"], **vision},
+        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.save_pretrained(out)
+    max_pixels = (shape.get("processor") or {}).get("max_pixels") or 12845056
+    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=max_pixels),
+                                    tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+    processor.save_pretrained(out)
+    path = out / "config.json"
+    data = json.loads(path.read_text())
+    data["lisa_agent"] = {"reasoner_template": "vision_reasoner"}
+    path.write_text(json.dumps(data, indent=2))
+    return out
+
+
 def make_tiny_sam2(out_dir: str | Path, seed: int = 0, image_size: int = 128) -> Path:
     """Write a random-weight tiny transformers SAM 2 checkpoint (Hiera backbone, ``image_size`` px input, 32-wide
     prompt encoder and mask decoder) with its processor config to ``out_dir``; returns it."""
@@ -128,4 +234,5 @@ def make_tiny_sam2(out_dir: str | Path, seed: int = 0, image_size: int = 128) ->
     return out
 
 
-__all__ = ["QWEN2_5_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "make_tiny_reasoner", "make_tiny_sam2", "tiny_tokenizer"]
+__all__ = ["QWEN2_5_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "TABLETOP_SHAPE", "make_tabletop_reasoner", "make_tiny_reasoner",
+           "make_tiny_sam2", "tabletop_corpus", "tabletop_tokenizer", "tiny_tokenizer"]
