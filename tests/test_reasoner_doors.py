@@ -1,5 +1,5 @@
-"""The doors with a reasoner behind them, unchanged: the LangChain tool and the MCP server (in process, the SDK's
-own client) answer with the reasoner's masks, its boxes and points and its reasoning; the ZeroMQ server's test is
+"""The doors with a reasoner behind them, unchanged: the LangChain tool, the MCP server (in process, the SDK's
+own client) and the web console answer with the reasoner's masks, its boxes and points and its reasoning; the ZeroMQ server's test is
 in test_reasoner_backend.py. The reasoner is the tiny random-weight one of the tests, so its generation is replaced
 by a forced answer (the tokens a trained model would write); everything else is the real path. What a door adds
 (text, schema, frame numbers) is checked against what the reasoner itself returns for the same frame."""
@@ -99,3 +99,33 @@ async def test_mcp_segment_objects_answers_with_the_reasoners_mask(reasoner, mon
             assert result.content[0].text.startswith(f'Found 1 object for "{QUERY}" in camera frame')
     finally:
         session.close()
+
+
+def test_the_console_answers_an_instruction_with_the_reasoners_mask_and_reasoning(reasoner, monkeypatch):
+    """The web console's ``POST /api/instruction`` with a reasoner behind it: the result schema with the reasoner's
+    box, reasoning and mask on the frame it answered; its overlay frame is served."""
+    from helpers import http_call
+
+    from lisa_agent.console.core import ConsoleCore
+    from lisa_agent.console.sources import SyntheticSource
+    from lisa_agent.console.web import ConsoleServer
+    from lisa_agent.options import QueryOptions
+
+    force_generation(reasoner, monkeypatch, ANSWER)
+    core = ConsoleCore(reasoner, SyntheticSource(size=(120, 160), fps=20.0), query=QueryOptions(mode="fast"),
+                       model_name="VisionReasoner-tiny")
+    server = ConsoleServer(core, port=0).start_in_thread()
+    try:
+        core.wait_for_frame(10.0)
+        status, _, answer = http_call(server.port, "POST", "/api/instruction", {"text": QUERY, "mode": "fast"},
+                                      timeout=180.0)
+        assert status == 200, answer
+        assert_result_schema(answer)
+        assert answer["query"] == QUERY and answer["image_size"] == [120, 160]
+        assert answer["masks"][0]["prompts"][0]["box"] == expected_box(120, 160)
+        assert answer["reasoning"]["think"] == "A knife cuts; the mug does not." and answer["reasoning"]["status"] == "ok"
+        status, headers, jpeg = http_call(server.port, "GET", "/api/frame.jpg", timeout=60.0)
+        assert status == 200 and headers["content-type"] == "image/jpeg" and jpeg[:2] == b"\xff\xd8"
+    finally:
+        server.stop_thread()
+        core.close()
