@@ -108,9 +108,11 @@ class FlowTracker:
     def start(self, frame: Frame, result: SegmentationResult) -> None:
         self.reseed(frame, result.masks)
 
-    def reseed(self, frame: Frame, masks: np.ndarray) -> None:
-        """Follow ``masks`` (N x H x W bool, made on ``frame``) from now on."""
-        self._gray = self._grey(frame)
+    def reseed(self, frame: Frame | None, masks: np.ndarray) -> None:
+        """Follow ``masks`` (N x H x W bool, made on ``frame``) from now on; ``frame`` None: on the frame of the
+        last :meth:`update` (its grey image is kept, not computed again)."""
+        if frame is not None:
+            self._gray = self._grey(frame)
         self._seeds = np.asarray(masks, dtype=bool)
         self._masks = self._seeds.copy()
         self._warps = [np.eye(3) for _ in range(len(self._seeds))]
@@ -234,7 +236,7 @@ class Sam2Tracker:
             conf[k] = float(np.clip(scores[i], 0.0, 1.0))
             if scores[i] >= self.min_score and masks[i].any():
                 out[k] = masks[i]
-        self.flow.reseed(frame, out)
+        self.flow.reseed(None, out)  # the frame flow just updated to
         return out, conf
 
 

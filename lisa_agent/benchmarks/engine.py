@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -206,26 +206,13 @@ def compare(seg: LisaSegmenter, *, rounds: int = 3, **bench: Any) -> dict[str, A
     """
     start = {"static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs, "overlap": seg.overlap,
              "compile": seg.compile, "device_preprocess": seg.device_preprocess}
-    steps = [lever for lever in ("compile", "cuda_graphs", "overlap", "device_preprocess", "static_cache")
-             if start[lever]]
-    settings_: list[tuple[list[str], dict[str, bool]]] = [([], dict(start))]
-    for lever in steps:
-        settings_.append(([*settings_[-1][0], lever], {**settings_[-1][1], lever: False}))
+    settings_ = lever_settings(start, ("compile", "cuda_graphs", "overlap", "device_preprocess", "static_cache"))
     rounds = max(1, int(rounds))
     share = {**bench, "runs": max(1, -(-int(bench.get("runs", 10)) // rounds))}
     if bench.get("reference_runs"):
         share["reference_runs"] = max(1, -(-int(bench["reference_runs"]) // rounds))
     run_bench(seg, **{**bench, "runs": 1, "reference_runs": 1})  # untimed: the first timings of a process run cold
-    reports: list[list[dict[str, Any]]] = [[] for _ in settings_]
-    try:
-        for _ in range(rounds):
-            for k, (_, switches) in enumerate(settings_):
-                seg.set_optimizations(**switches)
-                reports[k].append(run_bench(seg, **share))
-    finally:
-        seg.set_optimizations(**start)
-    runs: list[dict[str, Any]] = [{"levers_off": off, "report": _merge(parts)}
-                                  for (off, _), parts in zip(settings_, reports, strict=True)]
+    runs = take_turns(seg, settings_, lambda: run_bench(seg, **share), rounds, _merge, restore=start)
     ratios: dict[str, dict[str, float]] = {}
     for before, after in zip(runs, runs[1:], strict=False):
         lever = after["levers_off"][-1]
@@ -237,6 +224,32 @@ def compare(seg: LisaSegmenter, *, rounds: int = 3, **bench: Any) -> dict[str, A
             mode: round(runs[-1]["report"]["modes"][mode]["median_ms"] / runs[0]["report"]["modes"][mode]["median_ms"],
                         3) for mode in runs[0]["report"]["modes"]}
     return {"runs": runs, "ratios": ratios}
+
+
+def lever_settings(start: dict[str, bool], order: Sequence[str]) -> list[tuple[list[str], dict[str, bool]]]:
+    """The settings a ``--compare`` run takes turns with: ``start``, then the levers of ``order`` that are on in it
+    turned off one at a time, cumulatively; each with the list of levers turned off so far."""
+    settings_: list[tuple[list[str], dict[str, bool]]] = [([], dict(start))]
+    for lever in order:
+        if start[lever]:
+            settings_.append(([*settings_[-1][0], lever], {**settings_[-1][1], lever: False}))
+    return settings_
+
+
+def take_turns(seg: Any, settings_: list[tuple[list[str], dict[str, bool]]], run: Callable[[], dict[str, Any]],
+               rounds: int, merge: Callable[[list[dict[str, Any]]], dict[str, Any]], *,
+               restore: dict[str, bool]) -> list[dict[str, Any]]:
+    """``rounds`` rounds in each of which every setting (``seg.set_optimizations(**switches)``) runs ``run()``
+    once; then ``seg`` gets ``restore``. Returns per setting ``{"levers_off": [...], "report": merge(its reports)}``."""
+    reports: list[list[dict[str, Any]]] = [[] for _ in settings_]
+    try:
+        for _ in range(rounds):
+            for k, (_, switches) in enumerate(settings_):
+                seg.set_optimizations(**switches)
+                reports[k].append(run())
+    finally:
+        seg.set_optimizations(**restore)
+    return [{"levers_off": off, "report": merge(parts)} for (off, _), parts in zip(settings_, reports, strict=True)]
 
 
 def _merge(reports: list[dict[str, Any]]) -> dict[str, Any]:

@@ -30,7 +30,7 @@ import torch
 
 from ..config import EngineConfig
 from ..errors import InvalidArgumentError
-from .engine import _default_dtype, _device_name, _median_stages, _MemoryProbe
+from .engine import _default_dtype, _device_name, _median_stages, _MemoryProbe, lever_settings, take_turns
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..reasoner.segmenter import ReasonerSegmenter
@@ -91,51 +91,30 @@ def build_random_reasoner(config: EngineConfig, text: dict[str, Any] | None = No
     fields, ``sam`` replaces ``Sam2Config``'s arguments (default: the Hiera-L image encoder) and
     ``sam_image_size`` is its input side (tests build small ones). Quantization is refused (time a real
     checkpoint for that)."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-        Sam2Config,
-        Sam2ImageProcessor,
-        Sam2Model,
-        Sam2Processor,
-    )
+    from transformers import Sam2Config, Sam2ImageProcessor, Sam2Model, Sam2Processor
 
     from ..engine.device import resolve_precision
+    from ..reasoner.loading import generation_switches
     from ..reasoner.segmenter import ReasonerSegmenter
     from ..reasoner.templates import style_for
-    from ..reasoner.tiny import QWEN2_5_VL_CHAT_TEMPLATE, tiny_tokenizer
+    from ..reasoner.tiny import qwen_config, qwen_model, qwen_processor, tiny_tokenizer
 
     if config.quantization is not None:
         raise InvalidArgumentError("--shape reasoner-7b times bf16 / fp16 / fp32 weights; for 8-bit or 4-bit time a "
                                    "real checkpoint with --model")
     dtype, device = resolve_precision(config)
     tokenizer = tiny_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in ("<|image_pad|>", "<|video_pad|>", "<|vision_start|>",
-                                                            "<|vision_end|>", "<|im_end|>", "<|endoftext|>")}
-    fields: dict[str, Any] = {
-        "text_config": {**QWEN2_5_VL_7B["text_config"], **(text or {}), "eos_token_id": ids["<|im_end|>"],
-                        "pad_token_id": ids["<|endoftext|>"], "bos_token_id": ids["<|endoftext|>"]},
-        "vision_config": {**QWEN2_5_VL_7B["vision_config"], **(vision or {})}}
-    qwen = Qwen2_5_VLConfig(**fields, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-                            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+    qwen = qwen_config(tokenizer, text={**QWEN2_5_VL_7B["text_config"], **(text or {})},
+                       vision={**QWEN2_5_VL_7B["vision_config"], **(vision or {})})
     with torch.device(device), _default_dtype(dtype):
-        model: Any = Qwen2_5_VLForConditionalGeneration(qwen).eval()
+        model: Any = qwen_model(qwen)
         sam_model: Any = Sam2Model(Sam2Config(**(sam or {"vision_config": SAM2_HIERA_L}))).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056),
-                                    tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
     side = int(sam_image_size)
     sam_processor = Sam2Processor(image_processor=Sam2ImageProcessor(size={"height": side, "width": side}))
-    cuda = device.type == "cuda"
-    return ReasonerSegmenter(model, processor, sam_model, sam_processor, style=style_for(None, "VisionReasoner-7B"),
-                             name="random-reasoner-7b", sam_name="random-sam2.1-hiera-large", config=config,
-                             static_cache=config.static_cache == "auto" and cuda,
-                             cuda_graphs=config.cuda_graphs == "auto")
+    return ReasonerSegmenter(model, qwen_processor(tokenizer), sam_model, sam_processor,
+                             style=style_for(None, "VisionReasoner-7B"), name="random-reasoner-7b",
+                             sam_name="random-sam2.1-hiera-large", config=config,
+                             **generation_switches(config, device))
 
 
 def _time(fn: Any, runs: int, warmup: int) -> dict[str, Any]:
@@ -195,23 +174,11 @@ def compare_reasoner(seg: ReasonerSegmenter, *, rounds: int = 3, **bench: Any) -
     configured = {"static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs}
     seg.set_optimizations(static_cache=True, cuda_graphs=True)  # graphs stay off where there is no CUDA
     start = {"static_cache": seg.static_cache, "cuda_graphs": seg.cuda_graphs}
-    settings_: list[tuple[list[str], dict[str, bool]]] = [([], dict(start))]
-    for lever in ("cuda_graphs", "static_cache"):
-        if start[lever]:
-            settings_.append(([*settings_[-1][0], lever], {**settings_[-1][1], lever: False}))
+    settings_ = lever_settings(start, ("cuda_graphs", "static_cache"))
     rounds = max(1, int(rounds))
     share = {**bench, "runs": max(1, -(-int(bench.get("runs", 10)) // rounds))}
     run_reasoner_bench(seg, **{**bench, "runs": 1, "warmup": 1})  # untimed: compiles, first-call costs
-    reports: list[list[dict[str, Any]]] = [[] for _ in settings_]
-    try:
-        for _ in range(rounds):
-            for k, (_, switches) in enumerate(settings_):
-                seg.set_optimizations(**switches)
-                reports[k].append(run_reasoner_bench(seg, **share))
-    finally:
-        seg.set_optimizations(**configured)
-    runs: list[dict[str, Any]] = [{"levers_off": off, "report": _merge(parts)}
-                                  for (off, _), parts in zip(settings_, reports, strict=True)]
+    runs = take_turns(seg, settings_, lambda: run_reasoner_bench(seg, **share), rounds, _merge, restore=configured)
     ratios: dict[str, dict[str, float]] = {}
     for before, after in zip(runs, runs[1:], strict=False):
         ratios[f"{after['levers_off'][-1]} (slower without it)"] = _ratio(before["report"], after["report"])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from typing import Any
 
 from ..config import add_engine_arguments
 
@@ -35,7 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..benchmarks.engine import compare, format_table, load_for_bench, run_bench
+    from ..benchmarks.engine import compare, load_for_bench, run_bench
     from ..config import engine_config_from_args
     from ..errors import InvalidArgumentError
     from ..reasoner.loading import is_reasoner
@@ -51,32 +53,15 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(0)
     if (args.shape or "").startswith("reasoner") or (args.shape is None and is_reasoner(config.model)):
         return _run_reasoner(args, config, (h, w))
-    args.new_tokens = 32 if args.new_tokens is None else args.new_tokens
     seg, shape = load_for_bench(config, args.shape)
-    bench = {"runs": args.runs, "warmup": args.warmup, "new_tokens": args.new_tokens, "image_hw": (h, w),
+    bench = {"runs": args.runs, "warmup": args.warmup, "image_hw": (h, w),
+             "new_tokens": 32 if args.new_tokens is None else args.new_tokens,
              "modes": tuple(args.mode or ("fast", "chat", "reference")), "reference_runs": args.reference_runs}
-    if args.compare:
-        result = compare(seg, rounds=args.rounds, **bench)
-        for run_ in result["runs"]:
-            run_["report"]["shape"] = shape
-        if args.json:
-            print(json.dumps(result))
-        else:
-            for run_ in result["runs"]:
-                print(f"--- off: {', '.join(run_['levers_off']) or 'nothing (as configured)'}")
-                print(format_table(run_["report"]))
-            for step, ratios in result["ratios"].items():
-                print(f"{step}: " + ", ".join(f"{mode} {r:.2f}x" for mode, r in ratios.items()))
-        return 0
-    report = run_bench(seg, **bench)
-    report["shape"] = shape
-    print(json.dumps(report) if args.json else format_table(report))
-    return 0
+    return _report(args, shape, lambda: compare(seg, rounds=args.rounds, **bench), lambda: run_bench(seg, **bench))
 
 
 def _run_reasoner(args: argparse.Namespace, config: object, image_hw: tuple[int, int]) -> int:
     """The reasoner's bench (:mod:`lisa_agent.benchmarks.reasoner`), printed as LISA's is."""
-    from ..benchmarks.engine import format_table
     from ..benchmarks.reasoner import compare_reasoner, load_reasoner_for_bench, run_reasoner_bench, summary
     from ..errors import InvalidArgumentError
 
@@ -86,21 +71,33 @@ def _run_reasoner(args: argparse.Namespace, config: object, image_hw: tuple[int,
     seg, shape = load_reasoner_for_bench(config, args.shape)  # type: ignore[arg-type]
     bench = {"runs": args.runs, "warmup": args.warmup, "image_hw": image_hw,
              "new_tokens": 64 if args.new_tokens is None else args.new_tokens}
-    if args.compare:
-        result = compare_reasoner(seg, rounds=args.rounds, **bench)
-        for run_ in result["runs"]:
-            run_["report"]["shape"] = shape
-        if args.json:
-            print(json.dumps(result))
-            return 0
-        for run_ in result["runs"]:
-            print(f"--- off: {', '.join(run_['levers_off']) or 'nothing (as configured)'}")
-            print(format_table(run_["report"]))
-            print(summary(run_["report"]))
-        for step, ratios in result["ratios"].items():
-            print(f"{step}: " + ", ".join(f"{mode} {r:.2f}x" for mode, r in ratios.items()))
+    return _report(args, shape, lambda: compare_reasoner(seg, rounds=args.rounds, **bench),
+                   lambda: run_reasoner_bench(seg, **bench), footer=summary)
+
+
+def _report(args: argparse.Namespace, shape: str, compare_: Callable[[], dict[str, Any]],
+            bench: Callable[[], dict[str, Any]], footer: Callable[[dict[str, Any]], str] | None = None) -> int:
+    """Run ``compare_`` (with ``--compare``) or ``bench``, name the shape in each report and print them: JSON with
+    ``--json``, else each report's table (and ``footer``'s line) and the levers' ratios."""
+    from ..benchmarks.engine import format_table
+
+    def table(report: dict[str, Any]) -> str:
+        return format_table(report) + (f"\n{footer(report)}" if footer else "")
+
+    if not args.compare:
+        report = bench()
+        report["shape"] = shape
+        print(json.dumps(report) if args.json else table(report))
         return 0
-    report = run_reasoner_bench(seg, **bench)
-    report["shape"] = shape
-    print(json.dumps(report) if args.json else f"{format_table(report)}\n{summary(report)}")
+    result = compare_()
+    for run_ in result["runs"]:
+        run_["report"]["shape"] = shape
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    for run_ in result["runs"]:
+        print(f"--- off: {', '.join(run_['levers_off']) or 'nothing (as configured)'}")
+        print(table(run_["report"]))
+    for step, ratios in result["ratios"].items():
+        print(f"{step}: " + ", ".join(f"{mode} {r:.2f}x" for mode, r in ratios.items()))
     return 0

@@ -17,7 +17,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import torch
 
@@ -166,9 +166,23 @@ def load_reasoner(config: EngineConfig) -> Any:
                              think=config.reasoner_think == "on",
                              max_masks=config.max_masks, max_mask_megapixels=config.max_mask_megapixels,
                              quantization=config.quantization, quant_backend=backend, config=config,
-                             static_cache=config.static_cache == "auto" and device.type == "cuda",
-                             cuda_graphs=config.cuda_graphs == "auto")
+                             **generation_switches(config, device))
 
 
-__all__ = ["DEFAULT_SAM2", "HUB_PATTERNS", "REASONER_MODEL_TYPES", "checkpoint_model_type", "is_reasoner",
-           "load_reasoner", "load_sam2", "quantize_language_model_torchao", "resolve_reasoner"]
+class GenerationSwitches(TypedDict):
+    """The generation levers of :meth:`ReasonerSegmenter.set_optimizations`."""
+
+    static_cache: bool
+    cuda_graphs: bool
+
+
+def generation_switches(config: EngineConfig, device: torch.device) -> GenerationSwitches:
+    """The :meth:`ReasonerSegmenter.set_optimizations` switches ``config`` asks for on ``device``: ``static_cache``
+    auto is on with CUDA only (on the CPU it measured no faster: docs/reasoner.md), ``cuda_graphs`` auto (the
+    segmenter keeps it only on CUDA)."""
+    return {"static_cache": config.static_cache == "auto" and device.type == "cuda",
+            "cuda_graphs": config.cuda_graphs == "auto"}
+
+
+__all__ = ["DEFAULT_SAM2", "HUB_PATTERNS", "REASONER_MODEL_TYPES", "GenerationSwitches", "checkpoint_model_type",
+           "generation_switches", "is_reasoner", "load_reasoner", "load_sam2", "quantize_language_model_torchao", "resolve_reasoner"]

@@ -57,42 +57,52 @@ def tiny_tokenizer(vocab_size: int = 600):  # noqa: ANN201
                               unk_token=None, bos_token=None, padding_side="left")
 
 
-def make_tiny_reasoner(out_dir: str | Path, seed: int = 0, *, style: str | None = None) -> Path:
-    """Write a random-weight tiny Qwen2.5-VL checkpoint (published layout) to ``out_dir``; returns it.
-    ``style`` (``vision_reasoner`` / ``seg_zero``) is declared in ``config.json`` as
-    ``lisa_agent.reasoner_template`` when given."""
-    import json
+#: The published Qwen2.5-VL image processor's pixel budget (``max_pixels``): an 840 x 840 square is kept whole.
+PUBLISHED_MAX_PIXELS = 12845056
 
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
+
+def qwen_config(tokenizer, text: dict, vision: dict):  # noqa: ANN001, ANN201
+    """A ``Qwen2_5_VLConfig`` with ``text`` / ``vision`` fields and the token ids of ``tokenizer``'s special tokens
+    (image, video, vision start / end, EOS ``<|im_end|>``, pad and BOS ``<|endoftext|>``)."""
+    from transformers import Qwen2_5_VLConfig
+
+    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
+    return Qwen2_5_VLConfig(
+        text_config={"bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
+                     "pad_token_id": ids["<|endoftext|>"], **text},
+        vision_config=vision, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
+
+
+def qwen_model(config):  # noqa: ANN001, ANN201
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` of ``config`` (eval mode) whose generation config ends
+    at the config's EOS and pads with its pad token."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    return model
+
+
+def qwen_processor(tokenizer, max_pixels: int = PUBLISHED_MAX_PIXELS):  # noqa: ANN001, ANN201
+    """A ``Qwen2_5_VLProcessor``: Qwen2-VL's image processor (``min_pixels`` 3136, ``max_pixels``), ``tokenizer``
+    and Qwen2.5-VL's chat template."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    return Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=max_pixels),
+                               tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
+                               chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
+
+
+def write_reasoner(out_dir: str | Path, model, processor, style: str | None = None) -> Path:  # noqa: ANN001
+    """Save ``model`` and ``processor`` to ``out_dir`` in the published layout; ``style`` (``vision_reasoner`` /
+    ``seg_zero``), when given, is declared in ``config.json`` as ``lisa_agent.reasoner_template``. Returns it."""
+    import json
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                     "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096,
-                     "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6},
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"]},
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
-                       "fullatt_block_indexes": [0]},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.save_pretrained(out)
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=12845056),
-                                    tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
     processor.save_pretrained(out)
     if style is not None:
         path = out / "config.json"
@@ -100,6 +110,22 @@ def make_tiny_reasoner(out_dir: str | Path, seed: int = 0, *, style: str | None 
         data["lisa_agent"] = {"reasoner_template": style}
         path.write_text(json.dumps(data, indent=2))
     return out
+
+
+def make_tiny_reasoner(out_dir: str | Path, seed: int = 0, *, style: str | None = None) -> Path:
+    """Write a random-weight tiny Qwen2.5-VL checkpoint (published layout) to ``out_dir``; returns it.
+    ``style`` (``vision_reasoner`` / ``seg_zero``) is declared in ``config.json`` as
+    ``lisa_agent.reasoner_template`` when given."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = qwen_config(
+        tokenizer,
+        text={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 4096,
+              "rope_parameters": {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 1e6}},
+        vision={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": 32,
+                "fullatt_block_indexes": [0]})
+    return write_reasoner(out_dir, qwen_model(config), qwen_processor(tokenizer), style)
 
 
 def tabletop_corpus() -> list[str]:
@@ -167,45 +193,16 @@ def make_tabletop_reasoner(out_dir: str | Path, seed: int = 0, shape: dict[str, 
     """Write an untrained Qwen2.5-VL checkpoint of the tabletop shape (:data:`TABLETOP_SHAPE`, or ``shape``) with
     :func:`tabletop_tokenizer`, in the published layout and declaring the ``vision_reasoner`` template, to
     ``out_dir``; returns it. ``lisa_agent.reasoner.train`` trains it."""
-    import json
-
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
     shape = shape or TABLETOP_SHAPE
     text, vision = dict(shape["text"]), dict(shape["vision"])
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tokenizer = tabletop_tokenizer()
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     torch.manual_seed(seed)
     rope = {"rope_type": "default", "mrope_section": text.pop("mrope_section"), "rope_theta": text.pop("rope_theta")}
-    config = Qwen2_5_VLConfig(
-        text_config={"vocab_size": len(tokenizer), "max_position_embeddings": 4096, "rope_parameters": rope,
-                     "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"], **text},
-        vision_config={"out_hidden_size": text["hidden_size"], **vision},
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"])
-    model = Qwen2_5_VLForConditionalGeneration(config).eval()
-    model.generation_config.eos_token_id = ids["<|im_end|>"]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    model.save_pretrained(out)
-    max_pixels = (shape.get("processor") or {}).get("max_pixels") or 12845056
-    processor = Qwen2_5_VLProcessor(image_processor=Qwen2VLImageProcessor(min_pixels=3136, max_pixels=max_pixels),
-                                    tokenizer=tokenizer, video_processor=Qwen2VLVideoProcessor(),
-                                    chat_template=QWEN2_5_VL_CHAT_TEMPLATE)
-    processor.save_pretrained(out)
-    path = out / "config.json"
-    data = json.loads(path.read_text())
-    data["lisa_agent"] = {"reasoner_template": "vision_reasoner"}
-    path.write_text(json.dumps(data, indent=2))
-    return out
+    config = qwen_config(tokenizer, text={"vocab_size": len(tokenizer), "max_position_embeddings": 4096,
+                                          "rope_parameters": rope, **text},
+                         vision={"out_hidden_size": text["hidden_size"], **vision})
+    max_pixels = (shape.get("processor") or {}).get("max_pixels") or PUBLISHED_MAX_PIXELS
+    return write_reasoner(out_dir, qwen_model(config), qwen_processor(tokenizer, max_pixels), "vision_reasoner")
 
 
 def make_tiny_sam2(out_dir: str | Path, seed: int = 0, image_size: int = 128) -> Path:
@@ -234,5 +231,6 @@ def make_tiny_sam2(out_dir: str | Path, seed: int = 0, image_size: int = 128) ->
     return out
 
 
-__all__ = ["QWEN2_5_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "TABLETOP_SHAPE", "make_tabletop_reasoner", "make_tiny_reasoner",
-           "make_tiny_sam2", "tabletop_corpus", "tabletop_tokenizer", "tiny_tokenizer"]
+__all__ = ["PUBLISHED_MAX_PIXELS", "QWEN2_5_VL_CHAT_TEMPLATE", "SPECIAL_TOKENS", "TABLETOP_SHAPE",
+           "make_tabletop_reasoner", "make_tiny_reasoner", "make_tiny_sam2", "qwen_config", "qwen_model",
+           "qwen_processor", "tabletop_corpus", "tabletop_tokenizer", "tiny_tokenizer", "write_reasoner"]
